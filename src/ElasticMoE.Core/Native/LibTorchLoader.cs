@@ -1,0 +1,110 @@
+using System.Text;
+
+namespace ElasticMoE.Native;
+
+/// <summary>
+/// Makes TorchSharp's native library loadable on the running machine, then initialises libtorch.
+/// Call <see cref="EnsureLoaded"/> once at start-up, before any torch call.
+/// </summary>
+/// <remarks>
+/// Why at start-up and not as a manual step: nothing installed by hand survives a fresh clone or a CI
+/// machine, and the native files land in every project's bin folder (CLI, tests, benchmarks). Patching
+/// the copy next to the running assembly covers each of them with one mechanism.
+/// </remarks>
+public static class LibTorchLoader
+{
+    private static readonly object Gate = new();
+    private static bool _loaded;
+
+    /// <summary>The versions weakened during this process's start-up (for diagnostics and tests).</summary>
+    public static IReadOnlyList<string> PatchedVersions { get; private set; } = Array.Empty<string>();
+
+    public static void EnsureLoaded()
+    {
+        lock (Gate)
+        {
+            if (_loaded) return;
+            if (OperatingSystem.IsLinux())
+                PatchedVersions = PatchLibTorchSharp(AppContext.BaseDirectory);
+            try
+            {
+                // Any tensor op forces TorchSharp's static initialiser, which dlopens the native libraries.
+                using var probe = TorchSharp.torch.zeros(1);
+            }
+            catch (Exception ex)
+            {
+                throw new InvalidOperationException(
+                    "libtorch could not be loaded. Run `dotnet build` so the TorchSharp native files are next to the " +
+                    $"executable, and check that {AppContext.BaseDirectory} is writable for the one-time GLIBCXX patch. " +
+                    $"Cause: {ex.GetBaseException().Message}", ex);
+            }
+            _loaded = true;
+        }
+    }
+
+    /// <summary>Weakens GLIBCXX version needs the system libstdc++ lacks, in every libLibTorchSharp.so under <paramref name="baseDir"/>.</summary>
+    public static IReadOnlyList<string> PatchLibTorchSharp(string baseDir)
+    {
+        var candidates = new[]
+        {
+            Path.Combine(baseDir, "libLibTorchSharp.so"),
+            Path.Combine(baseDir, "runtimes", "linux-x64", "native", "libLibTorchSharp.so"),
+        }.Where(File.Exists).ToList();
+        if (candidates.Count == 0) return Array.Empty<string>();
+
+        var systemLib = FindSystemLibStdCxx();
+        byte[]? systemBytes = systemLib is null ? null : File.ReadAllBytes(systemLib);
+        var patched = new List<string>();
+        foreach (var path in candidates)
+        {
+            var bytes = File.ReadAllBytes(path);
+            var changed = ElfVersionPatcher.WeakenVersionNeeds(bytes, need =>
+                need.Library.StartsWith("libstdc++", StringComparison.Ordinal) &&
+                need.Version.StartsWith("GLIBCXX_", StringComparison.Ordinal) &&
+                systemBytes is not null && !ContainsVersion(systemBytes, need.Version));
+            if (changed.Count == 0) continue;
+
+            // Write beside and rename, so a crash never leaves a half-written library behind.
+            var tmp = path + ".patching";
+            File.WriteAllBytes(tmp, bytes);
+            File.Move(tmp, path, overwrite: true);
+            patched.AddRange(changed);
+        }
+        return patched;
+    }
+
+    private static bool ContainsVersion(byte[] library, string version)
+    {
+        // The version definitions live in .dynstr as NUL-terminated strings; match the whole string.
+        var needle = Encoding.ASCII.GetBytes(version + "\0");
+        var span = library.AsSpan();
+        int at;
+        while ((at = span.IndexOf(needle)) >= 0)
+        {
+            if (at == 0 || span[at - 1] == 0) return true;
+            span = span[(at + 1)..];
+        }
+        return false;
+    }
+
+    private static string? FindSystemLibStdCxx()
+    {
+        // Prefer the copy this process already mapped (the .NET host links it), else the usual places.
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/maps"))
+            {
+                int slash = line.IndexOf('/');
+                if (slash >= 0 && line.Contains("libstdc++.so.6", StringComparison.Ordinal))
+                    return line[slash..].Trim();
+            }
+        }
+        catch (IOException) { }
+        foreach (var dir in new[] { "/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib" })
+        {
+            var p = Path.Combine(dir, "libstdc++.so.6");
+            if (File.Exists(p)) return p;
+        }
+        return null;
+    }
+}
