@@ -1,2 +1,175 @@
+using System.CommandLine;
+using ElasticMoE.Config;
+using ElasticMoE.Data;
+using ElasticMoE.Training;
+
 namespace ElasticMoE.Cli;
-public static class Program { public static int Main(string[] args) { ElasticMoE.Native.LibTorchLoader.EnsureLoaded(); Console.WriteLine("patched: " + string.Join(",", ElasticMoE.Native.LibTorchLoader.PatchedVersions)); return 0; } }
+
+/// <summary>The <c>elasticmoe</c> executable: one binary, sub-commands per role.</summary>
+public static class Program
+{
+    /// <summary>Exit codes, so scripts can tell a usage error from a diverged run.</summary>
+    public static class ExitCodes
+    {
+        public const int Ok = 0;
+        public const int Usage = 1;        // System.CommandLine's own code for parse errors
+        public const int BadInput = 2;     // config, data or state file problems
+        public const int Diverged = 3;     // NaN/Inf loss or gradient
+    }
+
+    public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
+
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        var root = new RootCommand("ElasticMoE: elastic Mixture-of-Experts training on an actor cluster");
+        root.Subcommands.Add(TrainCommand.Create(stdout, stderr));
+        root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
+        var parse = root.Parse(args);
+        return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
+    }
+
+    /// <summary>Runs <paramref name="body"/>, turning known failures into a message and an exit code.</summary>
+    public static int Guard(TextWriter stderr, Func<int> body)
+    {
+        try
+        {
+            return body();
+        }
+        catch (ConfigException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ExitCodes.BadInput;
+        }
+        catch (FileNotFoundException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ExitCodes.BadInput;
+        }
+        catch (InvalidDataException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ExitCodes.BadInput;
+        }
+        catch (CorruptStateException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ExitCodes.BadInput;
+        }
+        catch (TrainingDivergedException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ExitCodes.Diverged;
+        }
+    }
+}
+
+/// <summary>Options shared by every command that builds a run configuration.</summary>
+public sealed class RunConfigOptions
+{
+    public Option<FileInfo?> Config { get; } = new("--config", "-c") { Description = "HOCON file laid over hocon/elasticmoe.conf" };
+    public Option<int?> Steps { get; } = Positive("--steps", "optimizer steps to run");
+    public Option<long?> Seed { get; } = new("--seed") { Description = "seed of the run (parameters and batches)" };
+    public Option<string?> Data { get; } = new("--data") { Description = "text file to train on (default: the embedded corpus)" };
+    public Option<int?> Threads { get; } = NonNegative("--threads", "libtorch threads (0 = all cores)");
+    public Option<string?> Device { get; } = new("--device") { Description = "cpu or cuda:N" };
+    public Option<double?> TimeLimit { get; } = new("--time-limit") { Description = "stop after this many seconds (0 = no limit)" };
+    public Option<string[]> Set { get; } = new("--set") { Description = "override any config key: --set train.lr=1e-3 (repeatable)", AllowMultipleArgumentsPerToken = false };
+
+    public RunConfigOptions()
+    {
+        TimeLimit.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<double?>() is < 0) r.AddError("--time-limit must be zero or positive");
+        });
+        Set.Validators.Add(r =>
+        {
+            foreach (var s in r.GetValueOrDefault<string[]>() ?? [])
+                if (!s.Contains('=')) r.AddError($"--set expects key=value, got '{s}'");
+        });
+    }
+
+    public void AddTo(Command c)
+    {
+        foreach (var o in new Option[] { Config, Steps, Seed, Data, Threads, Device, TimeLimit, Set }) c.Options.Add(o);
+    }
+
+    public ElasticMoEConfig Build(ParseResult p, IEnumerable<KeyValuePair<string, string>>? extra = null)
+    {
+        var overrides = new List<KeyValuePair<string, string>>();
+        foreach (var s in p.GetValue(Set) ?? [])
+        {
+            int eq = s.IndexOf('=');
+            overrides.Add(new(s[..eq].Trim().StartsWith("elasticmoe.", StringComparison.Ordinal) ? s[..eq].Trim()["elasticmoe.".Length..] : s[..eq].Trim(), s[(eq + 1)..].Trim()));
+        }
+        void Add<T>(Option<T> o, string key)
+        {
+            if (p.GetValue(o) is { } v) overrides.Add(new(key, Convert.ToString(v, System.Globalization.CultureInfo.InvariantCulture)!));
+        }
+        Add(Steps, "train.steps");
+        Add(Seed, "seed");
+        Add(Data, "data.path");
+        Add(Threads, "threads");
+        Add(Device, "device");
+        Add(TimeLimit, "train.time-limit");
+        if (extra is not null) overrides.AddRange(extra);
+        return ConfigLoader.Load(p.GetValue(Config)?.FullName, overrides);
+    }
+
+    public static Option<int?> Positive(string name, string description)
+    {
+        var o = new Option<int?>(name) { Description = description };
+        o.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<int?>() is <= 0) r.AddError($"{name} must be a positive integer");
+        });
+        return o;
+    }
+
+    public static Option<int?> NonNegative(string name, string description)
+    {
+        var o = new Option<int?>(name) { Description = description };
+        o.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<int?>() is < 0) r.AddError($"{name} must be zero or a positive integer");
+        });
+        return o;
+    }
+}
+
+/// <summary><c>elasticmoe train</c>: the main job.</summary>
+public static class TrainCommand
+{
+    public static Command Create(TextWriter stdout, TextWriter stderr)
+    {
+        var cfg = new RunConfigOptions();
+        var metrics = new Option<string?>("--metrics") { Description = "write one JSON line per step to this file" };
+        var save = new Option<string?>("--save") { Description = "save the full training state here (at the end and every --save-every steps)" };
+        var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
+        var resume = new Option<string?>("--resume") { Description = "continue from a state file written by --save" };
+        var cmd = new Command("train", "train the MoE model (embedded corpus unless --data is given)");
+        cfg.AddTo(cmd);
+        cmd.Options.Add(metrics);
+        cmd.Options.Add(save);
+        cmd.Options.Add(saveEvery);
+        cmd.Options.Add(resume);
+        cmd.SetAction(p => Program.Guard(stderr, () =>
+        {
+            var config = cfg.Build(p);
+            var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+            using var trainer = new Trainer(config, corpus);
+            using var cancel = new CancellationTokenSource();
+            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cancel.Cancel(); };
+            Console.CancelKeyPress += onCancel;
+            try
+            {
+                TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0), stdout, cancel.Token);
+            }
+            finally
+            {
+                Console.CancelKeyPress -= onCancel;
+            }
+            return Program.ExitCodes.Ok;
+        }));
+        return cmd;
+    }
+}

@@ -1,0 +1,164 @@
+using Akka.Configuration;
+
+namespace ElasticMoE.Config;
+
+/// <summary>Raised for any configuration problem; the message names the key and, where known, the file.</summary>
+public sealed class ConfigException(string message) : Exception(message);
+
+public sealed record MoEOptions(
+    int SharedExperts,
+    int RoutedExperts,
+    int TopK,
+    int ExpertHidden,
+    RouterScoring Scoring,
+    double RouteScale,
+    double BiasUpdateRate,
+    double SequenceAuxAlpha,
+    double CapacityFactor);
+
+public enum RouterScoring { Sigmoid, Softmax }
+
+public sealed record ModelOptions(
+    int VocabSize,
+    int DModel,
+    int Layers,
+    int Heads,
+    int Context,
+    double RopeTheta,
+    double NormEps,
+    int DenseLayers,
+    int DenseHidden,
+    MoEOptions MoE)
+{
+    public int HeadDim => DModel / Heads;
+    public bool IsMoELayer(int layer) => layer >= DenseLayers;
+}
+
+public sealed record DataOptions(string Path, double ValidationFraction);
+
+public sealed record TrainOptions(
+    int Steps,
+    int GlobalBatch,
+    int MicroBatch,
+    double Lr,
+    double MinLr,
+    int WarmupSteps,
+    double WeightDecay,
+    double Beta1,
+    double Beta2,
+    double AdamEps,
+    double GradClip,
+    int EvalEvery,
+    int EvalBatches,
+    double TimeLimitSeconds)
+{
+    public int MicroBatchesPerStep => GlobalBatch / MicroBatch;
+}
+
+/// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
+public sealed record ElasticMoEConfig(
+    long Seed,
+    string Device,
+    int Threads,
+    ModelOptions Model,
+    DataOptions Data,
+    TrainOptions Train,
+    Akka.Configuration.Config Raw)
+{
+    /// <summary>Reads the typed settings from a HOCON tree that has an <c>elasticmoe</c> section.</summary>
+    public static ElasticMoEConfig FromHocon(Akka.Configuration.Config root)
+    {
+        if (!root.HasPath("elasticmoe")) throw new ConfigException("missing section 'elasticmoe'");
+        var r = new Reader(root);
+        var moe = new MoEOptions(
+            r.Int("model.moe.shared-experts"), r.Int("model.moe.routed-experts"), r.Int("model.moe.top-k"),
+            r.Int("model.moe.expert-hidden"), ParseScoring(r.String("model.moe.scoring")), r.Double("model.moe.route-scale"),
+            r.Double("model.moe.bias-update-rate"), r.Double("model.moe.sequence-aux-alpha"), r.Double("model.moe.capacity-factor"));
+        var model = new ModelOptions(
+            r.Int("model.vocab-size"), r.Int("model.d-model"), r.Int("model.layers"), r.Int("model.heads"), r.Int("model.context"),
+            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe);
+        var data = new DataOptions(r.String("data.path"), r.Double("data.validation-fraction"));
+        var train = new TrainOptions(
+            r.Int("train.steps"), r.Int("train.global-batch"), r.Int("train.micro-batch"), r.Double("train.lr"), r.Double("train.min-lr"),
+            r.Int("train.warmup-steps"), r.Double("train.weight-decay"), r.Double("train.beta1"), r.Double("train.beta2"),
+            r.Double("train.adam-eps"), r.Double("train.grad-clip"), r.Int("train.eval-every"), r.Int("train.eval-batches"),
+            r.Double("train.time-limit"));
+        var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, root);
+        cfg.Validate();
+        return cfg;
+    }
+
+    /// <summary>Typed reads that turn a wrongly typed value into an error naming its key.</summary>
+    private sealed class Reader(Akka.Configuration.Config root)
+    {
+        private T Get<T>(string key, Func<string, T> read, string type)
+        {
+            var path = "elasticmoe." + key;
+            if (!root.HasPath(path)) throw new ConfigException($"missing config key '{path}'");
+            try { return read(path); }
+            catch (Exception ex) when (ex is not ConfigException)
+            {
+                throw new ConfigException($"config key '{path}' must be {type}, got '{root.GetValue(path)}'");
+            }
+        }
+        public int Int(string key) => Get(key, p => checked((int)long.Parse(root.GetString(p), System.Globalization.CultureInfo.InvariantCulture)), "an integer");
+        public long Long(string key) => Get(key, p => long.Parse(root.GetString(p), System.Globalization.CultureInfo.InvariantCulture), "an integer");
+        public double Double(string key) => Get(key, p =>
+        {
+            var v = double.Parse(root.GetString(p), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture);
+            return double.IsFinite(v) ? v : throw new FormatException();
+        }, "a finite number");
+        public string String(string key) => Get(key, p => root.GetString(p) ?? "", "a string");
+    }
+
+    private static RouterScoring ParseScoring(string? s) => s?.ToLowerInvariant() switch
+    {
+        "sigmoid" => RouterScoring.Sigmoid,
+        "softmax" => RouterScoring.Softmax,
+        _ => throw new ConfigException($"elasticmoe.model.moe.scoring must be \"sigmoid\" or \"softmax\", got \"{s}\""),
+    };
+
+    /// <summary>Checks ranges and relations between settings, naming the offending key.</summary>
+    public void Validate()
+    {
+        static void Require(bool ok, string key, string why)
+        {
+            if (!ok) throw new ConfigException($"elasticmoe.{key}: {why}");
+        }
+        var m = Model;
+        Require(m.VocabSize == 256, "model.vocab-size", "the tokenizer is byte-level, so it must be 256");
+        Require(m.DModel > 0, "model.d-model", "must be positive");
+        Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
+        Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");
+        Require(m.Layers > 0, "model.layers", "must be positive");
+        Require(m.Context > 1, "model.context", "must be at least 2");
+        Require(m.DenseLayers >= 0 && m.DenseLayers <= m.Layers, "model.dense-layers", $"must be within 0..layers ({m.Layers})");
+        Require(m.DenseHidden > 0, "model.dense-hidden", "must be positive");
+        Require(m.NormEps > 0, "model.norm-eps", "must be positive");
+        var e = m.MoE;
+        Require(e.RoutedExperts > 0, "model.moe.routed-experts", "must be positive");
+        Require(e.TopK > 0 && e.TopK <= e.RoutedExperts, "model.moe.top-k", $"must be within 1..routed-experts ({e.RoutedExperts})");
+        Require(e.SharedExperts >= 0, "model.moe.shared-experts", "must be zero or more");
+        Require(e.ExpertHidden > 0, "model.moe.expert-hidden", "must be positive");
+        Require(e.BiasUpdateRate >= 0, "model.moe.bias-update-rate", "must be zero or more");
+        Require(e.SequenceAuxAlpha >= 0, "model.moe.sequence-aux-alpha", "must be zero or more");
+        Require(e.CapacityFactor >= 0, "model.moe.capacity-factor", "must be zero (no drop) or positive");
+        Require(Data.ValidationFraction > 0 && Data.ValidationFraction < 0.5, "data.validation-fraction", "must be in (0, 0.5)");
+        var t = Train;
+        Require(t.Steps > 0, "train.steps", "must be positive");
+        Require(t.MicroBatch > 0, "train.micro-batch", "must be positive");
+        Require(t.GlobalBatch > 0 && t.GlobalBatch % t.MicroBatch == 0, "train.global-batch", $"must be a positive multiple of micro-batch ({t.MicroBatch})");
+        Require(t.Lr > 0, "train.lr", "must be positive");
+        Require(t.MinLr >= 0 && t.MinLr <= t.Lr, "train.min-lr", "must be within 0..lr");
+        Require(t.WarmupSteps >= 0, "train.warmup-steps", "must be zero or more");
+        Require(t.Beta1 is >= 0 and < 1, "train.beta1", "must be in [0, 1)");
+        Require(t.Beta2 is >= 0 and < 1, "train.beta2", "must be in [0, 1)");
+        Require(t.AdamEps > 0, "train.adam-eps", "must be positive");
+        Require(t.GradClip >= 0, "train.grad-clip", "must be zero (off) or positive");
+        Require(t.EvalEvery > 0, "train.eval-every", "must be positive");
+        Require(t.EvalBatches > 0, "train.eval-batches", "must be positive");
+        Require(t.TimeLimitSeconds >= 0, "train.time-limit", "must be zero (none) or positive");
+        Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
+        Require(Device == "cpu" || Device.StartsWith("cuda", StringComparison.Ordinal), "device", $"must be \"cpu\" or \"cuda:N\", got \"{Device}\"");
+    }
+}

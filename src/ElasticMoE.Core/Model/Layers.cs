@@ -1,0 +1,124 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Model;
+
+/// <summary>Root-mean-square layer norm (no mean subtraction, no bias).</summary>
+public sealed class RMSNorm : nn.Module<Tensor, Tensor>
+{
+    private readonly Parameter weight;
+    private readonly double _eps;
+
+    public RMSNorm(int dim, double eps) : base(nameof(RMSNorm))
+    {
+        weight = new Parameter(ones(dim));
+        _eps = eps;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var rms = x.pow(2).mean(new long[] { -1 }, keepdim: true).add_(_eps).rsqrt_();
+        return (x * rms * weight).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used for dense FFNs and for every expert.</summary>
+public sealed class SwiGLU : nn.Module<Tensor, Tensor>
+{
+    private readonly Linear w1, w3, w2;
+
+    public SwiGLU(int dim, int hidden) : base(nameof(SwiGLU))
+    {
+        w1 = nn.Linear(dim, hidden, hasBias: false);
+        w3 = nn.Linear(dim, hidden, hasBias: false);
+        w2 = nn.Linear(hidden, dim, hasBias: false);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        return w2.forward(nn.functional.silu(w1.forward(x)) * w3.forward(x)).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Rotary position embedding tables, shared by every attention layer.</summary>
+public sealed class Rope : IDisposable
+{
+    public Tensor Cos { get; private set; }
+    public Tensor Sin { get; private set; }
+
+    public void MoveTo(Device device)
+    {
+        if (Cos.device == device) return;
+        var (c, s) = (Cos, Sin);
+        Cos = c.to(device);
+        Sin = s.to(device);
+        c.Dispose();
+        s.Dispose();
+    }
+
+    public Rope(int headDim, int context, double theta, Device device, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var half = headDim / 2;
+        var inv = pow(theta, -arange(0, half, dtype: ScalarType.Float64) * 2.0 / headDim);
+        var t = arange(0, context, dtype: ScalarType.Float64);
+        var freqs = outer(t, inv);                     // [T, half]
+        var emb = cat(new[] { freqs, freqs }, -1);     // [T, hd]
+        Cos = emb.cos().to(dtype, device).MoveToOuterDisposeScope();
+        Sin = emb.sin().to(dtype, device).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Rotates x of shape [B, H, T, hd] by position (the "rotate half" form).</summary>
+    public Tensor Apply(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        long t = x.shape[2], half = x.shape[3] / 2;
+        var cos = Cos.narrow(0, 0, t).to(x.dtype);
+        var sin = Sin.narrow(0, 0, t).to(x.dtype);
+        var x1 = x.narrow(-1, 0, half);
+        var x2 = x.narrow(-1, half, half);
+        var rotated = cat(new[] { -x2, x1 }, -1);
+        return (x * cos + rotated * sin).MoveToOuterDisposeScope();
+    }
+
+    public void Dispose()
+    {
+        Cos.Dispose();
+        Sin.Dispose();
+    }
+}
+
+/// <summary>Causal multi-head self-attention with RoPE.</summary>
+public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
+{
+    private readonly Linear qkv, proj;
+    private readonly int _heads;
+    [NonSerialized] private readonly Rope _rope;
+
+    public CausalSelfAttention(int dim, int heads, Rope rope) : base(nameof(CausalSelfAttention))
+    {
+        qkv = nn.Linear(dim, 3 * dim, hasBias: false);
+        proj = nn.Linear(dim, dim, hasBias: false);
+        _heads = heads;
+        _rope = rope;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1], d = x.shape[2], hd = d / _heads;
+        var parts = qkv.forward(x).view(b, t, 3, _heads, hd).permute(2, 0, 3, 1, 4); // [3, B, H, T, hd]
+        var q = _rope.Apply(parts[0]);
+        var k = _rope.Apply(parts[1]);
+        var v = parts[2];
+        var y = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
+        y = y.transpose(1, 2).reshape(b, t, d);
+        return proj.forward(y).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,278 @@
+using ElasticMoE.Config;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Model;
+
+/// <summary>Which experts each token goes to, and with what gate.</summary>
+/// <param name="Indices">[N, k] expert ids (long), chosen on score + bias.</param>
+/// <param name="Gates">[N, k] gate weights, from the scores only (bias never enters a gate).</param>
+/// <param name="Scores">[N, E] router affinities (sigmoid or softmax of the logits).</param>
+public sealed record Routing(Tensor Indices, Tensor Gates, Tensor Scores);
+
+/// <summary>
+/// Top-k router with DeepSeek-V3 aux-loss-free balancing: a per-expert bias shifts which experts are
+/// chosen, but the gates come from the unbiased scores, so balancing never distorts the output mix.
+/// </summary>
+public sealed class Router : nn.Module<Tensor, Routing>
+{
+    private readonly Linear gate;
+    private readonly Tensor expert_bias;
+    private readonly MoEOptions _o;
+
+    public Router(int dim, MoEOptions options) : base(nameof(Router))
+    {
+        _o = options;
+        gate = nn.Linear(dim, options.RoutedExperts, hasBias: false);
+        // A buffer, not a parameter: it moves by the sign rule, never by gradients, and is saved with the model.
+        expert_bias = zeros(options.RoutedExperts);
+        register_buffer("expert_bias", expert_bias);
+        RegisterComponents();
+    }
+
+    public Tensor Bias => expert_bias;
+    public Linear Gate => gate;
+
+    /// <summary>Routes x of shape [N, d].</summary>
+    public override Routing forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var logits = gate.forward(x);
+        var scores = _o.Scoring == RouterScoring.Sigmoid ? logits.sigmoid() : logits.softmax(-1);
+        Tensor indices;
+        using (no_grad())
+            indices = (scores.detach() + expert_bias.to(scores.dtype)).topk(_o.TopK, dim: -1).indexes;
+        var gates = scores.gather(-1, indices);
+        if (_o.Scoring == RouterScoring.Sigmoid)
+            gates = gates / gates.sum(-1, keepdim: true);
+        gates = gates * _o.RouteScale;
+        return new Routing(indices.MoveToOuterDisposeScope(), gates.MoveToOuterDisposeScope(), scores.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// Aux-loss-free balancing step: b_i += gamma * sign(mean load - load_i), with the loads of one whole
+    /// training step (every micro-batch and every data-parallel replica).
+    /// </summary>
+    public void UpdateBias(ReadOnlySpan<long> load, double gamma)
+    {
+        if (gamma == 0) return;
+        double mean = 0;
+        foreach (var l in load) mean += l;
+        mean /= load.Length;
+        var delta = new float[load.Length];
+        for (int i = 0; i < load.Length; i++) delta[i] = (float)(gamma * Math.Sign(mean - load[i]));
+        using (no_grad())
+        using (var d = tensor(delta, device: expert_bias.device))
+            expert_bias.add_(d);
+    }
+}
+
+/// <summary>
+/// Assignments of tokens to experts, grouped by expert: the "dispatch" step. Pure tensor maths, no
+/// parameters, so the same plan can drive local experts or expert shards on other nodes.
+/// </summary>
+public sealed class DispatchPlan : IDisposable
+{
+    /// <summary>[M] token row of each kept assignment, grouped by expert (ascending expert id, then token order).</summary>
+    public Tensor TokenIndex { get; }
+    /// <summary>[M] flat index (token * k + slot) of each kept assignment, to pick its gate.</summary>
+    public Tensor AssignmentIndex { get; }
+    /// <summary>Tokens kept per expert; sums to M.</summary>
+    public long[] Counts { get; }
+    /// <summary>Assignments dropped by the capacity limit (0 unless a capacity factor is set).</summary>
+    public long Dropped { get; }
+
+    private DispatchPlan(Tensor tokenIndex, Tensor assignmentIndex, long[] counts, long dropped)
+    {
+        TokenIndex = tokenIndex;
+        AssignmentIndex = assignmentIndex;
+        Counts = counts;
+        Dropped = dropped;
+    }
+
+    /// <param name="indices">[N, k] chosen experts.</param>
+    /// <param name="experts">number of routed experts.</param>
+    /// <param name="capacity">max tokens per expert, or null for no limit.</param>
+    public static DispatchPlan Create(Tensor indices, int experts, long? capacity)
+    {
+        using var scope = NewDisposeScope();
+        long k = indices.shape[1];
+        var flat = indices.reshape(-1);
+        long nk = flat.shape[0];
+        // Unique keys make the sort stable: by expert, then by position.
+        var order = (flat * nk + arange(nk, device: flat.device)).argsort();
+        var sortedExperts = flat.index_select(0, order);
+        var counts = bincount(flat, minlength: experts).cpu().data<long>().ToArray();
+        long dropped = 0;
+        if (capacity is long cap)
+        {
+            var offsets = new long[experts];
+            for (int e = 1; e < experts; e++) offsets[e] = offsets[e - 1] + counts[e - 1];
+            var rank = arange(nk, device: flat.device) - tensor(offsets, device: flat.device).index_select(0, sortedExperts);
+            var keep = rank.lt(cap);
+            order = order.masked_select(keep);
+            for (int e = 0; e < experts; e++)
+            {
+                var kept = Math.Min(counts[e], cap);
+                dropped += counts[e] - kept;
+                counts[e] = kept;
+            }
+        }
+        var tokenIndex = order.div(k, rounding_mode: RoundingMode.floor);
+        return new DispatchPlan(tokenIndex.MoveToOuterDisposeScope(), order.MoveToOuterDisposeScope(), counts, dropped);
+    }
+
+    /// <summary>Rows of x [N, d] for every kept assignment, grouped by expert: [M, d].</summary>
+    public Tensor Dispatch(Tensor x) => x.index_select(0, TokenIndex);
+
+    /// <summary>
+    /// Gate-weighted scatter-add of expert outputs [M, d] back to token rows: the "combine" step.
+    /// </summary>
+    public Tensor Combine(Tensor expertOutputs, Tensor gates, long tokens)
+    {
+        using var scope = NewDisposeScope();
+        var g = gates.reshape(-1).index_select(0, AssignmentIndex).unsqueeze(1).to(expertOutputs.dtype);
+        var y = zeros(tokens, expertOutputs.shape[1], dtype: expertOutputs.dtype, device: expertOutputs.device);
+        return y.index_add(0, TokenIndex, expertOutputs * g, 1).MoveToOuterDisposeScope();
+    }
+
+    public void Dispose()
+    {
+        TokenIndex.Dispose();
+        AssignmentIndex.Dispose();
+    }
+}
+
+/// <summary>Runs routed experts on token batches grouped by expert: the middle step of an MoE layer.</summary>
+public interface IExpertExecutor
+{
+    /// <summary>
+    /// <paramref name="tokens"/> [M, d] holds counts[0] rows for expert 0, then counts[1] for expert 1, …
+    /// Returns outputs [M, d] in the same order, connected to autograd.
+    /// </summary>
+    Tensor Run(MoELayer layer, Tensor tokens, long[] counts);
+}
+
+/// <summary>Runs every expert in this process: the default, and the single-process reference.</summary>
+public sealed class LocalExpertExecutor : IExpertExecutor
+{
+    public static readonly LocalExpertExecutor Instance = new();
+
+    public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
+    {
+        using var scope = NewDisposeScope();
+        var outputs = new List<Tensor>(counts.Length);
+        long offset = 0;
+        for (int e = 0; e < counts.Length; e++)
+        {
+            if (counts[e] == 0) continue;
+            outputs.Add(layer.Experts[e].forward(tokens.narrow(0, offset, counts[e])));
+            offset += counts[e];
+        }
+        var result = outputs.Count == 0 ? tokens * 0 : cat(outputs, 0);
+        return result.MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// DeepSeek-style MoE FFN: shared experts on every token plus fine-grained routed experts, top-k each.
+/// The forward pass is three separable steps — dispatch, expert FFN, combine — so that the middle one
+/// can run in expert-shard actors elsewhere (see <see cref="IExpertExecutor"/>).
+/// </summary>
+public sealed class MoELayer : nn.Module<Tensor, Tensor>
+{
+    private readonly Router router;
+    private readonly SwiGLU? shared;
+    private readonly ModuleList<SwiGLU> experts;
+    private readonly MoEOptions _o;
+    private long[] _stepCounts;
+
+    public MoELayer(int layerIndex, int dim, MoEOptions options) : base(nameof(MoELayer))
+    {
+        LayerIndex = layerIndex;
+        _o = options;
+        router = new Router(dim, options);
+        // Shared experts are always active, so they fuse into one SwiGLU of their combined width.
+        shared = options.SharedExperts > 0 ? new SwiGLU(dim, options.SharedExperts * options.ExpertHidden) : null;
+        experts = new ModuleList<SwiGLU>(Enumerable.Range(0, options.RoutedExperts).Select(_ => new SwiGLU(dim, options.ExpertHidden)).ToArray());
+        _stepCounts = new long[options.RoutedExperts];
+        RegisterComponents();
+    }
+
+    public int LayerIndex { get; }
+    public Router Router => router;
+    public ModuleList<SwiGLU> Experts => experts;
+    public MoEOptions Options => _o;
+
+    /// <summary>Where the routed experts run. Local by default; the distributed runtime swaps in its own.</summary>
+    public IExpertExecutor Executor { get; set; } = LocalExpertExecutor.Instance;
+
+    /// <summary>Sequence-wise balance loss of the last forward (a zero scalar when alpha = 0).</summary>
+    public Tensor? LastAuxLoss { get; private set; }
+
+    /// <summary>Tokens each expert received since the last <see cref="TakeStepCounts"/>.</summary>
+    public long[] PeekStepCounts() => (long[])_stepCounts.Clone();
+
+    /// <summary>Returns and resets the per-expert token counts accumulated over a step's micro-batches.</summary>
+    public long[] TakeStepCounts()
+    {
+        var c = _stepCounts;
+        _stepCounts = new long[_o.RoutedExperts];
+        return c;
+    }
+
+    /// <summary>Capacity per expert for N tokens, or null when no token is ever dropped.</summary>
+    public long? Capacity(long tokens) =>
+        _o.CapacityFactor > 0 ? (long)Math.Ceiling(_o.CapacityFactor * tokens * _o.TopK / _o.RoutedExperts) : null;
+
+    /// <summary>x: [B, T, d] → [B, T, d].</summary>
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1], d = x.shape[2];
+        var flat = x.reshape(b * t, d);
+        var routing = router.forward(flat);
+        using var plan = DispatchPlan.Create(routing.Indices, _o.RoutedExperts, Capacity(b * t));
+        for (int e = 0; e < _stepCounts.Length; e++) _stepCounts[e] += plan.Counts[e];
+
+        var expertOut = Executor.Run(this, plan.Dispatch(flat), plan.Counts);
+        var y = plan.Combine(expertOut, routing.Gates, b * t);
+        if (shared is not null) y = y + shared.forward(flat);
+
+        LastAuxLoss?.Dispose();
+        LastAuxLoss = _o.SequenceAuxAlpha > 0
+            ? SequenceBalanceLoss(routing, b, t).MoveToOuterDisposeScope()
+            : null;
+        return y.reshape(b, t, d).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Reference path: every expert on every token, mixed by a dense gate matrix. Same maths as
+    /// <see cref="forward"/> without dispatch or capacity; tests compare the two.
+    /// </summary>
+    public Tensor ForwardDense(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1], d = x.shape[2];
+        var flat = x.reshape(b * t, d);
+        var routing = router.forward(flat);
+        var gateMatrix = zeros(b * t, _o.RoutedExperts, dtype: flat.dtype, device: flat.device).scatter(1, routing.Indices, routing.Gates);
+        var y = zeros_like(flat);
+        for (int e = 0; e < _o.RoutedExperts; e++)
+            y = y + gateMatrix.narrow(1, e, 1) * experts[e].forward(flat);
+        if (shared is not null) y = y + shared.forward(flat);
+        return y.reshape(b, t, d).MoveToOuterDisposeScope();
+    }
+
+    // DeepSeek-V3 complementary sequence-wise loss: alpha * sum_i f_i * P_i per sequence, averaged.
+    private Tensor SequenceBalanceLoss(Routing routing, long b, long t)
+    {
+        int e = _o.RoutedExperts, k = _o.TopK;
+        var s = routing.Scores.reshape(b, t, e);
+        var p = (s / s.sum(-1, keepdim: true)).mean(new long[] { 1 });                 // [B, E]
+        var chosen = nn.functional.one_hot(routing.Indices.reshape(b, t * k), e).sum(1).to(s.dtype); // [B, E]
+        var f = chosen * ((double)e / (k * t));
+        return (f.detach() * p).sum(-1).mean() * _o.SequenceAuxAlpha;
+    }
+}

@@ -1,0 +1,143 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Training;
+
+/// <summary>
+/// AdamW over named parameters, with its moments keyed by parameter name. Written here rather than
+/// taken from torch.optim because every piece of training state must be movable between actors and
+/// serialisable: an expert shard owns the moments of exactly the experts placed on it, under the same
+/// names the single-process loop uses, so a run gives the same numbers however it is laid out.
+/// </summary>
+public sealed class AdamW : IDisposable
+{
+    private readonly Dictionary<string, (Tensor M, Tensor V)> _moments = new(StringComparer.Ordinal);
+
+    public double Beta1 { get; }
+    public double Beta2 { get; }
+    public double Eps { get; }
+    public double WeightDecay { get; }
+
+    /// <summary>Number of updates applied (the t of bias correction).</summary>
+    public long StepCount { get; set; }
+
+    public AdamW(double beta1, double beta2, double eps, double weightDecay)
+    {
+        Beta1 = beta1;
+        Beta2 = beta2;
+        Eps = eps;
+        WeightDecay = weightDecay;
+    }
+
+    public IReadOnlyDictionary<string, (Tensor M, Tensor V)> Moments => _moments;
+
+    /// <summary>
+    /// One update of every parameter that has a gradient. <paramref name="gradScale"/> multiplies the
+    /// gradients first (the global-norm clipping coefficient, computed over all shards by the caller).
+    /// Decay applies to matrices only: norms and biases are not pulled towards zero.
+    /// </summary>
+    public void Step(IEnumerable<(string Name, Tensor Param)> parameters, double lr, double gradScale = 1.0)
+    {
+        StepCount++;
+        double bc1 = 1 - Math.Pow(Beta1, StepCount);
+        double bc2 = 1 - Math.Pow(Beta2, StepCount);
+        using var _ = no_grad();
+        foreach (var (name, p) in parameters)
+        {
+            var grad = p.grad;
+            if (grad is null) continue;
+            using var scope = NewDisposeScope();
+            if (!_moments.TryGetValue(name, out var mv))
+            {
+                mv = (zeros_like(p).DetachFromDisposeScope(), zeros_like(p).DetachFromDisposeScope());
+                _moments[name] = mv;
+            }
+            var g = gradScale == 1.0 ? grad : grad * gradScale;
+            mv.M.mul_(Beta1).add_(g, alpha: 1 - Beta1);
+            mv.V.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
+            if (WeightDecay > 0 && p.dim() >= 2) p.mul_(1 - lr * WeightDecay);
+            var denom = (mv.V / bc2).sqrt_().add_(Eps);
+            p.addcdiv_(mv.M, denom, value: -lr / bc1);
+        }
+    }
+
+    /// <summary>Installs moments (e.g. from a checkpoint or a migrated shard). Takes ownership of the tensors.</summary>
+    public void SetMoments(string name, Tensor m, Tensor v)
+    {
+        if (_moments.Remove(name, out var old))
+        {
+            old.M.Dispose();
+            old.V.Dispose();
+        }
+        _moments[name] = (m, v);
+    }
+
+    public void Dispose()
+    {
+        foreach (var (m, v) in _moments.Values)
+        {
+            m.Dispose();
+            v.Dispose();
+        }
+        _moments.Clear();
+    }
+}
+
+/// <summary>Linear warmup to the peak rate, then cosine decay to the floor at the last step.</summary>
+public static class LrSchedule
+{
+    public static double At(long step, long totalSteps, double peak, double floor, long warmup)
+    {
+        if (warmup > 0 && step < warmup) return peak * (step + 1) / warmup;
+        if (totalSteps <= warmup) return peak;
+        double progress = Math.Clamp((double)(step - warmup) / Math.Max(1, totalSteps - warmup - 1), 0, 1);
+        return floor + 0.5 * (peak - floor) * (1 + Math.Cos(Math.PI * progress));
+    }
+}
+
+/// <summary>Global-norm gradient clipping maths, split so shards can each contribute their sum of squares.</summary>
+public static class GradClip
+{
+    public static double SumOfSquares(IEnumerable<Tensor> parameters)
+    {
+        using var scope = NewDisposeScope();
+        Tensor? total = null;
+        foreach (var p in parameters)
+        {
+            if (p.grad is not { } g) continue;
+            var s = g.to(ScalarType.Float64).pow(2).sum();
+            total = total is null ? s : total + s;
+        }
+        return total is null ? 0 : total.item<double>();
+    }
+
+    /// <summary>Multiplier for all gradients: 1 when under the limit, else maxNorm / norm.</summary>
+    public static double Coefficient(double sumOfSquares, double maxNorm)
+    {
+        if (maxNorm <= 0) return 1.0;
+        double norm = Math.Sqrt(sumOfSquares);
+        return norm > maxNorm ? maxNorm / (norm + 1e-6) : 1.0;
+    }
+}
+
+/// <summary>Load-balance statistics of one MoE layer's token counts.</summary>
+public static class LoadBalance
+{
+    /// <summary>MaxVio = (max load − mean load) / mean load (DeepSeek's imbalance measure); 0 when balanced.</summary>
+    public static double MaxVio(ReadOnlySpan<long> load)
+    {
+        if (load.Length == 0) return 0;
+        long max = 0, sum = 0;
+        foreach (var l in load)
+        {
+            sum += l;
+            max = Math.Max(max, l);
+        }
+        double mean = (double)sum / load.Length;
+        return mean == 0 ? 0 : (max - mean) / mean;
+    }
+
+    /// <summary>Mean of the per-layer MaxVio values.</summary>
+    public static double MeanMaxVio(IReadOnlyList<long[]> perLayer)
+        => perLayer.Count == 0 ? 0 : perLayer.Average(l => MaxVio(l));
+}

@@ -1,0 +1,201 @@
+using ElasticMoE.Config;
+using ElasticMoE.Data;
+using ElasticMoE.Model;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Training;
+
+/// <summary>Training stopped because the loss or the gradient stopped being a number.</summary>
+public sealed class TrainingDivergedException(long step, string what, double value)
+    : Exception($"training diverged at step {step}: {what} is {value}; nothing was updated or saved for this step")
+{
+    public long Step { get; } = step;
+}
+
+/// <summary>What one optimizer step did.</summary>
+public sealed record StepResult(
+    long Step,
+    double Loss,
+    double Lr,
+    double GradNorm,
+    double MaxVio,
+    long[][] ExpertCounts,
+    long Tokens,
+    double Seconds)
+{
+    public double TokensPerSecond => Seconds > 0 ? Tokens / Seconds : 0;
+}
+
+/// <summary>
+/// The single-process training loop: one model, every micro-batch of the global batch in turn,
+/// gradient accumulation, global-norm clipping, AdamW, and the router-bias balancing update.
+/// It is also the reference the distributed runtime must reproduce.
+/// </summary>
+public sealed class Trainer : IDisposable
+{
+    public ElasticMoEConfig Config { get; }
+    public MoETransformer Model { get; }
+    public AdamW Optimizer { get; }
+    public BatchSampler Sampler { get; }
+    public Device Device { get; }
+
+    /// <summary>The next step to run (0-based); equals the number of steps done.</summary>
+    public long Step { get; private set; }
+
+    public Trainer(ElasticMoEConfig config, TextCorpus corpus)
+    {
+        Config = config;
+        Device = TorchSetup.Configure(config);
+        Model = new MoETransformer(config.Model, config.Seed, Device);
+        var t = config.Train;
+        Optimizer = new AdamW(t.Beta1, t.Beta2, t.AdamEps, t.WeightDecay);
+        Sampler = new BatchSampler(corpus, config.Seed, config.Model.Context);
+    }
+
+    public long TokensPerStep => (long)Config.Train.GlobalBatch * Config.Model.Context;
+
+    public StepResult TrainStep()
+    {
+        var t = Config.Train;
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        using var scope = NewDisposeScope();
+        Model.train();
+        Model.zero_grad();
+        int microBatches = t.MicroBatchesPerStep;
+        double lossSum = 0;
+        for (int m = 0; m < microBatches; m++)
+        {
+            using var micro = NewDisposeScope();
+            var (x, y) = Sampler.TrainBatch(Step, m * t.MicroBatch, t.MicroBatch, Device);
+            var ce = MoETransformer.CrossEntropy(Model.forward(x), y);
+            var total = Model.AuxLoss() is { } aux ? ce + aux : ce;
+            (total / microBatches).backward();
+            lossSum += ce.item<float>();
+        }
+        double loss = lossSum / microBatches;
+        if (!double.IsFinite(loss)) throw new TrainingDivergedException(Step, "the loss", loss);
+
+        double sumSq = GradClip.SumOfSquares(Model.parameters());
+        if (!double.IsFinite(sumSq)) throw new TrainingDivergedException(Step, "the gradient norm", Math.Sqrt(sumSq));
+        double lr = LrSchedule.At(Step, t.Steps, t.Lr, t.MinLr, t.WarmupSteps);
+        Optimizer.Step(Model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)), lr, GradClip.Coefficient(sumSq, t.GradClip));
+
+        var counts = Model.TakeExpertCounts();
+        int layer = 0;
+        foreach (var moe in Model.MoELayers)
+            moe.Router.UpdateBias(counts[layer++], Config.Model.MoE.BiasUpdateRate);
+
+        var result = new StepResult(Step, loss, lr, Math.Sqrt(sumSq), LoadBalance.MeanMaxVio(counts), counts, TokensPerStep, sw.Elapsed.TotalSeconds);
+        Step++;
+        return result;
+    }
+
+    /// <summary>Mean validation loss (nats/byte) over the fixed validation sequences.</summary>
+    public double Evaluate()
+    {
+        var t = Config.Train;
+        Model.eval();
+        double sum = 0;
+        using (no_grad())
+        {
+            for (int b = 0; b < t.EvalBatches; b++)
+            {
+                using var scope = NewDisposeScope();
+                var (x, y) = Sampler.ValidationBatch(b * t.MicroBatch, t.MicroBatch, Device);
+                sum += MoETransformer.CrossEntropy(Model.forward(x), y).item<float>();
+            }
+        }
+        // Evaluation must not count towards the balancing loads of the next step.
+        Model.TakeExpertCounts();
+        Model.train();
+        return sum / t.EvalBatches;
+    }
+
+    public void Save(string path) => TrainingState.Capture(this).Save(path);
+
+    public void Load(string path)
+    {
+        var state = StateFile.Load(path);
+        Step = TrainingState.Restore(state, Config, Model, Optimizer);
+    }
+
+    public void Dispose()
+    {
+        Optimizer.Dispose();
+        Model.Dispose();
+    }
+}
+
+/// <summary>Process-wide torch settings for a run: threads and device.</summary>
+public static class TorchSetup
+{
+    public static Device Configure(ElasticMoEConfig config)
+    {
+        Native.LibTorchLoader.EnsureLoaded();
+        int threads = config.Threads > 0 ? config.Threads : Environment.ProcessorCount;
+        if (torch.get_num_threads() != threads) torch.set_num_threads(threads);
+        var device = torch.device(config.Device);
+        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
+            throw new ConfigException($"elasticmoe.device = \"{config.Device}\" but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");
+        return device;
+    }
+}
+
+/// <summary>Maps the full training state to and from a <see cref="StateFile"/>.</summary>
+public static class TrainingState
+{
+    public static StateFile Capture(Trainer trainer)
+    {
+        var f = new StateFile();
+        f.Scalars["step"] = trainer.Step.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        f.Scalars["seed"] = trainer.Config.Seed.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        f.Scalars["model"] = Fingerprint(trainer.Config.Model);
+        f.Scalars["adam.step"] = trainer.Optimizer.StepCount.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        foreach (var (name, t) in trainer.Model.state_dict()) f.Tensors["model/" + name] = t;
+        foreach (var (name, (m, v)) in trainer.Optimizer.Moments)
+        {
+            f.Tensors["adam.m/" + name] = m;
+            f.Tensors["adam.v/" + name] = v;
+        }
+        return f;
+    }
+
+    /// <summary>Loads a state into a model and optimizer built from <paramref name="config"/>; returns the step to continue at.</summary>
+    public static long Restore(StateFile f, ElasticMoEConfig config, MoETransformer model, AdamW optimizer)
+    {
+        try
+        {
+            var fp = Fingerprint(config.Model);
+            if (f.Scalars.GetValueOrDefault("model") != fp)
+                throw new ConfigException($"the state file's model ({f.Scalars.GetValueOrDefault("model")}) differs from the configured model ({fp})");
+            using (no_grad())
+            {
+                foreach (var (name, t) in model.state_dict())
+                {
+                    if (!f.Tensors.TryGetValue("model/" + name, out var saved))
+                        throw new CorruptStateException($"state file lacks model tensor {name}");
+                    t.copy_(saved);
+                }
+            }
+            foreach (var (key, m) in f.Tensors.Where(kv => kv.Key.StartsWith("adam.m/", StringComparison.Ordinal)))
+            {
+                var name = key["adam.m/".Length..];
+                // Copies, because every tensor read from the file is disposed below.
+                var device = model.parameters().First().device;
+                optimizer.SetMoments(name, m.to(device, copy: true).DetachFromDisposeScope(),
+                    f.Tensors["adam.v/" + name].to(device, copy: true).DetachFromDisposeScope());
+            }
+            optimizer.StepCount = long.Parse(f.Scalars["adam.step"], System.Globalization.CultureInfo.InvariantCulture);
+            return long.Parse(f.Scalars["step"], System.Globalization.CultureInfo.InvariantCulture);
+        }
+        finally
+        {
+            foreach (var t in f.Tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>A string identifying the model's shape: states only load into the same architecture.</summary>
+    public static string Fingerprint(ModelOptions m)
+        => $"d{m.DModel}-L{m.Layers}-H{m.Heads}-T{m.Context}-dense{m.DenseLayers}x{m.DenseHidden}-E{m.MoE.RoutedExperts}k{m.MoE.TopK}s{m.MoE.SharedExperts}h{m.MoE.ExpertHidden}-{m.MoE.Scoring}";
+}
