@@ -79,7 +79,7 @@ public sealed class RunConfigOptions
     {
         TimeLimit.Validators.Add(r =>
         {
-            if (r.GetValueOrDefault<double?>() is < 0) r.AddError("--time-limit must be zero or positive");
+            if (TryValue<double?>(r) is < 0) r.AddError("--time-limit must be zero or positive");
         });
         Set.Validators.Add(r =>
         {
@@ -115,12 +115,19 @@ public sealed class RunConfigOptions
         return ConfigLoader.Load(p.GetValue(Config)?.FullName, overrides);
     }
 
+    // A value that does not parse is already a usage error of its own; the range check just skips it.
+    private static T? TryValue<T>(System.CommandLine.Parsing.OptionResult r)
+    {
+        try { return r.GetValueOrDefault<T>(); }
+        catch (InvalidOperationException) { return default; }
+    }
+
     public static Option<int?> Positive(string name, string description)
     {
         var o = new Option<int?>(name) { Description = description };
         o.Validators.Add(r =>
         {
-            if (r.GetValueOrDefault<int?>() is <= 0) r.AddError($"{name} must be a positive integer");
+            if (TryValue<int?>(r) is <= 0) r.AddError($"{name} must be a positive integer");
         });
         return o;
     }
@@ -130,7 +137,7 @@ public sealed class RunConfigOptions
         var o = new Option<int?>(name) { Description = description };
         o.Validators.Add(r =>
         {
-            if (r.GetValueOrDefault<int?>() is < 0) r.AddError($"{name} must be zero or a positive integer");
+            if (TryValue<int?>(r) is < 0) r.AddError($"{name} must be zero or a positive integer");
         });
         return o;
     }

@@ -47,6 +47,9 @@ public static class ConfigLoader
             }
             CheckKnown(user, known, userFile);
             result = user.WithFallback(result);
+            // Type and range errors found now are the file's, so say which file.
+            try { ElasticMoEConfig.FromHocon(result); }
+            catch (ConfigException ex) { throw new ConfigException($"{userFile}: {ex.Message}"); }
         }
 
         if (overrides is not null)

@@ -1,0 +1,101 @@
+using ElasticMoE.Cli;
+
+namespace ElasticMoE.Tests.Cli;
+
+/// <summary>The executable's entry point, run in-process with captured output.</summary>
+public class CliTests
+{
+    private static (int Code, string Out, string Err) Run(params string[] args)
+    {
+        TestSupport.EnsureTorch();
+        var o = new StringWriter();
+        var e = new StringWriter();
+        int code = Program.Run(args, o, e);
+        return (code, o.ToString(), e.ToString());
+    }
+
+    private static readonly string[] Tiny =
+    [
+        "--set", "model.d-model=32", "--set", "model.layers=2", "--set", "model.heads=2", "--set", "model.context=16",
+        "--set", "model.moe.routed-experts=4", "--set", "model.moe.expert-hidden=16", "--set", "model.dense-hidden=32",
+        "--set", "train.global-batch=4", "--set", "train.micro-batch=2", "--set", "train.eval-every=2", "--set", "train.eval-batches=1",
+        "--threads", "1",
+    ];
+
+    [Fact]
+    public void Train_writes_progress_and_json_metrics()
+    {
+        var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
+        var (code, output, err) = Run(["train", "--steps", "4", "--metrics", metrics, .. Tiny]);
+        Assert.True(code == 0, err);
+        Assert.Contains("step     4/4", output);
+        var lines = File.ReadAllLines(metrics);
+        Assert.Equal(4, lines.Length);
+        using var doc = System.Text.Json.JsonDocument.Parse(lines[1]);
+        var root = doc.RootElement;
+        Assert.Equal(2, root.GetProperty("step").GetInt32());
+        Assert.True(root.GetProperty("loss").GetDouble() > 0);
+        Assert.True(root.GetProperty("val_loss").GetDouble() > 0);
+        Assert.True(root.GetProperty("tokens_per_s").GetDouble() > 0);
+        Assert.True(root.GetProperty("max_vio").GetDouble() >= 0);
+        Assert.False(System.Text.Json.JsonDocument.Parse(lines[0]).RootElement.TryGetProperty("val_loss", out _));
+    }
+
+    [Fact]
+    public void Save_then_resume_continues_at_the_saved_step()
+    {
+        var dir = TestSupport.TempDir();
+        var state = Path.Combine(dir, "s.bin");
+        var (code, _, err) = Run(["train", "--steps", "2", "--save", state, .. Tiny]);
+        Assert.True(code == 0, err);
+        (code, var output, err) = Run(["train", "--steps", "3", "--resume", state, .. Tiny]);
+        Assert.True(code == 0, err);
+        Assert.Contains("at step 2", output);
+        Assert.Contains("step     3/3", output);
+        Assert.DoesNotContain("step     1/3", output);
+    }
+
+    [Theory]
+    [InlineData("--steps", "-5")]
+    [InlineData("--steps", "abc")]
+    [InlineData("--threads", "-1")]
+    [InlineData("--set", "novalue")]
+    [InlineData("--bogus-flag", "1")]
+    public void Invalid_flags_are_usage_errors(string flag, string value)
+    {
+        var (code, _, err) = Run("train", flag, value);
+        Assert.Equal(Program.ExitCodes.Usage, code);
+        Assert.False(string.IsNullOrWhiteSpace(err));
+    }
+
+    [Fact]
+    public void A_missing_data_file_is_a_clear_error()
+    {
+        var (code, _, err) = Run("train", "--data", "/nonexistent/data.txt", "--steps", "1");
+        Assert.Equal(Program.ExitCodes.BadInput, code);
+        Assert.Contains("data file not found: /nonexistent/data.txt", err);
+    }
+
+    [Fact]
+    public void An_unknown_config_key_is_a_clear_error()
+    {
+        var path = Path.Combine(TestSupport.TempDir(), "bad.conf");
+        File.WriteAllText(path, "elasticmoe.model.moe.top_k = 2");
+        var (code, _, err) = Run("train", "--config", path, "--steps", "1");
+        Assert.Equal(Program.ExitCodes.BadInput, code);
+        Assert.Contains("elasticmoe.model.moe.top_k", err);
+        Assert.Contains(path, err);
+    }
+
+    [Fact]
+    public void A_diverging_run_stops_with_the_step_and_leaves_no_state_behind()
+    {
+        var dir = TestSupport.TempDir();
+        var state = Path.Combine(dir, "s.bin");
+        var (code, _, err) = Run(["train", "--steps", "3", "--save", state, "--set", "train.lr=1e30", "--set", "train.grad-clip=0", "--set", "train.warmup-steps=0", .. Tiny]);
+        Assert.Equal(Program.ExitCodes.Diverged, code);
+        Assert.Matches("diverged at step \\d", err);
+        Assert.False(File.Exists(state));
+        Assert.False(File.Exists(state + ".tmp"));
+    }
+}
