@@ -55,6 +55,22 @@ public sealed record TrainOptions(
     public int MicroBatchesPerStep => GlobalBatch / MicroBatch;
 }
 
+public sealed record ClusterOptions(
+    string Host,
+    int Port,
+    IReadOnlyList<string> SeedNodes,
+    int Devices,
+    int Nodes,
+    int ExpectedNodes,
+    int PipelineStages,
+    int ChecksumEvery,
+    double StepTimeoutSeconds,
+    int MaxFrameMb)
+{
+    /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
+    public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
+}
+
 /// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
 public sealed record ElasticMoEConfig(
     long Seed,
@@ -63,6 +79,7 @@ public sealed record ElasticMoEConfig(
     ModelOptions Model,
     DataOptions Data,
     TrainOptions Train,
+    ClusterOptions Cluster,
     Akka.Configuration.Config Raw)
 {
     /// <summary>Reads the typed settings from a HOCON tree that has an <c>elasticmoe</c> section.</summary>
@@ -83,7 +100,11 @@ public sealed record ElasticMoEConfig(
             r.Int("train.warmup-steps"), r.Double("train.weight-decay"), r.Double("train.beta1"), r.Double("train.beta2"),
             r.Double("train.adam-eps"), r.Double("train.grad-clip"), r.Int("train.eval-every"), r.Int("train.eval-batches"),
             r.Double("train.time-limit"));
-        var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, root);
+        var cluster = new ClusterOptions(
+            r.String("cluster.host"), r.Int("cluster.port"), r.StringList("cluster.seed-nodes"), r.Int("cluster.devices"),
+            r.Int("cluster.nodes"), r.Int("cluster.expected-nodes"), r.Int("cluster.pipeline-stages"), r.Int("cluster.checksum-every"),
+            r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"));
+        var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
         cfg.Validate();
         return cfg;
     }
@@ -109,6 +130,7 @@ public sealed record ElasticMoEConfig(
             return double.IsFinite(v) ? v : throw new FormatException();
         }, "a finite number");
         public string String(string key) => Get(key, p => root.GetString(p) ?? "", "a string");
+        public IReadOnlyList<string> StringList(string key) => Get(key, p => (IReadOnlyList<string>)root.GetStringList(p).ToArray(), "a list of strings");
     }
 
     private static RouterScoring ParseScoring(string? s) => s?.ToLowerInvariant() switch
@@ -158,6 +180,16 @@ public sealed record ElasticMoEConfig(
         Require(t.EvalEvery > 0, "train.eval-every", "must be positive");
         Require(t.EvalBatches > 0, "train.eval-batches", "must be positive");
         Require(t.TimeLimitSeconds >= 0, "train.time-limit", "must be zero (none) or positive");
+        var c = Cluster;
+        Require(c.Port is >= 0 and <= 65535, "cluster.port", "must be a TCP port (0 = any)");
+        Require(c.Devices >= 1, "cluster.devices", "must be at least 1");
+        Require(c.Nodes >= 0, "cluster.nodes", "must be zero or more");
+        Require(c.ExpectedNodes >= 0, "cluster.expected-nodes", "must be zero or more");
+        Require(c.NodesToWaitFor >= 1, "cluster.expected-nodes", "the coordinator needs at least one node: set cluster.nodes or cluster.expected-nodes");
+        Require(c.PipelineStages >= 1 && c.PipelineStages <= m.Layers, "cluster.pipeline-stages", $"must be within 1..layers ({m.Layers})");
+        Require(c.ChecksumEvery >= 0, "cluster.checksum-every", "must be zero (never) or positive");
+        Require(c.StepTimeoutSeconds > 0, "cluster.step-timeout", "must be positive");
+        Require(c.MaxFrameMb >= 1, "cluster.max-frame-mb", "must be at least 1");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
         Require(Device == "cpu" || Device.StartsWith("cuda", StringComparison.Ordinal), "device", $"must be \"cpu\" or \"cuda:N\", got \"{Device}\"");
     }

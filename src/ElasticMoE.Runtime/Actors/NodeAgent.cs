@@ -1,0 +1,109 @@
+using Akka.Actor;
+using Akka.Event;
+using ElasticMoE.Config;
+using ElasticMoE.Data;
+using ElasticMoE.Runtime.DataPlane;
+using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.Training;
+
+namespace ElasticMoE.Runtime.Actors;
+
+/// <summary>
+/// One per node: opens a data-plane endpoint per device, spawns and supervises the node's device
+/// workers, registers the node with the coordinator (retrying until answered) and relays the plan.
+/// </summary>
+public sealed class NodeAgent : ReceiveActor, IWithTimers
+{
+    private sealed record RetryRegistration;
+
+    private readonly ElasticMoEConfig _config;
+    private readonly IActorRef _coordinator;
+    private readonly TaskCompletionSource<string> _stopped;
+    private readonly ILoggingAdapter _log = Context.GetLogger();
+    private readonly List<DataPlaneNode> _dataPlanes = new();
+    private readonly List<IActorRef> _workers = new();
+    private readonly string _address;
+    private bool _accepted;
+
+    public ITimerScheduler Timers { get; set; } = null!;
+
+    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped)
+    {
+        _config = config;
+        _coordinator = coordinator;
+        _stopped = stopped;
+        _address = Akka.Cluster.Cluster.Get(Context.System).SelfAddress.ToString();
+        var log = _log;
+        for (int d = 0; d < config.Cluster.Devices; d++)
+        {
+            var dp = DataPlaneNode.Start(new DataPlaneOptions
+            {
+                Host = config.Cluster.Host,
+                NodeId = d,
+                MaxFrameBytes = (long)config.Cluster.MaxFrameMb << 20,
+                MaxBufferedBytesPerConnection = (long)config.Cluster.MaxFrameMb << 20,
+            }.WithAkkaLog(log));
+            _dataPlanes.Add(dp);
+            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d), $"worker-{d}"));
+        }
+        Receive<RetryRegistration>(_ => Register());
+        Receive<IElasticMoEMessage>(OnMessage);
+    }
+
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped)
+        => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped));
+
+    // A worker that throws is restarted a few times, then the node gives up on it: a worker that keeps
+    // failing must surface, not loop. (Elastic recovery will replace it instead.)
+    protected override SupervisorStrategy SupervisorStrategy()
+        => new OneForOneStrategy(maxNrOfRetries: 3, withinTimeRange: TimeSpan.FromMinutes(1), localOnlyDecider: ex =>
+        {
+            _log.Error(ex, "device worker failed");
+            return Directive.Restart;
+        });
+
+    protected override void PreStart()
+    {
+        Register();
+        Timers.StartPeriodicTimer("register", new RetryRegistration(), TimeSpan.FromSeconds(1));
+    }
+
+    private void Register()
+    {
+        if (_accepted) return;
+        _coordinator.Tell(new RegisterNode(_address, _dataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed));
+    }
+
+    private void OnMessage(IElasticMoEMessage message)
+    {
+        switch (message)
+        {
+            case NodeAccepted:
+                _accepted = true;
+                Timers.Cancel("register");
+                break;
+            case NodeRefused m:
+                _log.Error("coordinator refused this node: {0}", m.Reason);
+                Timers.Cancel("register");
+                _stopped.TrySetResult("refused: " + m.Reason);
+                Context.Stop(Self);
+                break;
+            case AssignPlan m:
+                foreach (var w in _workers) w.Forward(m);
+                break;
+            case Shutdown m:
+                _stopped.TrySetResult(m.Reason);
+                Context.Stop(Self);
+                break;
+            default:
+                _log.Warning("node agent: unexpected {0}", message.GetType().Name);
+                break;
+        }
+    }
+
+    protected override void PostStop()
+    {
+        foreach (var dp in _dataPlanes) dp.Dispose();
+        _stopped.TrySetResult("stopped");
+    }
+}

@@ -1,0 +1,176 @@
+using ElasticMoE.Model;
+using ElasticMoE.Runtime.DataPlane;
+using ElasticMoE.Runtime.Protocol;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Runtime.Engine;
+
+/// <summary>Delivers a control message to the expert shard of (MoE layer ordinal, owner worker).</summary>
+public interface IShardMessenger
+{
+    void Send(int moeOrdinal, int ownerWorker, IElasticMoEMessage message);
+}
+
+/// <summary>
+/// Runs the routed experts of one MoE layer wherever the plan put them. Experts private to this worker
+/// run in its own autograd graph; the rest go to their shards as one request per owner, all sent before
+/// any reply is awaited, inside a custom autograd function whose backward sends the output gradients the
+/// same way. This is the one mechanism of the runtime: detached tensors out, gradients back,
+/// <c>backward(grad)</c> on the other side.
+/// </summary>
+public sealed class DistributedExpertExecutor(WorkerContext context, IShardMessenger messenger) : IExpertExecutor
+{
+    /// <summary>Set by the stage before each micro-batch: tags and replies are keyed by it.</summary>
+    public long Step { get; set; }
+    public int MicroBatch { get; set; }
+    public bool Train { get; set; } = true;
+    public TimeSpan Timeout { get; set; } = TimeSpan.FromSeconds(120);
+
+    public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
+    {
+        var plan = context.Plan;
+        int ordinal = context.MoEOrdinal(layer.LayerIndex);
+        var owners = plan.ExpertOwner[ordinal];
+        bool privateLocal = plan.ExpertsPrivateTo(ordinal, context.Worker, layer.LayerIndex);
+        if (privateLocal && owners.All(o => o == context.Worker))
+            return LocalExpertExecutor.Instance.Run(layer, tokens, counts);
+
+        using var scope = NewDisposeScope();
+        var offsets = new long[counts.Length + 1];
+        for (int e = 0; e < counts.Length; e++) offsets[e + 1] = offsets[e] + counts[e];
+
+        // Rows of each owner, in ascending expert order: exactly what its shard expects.
+        var byOwner = new SortedDictionary<int, (List<long> Rows, List<long> Counts)>();
+        for (int e = 0; e < counts.Length; e++)
+        {
+            if (!byOwner.TryGetValue(owners[e], out var entry)) byOwner[owners[e]] = entry = (new List<long>(), new List<long>());
+            for (long r = offsets[e]; r < offsets[e + 1]; r++) entry.Rows.Add(r);
+            entry.Counts.Add(counts[e]);
+        }
+
+        var result = zeros_like(tokens);
+        var remote = new List<(int Owner, Tensor Index, long[] Counts)>();
+        foreach (var (owner, (rows, ownerCounts)) in byOwner)
+        {
+            if (rows.Count == 0) continue;
+            var index = tensor(rows.ToArray(), device: tokens.device);
+            if (owner == context.Worker && privateLocal)
+            {
+                var local = RunLocal(layer, tokens.index_select(0, index), ordinal, ownerCounts);
+                result = result.index_add(0, index, local, 1);
+            }
+            else remote.Add((owner, index, ownerCounts.ToArray()));
+        }
+
+        if (remote.Count > 0)
+        {
+            var call = new RemoteCall(this, context, messenger, ordinal, remote.Select(r => (r.Owner, r.Counts)).ToArray(), Step, MicroBatch, Train);
+            var args = new List<object> { call };
+            args.AddRange(remote.Select(r => (object)tokens.index_select(0, r.Index)));
+            var outputs = Train
+                ? RemoteExpertsFunction.apply(args.ToArray())
+                : call.Forward(args.Skip(1).Cast<Tensor>().ToList());
+            for (int i = 0; i < remote.Count; i++)
+                result = result.index_add(0, remote[i].Index, outputs[i].to(tokens.dtype), 1);
+        }
+        return result.MoveToOuterDisposeScope();
+    }
+
+    private Tensor RunLocal(MoELayer layer, Tensor rows, int ordinal, List<long> ownerCounts)
+    {
+        var experts = context.Plan.ExpertsOn(ordinal, context.Worker);
+        var outs = new List<Tensor>();
+        long offset = 0;
+        for (int i = 0; i < experts.Length; i++)
+        {
+            if (ownerCounts[i] == 0) continue;
+            outs.Add(layer.Experts[experts[i]].forward(rows.narrow(0, offset, ownerCounts[i])));
+            offset += ownerCounts[i];
+        }
+        return cat(outs, 0);
+    }
+
+    /// <summary>One request/reply exchange with every remote owner of a layer, for one micro-batch.</summary>
+    internal sealed class RemoteCall(DistributedExpertExecutor owner, WorkerContext context, IShardMessenger messenger, int ordinal,
+        (int Owner, long[] Counts)[] targets, long step, int microBatch, bool train)
+    {
+        private int Epoch => context.Plan.Epoch;
+
+        public List<Tensor> Forward(List<Tensor> inputs)
+        {
+            var kindIn = train ? StepTags.Kind.ExpertTokens : StepTags.Kind.EvalExpertTokens;
+            var kindOut = train ? StepTags.Kind.ExpertOutputs : StepTags.Kind.EvalExpertOutputs;
+            var replies = new Task<Frame>[targets.Length];
+            var sends = new List<Task>();
+            for (int i = 0; i < targets.Length; i++)
+            {
+                var (target, counts) = targets[i];
+                long dataTag = StepTags.Make(kindIn, Epoch, step, ordinal, microBatch, context.Worker, target);
+                long replyTag = StepTags.Make(kindOut, Epoch, step, ordinal, microBatch, context.Worker, target);
+                replies[i] = context.DataPlane.ReceiveAsync(replyTag);
+                sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, inputs[i].detach()));
+                messenger.Send(ordinal, target, new ExpertForward(Epoch, step, context.Worker, microBatch, counts, dataTag, replyTag, context.DataPlane.Endpoint, train));
+            }
+            return Collect(sends, replies);
+        }
+
+        public List<Tensor> Backward(List<Tensor> outputGrads)
+        {
+            var replies = new Task<Frame>[targets.Length];
+            var sends = new List<Task>();
+            for (int i = 0; i < targets.Length; i++)
+            {
+                int target = targets[i].Owner;
+                long dataTag = StepTags.Make(StepTags.Kind.ExpertOutputGrad, Epoch, step, ordinal, microBatch, context.Worker, target);
+                long replyTag = StepTags.Make(StepTags.Kind.ExpertInputGrad, Epoch, step, ordinal, microBatch, context.Worker, target);
+                replies[i] = context.DataPlane.ReceiveAsync(replyTag);
+                sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, outputGrads[i].contiguous()));
+                messenger.Send(ordinal, target, new ExpertBackward(Epoch, step, context.Worker, microBatch, dataTag, replyTag, context.DataPlane.Endpoint));
+            }
+            return Collect(sends, replies);
+        }
+
+        private List<Tensor> Collect(List<Task> sends, Task<Frame>[] replies)
+        {
+            using var cts = new CancellationTokenSource(owner.Timeout);
+            try
+            {
+                Task.WaitAll(sends.ToArray(), cts.Token);
+                Task.WaitAll(replies, cts.Token);
+            }
+            catch (OperationCanceledException)
+            {
+                throw new TimeoutException($"expert shards of MoE layer {ordinal} did not answer step {step} micro-batch {microBatch} within {owner.Timeout.TotalSeconds:F0} s");
+            }
+            var result = new List<Tensor>(replies.Length);
+            foreach (var r in replies)
+            {
+                using var frame = r.Result;
+                result.Add(frame.ToTensor().to(context.Device));
+            }
+            return result;
+        }
+
+        private string Endpoint(int worker) => context.Plan.Workers[worker].DataEndpoint;
+    }
+}
+
+/// <summary>Autograd node for remote experts: forward ships tokens, backward ships output gradients.</summary>
+internal sealed class RemoteExpertsFunction : autograd.MultiTensorFunction<RemoteExpertsFunction>
+{
+    public override string Name => "RemoteExperts";
+
+    public override List<Tensor> forward(autograd.AutogradContext ctx, params object[] vars)
+    {
+        var call = (DistributedExpertExecutor.RemoteCall)vars[0];
+        ctx.save_data("call", call);
+        return call.Forward(vars.Skip(1).Cast<Tensor>().ToList());
+    }
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grad_outputs)
+    {
+        var call = (DistributedExpertExecutor.RemoteCall)ctx.get_data("call");
+        return call.Backward(grad_outputs);
+    }
+}

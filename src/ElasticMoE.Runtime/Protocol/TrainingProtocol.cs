@@ -1,0 +1,138 @@
+using MessagePack;
+
+namespace ElasticMoE.Runtime.Protocol;
+
+// The training protocol: every message between coordinator, node agents, pipeline stages and expert
+// shards. Control only: tensor bytes never ride in these, they go over the data plane under the tags
+// named here. All are MessagePack objects under IElasticMoEMessage, so remoting uses our serializer.
+
+/// <summary>A worker (device) as described by its node when registering.</summary>
+[MessagePackObject]
+public sealed record WorkerInfo([property: Key(0)] string NodeAddress, [property: Key(1)] int Device, [property: Key(2)] string DataEndpoint);
+
+/// <summary>Node agent → coordinator: this node is up with these devices. Retried until acknowledged.</summary>
+[MessagePackObject]
+public sealed record RegisterNode(
+    [property: Key(0)] string NodeAddress,
+    [property: Key(1)] string[] DataEndpoints,
+    [property: Key(2)] string ModelFingerprint,
+    [property: Key(3)] long Seed) : IElasticMoEMessage;
+
+/// <summary>Coordinator → node agent: registration accepted; the node's workers will receive a plan.</summary>
+[MessagePackObject]
+public sealed record NodeAccepted([property: Key(0)] string NodeAddress) : IElasticMoEMessage;
+
+/// <summary>Coordinator → node agent: registration refused, with the reason (e.g. a different model config).</summary>
+[MessagePackObject]
+public sealed record NodeRefused([property: Key(0)] string NodeAddress, [property: Key(1)] string Reason) : IElasticMoEMessage;
+
+/// <summary>
+/// Coordinator → worker: the plan. Workers are listed in plan order; each worker learns its index from
+/// its own address and device. Stage ranges and expert owners are those of <c>TrainingPlan</c>.
+/// </summary>
+[MessagePackObject]
+public sealed record AssignPlan(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] int Dp,
+    [property: Key(2)] int Pp,
+    [property: Key(3)] int[] StageStarts,
+    [property: Key(4)] int[] StageEnds,
+    [property: Key(5)] WorkerInfo[] Workers,
+    [property: Key(6)] int[][] ExpertOwner,
+    [property: Key(7)] long StartStep) : IElasticMoEMessage;
+
+/// <summary>Worker → coordinator: the plan is installed; stage and shards are ready for steps.</summary>
+[MessagePackObject]
+public sealed record PlanReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int Shards) : IElasticMoEMessage;
+
+/// <summary>Expert shard → coordinator: the shard of (worker, MoE layer ordinal) is ready.</summary>
+[MessagePackObject]
+public sealed record ShardReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal) : IElasticMoEMessage;
+
+/// <summary>Coordinator → every worker: run forward and backward of your share of this step.</summary>
+[MessagePackObject]
+public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+
+/// <summary>
+/// Worker → coordinator: forward and backward are done and dense gradients are all-reduced.
+/// LossSum is the sum of micro-batch losses (last stage only, else 0).
+/// DenseSumSq is the squared L2 norm of this stage's (already reduced) dense gradients.
+/// ExpertCounts: [moe layer ordinal of this stage's layers][expert] tokens routed by this worker.
+/// </summary>
+[MessagePackObject]
+public sealed record StepComputed(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] long Step,
+    [property: Key(2)] int Worker,
+    [property: Key(3)] double LossSum,
+    [property: Key(4)] int MicroBatches,
+    [property: Key(5)] double DenseSumSq,
+    [property: Key(6)] int[] MoELayers,
+    [property: Key(7)] long[][] ExpertCounts) : IElasticMoEMessage;
+
+/// <summary>Coordinator → worker: every gradient contribution of the step has arrived; report your expert gradient norm.</summary>
+[MessagePackObject]
+public sealed record QueryExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+
+[MessagePackObject]
+public sealed record ExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double SumSq) : IElasticMoEMessage;
+
+/// <summary>
+/// Coordinator → worker: apply the optimizer with this rate and clip coefficient, and move the router
+/// biases by the step's total loads ([moe layer ordinal][expert], summed over all replicas).
+/// </summary>
+[MessagePackObject]
+public sealed record ApplyUpdate(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] long Step,
+    [property: Key(2)] double Lr,
+    [property: Key(3)] double ClipScale,
+    [property: Key(4)] long[][] LayerLoads,
+    [property: Key(5)] bool Checksum) : IElasticMoEMessage;
+
+/// <summary>Worker → coordinator: the update is applied. Checksum is of this stage's dense parameters when asked, else 0.</summary>
+[MessagePackObject]
+public sealed record UpdateApplied([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] ulong DenseChecksum) : IElasticMoEMessage;
+
+/// <summary>Coordinator → worker: compute validation loss on your share of the fixed validation batches.</summary>
+[MessagePackObject]
+public sealed record RunEval([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+
+[MessagePackObject]
+public sealed record EvalComputed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double LossSum, [property: Key(4)] int Batches) : IElasticMoEMessage;
+
+/// <summary>A worker could not do what it was asked (diverged loss, lost peer, …). The coordinator stops the run.</summary>
+[MessagePackObject]
+public sealed record WorkerFailed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] string Reason) : IElasticMoEMessage;
+
+/// <summary>
+/// Stage → expert shard: tokens for your experts are on the data plane under DataTag, rows grouped by
+/// expert (ascending) with Counts rows each. Reply on the data plane to ReplyEndpoint under ReplyTag.
+/// With Train set, keep the graph for the matching <see cref="ExpertBackward"/>.
+/// </summary>
+[MessagePackObject]
+public sealed record ExpertForward(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] long Step,
+    [property: Key(2)] int Requester,
+    [property: Key(3)] int MicroBatch,
+    [property: Key(4)] long[] Counts,
+    [property: Key(5)] long DataTag,
+    [property: Key(6)] long ReplyTag,
+    [property: Key(7)] string ReplyEndpoint,
+    [property: Key(8)] bool Train) : IElasticMoEMessage;
+
+/// <summary>Stage → expert shard: output gradients under DataTag; reply with input gradients under ReplyTag.</summary>
+[MessagePackObject]
+public sealed record ExpertBackward(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] long Step,
+    [property: Key(2)] int Requester,
+    [property: Key(3)] int MicroBatch,
+    [property: Key(4)] long DataTag,
+    [property: Key(5)] long ReplyTag,
+    [property: Key(6)] string ReplyEndpoint) : IElasticMoEMessage;
+
+/// <summary>Coordinator → node agents and workers: the run is over; stop.</summary>
+[MessagePackObject]
+public sealed record Shutdown([property: Key(0)] string Reason) : IElasticMoEMessage;
