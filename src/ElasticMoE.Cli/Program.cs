@@ -1,7 +1,8 @@
 using System.CommandLine;
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Cli;
 
@@ -15,6 +16,7 @@ public static class Program
         public const int Usage = 1;        // System.CommandLine's own code for parse errors
         public const int BadInput = 2;     // config, data or state file problems
         public const int Diverged = 3;     // NaN/Inf loss or gradient
+        public const int Failed = 4;       // a distributed run stopped (lost worker, timeout, refused node)
     }
 
     public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
@@ -23,6 +25,7 @@ public static class Program
     {
         var root = new RootCommand("ElasticMoE: elastic Mixture-of-Experts training on an actor cluster");
         root.Subcommands.Add(TrainCommand.Create(stdout, stderr));
+        root.Subcommands.Add(NodeCommand.Create(stdout, stderr));
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         var parse = root.Parse(args);
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
@@ -59,6 +62,11 @@ public static class Program
         {
             stderr.WriteLine($"error: {ex.Message}");
             return ExitCodes.Diverged;
+        }
+        catch (Runtime.Actors.TrainingFailedException ex)
+        {
+            stderr.WriteLine($"error: {ex.Message}");
+            return ex.Message.Contains("diverged", StringComparison.Ordinal) ? ExitCodes.Diverged : ExitCodes.Failed;
         }
     }
 }
@@ -153,15 +161,33 @@ public static class TrainCommand
         var save = new Option<string?>("--save") { Description = "save the full training state here (at the end and every --save-every steps)" };
         var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
         var resume = new Option<string?>("--resume") { Description = "continue from a state file written by --save" };
+        var single = new Option<bool>("--single-process") { Description = "run the plain training loop without actors (the reference the cluster must match)" };
+        var nodes = RunConfigOptions.NonNegative("--nodes", "in-process cluster nodes to start (default 1; 0 = wait for external `elasticmoe node`s)");
+        var expect = RunConfigOptions.Positive("--expect-nodes", "nodes to wait for before the first step (default: --nodes)");
+        var pp = RunConfigOptions.Positive("--pp", "pipeline-parallel degree (data-parallel degree = workers / pp)");
+        var port = RunConfigOptions.NonNegative("--port", "Akka remoting port of the coordinator (0 = any)");
         var cmd = new Command("train", "train the MoE model (embedded corpus unless --data is given)");
         cfg.AddTo(cmd);
         cmd.Options.Add(metrics);
         cmd.Options.Add(save);
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(resume);
+        foreach (var o in new Option[] { single, nodes, expect, pp, port }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
-            var config = cfg.Build(p);
+            var extra = new List<KeyValuePair<string, string>>();
+            if (p.GetValue(nodes) is { } n) extra.Add(new("cluster.nodes", n.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+            if (p.GetValue(expect) is { } x) extra.Add(new("cluster.expected-nodes", x.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+            if (p.GetValue(pp) is { } s) extra.Add(new("cluster.pipeline-stages", s.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+            if (p.GetValue(port) is { } po) extra.Add(new("cluster.port", po.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+            var config = cfg.Build(p, extra);
+            if (!p.GetValue(single))
+            {
+                if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
+                    throw new ConfigException("--save and --resume work with --single-process for now; cluster checkpoints come with the checkpoint issue");
+                var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+                return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout);
+            }
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             using var trainer = new Trainer(config, corpus);
             using var cancel = new CancellationTokenSource();

@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
 using TorchSharp;

@@ -1,4 +1,4 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using TorchSharp;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

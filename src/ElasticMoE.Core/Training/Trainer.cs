@@ -1,4 +1,4 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Model;
 using TorchSharp;
@@ -130,11 +130,20 @@ public sealed class Trainer : IDisposable
 /// <summary>Process-wide torch settings for a run: threads and device.</summary>
 public static class TorchSetup
 {
+    /// <summary>
+    /// Sets libtorch's intra-op threads for the calling thread. OpenMP keeps this per OS thread, so every
+    /// thread that computes (the main loop, each compute actor's dedicated thread) must call it.
+    /// </summary>
+    public static void ApplyThreads(ElasticMoEConfig config)
+    {
+        int threads = config.Threads > 0 ? config.Threads : Environment.ProcessorCount;
+        if (torch.get_num_threads() != threads) torch.set_num_threads(threads);
+    }
+
     public static Device Configure(ElasticMoEConfig config)
     {
         Native.LibTorchLoader.EnsureLoaded();
-        int threads = config.Threads > 0 ? config.Threads : Environment.ProcessorCount;
-        if (torch.get_num_threads() != threads) torch.set_num_threads(threads);
+        ApplyThreads(config);
         var device = torch.device(config.Device);
         if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
             throw new ConfigException($"elasticmoe.device = \"{config.Device}\" but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");

@@ -1,6 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
@@ -16,7 +16,7 @@ namespace ElasticMoE.Runtime.Actors;
 /// </summary>
 public sealed class DeviceWorker : ReceiveActor
 {
-    public const string ComputeDispatcher = "elasticmoe.compute-dispatcher";
+    public const string ComputeDispatcher = "elasticmoe-compute-dispatcher";
 
     private readonly ElasticMoEConfig _config;
     private readonly TextCorpus _corpus;
@@ -117,6 +117,9 @@ public sealed class PipelineStageActor : ReceiveActor
     public static Props Props(WorkerContext context, IActorRef coordinator)
         => Akka.Actor.Props.Create(() => new PipelineStageActor(context, coordinator));
 
+    // libtorch's intra-op thread count is per OS thread (OpenMP), and this actor has a thread of its own.
+    protected override void PreStart() => Training.TorchSetup.ApplyThreads(_context.Config);
+
     private void OnMessage(IElasticMoEMessage message)
     {
         var epoch = _context.Plan.Epoch;
@@ -128,6 +131,7 @@ public sealed class PipelineStageActor : ReceiveActor
                 case RunStep m: step = m.Step; Sender.Tell(_engine.RunStep(m.Step)); break;
                 case ApplyUpdate m: step = m.Step; Sender.Tell(_engine.Apply(m)); break;
                 case RunEval m: step = m.Step; Sender.Tell(_engine.Evaluate(m.Step)); break;
+                case ReportParameters: Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.DenseParameters)); break;
                 default: _log.Warning("stage: unexpected {0}", message.GetType().Name); break;
             }
         }
@@ -163,6 +167,8 @@ public sealed class ExpertShardActor : ReceiveActor
     public static Props Props(WorkerContext context, int ordinal, IActorRef coordinator)
         => Akka.Actor.Props.Create(() => new ExpertShardActor(context, ordinal, coordinator));
 
+    protected override void PreStart() => Training.TorchSetup.ApplyThreads(_context.Config);
+
     private void OnMessage(IElasticMoEMessage message)
     {
         long step = -1;
@@ -174,6 +180,7 @@ public sealed class ExpertShardActor : ReceiveActor
                 case ExpertBackward m: step = m.Step; _engine.Backward(m); break;
                 case QueryExpertNorm m: step = m.Step; Sender.Tell(new ExpertNorm(m.Epoch, m.Step, _context.Worker, _engine.GradSumSq())); break;
                 case ApplyUpdate m: step = m.Step; _engine.Apply(m); Sender.Tell(new UpdateApplied(m.Epoch, m.Step, _context.Worker, 0)); break;
+                case ReportParameters: Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.Parameters)); break;
                 default: _log.Warning("shard: unexpected {0}", message.GetType().Name); break;
             }
         }

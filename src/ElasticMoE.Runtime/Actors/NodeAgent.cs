@@ -1,6 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Protocol;

@@ -1,6 +1,6 @@
 using Akka.Actor;
 using Akka.Event;
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
@@ -8,7 +8,12 @@ using ElasticMoE.Training;
 namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>How a distributed run ended: the same figures the single-process loop reports.</summary>
-public sealed record RunResult(IReadOnlyList<StepResult> Steps, IReadOnlyList<(long Step, double ValLoss)> Validation, double Seconds);
+/// <param name="FinalParameters">Per parameter name: (sum, L2 norm) at the end, from the replica-0 owner.</param>
+public sealed record RunResult(
+    IReadOnlyList<StepResult> Steps,
+    IReadOnlyList<(long Step, double ValLoss)> Validation,
+    double Seconds,
+    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters);
 
 /// <summary>
 /// The cluster singleton that owns the plan and drives steps. Each step has three phases, each a
@@ -70,6 +75,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             case ExpertNorm m: OnExpertNorm(m); break;
             case UpdateApplied m: OnUpdateApplied(m); break;
             case EvalComputed m: OnEvalComputed(m); break;
+            case ParameterSummary m: OnParameterSummary(m); break;
             case WorkerFailed m: Fail($"worker {m.Worker} failed at step {m.Step}: {m.Reason}"); break;
             default: _log.Warning("coordinator: unexpected {0}", message.GetType().Name); break;
         }
@@ -266,12 +272,27 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Fail($"step {_step} did not complete within {_config.Cluster.StepTimeoutSeconds:F0} s");
     }
 
+    private readonly Dictionary<string, (double, double)> _finalParameters = new(StringComparer.Ordinal);
+    private int _summaries;
+    private double _runSeconds;
+
     private void Finish()
     {
         Timers.CancelAll();
-        var result = new RunResult(_results, _validation, _clock.Elapsed.TotalSeconds);
+        _runSeconds = _clock.Elapsed.TotalSeconds;
+        _summaries = 0;
+        var ask = new ReportParameters(_plan!.Epoch);
+        foreach (var s in _stages.Values) s.Tell(ask);
+        foreach (var s in _shards.Values) s.Tell(ask);
+    }
+
+    private void OnParameterSummary(ParameterSummary m)
+    {
+        // Replicas agree (checked by checksum); keep the first answer for each name.
+        for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
+        if (++_summaries < _stages.Count + _shards.Count) return;
         foreach (var n in _nodes) n.Agent.Tell(new Shutdown("training finished"));
-        _done.TrySetResult(result);
+        _done.TrySetResult(new RunResult(_results, _validation, _runSeconds, _finalParameters));
     }
 
     private void Fail(string reason)

@@ -92,10 +92,23 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
     }
 
     /// <summary>One request/reply exchange with every remote owner of a layer, for one micro-batch.</summary>
+    private Exception? _failure;
+
+    internal void RecordFailure(Exception ex) => Interlocked.CompareExchange(ref _failure, ex, null);
+
+    /// <summary>Throws the first failure recorded inside a backward pass since the last call, if any.</summary>
+    public void ThrowIfBackwardFailed()
+    {
+        var ex = Interlocked.Exchange(ref _failure, null);
+        if (ex is not null) throw new InvalidOperationException($"remote expert backward failed: {ex.Message}", ex);
+    }
+
     internal sealed class RemoteCall(DistributedExpertExecutor owner, WorkerContext context, IShardMessenger messenger, int ordinal,
         (int Owner, long[] Counts)[] targets, long step, int microBatch, bool train)
     {
         private int Epoch => context.Plan.Epoch;
+
+        public DistributedExpertExecutor Executor => owner;
 
         public List<Tensor> Forward(List<Tensor> inputs)
         {
@@ -171,6 +184,19 @@ internal sealed class RemoteExpertsFunction : autograd.MultiTensorFunction<Remot
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grad_outputs)
     {
         var call = (DistributedExpertExecutor.RemoteCall)ctx.get_data("call");
-        return call.Backward(grad_outputs);
+        // One gradient per argument of apply: none for the call object, then one per token slice.
+        var grads = new List<Tensor> { null! };
+        try
+        {
+            grads.AddRange(call.Backward(grad_outputs));
+        }
+        catch (Exception ex)
+        {
+            // This runs inside libtorch's autograd engine: an exception escaping here would take the
+            // whole process down. Record it, hand back zeros, and let the stage raise it afterwards.
+            call.Executor.RecordFailure(ex);
+            grads.AddRange(grad_outputs.Select(g => zeros_like(g)));
+        }
+        return grads;
     }
 }

@@ -37,6 +37,7 @@ public sealed class ShardEngine : IDisposable
     public int MoEOrdinal { get; }
     public IReadOnlyList<int> Experts => _experts;
     public AdamW Optimizer => _optimizer;
+    public IReadOnlyList<(string Name, Tensor Param)> Parameters => _params;
     public int PendingGraphs => _graphs.Count;
 
     public void Forward(ExpertForward req)
@@ -82,7 +83,9 @@ public sealed class ShardEngine : IDisposable
     public void Apply(ApplyUpdate u)
     {
         _optimizer.Step(_params, u.Lr, u.ClipScale);
-        foreach (var (_, p) in _params) p.grad?.zero_();
+        // None, not zero, like Module.zero_grad(): an expert that gets no token in a step has no gradient
+        // and AdamW leaves it alone, exactly as in the single-process loop.
+        foreach (var (_, p) in _params) p.grad = null;
         DropGraphs();
     }
 

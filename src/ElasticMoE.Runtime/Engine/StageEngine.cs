@@ -54,7 +54,7 @@ public sealed class StageEngine : IDisposable
         var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, plan.Dp, totalMicro);
         using var scope = NewDisposeScope();
         ctx.Model.train();
-        foreach (var (_, p) in _dense) p.grad?.zero_();
+        foreach (var (_, p) in _dense) p.grad = null;   // as Module.zero_grad() does
         foreach (var layer in _moe) layer.TakeStepCounts();
         _executor.Train = true;
         _executor.Step = step;
@@ -96,6 +96,7 @@ public sealed class StageEngine : IDisposable
             if (!ctx.IsFirstStage) SendTo(-1, StepTags.Kind.ActivationGrad, step, m, input.grad!);
         }
 
+        _executor.ThrowIfBackwardFailed();
         AllReduceDenseGradients(step);
         double sumSq = GradClip.SumOfSquares(_dense.Select(d => d.Param));
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();

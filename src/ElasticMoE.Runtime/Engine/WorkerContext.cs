@@ -1,8 +1,9 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Model;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
+using ElasticMoE.Runtime.Protocol;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Runtime.Engine;
@@ -91,6 +92,16 @@ public sealed class WorkerContext : IDisposable
             if (experts.Contains(e)) result.Add((name, p));
         }
         return result;
+    }
+
+    /// <summary>Sum and L2 norm of each parameter, for comparing runs laid out differently.</summary>
+    public static ParameterSummary Summarize(int worker, IEnumerable<(string Name, Tensor Param)> parameters)
+    {
+        var list = parameters.ToList();
+        using var scope = NewDisposeScope();
+        return new ParameterSummary(worker, list.Select(p => p.Name).ToArray(),
+            list.Select(p => p.Param.detach().to(ScalarType.Float64).sum().item<double>()).ToArray(),
+            list.Select(p => p.Param.detach().to(ScalarType.Float64).norm().item<double>()).ToArray());
     }
 
     public static bool IsRoutedExpert(string name) => name.Contains(".ffn.experts.", StringComparison.Ordinal);

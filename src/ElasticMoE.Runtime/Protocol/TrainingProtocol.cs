@@ -7,11 +7,11 @@ namespace ElasticMoE.Runtime.Protocol;
 // named here. All are MessagePack objects under IElasticMoEMessage, so remoting uses our serializer.
 
 /// <summary>A worker (device) as described by its node when registering.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.WorkerInfo")]
 public sealed record WorkerInfo([property: Key(0)] string NodeAddress, [property: Key(1)] int Device, [property: Key(2)] string DataEndpoint);
 
 /// <summary>Node agent → coordinator: this node is up with these devices. Retried until acknowledged.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.RegisterNode")]
 public sealed record RegisterNode(
     [property: Key(0)] string NodeAddress,
     [property: Key(1)] string[] DataEndpoints,
@@ -19,18 +19,18 @@ public sealed record RegisterNode(
     [property: Key(3)] long Seed) : IElasticMoEMessage;
 
 /// <summary>Coordinator → node agent: registration accepted; the node's workers will receive a plan.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.NodeAccepted")]
 public sealed record NodeAccepted([property: Key(0)] string NodeAddress) : IElasticMoEMessage;
 
 /// <summary>Coordinator → node agent: registration refused, with the reason (e.g. a different model config).</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.NodeRefused")]
 public sealed record NodeRefused([property: Key(0)] string NodeAddress, [property: Key(1)] string Reason) : IElasticMoEMessage;
 
 /// <summary>
 /// Coordinator → worker: the plan. Workers are listed in plan order; each worker learns its index from
 /// its own address and device. Stage ranges and expert owners are those of <c>TrainingPlan</c>.
 /// </summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.AssignPlan")]
 public sealed record AssignPlan(
     [property: Key(0)] int Epoch,
     [property: Key(1)] int Dp,
@@ -42,15 +42,15 @@ public sealed record AssignPlan(
     [property: Key(7)] long StartStep) : IElasticMoEMessage;
 
 /// <summary>Worker → coordinator: the plan is installed; stage and shards are ready for steps.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.PlanReady")]
 public sealed record PlanReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int Shards) : IElasticMoEMessage;
 
 /// <summary>Expert shard → coordinator: the shard of (worker, MoE layer ordinal) is ready.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.ShardReady")]
 public sealed record ShardReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal) : IElasticMoEMessage;
 
 /// <summary>Coordinator → every worker: run forward and backward of your share of this step.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.RunStep")]
 public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
 
 /// <summary>
@@ -59,7 +59,7 @@ public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] lo
 /// DenseSumSq is the squared L2 norm of this stage's (already reduced) dense gradients.
 /// ExpertCounts: [moe layer ordinal of this stage's layers][expert] tokens routed by this worker.
 /// </summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.StepComputed")]
 public sealed record StepComputed(
     [property: Key(0)] int Epoch,
     [property: Key(1)] long Step,
@@ -71,17 +71,17 @@ public sealed record StepComputed(
     [property: Key(7)] long[][] ExpertCounts) : IElasticMoEMessage;
 
 /// <summary>Coordinator → worker: every gradient contribution of the step has arrived; report your expert gradient norm.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.QueryExpertNorm")]
 public sealed record QueryExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
 
-[MessagePackObject]
+[MessagePackObject, Manifest("t.ExpertNorm")]
 public sealed record ExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double SumSq) : IElasticMoEMessage;
 
 /// <summary>
 /// Coordinator → worker: apply the optimizer with this rate and clip coefficient, and move the router
 /// biases by the step's total loads ([moe layer ordinal][expert], summed over all replicas).
 /// </summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.ApplyUpdate")]
 public sealed record ApplyUpdate(
     [property: Key(0)] int Epoch,
     [property: Key(1)] long Step,
@@ -91,18 +91,18 @@ public sealed record ApplyUpdate(
     [property: Key(5)] bool Checksum) : IElasticMoEMessage;
 
 /// <summary>Worker → coordinator: the update is applied. Checksum is of this stage's dense parameters when asked, else 0.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.UpdateApplied")]
 public sealed record UpdateApplied([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] ulong DenseChecksum) : IElasticMoEMessage;
 
 /// <summary>Coordinator → worker: compute validation loss on your share of the fixed validation batches.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.RunEval")]
 public sealed record RunEval([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
 
-[MessagePackObject]
+[MessagePackObject, Manifest("t.EvalComputed")]
 public sealed record EvalComputed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double LossSum, [property: Key(4)] int Batches) : IElasticMoEMessage;
 
 /// <summary>A worker could not do what it was asked (diverged loss, lost peer, …). The coordinator stops the run.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.WorkerFailed")]
 public sealed record WorkerFailed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] string Reason) : IElasticMoEMessage;
 
 /// <summary>
@@ -110,7 +110,7 @@ public sealed record WorkerFailed([property: Key(0)] int Epoch, [property: Key(1
 /// expert (ascending) with Counts rows each. Reply on the data plane to ReplyEndpoint under ReplyTag.
 /// With Train set, keep the graph for the matching <see cref="ExpertBackward"/>.
 /// </summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.ExpertForward")]
 public sealed record ExpertForward(
     [property: Key(0)] int Epoch,
     [property: Key(1)] long Step,
@@ -123,7 +123,7 @@ public sealed record ExpertForward(
     [property: Key(8)] bool Train) : IElasticMoEMessage;
 
 /// <summary>Stage → expert shard: output gradients under DataTag; reply with input gradients under ReplyTag.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.ExpertBackward")]
 public sealed record ExpertBackward(
     [property: Key(0)] int Epoch,
     [property: Key(1)] long Step,
@@ -133,6 +133,18 @@ public sealed record ExpertBackward(
     [property: Key(5)] long ReplyTag,
     [property: Key(6)] string ReplyEndpoint) : IElasticMoEMessage;
 
+/// <summary>Coordinator → stages and shards: report a summary of the parameters you own (end of run).</summary>
+[MessagePackObject, Manifest("t.ReportParameters")]
+public sealed record ReportParameters([property: Key(0)] int Epoch) : IElasticMoEMessage;
+
+/// <summary>Per owned parameter: its name, the sum of its values and its L2 norm (float64).</summary>
+[MessagePackObject, Manifest("t.ParameterSummary")]
+public sealed record ParameterSummary(
+    [property: Key(0)] int Worker,
+    [property: Key(1)] string[] Names,
+    [property: Key(2)] double[] Sums,
+    [property: Key(3)] double[] Norms) : IElasticMoEMessage;
+
 /// <summary>Coordinator → node agents and workers: the run is over; stop.</summary>
-[MessagePackObject]
+[MessagePackObject, Manifest("t.Shutdown")]
 public sealed record Shutdown([property: Key(0)] string Reason) : IElasticMoEMessage;

@@ -1,4 +1,4 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Model;
 using TorchSharp;
 using static TorchSharp.torch;

@@ -1,4 +1,4 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 using ElasticMoE.Model;
 using ElasticMoE.Training;
 using TorchSharp;

@@ -76,7 +76,7 @@ public class TrainerTests
         var path = Path.Combine(TestSupport.TempDir(), "state.bin");
         using (var t = NewTrainer()) t.Save(path);
         using var other = NewTrainer(("model.moe.routed-experts", "6"));
-        var ex = Assert.Throws<ElasticMoE.Config.ConfigException>(() => other.Load(path));
+        var ex = Assert.Throws<ElasticMoE.Configuration.ConfigException>(() => other.Load(path));
         Assert.Contains("differs", ex.Message);
     }
 

@@ -2,7 +2,7 @@ using System.Reflection;
 using Akka.Configuration;
 using Hocon = Akka.Configuration.Config;
 
-namespace ElasticMoE.Config;
+namespace ElasticMoE.Configuration;
 
 /// <summary>
 /// Builds a run's configuration: the embedded reference (hocon/elasticmoe.conf), then an optional user
@@ -100,7 +100,7 @@ public static class ConfigLoader
     private static string Quote(string value)
     {
         if (double.TryParse(value, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out _)
-            || value is "true" or "false")
+            || value is "true" or "false" || value.StartsWith('['))
             return value;
         return "\"" + value.Replace("\\", "\\\\").Replace("\"", "\\\"") + "\"";
     }

@@ -1,6 +1,6 @@
-using ElasticMoE.Config;
+using ElasticMoE.Configuration;
 
-namespace ElasticMoE.Tests.Config;
+namespace ElasticMoE.Tests.Configuration;
 
 public class ConfigLoaderTests
 {

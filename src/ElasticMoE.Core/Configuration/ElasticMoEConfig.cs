@@ -1,6 +1,6 @@
 using Akka.Configuration;
 
-namespace ElasticMoE.Config;
+namespace ElasticMoE.Configuration;
 
 /// <summary>Raised for any configuration problem; the message names the key and, where known, the file.</summary>
 public sealed class ConfigException(string message) : Exception(message);

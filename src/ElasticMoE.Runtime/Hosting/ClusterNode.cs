@@ -1,0 +1,147 @@
+using Akka.Actor;
+using Akka.Cluster;
+using Akka.Cluster.Tools.Singleton;
+using Akka.Configuration;
+using ElasticMoE.Configuration;
+using ElasticMoE.Data;
+using ElasticMoE.Runtime.Actors;
+using ElasticMoE.Runtime.Serialization;
+using ElasticMoE.Training;
+
+namespace ElasticMoE.Runtime.Hosting;
+
+/// <summary>
+/// One ActorSystem in the ElasticMoE cluster: a worker node (node agent, device workers), the
+/// coordinator's host (the cluster singleton), or both. Real Akka.Remote TCP between systems, even in
+/// one process, so a local cluster exercises exactly what separate machines would.
+/// </summary>
+public sealed class ClusterNode : IAsyncDisposable
+{
+    public const string SystemName = "elasticmoe";
+    public const string CoordinatorRole = "coordinator";
+    public const string WorkerRole = "worker";
+
+    private readonly TaskCompletionSource<RunResult>? _result;
+    private readonly TaskCompletionSource<string>? _stopped;
+
+    public ActorSystem System { get; }
+    public Address Address { get; }
+
+    /// <summary>Completes when the run ends (coordinator hosts only).</summary>
+    public Task<RunResult> Result => _result?.Task ?? throw new InvalidOperationException("this node does not host the coordinator");
+
+    /// <summary>Completes with the reason when this node's agent stops (worker nodes only).</summary>
+    public Task<string> Stopped => _stopped?.Task ?? throw new InvalidOperationException("this node hosts no workers");
+
+    private ClusterNode(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join, TrainingReport? report)
+    {
+        TorchSetup.Configure(config);
+        var roles = new List<string>();
+        if (coordinator) roles.Add(CoordinatorRole);
+        if (worker) roles.Add(WorkerRole);
+        System = ActorSystem.Create(SystemName, AkkaConfig(config, roles));
+        var cluster = Cluster.Get(System);
+        Address = cluster.SelfAddress;
+        if (join is null && config.Cluster.SeedNodes.Count > 0)
+            cluster.JoinSeedNodes(config.Cluster.SeedNodes.Select(Address.Parse));
+        else
+            cluster.Join(join ?? Address);
+
+        if (coordinator)
+        {
+            _result = new TaskCompletionSource<RunResult>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result);
+            System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
+                ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
+        }
+        if (worker)
+        {
+            _stopped = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var proxy = System.ActorOf(ClusterSingletonProxy.Props("/user/coordinator",
+                ClusterSingletonProxySettings.Create(System).WithRole(CoordinatorRole)), "coordinator-proxy");
+            System.ActorOf(NodeAgent.Props(config, corpus, proxy, _stopped), "node");
+        }
+    }
+
+    /// <summary>Starts a node. <paramref name="join"/>: a member to join (null = the configured seed nodes, else itself).</summary>
+    public static ClusterNode Start(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join = null, TrainingReport? report = null)
+        => new(config, corpus, coordinator, worker, join, report);
+
+    public static Config AkkaConfig(ElasticMoEConfig config, IEnumerable<string> roles)
+    {
+        var c = config.Cluster;
+        var hocon = $$"""
+            akka {
+              loglevel = WARNING
+              stdout-loglevel = WARNING
+              log-dead-letters = 0
+              log-dead-letters-during-shutdown = off
+              actor.provider = cluster
+              remote.dot-netty.tcp {
+                hostname = "{{c.Host}}"
+                port = {{c.Port}}
+              }
+              cluster {
+                roles = [{{string.Join(", ", roles.Select(r => $"\"{r}\""))}}]
+                log-info = off
+                # A training run's members are few and known; down an unreachable one quickly so the
+                # singleton moves and the run fails fast instead of hanging on a dead peer.
+                downing-provider-class = "Akka.Cluster.SBR.SplitBrainResolverProvider, Akka.Cluster"
+                split-brain-resolver.active-strategy = keep-oldest
+                split-brain-resolver.stable-after = 5s
+              }
+            }
+            elasticmoe-compute-dispatcher {
+              type = PinnedDispatcher
+            }
+            """;
+        var ours = ConfigurationFactory.ParseString(hocon);
+        // An `akka` section in the user's config file wins over ours: transport tuning, TLS, logging.
+        var merged = ours.WithFallback(ElasticMoESerialization.Config);
+        return config.Raw.HasPath("akka") ? config.Raw.WithFallback(merged) : merged;
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        var cluster = Cluster.Get(System);
+        try
+        {
+            await cluster.LeaveAsync(new CancellationTokenSource(TimeSpan.FromSeconds(5)).Token).ConfigureAwait(false);
+        }
+        catch (Exception) { /* leaving is best effort: the system terminates either way */ }
+        await System.Terminate().WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+    }
+}
+
+/// <summary>
+/// <c>elasticmoe train</c>'s default: the coordinator plus N worker nodes, each its own ActorSystem in
+/// this process, talking real TCP on loopback.
+/// </summary>
+public static class LocalCluster
+{
+    public static async Task<RunResult> RunAsync(ElasticMoEConfig config, TextCorpus corpus, TrainingReport report, CancellationToken cancel = default)
+    {
+        int nodes = config.Cluster.Nodes;
+        var members = new List<ClusterNode>();
+        try
+        {
+            // Node 0 hosts the coordinator too (or alone when all workers are external processes).
+            var first = ClusterNode.Start(config, corpus, coordinator: true, worker: nodes > 0, report: report);
+            members.Add(first);
+            var peerConfig = config with { Cluster = config.Cluster with { Port = 0 } };
+            for (int i = 1; i < nodes; i++)
+                members.Add(ClusterNode.Start(peerConfig, corpus, coordinator: false, worker: true, join: first.Address));
+            if (nodes == 0) report.Info($"coordinator at {first.Address}; waiting for {config.Cluster.NodesToWaitFor} node(s)");
+            return await first.Result.WaitAsync(cancel).ConfigureAwait(false);
+        }
+        finally
+        {
+            // Workers first, so the coordinator's host is the last to go.
+            for (int i = members.Count - 1; i >= 0; i--)
+            {
+                try { await members[i].DisposeAsync().ConfigureAwait(false); }
+                catch (Exception) { /* shutting down: nothing left to save */ }
+            }
+        }
+    }
+}

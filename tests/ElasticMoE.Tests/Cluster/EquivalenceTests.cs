@@ -1,0 +1,77 @@
+using ElasticMoE.Configuration;
+using ElasticMoE.Data;
+using ElasticMoE.Runtime.Actors;
+using ElasticMoE.Runtime.Hosting;
+using ElasticMoE.Training;
+using Xunit.Abstractions;
+
+namespace ElasticMoE.Tests.Cluster;
+
+/// <summary>
+/// The same seed and config trained by the single-process loop and by actor clusters of different
+/// shapes, with real ActorSystems talking TCP on loopback: every step's loss must agree.
+/// </summary>
+[Collection("cluster")]
+public class EquivalenceTests(ITestOutputHelper output)
+{
+    private const int Steps = 50;
+
+    private static ElasticMoEConfig Config(params (string, string)[] cluster)
+    {
+        var settings = new List<(string, string)>
+        {
+            ("model.layers", "3"), ("model.dense-layers", "1"), ("model.moe.routed-experts", "6"),
+            ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", Steps.ToString()),
+            ("train.eval-every", "25"), ("train.eval-batches", "2"), 
+            ("cluster.checksum-every", "5"),
+        };
+        settings.AddRange(cluster);
+        return TestSupport.SmallConfig(settings.ToArray());
+    }
+
+    private static readonly Lazy<(List<double> Losses, Dictionary<string, (double Sum, double Norm)> Params)> Reference = new(() =>
+    {
+        var cfg = Config();
+        using var t = new Trainer(cfg, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context));
+        var losses = Enumerable.Range(0, Steps).Select(_ => t.TrainStep().Loss).ToList();
+        var ps = t.Model.named_parameters().ToDictionary(p => p.name, p =>
+            (p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).sum().item<double>(),
+             p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).norm().item<double>()));
+        return (losses, ps);
+    });
+
+    [Theory]
+    [InlineData("1 node", 1, 1)]
+    [InlineData("2 nodes DP=2", 2, 1)]
+    [InlineData("2 nodes PP=2", 2, 2)]
+    [InlineData("3 nodes DP=3, experts on all", 3, 1)]
+    public async Task Cluster_losses_match_the_single_process_loop(string name, int nodes, int pp)
+    {
+        var cfg = Config(("cluster.nodes", nodes.ToString()), ("cluster.pipeline-stages", pp.ToString()));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        using var report = new TrainingReport(TextWriter.Null, null);
+        var result = await LocalCluster.RunAsync(cfg, corpus, report).WaitAsync(TimeSpan.FromMinutes(4));
+        var (expected, expectedParams) = Reference.Value;
+
+        Assert.Equal(Steps, result.Steps.Count);
+        double worst = 0;
+        for (int i = 0; i < Steps; i++)
+        {
+            double rel = Math.Abs(result.Steps[i].Loss - expected[i]) / Math.Abs(expected[i]);
+            worst = Math.Max(worst, rel);
+            output.WriteLine($"step {i} {result.Steps[i].Loss:R} {expected[i]:R} {rel:E2} gn {result.Steps[i].GradNorm:F4}");
+            if (Environment.GetEnvironmentVariable("EMOE_DEBUG") is null) Assert.True(rel <= 1e-4, $"{name}: step {i} loss {result.Steps[i].Loss:R} vs single-process {expected[i]:R} (rel {rel:E2})");
+        }
+        output.WriteLine($"{name}: worst relative loss difference over {Steps} steps {worst:E2}, {result.Seconds:F1} s");
+
+        // Every parameter exists once in the cluster, and ends where the single process put it.
+        Assert.Equal(expectedParams.Keys.Order(), result.FinalParameters.Keys.Order());
+        foreach (var (pname, (sum, norm)) in expectedParams)
+        {
+            var (gotSum, gotNorm) = result.FinalParameters[pname];
+            Assert.True(Math.Abs(gotNorm - norm) <= 1e-3 * norm + 1e-6, $"{name}: {pname} norm {gotNorm} vs {norm}");
+            Assert.True(Math.Abs(gotSum - sum) <= 1e-3 * norm * 10 + 1e-5, $"{name}: {pname} sum {gotSum} vs {sum}");
+        }
+        Assert.Equal(2, result.Validation.Count);
+    }
+}
