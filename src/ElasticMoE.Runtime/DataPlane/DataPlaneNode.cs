@@ -191,7 +191,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         return header;
     }
 
-    private static unsafe ReadOnlyMemory<byte> AsBytes(System.Buffers.MemoryHandle pin, int byteLength) =>
+    private static unsafe ReadOnlyMemory<byte> AsBytes(MemoryHandle pin, int byteLength) =>
         byteLength == 0 ? ReadOnlyMemory<byte>.Empty : new PointerMemoryManager<byte>(pin.Pointer, byteLength).Memory;
 
     private async Task SendFrameAsync(string peerEndpoint, FrameHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)
