@@ -1,5 +1,6 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.ExceptionServices;
 using System.Runtime.InteropServices;
 
 namespace ElasticMoE.Runtime.DataPlane;
@@ -100,12 +101,10 @@ public sealed class CollectiveGroup
         {
             // Surface the first real failure rather than a cancellation it caused in a sibling piece.
             var first = pipelines.Where(t => t.IsFaulted).Select(t => t.Exception!.InnerException!).FirstOrDefault();
-            if (first is not null) ExceptionDispatchInfoThrow(first);
+            if (first is not null) ExceptionDispatchInfo.Throw(first);
             throw;
         }
     }
-
-    private static void ExceptionDispatchInfoThrow(Exception ex) => System.Runtime.ExceptionServices.ExceptionDispatchInfo.Throw(ex);
 
     private sealed class Ring(CollectiveGroup group, Memory<float> buffer, long collectiveId, Compression compression, int chunkElements, int pieces)
     {

@@ -46,7 +46,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     {
         options.Validate();
         _options = options;
-        var address = IPAddress.Parse(options.Host);
+        var address = ResolveBindAddress(options.Host);
         _listener = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         try
         {
@@ -63,7 +63,15 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         _acceptLoop = Task.Run(AcceptLoopAsync);
     }
 
-    /// <summary>Binds and starts accepting. <see cref="DataPlaneOptions.Host"/> must be an IP address.</summary>
+    private static IPAddress ResolveBindAddress(string host)
+    {
+        if (IPAddress.TryParse(host, out var address)) return address;
+        var addresses = Dns.GetHostAddresses(host);
+        return addresses.FirstOrDefault(a => a.AddressFamily == AddressFamily.InterNetwork) ?? addresses.FirstOrDefault()
+            ?? throw new ArgumentException($"Data-plane host '{host}' resolves to no address.");
+    }
+
+    /// <summary>Binds and starts accepting.</summary>
     public static DataPlaneNode Start(DataPlaneOptions? options = null) => new(options ?? new DataPlaneOptions());
 
     /// <summary>"host:port" that peers dial to reach this node (the bound port when 0 was asked for).</summary>
@@ -110,6 +118,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     public async Task SendAsync(string peerEndpoint, long tag, ReadOnlyMemory<float> values, long[]? shape = null,
         Compression compression = Compression.None, CancellationToken cancellationToken = default)
     {
+        if (compression is not (Compression.None or Compression.BFloat16)) throw new ArgumentOutOfRangeException(nameof(compression));
         if (compression == Compression.BFloat16)
         {
             var header = MakeHeader(tag, ElementType.Float32, Compression.BFloat16, (long)values.Length * 2, shape ?? [values.Length]);
@@ -182,7 +191,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         return header;
     }
 
-    private static unsafe ReadOnlyMemory<byte> AsBytes(System.Buffers.MemoryHandle pin, int byteLength) =>
+    private static unsafe ReadOnlyMemory<byte> AsBytes(MemoryHandle pin, int byteLength) =>
         byteLength == 0 ? ReadOnlyMemory<byte>.Empty : new PointerMemoryManager<byte>(pin.Pointer, byteLength).Memory;
 
     private async Task SendFrameAsync(string peerEndpoint, FrameHeader header, ReadOnlyMemory<byte> payload, CancellationToken cancellationToken)

@@ -102,5 +102,6 @@ public static class ElasticMoESerialization
         }
         """;
 
-    public static Config Config { get; } = ConfigurationFactory.ParseString(Hocon);
+    // Qualified: ElasticMoE.Config (the training config namespace) would shadow Akka's Config type here.
+    public static Akka.Configuration.Config Config { get; } = ConfigurationFactory.ParseString(Hocon);
 }

@@ -212,6 +212,17 @@ public sealed class DataPlaneNodeTests
     }
 
     [Fact]
+    public async Task Host_names_resolve_to_loopback_for_binding_and_dialling()
+    {
+        await using var b = DataPlaneNode.Start(new DataPlaneOptions { Host = "localhost" });
+        Assert.True(IPAddress.IsLoopback(b.LocalEndPoint.Address));
+        Assert.StartsWith("localhost:", b.Endpoint);
+        await using var a = DataPlaneNode.Start();
+        await a.SendAsync(b.Endpoint, 1, new byte[] { 1 });
+        (await b.ReceiveAsync(1).Within()).Dispose();
+    }
+
+    [Fact]
     public void Parses_endpoints()
     {
         Assert.Equal(("10.0.0.1", 80), PeerEndpoint.Parse("10.0.0.1:80"));

@@ -8,7 +8,7 @@ namespace ElasticMoE.Tests.Serialization;
 /// <summary>Two actor systems talking over Akka.Remote on loopback: messages really cross a socket.</summary>
 public sealed class RemoteSerializationTests : Akka.TestKit.Xunit2.TestKit
 {
-    private static readonly Config RemoteConfig = ConfigurationFactory.ParseString("""
+    private static readonly Akka.Configuration.Config RemoteConfig = ConfigurationFactory.ParseString("""
         akka.loglevel = WARNING
         akka.actor.provider = remote
         akka.remote.dot-netty.tcp {
