@@ -46,13 +46,40 @@ public class CliTests
     {
         var dir = TestSupport.TempDir();
         var state = Path.Combine(dir, "s.bin");
-        var (code, _, err) = Run(["train", "--steps", "2", "--save", state, .. Tiny]);
+        var (code, _, err) = Run(["train", "--single-process", "--steps", "2", "--save", state, .. Tiny]);
         Assert.True(code == 0, err);
-        (code, var output, err) = Run(["train", "--steps", "3", "--resume", state, .. Tiny]);
+        (code, var output, err) = Run(["train", "--single-process", "--steps", "3", "--resume", state, .. Tiny]);
         Assert.True(code == 0, err);
         Assert.Contains("at step 2", output);
         Assert.Contains("step     3/3", output);
         Assert.DoesNotContain("step     1/3", output);
+    }
+
+    [Fact]
+    public void Train_runs_on_a_two_node_local_cluster_by_flag()
+    {
+        var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
+        var (code, output, err) = Run(["train", "--nodes", "2", "--steps", "3", "--metrics", metrics, .. Tiny]);
+        Assert.True(code == 0, err + output);
+        Assert.Contains("DP 2 x PP 1", output);
+        Assert.Contains("step     3/3", output);
+        Assert.Equal(3, File.ReadAllLines(metrics).Length);
+    }
+
+    [Fact]
+    public void A_diverging_cluster_run_stops_naming_the_step()
+    {
+        var (code, _, err) = Run(["train", "--nodes", "1", "--steps", "3", "--set", "train.lr=1e30", "--set", "train.grad-clip=0", "--set", "train.warmup-steps=0", .. Tiny]);
+        Assert.Equal(Program.ExitCodes.Diverged, code);
+        Assert.Matches("diverged at step \\d", err);
+    }
+
+    [Fact]
+    public void Save_without_single_process_is_a_clear_error()
+    {
+        var (code, _, err) = Run(["train", "--steps", "1", "--save", Path.Combine(TestSupport.TempDir(), "s.bin"), .. Tiny]);
+        Assert.Equal(Program.ExitCodes.BadInput, code);
+        Assert.Contains("--single-process", err);
     }
 
     [Theory]
@@ -92,7 +119,7 @@ public class CliTests
     {
         var dir = TestSupport.TempDir();
         var state = Path.Combine(dir, "s.bin");
-        var (code, _, err) = Run(["train", "--steps", "3", "--save", state, "--set", "train.lr=1e30", "--set", "train.grad-clip=0", "--set", "train.warmup-steps=0", .. Tiny]);
+        var (code, _, err) = Run(["train", "--single-process", "--steps", "3", "--save", state, "--set", "train.lr=1e30", "--set", "train.grad-clip=0", "--set", "train.warmup-steps=0", .. Tiny]);
         Assert.Equal(Program.ExitCodes.Diverged, code);
         Assert.Matches("diverged at step \\d", err);
         Assert.False(File.Exists(state));
