@@ -3,6 +3,7 @@ using System.Globalization;
 using System.Text.Json;
 using ElasticMoE.Benchmarks;
 using ElasticMoE.Data;
+using ElasticMoE.Runtime.Benchmarks;
 
 namespace ElasticMoE.Cli;
 
@@ -12,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "leak"];
+    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane"];
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -21,11 +22,14 @@ public static class BenchCommand
         suite.AcceptOnlyFromAmong(Suites);
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
+        var measure = new Option<string?>("--measure") { Description = "internal: measure one cluster mode in this process", Hidden = true };
+        measure.AcceptOnlyFromAmong(Enum.GetNames<ClusterBenchmarks.Mode>());
         var cmd = new Command("bench", "measure tokens/s, MFU, tensor leaks (and, with a cluster, its overheads)");
         cfg.AddTo(cmd);
         cmd.Options.Add(suite);
         cmd.Options.Add(json);
         cmd.Options.Add(benchSteps);
+        cmd.Options.Add(measure);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : Suites;
@@ -50,12 +54,67 @@ public static class BenchCommand
                 figures.Add(new("live tensors after 200 steps", r.LiveAfter, "tensors", "live tensors before", r.LiveBefore));
                 figures.Add(new("working set after 200 steps", r.ProcessBytesAfter / 1048576.0, "MiB", "working set before", r.ProcessBytesBefore / 1048576.0));
             }
+            if (p.GetValue(measure) is { } mode)
+            {
+                // A child of `bench --suite cluster`: measure one mode, print one machine-readable line.
+                var tps = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
+                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {tps:R}"));
+                return Program.ExitCodes.Ok;
+            }
+            if (chosen.Contains("cluster"))
+            {
+                stdout.WriteLine($"cluster: {steps} timed steps each, single-process loop vs 1 node vs 2 nodes (loopback TCP), each in its own process, 2 interleaved rounds ...");
+                var best = new Dictionary<ClusterBenchmarks.Mode, double>();
+                for (int round = 0; round < 2; round++)
+                    foreach (var m in Enum.GetValues<ClusterBenchmarks.Mode>())
+                    {
+                        double v = MeasureInChild(m, args: p.Tokens.Select(t => t.Value).ToArray(), stderr);
+                        stdout.WriteLine($"  round {round + 1}: {m} {v:F0} tok/s");
+                        best[m] = Math.Max(best.GetValueOrDefault(m), v);
+                    }
+                figures.Add(new("P1 tokens/s, 1 node", best[ClusterBenchmarks.Mode.OneNode], "tok/s", "single-process loop", best[ClusterBenchmarks.Mode.SingleProcess]));
+                figures.Add(new("P3 tokens/s, 2 nodes", best[ClusterBenchmarks.Mode.TwoNodes], "tok/s", "1 node", best[ClusterBenchmarks.Mode.OneNode]));
+            }
+            if (chosen.Contains("dataplane"))
+            {
+                stdout.WriteLine("dataplane: 1, 16 and 64 MiB tensors, data plane vs a raw loopback socket ...");
+                foreach (var r in Runtime.DataPlane.DataPlaneBenchmark.RunAsync([1, 16, 64], 10).GetAwaiter().GetResult())
+                    figures.Add(new($"P2 data plane {r.SizeMb} MiB", r.DataPlaneMBps, "MiB/s", "raw loopback TCP socket", r.RawSocketMBps));
+            }
             Print(stdout, figures);
             if (p.GetValue(json) is { } path)
                 File.WriteAllText(path, JsonSerializer.Serialize(figures.Select(f => new { f.Name, f.Value, f.Unit, f.Baseline, f.BaselineValue, f.Ratio }), new JsonSerializerOptions { WriteIndented = true }));
             return Program.ExitCodes.Ok;
         }));
         return cmd;
+    }
+
+    // Runs this executable again with the same arguments plus --measure, so each mode has a process to itself.
+    private static double MeasureInChild(ClusterBenchmarks.Mode mode, string[] args, TextWriter stderr)
+    {
+        var psi = new System.Diagnostics.ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        var entry = Environment.GetCommandLineArgs()[0];
+        if (entry.EndsWith(".dll", StringComparison.OrdinalIgnoreCase)) psi.ArgumentList.Add(entry);
+        psi.ArgumentList.Add("bench");
+        var skip = false;
+        foreach (var a in args)
+        {
+            // Drop options that would recurse or write files twice.
+            if (skip) { skip = false; continue; }
+            if (a is "--suite" or "--json") { skip = true; continue; }
+            if (a == "bench" || BenchCommand.Suites.Contains(a)) continue;
+            psi.ArgumentList.Add(a);
+        }
+        psi.ArgumentList.Add("--measure");
+        psi.ArgumentList.Add(mode.ToString());
+        using var child = System.Diagnostics.Process.Start(psi)!;
+        var err = child.StandardError.ReadToEndAsync();
+        var text = child.StandardOutput.ReadToEnd();
+        child.WaitForExit();
+        var line = text.Split('\n').FirstOrDefault(l => l.StartsWith("MEASURED ", StringComparison.Ordinal));
+        if (child.ExitCode != 0 || line is null)
+            throw new InvalidOperationException($"benchmark child for {mode} failed (exit {child.ExitCode}): {err.Result}");
+        return double.Parse(line.Split(' ')[2], CultureInfo.InvariantCulture);
     }
 
     public static void Print(TextWriter o, IEnumerable<BenchFigure> figures)

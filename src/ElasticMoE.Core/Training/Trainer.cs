@@ -144,6 +144,13 @@ public static class TorchSetup
     {
         Native.LibTorchLoader.EnsureLoaded();
         ApplyThreads(config);
+        return ResolveDevice(config);
+    }
+
+    /// <summary>The configured device, checked; touches no thread settings.</summary>
+    public static Device ResolveDevice(ElasticMoEConfig config)
+    {
+        Native.LibTorchLoader.EnsureLoaded();
         var device = torch.device(config.Device);
         if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
             throw new ConfigException($"elasticmoe.device = \"{config.Device}\" but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");

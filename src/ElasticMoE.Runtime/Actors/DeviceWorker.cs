@@ -61,7 +61,14 @@ public sealed class DeviceWorker : ReceiveActor
             return;
         }
         foreach (var child in Context.GetChildren()) Context.Stop(child);
-        _context ??= new WorkerContext(_config, _corpus, _dataPlane, plan, me.Index);
+        if (_context is null)
+        {
+            // Built on this (shared) dispatcher thread with one libtorch thread: an OpenMP team left
+            // behind here would make the compute threads' own teams crawl (libgomp throttles every team
+            // once it manages more threads than there are cores).
+            TorchSharp.torch.set_num_threads(1);
+            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, me.Index);
+        }
         _context.Install(plan, me.Index);
         var coordinator = Sender;
         var stageName = $"stage-e{m.Epoch}";
@@ -167,7 +174,9 @@ public sealed class ExpertShardActor : ReceiveActor
     public static Props Props(WorkerContext context, int ordinal, IActorRef coordinator)
         => Akka.Actor.Props.Create(() => new ExpertShardActor(context, ordinal, coordinator));
 
-    protected override void PreStart() => Training.TorchSetup.ApplyThreads(_context.Config);
+    // One libtorch thread: a shard works beside its worker's stage on the same cores, and every extra
+    // OpenMP team in the process makes libgomp throttle all of them (see DeviceWorker).
+    protected override void PreStart() => TorchSharp.torch.set_num_threads(1);
 
     private void OnMessage(IElasticMoEMessage message)
     {

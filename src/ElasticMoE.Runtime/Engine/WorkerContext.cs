@@ -26,7 +26,7 @@ public sealed class WorkerContext : IDisposable
     public WorkerContext(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, TrainingPlan plan, int worker)
     {
         Config = config;
-        Device = Training.TorchSetup.Configure(config);
+        Device = Training.TorchSetup.ResolveDevice(config);
         Model = new MoETransformer(config.Model, config.Seed, Device);
         DataPlane = dataPlane;
         Sampler = new BatchSampler(corpus, config.Seed, config.Model.Context);
