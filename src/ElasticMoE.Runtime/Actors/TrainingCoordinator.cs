@@ -49,6 +49,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private StepResult? _pendingResult;
 
     public ITimerScheduler Timers { get; set; } = null!;
+    // ELASTICMOE_TRACE=1 logs each step's phase timings (with akka.loglevel = INFO).
+    private static readonly bool Trace = Environment.GetEnvironmentVariable("ELASTICMOE_TRACE") == "1";
+    private double _tCompute, _tNorm;
 
     public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, long startStep = 0)
     {
@@ -178,6 +181,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
         _computed.Add(m);
         if (_computed.Count < _plan.WorldSize) return;
+        _tCompute = _stepClock.Elapsed.TotalMilliseconds;
         if (_shards.Count == 0) ApplyUpdate();
         else foreach (var s in _shards.Values) s.Tell(new QueryExpertNorm(_plan.Epoch, _step));
     }
@@ -186,7 +190,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
         _norms.Add(m);
-        if (_norms.Count == _shards.Count) ApplyUpdate();
+        if (_norms.Count == _shards.Count) { _tNorm = _stepClock.Elapsed.TotalMilliseconds; ApplyUpdate(); }
     }
 
     private void ApplyUpdate()
@@ -221,6 +225,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         if (_applied.Count < _stages.Count + _shards.Count) return;
         if (!ChecksumsAgree(out var why)) { Fail(why); return; }
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
+        if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
         _results.Add(r);
         _step++;
         bool last = _step >= _config.Train.Steps

@@ -77,6 +77,11 @@ public sealed class ClusterNode : IAsyncDisposable
               log-dead-letters = 0
               log-dead-letters-during-shutdown = off
               actor.provider = cluster
+              remote.log-remote-lifecycle-events = off
+              cluster.singleton-proxy {
+                singleton-identification-interval = 200ms
+                log-singleton-identification-failure = off
+              }
               remote.dot-netty.tcp {
                 hostname = "{{c.Host}}"
                 port = {{c.Port}}
