@@ -129,3 +129,20 @@ public class TrainerTests
     private static float[] Flatten(Trainer t)
         => t.Model.parameters().SelectMany(p => p.detach().reshape(-1).data<float>().ToArray()).ToArray();
 }
+
+public class ShakespeareTests
+{
+    [Fact]
+    public void Trains_on_tiny_shakespeare_given_by_path()
+    {
+        var path = TestSupport.SharedData("tinyshakespeare.txt");
+        Assert.True(path is not null, "../shared/data/tinyshakespeare.txt should sit beside the checkout");
+        var cfg = TestSupport.SmallConfig(("data.path", path!), ("train.lr", "1e-2"), ("train.steps", "40"));
+        using var t = new Trainer(cfg, TextCorpus.Load(cfg.Data.Path, cfg.Data.ValidationFraction, cfg.Model.Context));
+        Assert.Equal("tinyshakespeare.txt", t.Sampler.Corpus.Name);
+        double before = t.Evaluate();
+        for (int i = 0; i < 40; i++) t.TrainStep();
+        double after = t.Evaluate();
+        Assert.True(after < before - 1.0, $"validation loss should fall by more than a nat: {before:F3} -> {after:F3}");
+    }
+}
