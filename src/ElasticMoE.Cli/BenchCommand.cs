@@ -38,6 +38,15 @@ public static class BenchCommand
             Training.TorchSetup.Configure(config);
             var figures = new List<BenchFigure>();
             int steps = p.GetValue(benchSteps) ?? 30;
+            // Before anything else touches torch in this process: an OpenMP team left by another
+            // benchmark on this thread would slow the cluster's compute threads (libgomp).
+            if (p.GetValue(measure) is { } mode)
+            {
+                // A child of `bench --suite cluster`: measure one mode, print one machine-readable line.
+                var tps = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
+                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {tps:R}"));
+                return Program.ExitCodes.Ok;
+            }
             if (chosen.Contains("train"))
             {
                 stdout.WriteLine($"train: {steps} timed steps of the configured model on {corpus.Name}, {TorchSharp.torch.get_num_threads()} threads ...");
@@ -53,13 +62,6 @@ public static class BenchCommand
                 var r = TrainingBenchmarks.TensorLeak(small, corpus, 200);
                 figures.Add(new("live tensors after 200 steps", r.LiveAfter, "tensors", "live tensors before", r.LiveBefore));
                 figures.Add(new("working set after 200 steps", r.ProcessBytesAfter / 1048576.0, "MiB", "working set before", r.ProcessBytesBefore / 1048576.0));
-            }
-            if (p.GetValue(measure) is { } mode)
-            {
-                // A child of `bench --suite cluster`: measure one mode, print one machine-readable line.
-                var tps = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
-                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {tps:R}"));
-                return Program.ExitCodes.Ok;
             }
             if (chosen.Contains("cluster"))
             {
