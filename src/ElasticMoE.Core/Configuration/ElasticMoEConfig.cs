@@ -65,7 +65,8 @@ public sealed record ClusterOptions(
     int PipelineStages,
     int ChecksumEvery,
     double StepTimeoutSeconds,
-    int MaxFrameMb)
+    int MaxFrameMb,
+    bool CompressGradients)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -103,7 +104,7 @@ public sealed record ElasticMoEConfig(
         var cluster = new ClusterOptions(
             r.String("cluster.host"), r.Int("cluster.port"), r.StringList("cluster.seed-nodes"), r.Int("cluster.devices"),
             r.Int("cluster.nodes"), r.Int("cluster.expected-nodes"), r.Int("cluster.pipeline-stages"), r.Int("cluster.checksum-every"),
-            r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"));
+            r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"), r.Bool("cluster.compress-gradients"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
         cfg.Validate();
         return cfg;
@@ -129,6 +130,12 @@ public sealed record ElasticMoEConfig(
             var v = double.Parse(root.GetString(p), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture);
             return double.IsFinite(v) ? v : throw new FormatException();
         }, "a finite number");
+        public bool Bool(string key) => Get(key, p => root.GetString(p) switch
+        {
+            "true" or "on" or "yes" => true,
+            "false" or "off" or "no" => false,
+            _ => throw new FormatException(),
+        }, "true or false");
         public string String(string key) => Get(key, p => root.GetString(p) ?? "", "a string");
         public IReadOnlyList<string> StringList(string key) => Get(key, p => (IReadOnlyList<string>)root.GetStringList(p).ToArray(), "a list of strings");
     }

@@ -187,7 +187,8 @@ public sealed class StageEngine : IDisposable
         var grads = _dense.Select(d => d.Param.grad ?? zeros_like(d.Param)).ToList();
         var flat = cat(grads.Select(g => g.reshape(-1)).ToList(), 0).to(ScalarType.Float32).cpu().contiguous();
         var id = CollectiveTags.CollectiveId(_ctx.Plan.Epoch, step, _ctx.Stage, phase: 0);
-        Wait(_replicas.AllReduceSumAsync(flat, id), "dense gradient all-reduce");
+        var compression = _ctx.Config.Cluster.CompressGradients ? Compression.BFloat16 : Compression.None;
+        Wait(_replicas.AllReduceSumAsync(flat, id, compression), "dense gradient all-reduce");
         long offset = 0;
         using var _ = no_grad();
         foreach (var (_, p) in _dense)

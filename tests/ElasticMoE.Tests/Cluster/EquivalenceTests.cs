@@ -75,4 +75,20 @@ public class EquivalenceTests(ITestOutputHelper output)
         }
         Assert.Equal(2, result.Validation.Count);
     }
+
+    [Fact]
+    public async Task Bf16_gradient_compression_trains_close_to_the_reference()
+    {
+        var cfg = Config(("cluster.nodes", "2"), ("cluster.compress-gradients", "true"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        using var report = new TrainingReport(TextWriter.Null, null);
+        var result = await LocalCluster.RunAsync(cfg, corpus, report).WaitAsync(TimeSpan.FromMinutes(4));
+        var (expected, _) = Reference.Value;
+        // bf16 keeps ~3 significant digits of each gradient: not bit-equal, but the same curve.
+        double worst = Enumerable.Range(0, Steps).Max(i => Math.Abs(result.Steps[i].Loss - expected[i]) / expected[i]);
+        output.WriteLine($"bf16 all-reduce: worst relative loss difference {worst:E2}");
+        Assert.True(worst < 5e-2, $"worst relative difference {worst:E2}");
+        Assert.True(result.Steps.Any(s => s.Loss != expected[(int)s.Step]), "compression should change some bits");
+        Assert.True(result.Steps[^1].Loss < 0.8 * result.Steps[0].Loss);
+    }
 }
