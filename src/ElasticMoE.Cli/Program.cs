@@ -38,22 +38,7 @@ public static class Program
         {
             return body();
         }
-        catch (ConfigException ex)
-        {
-            stderr.WriteLine($"error: {ex.Message}");
-            return ExitCodes.BadInput;
-        }
-        catch (FileNotFoundException ex)
-        {
-            stderr.WriteLine($"error: {ex.Message}");
-            return ExitCodes.BadInput;
-        }
-        catch (InvalidDataException ex)
-        {
-            stderr.WriteLine($"error: {ex.Message}");
-            return ExitCodes.BadInput;
-        }
-        catch (CorruptStateException ex)
+        catch (Exception ex) when (ex is ConfigException or FileNotFoundException or InvalidDataException or CorruptStateException)
         {
             stderr.WriteLine($"error: {ex.Message}");
             return ExitCodes.BadInput;

@@ -160,19 +160,7 @@ public sealed class LocalExpertExecutor : IExpertExecutor
     public static readonly LocalExpertExecutor Instance = new();
 
     public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
-    {
-        using var scope = NewDisposeScope();
-        var outputs = new List<Tensor>(counts.Length);
-        long offset = 0;
-        for (int e = 0; e < counts.Length; e++)
-        {
-            if (counts[e] == 0) continue;
-            outputs.Add(layer.Experts[e].forward(tokens.narrow(0, offset, counts[e])));
-            offset += counts[e];
-        }
-        var result = outputs.Count == 0 ? tokens * 0 : cat(outputs, 0);
-        return result.MoveToOuterDisposeScope();
-    }
+        => layer.RunExperts(Enumerable.Range(0, counts.Length).ToArray(), tokens, counts);
 }
 
 /// <summary>
@@ -220,6 +208,26 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         var c = _stepCounts;
         _stepCounts = new long[_o.RoutedExperts];
         return c;
+    }
+
+    /// <summary>
+    /// Runs <paramref name="experts"/>[i] on the next <paramref name="counts"/>[i] rows of
+    /// <paramref name="rows"/> and concatenates the outputs in the same order. Every place that executes
+    /// routed experts (in-process, in a shard, in a stage's private path) goes through here.
+    /// </summary>
+    public Tensor RunExperts(IReadOnlyList<int> experts, Tensor rows, IReadOnlyList<long> counts)
+    {
+        using var scope = NewDisposeScope();
+        var outputs = new List<Tensor>(experts.Count);
+        long offset = 0;
+        for (int i = 0; i < experts.Count; i++)
+        {
+            if (counts[i] == 0) continue;
+            outputs.Add(this.experts[experts[i]].forward(rows.narrow(0, offset, counts[i])));
+            offset += counts[i];
+        }
+        var result = outputs.Count == 0 ? rows * 0 : cat(outputs, 0);
+        return result.MoveToOuterDisposeScope();
     }
 
     /// <summary>Capacity per expert for N tokens, or null when no token is ever dropped.</summary>

@@ -78,18 +78,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
     }
 
     private Tensor RunLocal(MoELayer layer, Tensor rows, int ordinal, List<long> ownerCounts)
-    {
-        var experts = context.Plan.ExpertsOn(ordinal, context.Worker);
-        var outs = new List<Tensor>();
-        long offset = 0;
-        for (int i = 0; i < experts.Length; i++)
-        {
-            if (ownerCounts[i] == 0) continue;
-            outs.Add(layer.Experts[experts[i]].forward(rows.narrow(0, offset, ownerCounts[i])));
-            offset += ownerCounts[i];
-        }
-        return cat(outs, 0);
-    }
+        => layer.RunExperts(context.Plan.ExpertsOn(ordinal, context.Worker), rows, ownerCounts);
 
     /// <summary>One request/reply exchange with every remote owner of a layer, for one micro-batch.</summary>
     private Exception? _failure;

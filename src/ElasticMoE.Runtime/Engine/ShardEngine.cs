@@ -100,18 +100,7 @@ public sealed class ShardEngine : IDisposable
         _graphs.Clear();
     }
 
-    private Tensor RunExperts(Tensor x, long[] counts)
-    {
-        var outs = new List<Tensor>();
-        long offset = 0;
-        for (int i = 0; i < _experts.Length; i++)
-        {
-            if (counts[i] == 0) continue;
-            outs.Add(_layer.Experts[_experts[i]].forward(x.narrow(0, offset, counts[i])));
-            offset += counts[i];
-        }
-        return outs.Count == 0 ? x * 0 : cat(outs, 0);
-    }
+    private Tensor RunExperts(Tensor x, long[] counts) => _layer.RunExperts(_experts, x, counts);
 
     private Frame Receive(long tag)
     {
