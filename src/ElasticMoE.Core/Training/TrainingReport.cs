@@ -19,7 +19,7 @@ public sealed class TrainingReport : IDisposable
         {
             var dir = Path.GetDirectoryName(Path.GetFullPath(metricsPath));
             if (dir is not null) Directory.CreateDirectory(dir);
-            _metrics = new StreamWriter(metricsPath, append: false, Encoding.UTF8) { AutoFlush = true };
+            _metrics = new StreamWriter(metricsPath, append: false, new UTF8Encoding(encoderShouldEmitUTF8Identifier: false)) { AutoFlush = true };   // no BOM: JSON-lines readers choke on it
         }
     }
 

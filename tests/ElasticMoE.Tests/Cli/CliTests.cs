@@ -31,6 +31,7 @@ public class CliTests
         Assert.Contains("step     4/4", output);
         var lines = File.ReadAllLines(metrics);
         Assert.Equal(4, lines.Length);
+        Assert.Equal((byte)'{', File.ReadAllBytes(metrics)[0]);   // plain JSON lines, no byte-order mark
         using var doc = System.Text.Json.JsonDocument.Parse(lines[1]);
         var root = doc.RootElement;
         Assert.Equal(2, root.GetProperty("step").GetInt32());
