@@ -81,7 +81,7 @@ public static class NodeCommand
             string reason = node.Stopped.GetAwaiter().GetResult();
             node.DisposeAsync().AsTask().GetAwaiter().GetResult();
             stdout.WriteLine($"node stopped: {reason}");
-            return reason.StartsWith("refused", StringComparison.Ordinal) ? Program.ExitCodes.Failed : Program.ExitCodes.Ok;
+            return reason == "training finished" ? Program.ExitCodes.Ok : Program.ExitCodes.Failed;
         }));
         return cmd;
     }

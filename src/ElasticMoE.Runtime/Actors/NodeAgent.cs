@@ -48,6 +48,17 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         }
         Receive<RetryRegistration>(_ => Register());
         Receive<IElasticMoEMessage>(OnMessage);
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member, "became unreachable"));
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member, "left the cluster"));
+    }
+
+    // A node without its coordinator has nothing to do: stop rather than wait forever.
+    private void OnMemberLost(Akka.Cluster.Member member, string what)
+    {
+        if (!member.HasRole(Hosting.ClusterNode.CoordinatorRole) || member.Address.ToString() == _address) return;
+        _log.Error("coordinator {0} {1}; stopping this node", member.Address, what);
+        _stopped.TrySetResult($"coordinator {member.Address} {what}");
+        Context.Stop(Self);
     }
 
     public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped)
@@ -64,6 +75,8 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     protected override void PreStart()
     {
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
         Register();
         Timers.StartPeriodicTimer("register", new RetryRegistration(), TimeSpan.FromSeconds(1));
     }
@@ -103,6 +116,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     protected override void PostStop()
     {
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         foreach (var dp in _dataPlanes) dp.Dispose();
         _stopped.TrySetResult("stopped");
     }

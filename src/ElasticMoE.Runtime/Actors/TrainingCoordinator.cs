@@ -62,6 +62,22 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _fingerprint = TrainingState.Fingerprint(config.Model);
         Receive<IElasticMoEMessage>(OnMessage);
         Receive<StepTimeout>(OnStepTimeout);
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, "became unreachable"));
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, "left the cluster"));
+    }
+
+    // Until elastic membership lands, losing a node that holds part of the plan ends the run at once
+    // with its name, instead of waiting for the step timeout.
+    protected override void PreStart()
+        => Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+
+    protected override void PostStop() => Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
+
+    private void OnMemberLost(Address address, string what)
+    {
+        if (_finished || _plan is null || !_plan.Workers.Any(w => w.NodeAddress == address.ToString())) return;
+        Fail($"node {address} {what} at step {_step}; elastic recovery is not built yet, so the run stops");
     }
 
     public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done)
@@ -281,8 +297,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private int _summaries;
     private double _runSeconds;
 
+    private bool _finished;
+
     private void Finish()
     {
+        _finished = true;
         Timers.CancelAll();
         _runSeconds = _clock.Elapsed.TotalSeconds;
         _summaries = 0;
@@ -302,6 +321,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Fail(string reason)
     {
+        if (_finished) return;
+        _finished = true;
         Timers.CancelAll();
         _log.Error("training stopped: {0}", reason);
         foreach (var n in _nodes) n.Agent.Tell(new Shutdown(reason));

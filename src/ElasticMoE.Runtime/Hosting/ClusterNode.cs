@@ -78,6 +78,13 @@ public sealed class ClusterNode : IAsyncDisposable
               log-dead-letters-during-shutdown = off
               actor.provider = cluster
               remote.log-remote-lifecycle-events = off
+              # Shutting down a node whose peers died must not hang on cluster phases that cannot finish.
+              coordinated-shutdown.phases {
+                cluster-leave.timeout = 3s
+                cluster-exiting.timeout = 3s
+                cluster-exiting-done.timeout = 3s
+                cluster-shutdown.timeout = 3s
+              }
               cluster.singleton-proxy {
                 singleton-identification-interval = 200ms
                 log-singleton-identification-failure = off
@@ -106,15 +113,21 @@ public sealed class ClusterNode : IAsyncDisposable
         return config.Raw.HasPath("akka") ? config.Raw.WithFallback(merged) : merged;
     }
 
+    /// <summary>Leaves the cluster if it can, then terminates; never throws (shutting down saves nothing).</summary>
     public async ValueTask DisposeAsync()
     {
         var cluster = Cluster.Get(System);
         try
         {
-            await cluster.LeaveAsync(new CancellationTokenSource(TimeSpan.FromSeconds(5)).Token).ConfigureAwait(false);
+            using var leave = new CancellationTokenSource(TimeSpan.FromSeconds(5));
+            await cluster.LeaveAsync(leave.Token).ConfigureAwait(false);
         }
-        catch (Exception) { /* leaving is best effort: the system terminates either way */ }
-        await System.Terminate().WaitAsync(TimeSpan.FromSeconds(10)).ConfigureAwait(false);
+        catch (Exception) { /* a broken cluster cannot be left gracefully: terminate anyway */ }
+        try
+        {
+            await System.Terminate().WaitAsync(TimeSpan.FromSeconds(20)).ConfigureAwait(false);
+        }
+        catch (TimeoutException) { /* the process is ending; its sockets close with it */ }
     }
 }
 

@@ -71,4 +71,49 @@ public class MultiProcessTests(ITestOutputHelper output)
                 if (!p.HasExited) p.Kill(entireProcessTree: true);
         }
     }
+
+    [Fact]
+    public async Task Killing_a_node_with_SIGKILL_stops_the_run_naming_the_node()
+    {
+        TestSupport.EnsureTorch();
+        int port = FreePort();
+        var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "100000", .. Tiny]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var survivor = Start(["node", "--seed-node", seed, .. Tiny]);
+        var victim = Start(["node", "--seed-node", seed, .. Tiny]);
+        var seen = new System.Text.StringBuilder();
+        try
+        {
+            // Wait until training is under way, then kill one node outright: no goodbye, no leave.
+            var started = new TaskCompletionSource();
+            var pump = Task.Run(async () =>
+            {
+                string? line;
+                while ((line = await coordinator.StandardOutput.ReadLineAsync()) is not null)
+                {
+                    lock (seen) seen.AppendLine(line);
+                    if (line.StartsWith("step     3/", StringComparison.Ordinal)) started.TrySetResult();
+                }
+            });
+            await started.Task.WaitAsync(TimeSpan.FromMinutes(2));
+            victim.Kill(entireProcessTree: false);   // SIGKILL on Linux
+            var stderr = coordinator.StandardError.ReadToEndAsync();
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(90));
+            await coordinator.WaitForExitAsync(cts.Token);
+            await pump;
+            var err = await stderr;
+            output.WriteLine(seen.ToString());
+            output.WriteLine(err);
+            Assert.Equal(4, coordinator.ExitCode);
+            Assert.Matches("node akka\\.tcp://elasticmoe@127\\.0\\.0\\.1:\\d+ (became unreachable|left the cluster) at step \\d+", err);
+            var (code, text) = await Finish(survivor, TimeSpan.FromSeconds(60));
+            Assert.True(code == 4, text);   // told to stop because the run failed, and says so
+            Assert.Contains("node stopped:", text);
+        }
+        finally
+        {
+            foreach (var p in new[] { coordinator, survivor, victim })
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+        }
+    }
 }
