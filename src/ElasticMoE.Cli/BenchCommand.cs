@@ -65,9 +65,9 @@ public static class BenchCommand
             }
             if (chosen.Contains("cluster"))
             {
-                stdout.WriteLine($"cluster: {steps} timed steps each, single-process loop vs 1 node vs 2 nodes (loopback TCP), each in its own process, 2 interleaved rounds ...");
+                stdout.WriteLine($"cluster: {steps} timed steps each, single-process loop vs 1 node vs 2 nodes (loopback TCP), each in its own process, 3 interleaved rounds ...");
                 var best = new Dictionary<ClusterBenchmarks.Mode, double>();
-                for (int round = 0; round < 2; round++)
+                for (int round = 0; round < 3; round++)
                     foreach (var m in Enum.GetValues<ClusterBenchmarks.Mode>())
                     {
                         double v = MeasureInChild(m, args: p.Tokens.Select(t => t.Value).ToArray(), stderr);
