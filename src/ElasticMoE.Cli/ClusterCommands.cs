@@ -22,7 +22,7 @@ public static class ClusterTrain
         Console.CancelKeyPress += onCancel;
         try
         {
-            var result = LocalCluster.RunAsync(config, corpus, report, cancel.Token).GetAwaiter().GetResult();
+            var result = LocalCluster.Run(config, corpus, report, cancel.Token);
             if (result.Steps.Count > 0)
             {
                 double first = result.Steps[0].Loss, last = result.Steps[^1].Loss;
@@ -76,8 +76,10 @@ public static class NodeCommand
             if (config.Cluster.SeedNodes.Count == 0)
                 throw new ConfigException("elasticmoe node needs the coordinator's address: --seed-node akka.tcp://elasticmoe@HOST:PORT");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-            var node = ClusterNode.Start(config, corpus, coordinator: false, worker: true);
+            var loop = new ComputeLoop();
+            var node = ClusterNode.Start(config, corpus, coordinator: false, worker: true, loop: loop);
             stdout.WriteLine($"node {node.Address} joining {string.Join(", ", config.Cluster.SeedNodes)}");
+            loop.RunUntil(node.Stopped);   // this thread computes for the node's first worker
             string reason = node.Stopped.GetAwaiter().GetResult();
             node.DisposeAsync().AsTask().GetAwaiter().GetResult();
             stdout.WriteLine($"node stopped: {reason}");

@@ -26,8 +26,11 @@ public sealed class DeviceWorker : ReceiveActor
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private WorkerContext? _context;
 
-    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device)
+    private readonly Hosting.ComputeLoop? _loop;
+
+    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device, Hosting.ComputeLoop? loop = null)
     {
+        _loop = loop;
         _config = config;
         _corpus = corpus;
         _dataPlane = dataPlane;
@@ -36,8 +39,8 @@ public sealed class DeviceWorker : ReceiveActor
         Receive<AssignPlan>(OnAssignPlan);
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device)
-        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, dataPlane, nodeAddress, device));
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device, Hosting.ComputeLoop? loop = null)
+        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, dataPlane, nodeAddress, device, loop));
 
     /// <summary>Path of the expert shard of (worker, MoE ordinal) under a node's address.</summary>
     public static string ShardPath(string nodeAddress, int device, int ordinal) => $"{nodeAddress}/user/node/worker-{device}/shard-{ordinal}";
@@ -72,7 +75,7 @@ public sealed class DeviceWorker : ReceiveActor
         _context.Install(plan, me.Index);
         var coordinator = Sender;
         var stageName = $"stage-e{m.Epoch}";
-        Context.ActorOf(PipelineStageActor.Props(_context, coordinator).WithDispatcher(ComputeDispatcher), stageName);
+        Context.ActorOf(PipelineStageActor.Props(_context, coordinator, _loop).WithDispatcher(ComputeDispatcher), stageName);
         for (int ordinal = 0; ordinal < plan.ExpertOwner.Length; ordinal++)
         {
             if (plan.ExpertsOn(ordinal, me.Index).Length == 0) continue;
@@ -111,18 +114,28 @@ public sealed class PipelineStageActor : ReceiveActor
 {
     private readonly WorkerContext _context;
     private readonly StageEngine _engine;
+    private readonly Hosting.ComputeLoop? _loop;
     private readonly ILoggingAdapter _log = Context.GetLogger();
 
-    public PipelineStageActor(WorkerContext context, IActorRef coordinator)
+    public PipelineStageActor(WorkerContext context, IActorRef coordinator, Hosting.ComputeLoop? loop = null)
     {
         _context = context;
+        _loop = loop;
         _engine = new StageEngine(context, new ShardMessenger(Context.System, context));
         Receive<IElasticMoEMessage>(OnMessage);
         coordinator.Tell(new PlanReady(context.Plan.Epoch, context.Worker, context.Plan.ExpertOwner.Count(o => o.Contains(context.Worker))));
     }
 
-    public static Props Props(WorkerContext context, IActorRef coordinator)
-        => Akka.Actor.Props.Create(() => new PipelineStageActor(context, coordinator));
+    public static Props Props(WorkerContext context, IActorRef coordinator, Hosting.ComputeLoop? loop = null)
+        => Akka.Actor.Props.Create(() => new PipelineStageActor(context, coordinator, loop));
+
+    // The stage's torch work runs on the compute loop's thread when it has one (see ComputeLoop).
+    // The loop's thread belongs to the process, so set this worker's thread budget on it each time.
+    private T Compute<T>(Func<T> work) => _loop is null ? work() : _loop.Invoke(() =>
+    {
+        Training.TorchSetup.ApplyThreads(_context.Config);
+        return work();
+    });
 
     // libtorch's intra-op thread count is per OS thread (OpenMP), and this actor has a thread of its own.
     protected override void PreStart() => Training.TorchSetup.ApplyThreads(_context.Config);
@@ -135,9 +148,9 @@ public sealed class PipelineStageActor : ReceiveActor
         {
             switch (message)
             {
-                case RunStep m: step = m.Step; Sender.Tell(_engine.RunStep(m.Step)); break;
-                case ApplyUpdate m: step = m.Step; Sender.Tell(_engine.Apply(m)); break;
-                case RunEval m: step = m.Step; Sender.Tell(_engine.Evaluate(m.Step)); break;
+                case RunStep m: step = m.Step; Sender.Tell(Compute(() => _engine.RunStep(m.Step))); break;
+                case ApplyUpdate m: step = m.Step; Sender.Tell(Compute(() => _engine.Apply(m))); break;
+                case RunEval m: step = m.Step; Sender.Tell(Compute(() => _engine.Evaluate(m.Step))); break;
                 case ReportParameters: Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.DenseParameters)); break;
                 default: _log.Warning("stage: unexpected {0}", message.GetType().Name); break;
             }

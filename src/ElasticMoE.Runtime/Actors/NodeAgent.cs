@@ -27,7 +27,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped)
+    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped, Hosting.ComputeLoop? loop = null)
     {
         _config = config;
         _coordinator = coordinator;
@@ -44,7 +44,8 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 MaxBufferedBytesPerConnection = (long)config.Cluster.MaxFrameMb << 20,
             }.WithAkkaLog(log));
             _dataPlanes.Add(dp);
-            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d), $"worker-{d}"));
+            // Only one stage per process can have the loop's thread: the first device's.
+            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d, d == 0 ? loop : null), $"worker-{d}"));
         }
         Receive<RetryRegistration>(_ => Register());
         Receive<IElasticMoEMessage>(OnMessage);
@@ -61,8 +62,8 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         Context.Stop(Self);
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped)
-        => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped));
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped, Hosting.ComputeLoop? loop = null)
+        => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped, loop));
 
     // A worker that throws is restarted a few times, then the node gives up on it: a worker that keeps
     // failing must surface, not loop. (Elastic recovery will replace it instead.)

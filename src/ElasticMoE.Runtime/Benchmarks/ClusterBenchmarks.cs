@@ -54,7 +54,8 @@ public static class ClusterBenchmarks
     private static async Task<double> ClusterAsync(ElasticMoEConfig config, TextCorpus corpus, int warmup)
     {
         using var report = new TrainingReport(TextWriter.Null, null);
-        var result = await LocalCluster.RunAsync(config, corpus, report).ConfigureAwait(false);
+        // As `elasticmoe train` runs it: the first worker computes on this (main) thread.
+        var result = await Task.FromResult(LocalCluster.Run(config, corpus, report)).ConfigureAwait(false);
         return Rate(result.Steps.Skip(warmup));
     }
 

@@ -63,6 +63,9 @@ public sealed class StageEngine : IDisposable
         var pending = new List<(int M, Tensor Input, Tensor Output, Tensor? Aux)>();
         foreach (int m in mine)
         {
+            // Each micro-batch's tensors die with its scope unless a later backward needs them, so the
+            // last stage holds one micro-batch's activations at a time, as the single-process loop does.
+            using var micro = NewDisposeScope();
             _executor.MicroBatch = m;
             var (input, tokens, targets) = StageInput(step, m, StepTags.Kind.Activation, train: true);
             var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
@@ -80,7 +83,7 @@ public sealed class StageEngine : IDisposable
             else
             {
                 SendTo(+1, StepTags.Kind.Activation, step, m, h.detach());
-                pending.Add((m, input, h, aux));
+                pending.Add((m, input.MoveToOuterDisposeScope(), h.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope()));
             }
             _ = tokens;
         }

@@ -33,7 +33,7 @@ public sealed class ClusterNode : IAsyncDisposable
     /// <summary>Completes with the reason when this node's agent stops (worker nodes only).</summary>
     public Task<string> Stopped => _stopped?.Task ?? throw new InvalidOperationException("this node hosts no workers");
 
-    private ClusterNode(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join, TrainingReport? report)
+    private ClusterNode(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join, TrainingReport? report, ComputeLoop? loop)
     {
         TorchSetup.Configure(config);
         var roles = new List<string>();
@@ -59,13 +59,15 @@ public sealed class ClusterNode : IAsyncDisposable
             _stopped = new TaskCompletionSource<string>(TaskCreationOptions.RunContinuationsAsynchronously);
             var proxy = System.ActorOf(ClusterSingletonProxy.Props("/user/coordinator",
                 ClusterSingletonProxySettings.Create(System).WithRole(CoordinatorRole)), "coordinator-proxy");
-            System.ActorOf(NodeAgent.Props(config, corpus, proxy, _stopped), "node");
+            System.ActorOf(NodeAgent.Props(config, corpus, proxy, _stopped, loop), "node");
         }
     }
 
     /// <summary>Starts a node. <paramref name="join"/>: a member to join (null = the configured seed nodes, else itself).</summary>
-    public static ClusterNode Start(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join = null, TrainingReport? report = null)
-        => new(config, corpus, coordinator, worker, join, report);
+    /// <param name="loop">A compute loop the caller will serve (<see cref="ComputeLoop.RunUntil"/>) for the first worker's stage, or null.</param>
+    public static ClusterNode Start(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join = null,
+        TrainingReport? report = null, ComputeLoop? loop = null)
+        => new(config, corpus, coordinator, worker, join, report, loop);
 
     public static Config AkkaConfig(ElasticMoEConfig config, IEnumerable<string> roles)
     {
@@ -137,14 +139,28 @@ public sealed class ClusterNode : IAsyncDisposable
 /// </summary>
 public static class LocalCluster
 {
-    public static async Task<RunResult> RunAsync(ElasticMoEConfig config, TextCorpus corpus, TrainingReport report, CancellationToken cancel = default)
+    /// <summary>
+    /// Runs the cluster with the calling thread as the first worker's compute thread (see
+    /// <see cref="ComputeLoop"/>): what <c>elasticmoe train</c> does on its otherwise idle main thread.
+    /// </summary>
+    public static RunResult Run(ElasticMoEConfig config, TextCorpus corpus, TrainingReport report, CancellationToken cancel = default)
     {
+        var loop = new ComputeLoop();
+        var run = RunAsync(config, corpus, report, cancel, loop);
+        loop.RunUntil(run);
+        return run.GetAwaiter().GetResult();
+    }
+
+    public static async Task<RunResult> RunAsync(ElasticMoEConfig config, TextCorpus corpus, TrainingReport report, CancellationToken cancel = default,
+        ComputeLoop? loop = null)
+    {
+        await Task.Yield();   // let a caller that serves a compute loop start serving it
         int nodes = config.Cluster.Nodes;
         var members = new List<ClusterNode>();
         try
         {
             // Node 0 hosts the coordinator too (or alone when all workers are external processes).
-            var first = ClusterNode.Start(config, corpus, coordinator: true, worker: nodes > 0, report: report);
+            var first = ClusterNode.Start(config, corpus, coordinator: true, worker: nodes > 0, report: report, loop: loop);
             members.Add(first);
             var peerConfig = config with { Cluster = config.Cluster with { Port = 0 } };
             for (int i = 1; i < nodes; i++)
