@@ -28,9 +28,13 @@ public sealed class DeviceWorker : ReceiveActor
 
     private readonly Hosting.ComputeLoop? _loop;
 
-    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device, Hosting.ComputeLoop? loop = null)
+    private readonly CancellationToken _stopping;
+
+    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
+        Hosting.ComputeLoop? loop = null, CancellationToken stopping = default)
     {
         _loop = loop;
+        _stopping = stopping;
         _config = config;
         _corpus = corpus;
         _dataPlane = dataPlane;
@@ -39,8 +43,9 @@ public sealed class DeviceWorker : ReceiveActor
         Receive<AssignPlan>(OnAssignPlan);
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device, Hosting.ComputeLoop? loop = null)
-        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, dataPlane, nodeAddress, device, loop));
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
+        Hosting.ComputeLoop? loop = null, CancellationToken stopping = default)
+        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, dataPlane, nodeAddress, device, loop, stopping));
 
     /// <summary>Path of the expert shard of (worker, MoE ordinal) under a node's address.</summary>
     public static string ShardPath(string nodeAddress, int device, int ordinal) => $"{nodeAddress}/user/node/worker-{device}/shard-{ordinal}";
@@ -70,7 +75,7 @@ public sealed class DeviceWorker : ReceiveActor
             // behind here would make the compute threads' own teams crawl (libgomp throttles every team
             // once it manages more threads than there are cores).
             TorchSharp.torch.set_num_threads(1);
-            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, me.Index);
+            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, me.Index, _stopping);
         }
         _context.Install(plan, me.Index);
         var coordinator = Sender;

@@ -23,6 +23,8 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private readonly List<DataPlaneNode> _dataPlanes = new();
     private readonly List<IActorRef> _workers = new();
     private readonly string _address;
+    // Cancelled as the node stops, so a stage or shard blocked on a dead peer lets go at once.
+    private readonly CancellationTokenSource _stopping = new();
     private bool _accepted;
 
     public ITimerScheduler Timers { get; set; } = null!;
@@ -45,7 +47,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             }.WithAkkaLog(log));
             _dataPlanes.Add(dp);
             // Only one stage per process can have the loop's thread: the first device's.
-            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d, d == 0 ? loop : null), $"worker-{d}"));
+            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d, d == 0 ? loop : null, _stopping.Token), $"worker-{d}"));
         }
         Receive<RetryRegistration>(_ => Register());
         Receive<IElasticMoEMessage>(OnMessage);
@@ -59,6 +61,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         if (!member.HasRole(Hosting.ClusterNode.CoordinatorRole) || member.Address.ToString() == _address) return;
         _log.Error("coordinator {0} {1}; stopping this node", member.Address, what);
         _stopped.TrySetResult($"coordinator {member.Address} {what}");
+        _stopping.Cancel();
         Context.Stop(Self);
     }
 
@@ -107,6 +110,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 break;
             case Shutdown m:
                 _stopped.TrySetResult(m.Reason);
+                _stopping.Cancel();
                 Context.Stop(Self);
                 break;
             default:
@@ -117,6 +121,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     protected override void PostStop()
     {
+        _stopping.Cancel();
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         foreach (var dp in _dataPlanes) dp.Dispose();
         _stopped.TrySetResult("stopped");

@@ -135,7 +135,8 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
 
         private List<Tensor> Collect(List<Task> sends, Task<Frame>[] replies)
         {
-            using var cts = new CancellationTokenSource(owner.Timeout);
+            using var cts = CancellationTokenSource.CreateLinkedTokenSource(context.Stopping);
+            cts.CancelAfter(owner.Timeout);
             try
             {
                 Task.WaitAll(sends.ToArray(), cts.Token);

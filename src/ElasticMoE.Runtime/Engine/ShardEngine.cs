@@ -105,14 +105,14 @@ public sealed class ShardEngine : IDisposable
     private Frame Receive(long tag)
     {
         var task = _ctx.DataPlane.ReceiveAsync(tag);
-        if (!task.Wait(_timeout)) throw new TimeoutException($"shard L{MoEOrdinal}@{_ctx.Worker}: no tokens under tag {tag:X} within {_timeout.TotalSeconds:F0} s");
+        if (!task.Wait(_timeout, _ctx.Stopping)) throw new TimeoutException($"shard L{MoEOrdinal}@{_ctx.Worker}: no tokens under tag {tag:X} within {_timeout.TotalSeconds:F0} s");
         return task.Result;
     }
 
     private void Send(string endpoint, long tag, Tensor value)
     {
         var task = _ctx.DataPlane.SendAsync(endpoint, tag, value.contiguous());
-        if (!task.Wait(_timeout)) throw new TimeoutException($"shard L{MoEOrdinal}@{_ctx.Worker}: reply to {endpoint} not sent within {_timeout.TotalSeconds:F0} s");
+        if (!task.Wait(_timeout, _ctx.Stopping)) throw new TimeoutException($"shard L{MoEOrdinal}@{_ctx.Worker}: reply to {endpoint} not sent within {_timeout.TotalSeconds:F0} s");
     }
 
     public void Dispose()

@@ -223,7 +223,7 @@ public sealed class StageEngine : IDisposable
 
     private void Wait(Task task, string what)
     {
-        if (!task.Wait(_timeout))
+        if (!task.Wait(_timeout, _ctx.Stopping))
             throw new TimeoutException($"worker {_ctx.Worker}: {what} did not complete within {_timeout.TotalSeconds:F0} s");
     }
 

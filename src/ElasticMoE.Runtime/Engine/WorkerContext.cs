@@ -23,8 +23,13 @@ public sealed class WorkerContext : IDisposable
     public TrainingPlan Plan { get; private set; }
     public int Worker { get; private set; }
 
-    public WorkerContext(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, TrainingPlan plan, int worker)
+    /// <summary>Cancelled when the node stops: every wait on a peer gives up at once instead of at its timeout.</summary>
+    public CancellationToken Stopping { get; }
+
+    public WorkerContext(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, TrainingPlan plan, int worker,
+        CancellationToken stopping = default)
     {
+        Stopping = stopping;
         Config = config;
         Device = Training.TorchSetup.ResolveDevice(config);
         Model = new MoETransformer(config.Model, config.Seed, Device);
