@@ -27,7 +27,7 @@ public static class ClusterBenchmarks
     /// ones. Each mode should run in a process of its own: libgomp slows every OpenMP team once a
     /// process holds several, so measuring two modes in one process would charge one for the other.
     /// </summary>
-    public static async Task<double> MeasureAsync(Mode mode, ElasticMoEConfig config, TextCorpus corpus, int steps = 30, int warmup = 5)
+    public static async Task<double> MeasureAsync(Mode mode, ElasticMoEConfig config, TextCorpus corpus, int steps = 30, int warmup = 20)
     {
         var timed = config with
         {
