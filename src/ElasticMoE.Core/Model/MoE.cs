@@ -199,6 +199,16 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     /// <summary>Sequence-wise balance loss of the last forward (a zero scalar when alpha = 0).</summary>
     public Tensor? LastAuxLoss { get; private set; }
 
+    /// <summary>Sum of the sequence-wise balance losses of <paramref name="layers"/>' last forwards, or null when none has one.</summary>
+    public static Tensor? SumAuxLoss(IEnumerable<MoELayer> layers)
+    {
+        Tensor? total = null;
+        // alias(): a handle of our own, since a layer disposes its LastAuxLoss on its next forward.
+        foreach (var l in layers)
+            if (l.LastAuxLoss is { } a) total = total is null ? a.alias() : total + a;
+        return total;
+    }
+
     /// <summary>Tokens each expert received since the last <see cref="TakeStepCounts"/>.</summary>
     public long[] PeekStepCounts() => (long[])_stepCounts.Clone();
 

@@ -116,13 +116,7 @@ public sealed class MoETransformer : nn.Module<Tensor, Tensor>
         => nn.functional.cross_entropy(logits.reshape(-1, logits.shape[^1]), targets.reshape(-1));
 
     /// <summary>Sum of the MoE layers' sequence-wise balance losses from the last forward, or null.</summary>
-    public Tensor? AuxLoss()
-    {
-        Tensor? total = null;
-        foreach (var l in MoELayers)
-            if (l.LastAuxLoss is { } a) total = total is null ? a.alias() : total + a;
-        return total;
-    }
+    public Tensor? AuxLoss() => MoELayer.SumAuxLoss(MoELayers);
 
     /// <summary>Per-MoE-layer expert token counts accumulated since the last call; resets them.</summary>
     public long[][] TakeExpertCounts() => MoELayers.Select(l => l.TakeStepCounts()).ToArray();

@@ -1,9 +1,5 @@
 using Akka.Actor;
 using Akka.Event;
-using ElasticMoE.Configuration;
-using ElasticMoE.Data;
-using ElasticMoE.Planning;
-using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Engine;
 using ElasticMoE.Runtime.Protocol;
 

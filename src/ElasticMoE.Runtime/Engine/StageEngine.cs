@@ -67,9 +67,9 @@ public sealed class StageEngine : IDisposable
             // last stage holds one micro-batch's activations at a time, as the single-process loop does.
             using var micro = NewDisposeScope();
             _executor.MicroBatch = m;
-            var (input, tokens, targets) = StageInput(step, m, StepTags.Kind.Activation, train: true);
+            var (input, targets) = StageInput(step, m, StepTags.Kind.Activation, train: true);
             var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
-            var aux = StageAuxLoss();
+            var aux = MoELayer.SumAuxLoss(_moe);
             if (ctx.IsLastStage)
             {
                 var ce = MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!);
@@ -85,7 +85,6 @@ public sealed class StageEngine : IDisposable
                 SendTo(+1, StepTags.Kind.Activation, step, m, h.detach());
                 pending.Add((m, input.MoveToOuterDisposeScope(), h.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope()));
             }
-            _ = tokens;
         }
         // Backwards in reverse order of the forwards, each as soon as its gradient arrives.
         for (int i = pending.Count - 1; i >= 0; i--)
@@ -131,7 +130,7 @@ public sealed class StageEngine : IDisposable
             {
                 using var scope = NewDisposeScope();
                 _executor.MicroBatch = b;
-                var (input, _, targets) = StageInput(step, b, StepTags.Kind.EvalActivation, train: false);
+                var (input, targets) = StageInput(step, b, StepTags.Kind.EvalActivation, train: false);
                 var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
                 if (ctx.IsLastStage) sum += MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!).item<float>();
                 else SendTo(+1, StepTags.Kind.EvalActivation, step, b, h);
@@ -160,7 +159,7 @@ public sealed class StageEngine : IDisposable
 
     // First stage: the embedding of the micro-batch's bytes. Later stages: the previous stage's output,
     // made a leaf that requires grad so its gradient can be sent back.
-    private (Tensor Input, Tensor? Tokens, Tensor? Targets) StageInput(long step, int m, StepTags.Kind kind, bool train)
+    private (Tensor Input, Tensor? Targets) StageInput(long step, int m, StepTags.Kind kind, bool train)
     {
         var ctx = _ctx;
         var t = ctx.Config.Train;
@@ -168,19 +167,11 @@ public sealed class StageEngine : IDisposable
         if (ctx.IsFirstStage || ctx.IsLastStage)
             (x, y) = train ? ctx.Sampler.TrainBatch(step, m * t.MicroBatch, t.MicroBatch, ctx.Device)
                            : ctx.Sampler.ValidationBatch(m * t.MicroBatch, t.MicroBatch, ctx.Device);
-        if (ctx.IsFirstStage) return (ctx.Model.Embed(x!), x, y);
+        if (ctx.IsFirstStage) return (ctx.Model.Embed(x!), y);
         using var frame = Receive(StepTags.Make(kind, ctx.Plan.Epoch, step, ctx.Stage, m, NeighbourWorker(-1)));
         var input = frame.ToTensor().to(ctx.Device);
         if (train) input.requires_grad_(true);
-        return (input, x, y);
-    }
-
-    private Tensor? StageAuxLoss()
-    {
-        Tensor? total = null;
-        foreach (var l in _moe)
-            if (l.LastAuxLoss is { } a) total = total is null ? a.alias() : total + a;
-        return total;
+        return (input, y);
     }
 
     private void AllReduceDenseGradients(long step)
