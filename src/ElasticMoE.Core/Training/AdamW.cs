@@ -44,9 +44,11 @@ public sealed class AdamW : IDisposable
         using var _ = no_grad();
         foreach (var (name, p) in parameters)
         {
+            // The gradient's handle is taken inside the scope: a handle left to the GC would keep the
+            // gradient's memory alive past zero_grad, so every step would allocate its gradients anew.
+            using var scope = NewDisposeScope();
             var grad = p.grad;
             if (grad is null) continue;
-            using var scope = NewDisposeScope();
             if (!_moments.TryGetValue(name, out var mv))
             {
                 mv = (zeros_like(p).DetachFromDisposeScope(), zeros_like(p).DetachFromDisposeScope());

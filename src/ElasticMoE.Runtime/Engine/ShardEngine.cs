@@ -82,6 +82,7 @@ public sealed class ShardEngine : IDisposable
 
     public void Apply(ApplyUpdate u)
     {
+        using var scope = NewDisposeScope();
         _optimizer.Step(_params, u.Lr, u.ClipScale);
         // None, not zero, like Module.zero_grad(): an expert that gets no token in a step has no gradient
         // and AdamW leaves it alone, exactly as in the single-process loop.

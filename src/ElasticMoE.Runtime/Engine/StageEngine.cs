@@ -108,6 +108,7 @@ public sealed class StageEngine : IDisposable
 
     public UpdateApplied Apply(ApplyUpdate u)
     {
+        using var scope = NewDisposeScope();
         _optimizer.Step(_dense, u.Lr, u.ClipScale);
         foreach (var layer in _moe)
             layer.Router.UpdateBias(u.LayerLoads[_ctx.MoEOrdinal(layer.LayerIndex)], _ctx.Config.Model.MoE.BiasUpdateRate);
@@ -189,7 +190,8 @@ public sealed class StageEngine : IDisposable
         {
             long n = p.numel();
             var slice = flat.narrow(0, offset, n).view(p.shape).to(p.dtype, p.device);
-            if (p.grad is null) p.grad = slice.clone().DetachFromDisposeScope();
+            // The parameter holds its own reference: the scope may dispose this handle.
+            if (p.grad is null) p.grad = slice.clone();
             else p.grad.copy_(slice);
             offset += n;
         }

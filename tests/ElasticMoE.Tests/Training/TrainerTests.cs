@@ -109,6 +109,27 @@ public class TrainerTests
     }
 
     [Fact]
+    public void Optimizer_step_and_gradient_norm_leave_no_tensor_handle_behind_outside_any_scope()
+    {
+        // Actors call these with no scope of their own around them. A handle left to the GC keeps the
+        // gradient it points at alive past zero_grad, so every step allocates fresh gradient memory.
+        TestSupport.EnsureTorch();
+        using var w = randn(16, 8).requires_grad_(true);
+        using var opt = new AdamW(0.9, 0.95, 1e-8, 0.1);
+        void Step()
+        {
+            using (var scope = NewDisposeScope()) (w * w).sum().backward();
+            GradClip.SumOfSquares([w]);
+            opt.Step([("w", w)], 1e-3, 0.5);
+            w.grad = null;
+        }
+        Step();   // creates the moments
+        long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        for (int i = 0; i < 10; i++) Step();
+        Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+    }
+
+    [Fact]
     public void Lr_schedule_warms_up_then_decays_to_the_floor()
     {
         Assert.Equal(0.1, LrSchedule.At(0, 100, 1.0, 0.1, 10), 10);
