@@ -18,8 +18,10 @@ public sealed record RunResult(
 /// <summary>
 /// The cluster singleton that owns the plan and drives steps. Each step has three phases, each a
 /// scatter/gather over actors: compute (forward, backward, dense all-reduce) on every stage; gradient
-/// norms of every expert shard (only after all stages finished, so all expert gradients are in); the
-/// update (clip scale, learning rate, total expert loads) everywhere. Only then is the step committed.
+/// norms of every expert shard that takes requests from other workers (only after all stages finished,
+/// so all expert gradients are in; skipped when every shard is private to its worker's stage, which
+/// reports their norm itself); the update (clip scale, learning rate, total expert loads) everywhere.
+/// Only then is the step committed.
 /// </summary>
 public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 {
@@ -35,6 +37,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private TrainingPlan? _plan;
     private readonly Dictionary<int, IActorRef> _stages = new();
     private readonly Dictionary<(int Worker, int Ordinal), IActorRef> _shards = new();
+    // Shards taking requests from other workers: the only ones asked for a gradient norm (a private
+    // shard's norm comes with its stage's StepComputed).
+    private readonly List<IActorRef> _sharedShards = new();
     private int _expectedShards;
 
     private long _step;
@@ -165,6 +170,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         if (_plan is null || m.Epoch != _plan.Epoch) return;
         _shards[(m.Worker, m.MoEOrdinal)] = Sender;
+        if (!_plan.ExpertsPrivateTo(m.MoEOrdinal, m.Worker, m.MoEOrdinal + _config.Model.DenseLayers)) _sharedShards.Add(Sender);
         MaybeStart();
     }
 
@@ -198,15 +204,15 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _computed.Add(m);
         if (_computed.Count < _plan.WorldSize) return;
         _tCompute = _stepClock.Elapsed.TotalMilliseconds;
-        if (_shards.Count == 0) ApplyUpdate();
-        else foreach (var s in _shards.Values) s.Tell(new QueryExpertNorm(_plan.Epoch, _step));
+        if (_sharedShards.Count == 0) { _tNorm = _tCompute; ApplyUpdate(); }
+        else foreach (var s in _sharedShards) s.Tell(new QueryExpertNorm(_plan.Epoch, _step));
     }
 
     private void OnExpertNorm(ExpertNorm m)
     {
         if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
         _norms.Add(m);
-        if (_norms.Count == _shards.Count) { _tNorm = _stepClock.Elapsed.TotalMilliseconds; ApplyUpdate(); }
+        if (_norms.Count == _sharedShards.Count) { _tNorm = _stepClock.Elapsed.TotalMilliseconds; ApplyUpdate(); }
     }
 
     private void ApplyUpdate()
@@ -216,8 +222,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         int totalMicro = t.MicroBatchesPerStep;
         double loss = _computed.Sum(c => c.LossSum) / totalMicro;
         if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_step, "the loss", loss).Message); return; }
-        // Replicas hold identical reduced dense gradients: count each stage once (replica 0).
-        double sumSq = _computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.DenseSumSq) + _norms.Sum(n => n.SumSq);
+        // Replicas hold identical reduced dense gradients: count each stage once (replica 0). Private
+        // experts exist only with one replica, so they are counted once too.
+        double sumSq = _computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq) + _norms.Sum(n => n.SumSq);
         if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_step, "the gradient norm", Math.Sqrt(sumSq)).Message); return; }
         int moeLayers = plan.ExpertOwner.Length;
         var loads = Enumerable.Range(0, moeLayers).Select(_ => new long[_config.Model.MoE.RoutedExperts]).ToArray();

@@ -23,6 +23,9 @@ public sealed class StageEngine : IDisposable
     private readonly List<(string Name, Tensor Param)> _dense;
     private readonly CollectiveGroup? _replicas;
     private readonly MoELayer[] _moe;
+    // Experts only this stage calls: their gradients are complete when its backward is, so it reports
+    // their norm with its own and the coordinator skips a round trip to their shards.
+    private readonly List<(string Name, Tensor Param)> _privateExperts;
     private readonly TimeSpan _timeout = TimeSpan.FromSeconds(120);
 
     public StageEngine(WorkerContext ctx, IShardMessenger messenger)
@@ -33,6 +36,9 @@ public sealed class StageEngine : IDisposable
         _dense = ctx.DenseParameters();
         _executor = new DistributedExpertExecutor(ctx, messenger);
         _moe = ctx.StageMoELayers.ToArray();
+        _privateExperts = _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex))
+            .Where(o => ctx.Plan.ExpertsPrivateTo(o, ctx.Worker, o + ctx.Config.Model.DenseLayers))
+            .SelectMany(ctx.ExpertParameters).ToList();
         foreach (var layer in _moe) layer.Executor = _executor;
         var plan = ctx.Plan;
         if (plan.Dp > 1)
@@ -100,7 +106,7 @@ public sealed class StageEngine : IDisposable
 
         _executor.ThrowIfBackwardFailed();
         AllReduceDenseGradients(step);
-        double sumSq = GradClip.SumOfSquares(_dense.Select(d => d.Param));
+        double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExperts).Select(d => d.Param));
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();
         return new StepComputed(plan.Epoch, step, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
             _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts);

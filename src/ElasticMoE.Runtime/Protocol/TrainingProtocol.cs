@@ -56,7 +56,9 @@ public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] lo
 /// <summary>
 /// Worker → coordinator: forward and backward are done and dense gradients are all-reduced.
 /// LossSum is the sum of micro-batch losses (last stage only, else 0).
-/// DenseSumSq is the squared L2 norm of this stage's (already reduced) dense gradients.
+/// GradSumSq is the squared L2 norm of every gradient this stage's backward completed: its (already
+/// reduced) dense gradients, plus the experts private to it (see <c>TrainingPlan.ExpertsPrivateTo</c>),
+/// whose shards therefore are not asked for a norm.
 /// ExpertCounts: [moe layer ordinal of this stage's layers][expert] tokens routed by this worker.
 /// </summary>
 [MessagePackObject, Manifest("t.StepComputed")]
@@ -66,11 +68,11 @@ public sealed record StepComputed(
     [property: Key(2)] int Worker,
     [property: Key(3)] double LossSum,
     [property: Key(4)] int MicroBatches,
-    [property: Key(5)] double DenseSumSq,
+    [property: Key(5)] double GradSumSq,
     [property: Key(6)] int[] MoELayers,
     [property: Key(7)] long[][] ExpertCounts) : IElasticMoEMessage;
 
-/// <summary>Coordinator → worker: every gradient contribution of the step has arrived; report your expert gradient norm.</summary>
+/// <summary>Coordinator → shard taking requests from other workers: every contribution of the step has arrived; report your gradient norm.</summary>
 [MessagePackObject, Manifest("t.QueryExpertNorm")]
 public sealed record QueryExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
 
