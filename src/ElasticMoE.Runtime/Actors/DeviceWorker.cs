@@ -12,7 +12,9 @@ namespace ElasticMoE.Runtime.Actors;
 /// <summary>
 /// The GPU worker: owns one device, its thread budget and its copy of the model, and hosts what the
 /// plan puts on it — one pipeline stage and the expert shards of any MoE layer — as child actors on a
-/// dedicated thread each, so a stage blocked on a remote expert never blocks this node's shards.
+/// dedicated thread each (or, for the worker that owns the process's compute loop, its stage and
+/// private shards on the loop's thread), so a stage blocked on a remote expert never blocks this
+/// node's shards.
 /// </summary>
 public sealed class DeviceWorker : ReceiveActor
 {
@@ -80,11 +82,18 @@ public sealed class DeviceWorker : ReceiveActor
         _context.Install(plan, me.Index);
         var coordinator = Sender;
         var stageName = $"stage-e{m.Epoch}";
-        Context.ActorOf(PipelineStageActor.Props(_context, coordinator, _loop).WithDispatcher(ComputeDispatcher), stageName);
+        // With a compute loop, the stage runs on it, and so do the shards only this stage calls (their
+        // experts run inside the stage's graph; the shard just norms and updates them). A shard that
+        // takes requests from other workers needs a thread of its own: the stage's may be blocked
+        // waiting for a remote shard that in turn waits for this one.
+        var stageDispatcher = _loop is null ? ComputeDispatcher : Hosting.ComputeLoopDispatcher.Id;
+        Context.ActorOf(PipelineStageActor.Props(_context, coordinator, _loop).WithDispatcher(stageDispatcher), stageName);
         for (int ordinal = 0; ordinal < plan.ExpertOwner.Length; ordinal++)
         {
             if (plan.ExpertsOn(ordinal, me.Index).Length == 0) continue;
-            Context.ActorOf(ExpertShardActor.Props(_context, ordinal, coordinator).WithDispatcher(ComputeDispatcher), $"shard-{ordinal}");
+            bool isPrivate = plan.ExpertsPrivateTo(ordinal, me.Index, ordinal + _config.Model.DenseLayers);
+            Context.ActorOf(ExpertShardActor.Props(_context, ordinal, coordinator)
+                .WithDispatcher(isPrivate ? stageDispatcher : ComputeDispatcher), $"shard-{ordinal}");
         }
     }
 

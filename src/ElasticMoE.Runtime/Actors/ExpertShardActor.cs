@@ -25,9 +25,13 @@ public sealed class ExpertShardActor : ReceiveActor
     public static Props Props(WorkerContext context, int ordinal, IActorRef coordinator)
         => Akka.Actor.Props.Create(() => new ExpertShardActor(context, ordinal, coordinator));
 
-    // One libtorch thread: a shard works beside its worker's stage on the same cores, and every extra
-    // OpenMP team in the process makes libgomp throttle all of them (see DeviceWorker).
-    protected override void PreStart() => TorchSharp.torch.set_num_threads(1);
+    // One libtorch thread on a thread of its own: a shard works beside its worker's stage on the same
+    // cores, and every extra OpenMP team in the process makes libgomp throttle all of them (see
+    // DeviceWorker). A shard on its stage's compute loop shares the stage's thread and its budget.
+    protected override void PreStart()
+    {
+        if (Context.Props.Dispatcher != Hosting.ComputeLoopDispatcher.Id) TorchSharp.torch.set_num_threads(1);
+    }
 
     private void OnMessage(IElasticMoEMessage message)
     {

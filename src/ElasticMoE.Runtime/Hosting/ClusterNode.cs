@@ -40,6 +40,7 @@ public sealed class ClusterNode : IAsyncDisposable
         if (coordinator) roles.Add(CoordinatorRole);
         if (worker) roles.Add(WorkerRole);
         System = ActorSystem.Create(SystemName, AkkaConfig(config, roles));
+        if (loop is not null) ComputeLoopDispatcher.Register(System, loop);
         var cluster = Cluster.Get(System);
         Address = cluster.SelfAddress;
         if (join is null && config.Cluster.SeedNodes.Count > 0)
