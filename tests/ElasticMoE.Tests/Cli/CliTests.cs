@@ -23,6 +23,37 @@ public class CliTests
     ];
 
     [Fact]
+    public void Bench_reports_figures_against_baselines_of_the_same_run()
+    {
+        var json = Path.Combine(TestSupport.TempDir(), "bench.json");
+        var (code, output, err) = Run(["bench", "--suite", "train", "--bench-steps", "2", "--json", json, .. Tiny]);
+        Assert.True(code == 0, err);
+        Assert.Contains("MFU", output);
+        using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(json));
+        var mfu = doc.RootElement.EnumerateArray().Single(f => f.GetProperty("Name").GetString() == "MFU").GetProperty("Value").GetDouble();
+        Assert.InRange(mfu, 1e-6, 1.0);
+        var flops = doc.RootElement.EnumerateArray().Single(f => f.GetProperty("Name").GetString() == "model FLOP/s");
+        Assert.True(flops.GetProperty("BaselineValue").GetDouble() > 0, "the GEMM peak is measured in the same run");
+    }
+
+    [Fact]
+    public void Bench_cluster_figure_is_the_round_with_the_median_ratio()
+    {
+        Dictionary<Runtime.Benchmarks.ClusterBenchmarks.Mode, double> Round(double single, double one, double two) => new()
+        {
+            [Runtime.Benchmarks.ClusterBenchmarks.Mode.SingleProcess] = single,
+            [Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode] = one,
+            [Runtime.Benchmarks.ClusterBenchmarks.Mode.TwoNodes] = two,
+        };
+        // Ratios 1-node/single: 0.5, 0.9, 1.2 → the middle round, whatever the absolute speeds.
+        var rounds = new[] { Round(200, 100, 90), Round(100, 120, 60), Round(50, 45, 40) };
+        var p1 = BenchCommand.MedianRound(rounds, Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode, Runtime.Benchmarks.ClusterBenchmarks.Mode.SingleProcess);
+        Assert.Same(rounds[2], p1);
+        var p3 = BenchCommand.MedianRound(rounds, Runtime.Benchmarks.ClusterBenchmarks.Mode.TwoNodes, Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode);
+        Assert.Same(rounds[2], p3);   // 0.9, 0.5, 0.889 → 0.889
+    }
+
+    [Fact]
     public void Train_writes_progress_and_json_metrics()
     {
         var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
