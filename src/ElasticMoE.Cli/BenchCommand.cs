@@ -45,8 +45,8 @@ public static class BenchCommand
             if (p.GetValue(measure) is { } mode)
             {
                 // A child of `bench --suite cluster`: measure one mode, print one machine-readable line.
-                var tps = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
-                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {tps:R}"));
+                var m = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
+                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {m.TokensPerSecond:R} {m.PageFaultsPerStep:R}"));
                 return Program.ExitCodes.Ok;
             }
             if (chosen.Contains("train"))
@@ -72,20 +72,23 @@ public static class BenchCommand
                 // Throughput of a fresh process on a small shared VM wanders by ±10 % from one process to
                 // the next, more than the overheads measured here. So each ratio is taken within a round
                 // (modes run back to back), and the figure is the round with the median ratio.
-                var perRound = new List<Dictionary<ClusterBenchmarks.Mode, double>>();
+                const ClusterBenchmarks.Mode single = ClusterBenchmarks.Mode.SingleProcess, one = ClusterBenchmarks.Mode.OneNode, two = ClusterBenchmarks.Mode.TwoNodes;
+                var perRound = new List<Dictionary<ClusterBenchmarks.Mode, ClusterBenchmarks.Measurement>>();
                 for (int round = 0; round < n; round++)
                 {
-                    var r = new Dictionary<ClusterBenchmarks.Mode, double>();
+                    var r = new Dictionary<ClusterBenchmarks.Mode, ClusterBenchmarks.Measurement>();
                     foreach (var m in Enum.GetValues<ClusterBenchmarks.Mode>())
                         r[m] = MeasureInChild(m, args: p.Tokens.Select(t => t.Value).ToArray(), stderr);
                     perRound.Add(r);
                     stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"  round {round + 1}: {string.Join(", ", r.Select(kv => $"{kv.Key} {kv.Value:F0}"))} tok/s; P1 {r[ClusterBenchmarks.Mode.OneNode] / r[ClusterBenchmarks.Mode.SingleProcess]:F3}, P3 {r[ClusterBenchmarks.Mode.TwoNodes] / r[ClusterBenchmarks.Mode.OneNode]:F3}"));
+                        $"  round {round + 1}: {string.Join(", ", r.Select(kv => $"{kv.Key} {kv.Value.TokensPerSecond:F0}"))} tok/s; P1 {r[one].TokensPerSecond / r[single].TokensPerSecond:F3}, P3 {r[two].TokensPerSecond / r[one].TokensPerSecond:F3}"));
                 }
-                var p1 = MedianRound(perRound, ClusterBenchmarks.Mode.OneNode, ClusterBenchmarks.Mode.SingleProcess);
-                var p3 = MedianRound(perRound, ClusterBenchmarks.Mode.TwoNodes, ClusterBenchmarks.Mode.OneNode);
-                figures.Add(new("P1 tokens/s, 1 node", p1[ClusterBenchmarks.Mode.OneNode], "tok/s", "single-process loop", p1[ClusterBenchmarks.Mode.SingleProcess]));
-                figures.Add(new("P3 tokens/s, 2 nodes", p3[ClusterBenchmarks.Mode.TwoNodes], "tok/s", "1 node", p3[ClusterBenchmarks.Mode.OneNode]));
+                var p1 = MedianRound(perRound, r => r[one].TokensPerSecond / r[single].TokensPerSecond);
+                var p3 = MedianRound(perRound, r => r[two].TokensPerSecond / r[one].TokensPerSecond);
+                var faults = MedianRound(perRound, r => r[one].PageFaultsPerStep / r[single].PageFaultsPerStep);
+                figures.Add(new("P1 tokens/s, 1 node", p1[one].TokensPerSecond, "tok/s", "single-process loop", p1[single].TokensPerSecond));
+                figures.Add(new("P3 tokens/s, 2 nodes", p3[two].TokensPerSecond, "tok/s", "1 node", p3[one].TokensPerSecond));
+                figures.Add(new("page faults per step, 1 node", faults[one].PageFaultsPerStep, "faults", "single-process loop", faults[single].PageFaultsPerStep));
             }
             if (chosen.Contains("dataplane"))
             {
@@ -101,16 +104,15 @@ public static class BenchCommand
         return cmd;
     }
 
-    /// <summary>The round whose <paramref name="mode"/> ÷ <paramref name="baseline"/> ratio is the median (the lower one of an even count).</summary>
-    public static Dictionary<ClusterBenchmarks.Mode, double> MedianRound(IReadOnlyList<Dictionary<ClusterBenchmarks.Mode, double>> rounds,
-        ClusterBenchmarks.Mode mode, ClusterBenchmarks.Mode baseline)
+    /// <summary>The round whose <paramref name="ratio"/> is the median (the lower one of an even count; NaN sorts first).</summary>
+    public static T MedianRound<T>(IReadOnlyList<T> rounds, Func<T, double> ratio)
     {
-        var sorted = rounds.OrderBy(r => r[mode] / r[baseline]).ToList();
+        var sorted = rounds.OrderBy(ratio).ToList();
         return sorted[(sorted.Count - 1) / 2];
     }
 
     // Runs this executable again with the same arguments plus --measure, so each mode has a process to itself.
-    private static double MeasureInChild(ClusterBenchmarks.Mode mode, string[] args, TextWriter stderr)
+    private static ClusterBenchmarks.Measurement MeasureInChild(ClusterBenchmarks.Mode mode, string[] args, TextWriter stderr)
     {
         var psi = new System.Diagnostics.ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         var entry = Environment.GetCommandLineArgs()[0];
@@ -134,7 +136,8 @@ public static class BenchCommand
         var line = text.Split('\n').FirstOrDefault(l => l.StartsWith("MEASURED ", StringComparison.Ordinal));
         if (child.ExitCode != 0 || line is null)
             throw new InvalidOperationException($"benchmark child for {mode} failed (exit {child.ExitCode}): {err.Result}");
-        return double.Parse(line.Split(' ')[2], CultureInfo.InvariantCulture);
+        var parts = line.Split(' ');
+        return new(double.Parse(parts[2], CultureInfo.InvariantCulture), double.Parse(parts[3], CultureInfo.InvariantCulture));
     }
 
     public static void Print(TextWriter o, IEnumerable<BenchFigure> figures)

@@ -23,7 +23,16 @@ public sealed class TrainingReport : IDisposable
         }
     }
 
+    /// <summary>Raised after each step is reported, on the reporting thread (benchmarks sample resources here).</summary>
+    public event Action<StepResult>? StepReported;
+
     public void Step(StepResult r, double? valLoss, long totalSteps)
+    {
+        WriteStep(r, valLoss, totalSteps);
+        StepReported?.Invoke(r);
+    }
+
+    private void WriteStep(StepResult r, double? valLoss, long totalSteps)
     {
         var line = string.Create(CultureInfo.InvariantCulture,
             $"step {r.Step + 1,5}/{totalSteps}  loss {r.Loss:F4}  {(valLoss is { } v ? $"val {v:F4}  " : "")}lr {r.Lr:E2}  |g| {r.GradNorm:F3}  tok/s {r.TokensPerSecond,8:F0}  maxvio {r.MaxVio:F3}");

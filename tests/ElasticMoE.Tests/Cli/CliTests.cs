@@ -39,18 +39,10 @@ public class CliTests
     [Fact]
     public void Bench_cluster_figure_is_the_round_with_the_median_ratio()
     {
-        Dictionary<Runtime.Benchmarks.ClusterBenchmarks.Mode, double> Round(double single, double one, double two) => new()
-        {
-            [Runtime.Benchmarks.ClusterBenchmarks.Mode.SingleProcess] = single,
-            [Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode] = one,
-            [Runtime.Benchmarks.ClusterBenchmarks.Mode.TwoNodes] = two,
-        };
-        // Ratios 1-node/single: 0.5, 0.9, 1.2 → the middle round, whatever the absolute speeds.
-        var rounds = new[] { Round(200, 100, 90), Round(100, 120, 60), Round(50, 45, 40) };
-        var p1 = BenchCommand.MedianRound(rounds, Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode, Runtime.Benchmarks.ClusterBenchmarks.Mode.SingleProcess);
-        Assert.Same(rounds[2], p1);
-        var p3 = BenchCommand.MedianRound(rounds, Runtime.Benchmarks.ClusterBenchmarks.Mode.TwoNodes, Runtime.Benchmarks.ClusterBenchmarks.Mode.OneNode);
-        Assert.Same(rounds[2], p3);   // 0.9, 0.5, 0.889 → 0.889
+        // (single, 1 node) per round: ratios 0.5, 1.2, 0.9 → the third round, whatever the absolute speeds.
+        var rounds = new[] { (200.0, 100.0), (100.0, 120.0), (50.0, 45.0) };
+        Assert.Equal(rounds[2], BenchCommand.MedianRound(rounds, r => r.Item2 / r.Item1));
+        Assert.Equal(rounds[0], BenchCommand.MedianRound(rounds.Take(2).ToList(), r => r.Item2 / r.Item1));   // even count: the lower
     }
 
     [Fact]
