@@ -20,7 +20,7 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var rms = x.pow(2).mean(new long[] { -1 }, keepdim: true).add_(_eps).rsqrt_();
+        var rms = x.square().mean(new long[] { -1 }, keepdim: true).add_(Scalars.Of(_eps), Scalars.One).rsqrt_();
         return (x * rms * weight).MoveToOuterDisposeScope();
     }
 }
@@ -65,8 +65,11 @@ public sealed class Rope : IDisposable
     {
         using var scope = NewDisposeScope();
         var half = headDim / 2;
-        var inv = pow(theta, -arange(0, half, dtype: ScalarType.Float64) * 2.0 / headDim);
-        var t = arange(0, context, dtype: ScalarType.Float64);
+        using var halfS = ((long)half).ToScalar();
+        using var contextS = ((long)context).ToScalar();
+        using var exponentScale = (-2.0 / headDim).ToScalar();
+        var inv = pow(tensor(theta, dtype: ScalarType.Float64), arange(Scalars.Zero, halfS, Scalars.One, dtype: ScalarType.Float64).mul(exponentScale));
+        var t = arange(Scalars.Zero, contextS, Scalars.One, dtype: ScalarType.Float64);
         var freqs = outer(t, inv);                     // [T, half]
         var emb = cat(new[] { freqs, freqs }, -1);     // [T, hd]
         Cos = emb.cos().to(dtype, device).MoveToOuterDisposeScope();
@@ -83,7 +86,7 @@ public sealed class Rope : IDisposable
         var x1 = x.narrow(-1, 0, half);
         var x2 = x.narrow(-1, half, half);
         var rotated = cat(new[] { -x2, x1 }, -1);
-        return (x * cos + rotated * sin).MoveToOuterDisposeScope();
+        return (x * cos).Plus(rotated * sin).MoveToOuterDisposeScope();
     }
 
     public void Dispose()

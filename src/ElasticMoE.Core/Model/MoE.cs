@@ -42,11 +42,11 @@ public sealed class Router : nn.Module<Tensor, Routing>
         var scores = _o.Scoring == RouterScoring.Sigmoid ? logits.sigmoid() : logits.softmax(-1);
         Tensor indices;
         using (no_grad())
-            indices = (scores.detach() + expert_bias.to(scores.dtype)).topk(_o.TopK, dim: -1).indexes;
+            indices = scores.detach().Plus(expert_bias.to(scores.dtype)).topk(_o.TopK, dim: -1).indexes;
         var gates = scores.gather(-1, indices);
         if (_o.Scoring == RouterScoring.Sigmoid)
             gates = gates / gates.sum(-1, keepdim: true);
-        gates = gates * _o.RouteScale;
+        gates = gates.mul(Scalars.Of(_o.RouteScale));
         return new Routing(indices.MoveToOuterDisposeScope(), gates.MoveToOuterDisposeScope(), scores.MoveToOuterDisposeScope());
     }
 
@@ -64,7 +64,7 @@ public sealed class Router : nn.Module<Tensor, Routing>
         for (int i = 0; i < load.Length; i++) delta[i] = (float)(gamma * Math.Sign(mean - load[i]));
         using (no_grad())
         using (var d = tensor(delta, device: expert_bias.device))
-            expert_bias.add_(d);
+            expert_bias.add_(d, Scalars.One);
     }
 }
 
@@ -101,7 +101,8 @@ public sealed class DispatchPlan : IDisposable
         var flat = indices.reshape(-1);
         long nk = flat.shape[0];
         // Unique keys make the sort stable: by expert, then by position.
-        var order = (flat * nk + arange(nk, device: flat.device)).argsort();
+        using var nkS = nk.ToScalar();
+        var order = flat.mul(nkS).Plus(arange(Scalars.Zero, nkS, Scalars.One, device: flat.device)).argsort();
         var sortedExperts = flat.index_select(0, order);
         var counts = bincount(flat, minlength: experts).cpu().data<long>().ToArray();
         long dropped = 0;
@@ -109,8 +110,9 @@ public sealed class DispatchPlan : IDisposable
         {
             var offsets = new long[experts];
             for (int e = 1; e < experts; e++) offsets[e] = offsets[e - 1] + counts[e - 1];
-            var rank = arange(nk, device: flat.device) - tensor(offsets, device: flat.device).index_select(0, sortedExperts);
-            var keep = rank.lt(cap);
+            using var capS = cap.ToScalar();
+            var rank = arange(Scalars.Zero, nkS, Scalars.One, device: flat.device) - tensor(offsets, device: flat.device).index_select(0, sortedExperts);
+            var keep = rank.lt(capS);
             order = order.masked_select(keep);
             for (int e = 0; e < experts; e++)
             {
@@ -119,7 +121,8 @@ public sealed class DispatchPlan : IDisposable
                 counts[e] = kept;
             }
         }
-        var tokenIndex = order.div(k, rounding_mode: RoundingMode.floor);
+        using var kS = k.ToScalar();
+        var tokenIndex = order.div(kS, rounding_mode: RoundingMode.floor);
         return new DispatchPlan(tokenIndex.MoveToOuterDisposeScope(), order.MoveToOuterDisposeScope(), counts, dropped);
     }
 
@@ -134,7 +137,7 @@ public sealed class DispatchPlan : IDisposable
         using var scope = NewDisposeScope();
         var g = gates.reshape(-1).index_select(0, AssignmentIndex).unsqueeze(1).to(expertOutputs.dtype);
         var y = zeros(tokens, expertOutputs.shape[1], dtype: expertOutputs.dtype, device: expertOutputs.device);
-        return y.index_add(0, TokenIndex, expertOutputs * g, 1).MoveToOuterDisposeScope();
+        return y.index_add(0, TokenIndex, expertOutputs * g, Scalars.One).MoveToOuterDisposeScope();
     }
 
     public void Dispose()
@@ -205,7 +208,7 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         Tensor? total = null;
         // alias(): a handle of our own, since a layer disposes its LastAuxLoss on its next forward.
         foreach (var l in layers)
-            if (l.LastAuxLoss is { } a) total = total is null ? a.alias() : total + a;
+            if (l.LastAuxLoss is { } a) total = total is null ? a.alias() : total.Plus(a);
         return total;
     }
 
@@ -256,7 +259,7 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
 
         var expertOut = Executor.Run(this, plan.Dispatch(flat), plan.Counts);
         var y = plan.Combine(expertOut, routing.Gates, b * t);
-        if (shared is not null) y = y + shared.forward(flat);
+        if (shared is not null) y = y.Plus(shared.forward(flat));
 
         LastAuxLoss?.Dispose();
         LastAuxLoss = _o.SequenceAuxAlpha > 0
@@ -278,8 +281,8 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         var gateMatrix = zeros(b * t, _o.RoutedExperts, dtype: flat.dtype, device: flat.device).scatter(1, routing.Indices, routing.Gates);
         var y = zeros_like(flat);
         for (int e = 0; e < _o.RoutedExperts; e++)
-            y = y + gateMatrix.narrow(1, e, 1) * experts[e].forward(flat);
-        if (shared is not null) y = y + shared.forward(flat);
+            y = y.Plus(gateMatrix.narrow(1, e, 1) * experts[e].forward(flat));
+        if (shared is not null) y = y.Plus(shared.forward(flat));
         return y.reshape(b, t, d).MoveToOuterDisposeScope();
     }
 
@@ -290,7 +293,8 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         var s = routing.Scores.reshape(b, t, e);
         var p = (s / s.sum(-1, keepdim: true)).mean(new long[] { 1 });                 // [B, E]
         var chosen = nn.functional.one_hot(routing.Indices.reshape(b, t * k), e).sum(1).to(s.dtype); // [B, E]
-        var f = chosen * ((double)e / (k * t));
-        return (f.detach() * p).sum(-1).mean() * _o.SequenceAuxAlpha;
+        using var scale = ((double)e / (k * t)).ToScalar();
+        var f = chosen.mul(scale);
+        return (f.detach() * p).sum(-1).mean().mul(Scalars.Of(_o.SequenceAuxAlpha));
     }
 }

@@ -28,8 +28,8 @@ public sealed class TransformerBlock : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var h = x + attn.forward(attn_norm.forward(x));
-        return (h + ffn.forward(ffn_norm.forward(h))).MoveToOuterDisposeScope();
+        var h = x.Plus(attn.forward(attn_norm.forward(x)));
+        return h.Plus(ffn.forward(ffn_norm.forward(h))).MoveToOuterDisposeScope();
     }
 }
 

@@ -1,3 +1,4 @@
+using ElasticMoE.Model;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -41,6 +42,13 @@ public sealed class AdamW : IDisposable
         StepCount++;
         double bc1 = 1 - Math.Pow(Beta1, StepCount);
         double bc2 = 1 - Math.Pow(Beta2, StepCount);
+        // Explicit Scalars, alive until the loop ends (see ElasticMoE.Model.Scalars for why).
+        Scalar beta1 = Model.Scalars.Of(Beta1), oneMinusBeta1 = Model.Scalars.Of(1 - Beta1);
+        Scalar beta2 = Model.Scalars.Of(Beta2), oneMinusBeta2 = Model.Scalars.Of(1 - Beta2), eps = Model.Scalars.Of(Eps);
+        using var scale = gradScale.ToScalar();
+        using var decay = (1 - lr * WeightDecay).ToScalar();
+        using var biasCorrection2 = bc2.ToScalar();
+        using var stepSize = (-lr / bc1).ToScalar();
         using var _ = no_grad();
         foreach (var (name, p) in parameters)
         {
@@ -54,12 +62,12 @@ public sealed class AdamW : IDisposable
                 mv = (zeros_like(p).DetachFromDisposeScope(), zeros_like(p).DetachFromDisposeScope());
                 _moments[name] = mv;
             }
-            var g = gradScale == 1.0 ? grad : grad * gradScale;
-            mv.M.mul_(Beta1).add_(g, alpha: 1 - Beta1);
-            mv.V.mul_(Beta2).addcmul_(g, g, value: 1 - Beta2);
-            if (WeightDecay > 0 && p.dim() >= 2) p.mul_(1 - lr * WeightDecay);
-            var denom = (mv.V / bc2).sqrt_().add_(Eps);
-            p.addcdiv_(mv.M, denom, value: -lr / bc1);
+            var g = gradScale == 1.0 ? grad : grad.mul(scale);
+            mv.M.mul_(beta1).add_(g, alpha: oneMinusBeta1);
+            mv.V.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
+            if (WeightDecay > 0 && p.dim() >= 2) p.mul_(decay);
+            var denom = mv.V.div(biasCorrection2).sqrt_().add_(eps, Model.Scalars.One);
+            p.addcdiv_(mv.M, denom, value: stepSize);
         }
     }
 
@@ -107,8 +115,8 @@ public static class GradClip
         foreach (var p in parameters)
         {
             if (p.grad is not { } g) continue;
-            var s = g.to(ScalarType.Float64).pow(2).sum();
-            total = total is null ? s : total + s;
+            var s = g.to(ScalarType.Float64).square().sum();
+            total = total is null ? s : total.Plus(s);
         }
         return total is null ? 0 : total.item<double>();
     }

@@ -69,8 +69,9 @@ public sealed class Trainer : IDisposable
             using var micro = NewDisposeScope();
             var (x, y) = Sampler.TrainBatch(Step, m * t.MicroBatch, t.MicroBatch, Device);
             var ce = MoETransformer.CrossEntropy(Model.forward(x), y);
-            var total = Model.AuxLoss() is { } aux ? ce + aux : ce;
-            (total / microBatches).backward();
+            var total = Model.AuxLoss() is { } aux ? ce.Plus(aux) : ce;
+            using var perMicro = (1.0 / microBatches).ToScalar();
+            total.mul(perMicro).backward();
             lossSum += ce.item<float>();
         }
         double loss = lossSum / microBatches;

@@ -58,7 +58,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             if (owner == context.Worker && privateLocal)
             {
                 var local = RunLocal(layer, tokens.index_select(0, index), ordinal, ownerCounts);
-                result = result.index_add(0, index, local, 1);
+                result = result.index_add(0, index, local, Scalars.One);
             }
             else remote.Add((owner, index, ownerCounts.ToArray()));
         }
@@ -72,7 +72,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
                 ? RemoteExpertsFunction.apply(args.ToArray())
                 : call.Forward(args.Skip(1).Cast<Tensor>().ToList());
             for (int i = 0; i < remote.Count; i++)
-                result = result.index_add(0, remote[i].Index, outputs[i].to(tokens.dtype), 1);
+                result = result.index_add(0, remote[i].Index, outputs[i].to(tokens.dtype), Scalars.One);
         }
         return result.MoveToOuterDisposeScope();
     }

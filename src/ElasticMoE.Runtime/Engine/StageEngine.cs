@@ -79,8 +79,9 @@ public sealed class StageEngine : IDisposable
             if (ctx.IsLastStage)
             {
                 var ce = MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!);
-                var total = aux is null ? ce : ce + aux;
-                (total / totalMicro).backward();
+                var total = aux is null ? ce : ce.Plus(aux);
+                using var perMicro = (1.0 / totalMicro).ToScalar();
+                total.mul(perMicro).backward();
                 double loss = ce.item<float>();
                 if (!double.IsFinite(loss)) throw new TrainingDivergedException(step, "the loss", loss);
                 lossSum += loss;
@@ -100,7 +101,11 @@ public sealed class StageEngine : IDisposable
             using var frame = Receive(StepTags.Make(StepTags.Kind.ActivationGrad, plan.Epoch, step, ctx.Stage, m, NeighbourWorker(+1)));
             var grad = frame.ToTensor().to(ctx.Device);
             if (aux is null) output.backward(new[] { grad });
-            else ((output * grad).sum() + aux / totalMicro).backward();   // same gradients as backward(grad) plus the aux term
+            else
+            {
+                using var perMicro = (1.0 / totalMicro).ToScalar();
+                (output * grad).sum().Plus(aux.mul(perMicro)).backward();   // same gradients as backward(grad) plus the aux term
+            }
             if (!ctx.IsFirstStage) SendTo(-1, StepTags.Kind.ActivationGrad, step, m, input.grad!);
         }
 
