@@ -40,6 +40,14 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
     /// </summary>
     public bool ExpertsPrivateTo(int moeOrdinal, int worker, int block)
         => Dp == 1 && StageOf(worker) == StageOfBlock(block);
+
+    /// <summary>
+    /// <see cref="ExpertsPrivateTo"/> for the shard of MoE layer <paramref name="moeOrdinal"/> on
+    /// <paramref name="worker"/> (MoE layers follow the model's <paramref name="denseLayers"/> dense blocks):
+    /// such a shard's experts run in its worker's stage graph, and that stage reports their gradient norm.
+    /// </summary>
+    public bool ShardIsPrivate(int moeOrdinal, int worker, int denseLayers)
+        => ExpertsPrivateTo(moeOrdinal, worker, moeOrdinal + denseLayers);
 }
 
 /// <summary>Pure layout maths: how to split layers into stages and spread experts over workers.</summary>

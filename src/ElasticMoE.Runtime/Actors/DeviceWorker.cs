@@ -91,7 +91,7 @@ public sealed class DeviceWorker : ReceiveActor
         for (int ordinal = 0; ordinal < plan.ExpertOwner.Length; ordinal++)
         {
             if (plan.ExpertsOn(ordinal, me.Index).Length == 0) continue;
-            bool isPrivate = plan.ExpertsPrivateTo(ordinal, me.Index, ordinal + _config.Model.DenseLayers);
+            bool isPrivate = plan.ShardIsPrivate(ordinal, me.Index, _config.Model.DenseLayers);
             Context.ActorOf(ExpertShardActor.Props(_context, ordinal, coordinator)
                 .WithDispatcher(isPrivate ? stageDispatcher : ComputeDispatcher), $"shard-{ordinal}");
         }

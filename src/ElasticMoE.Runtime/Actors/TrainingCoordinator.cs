@@ -170,7 +170,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         if (_plan is null || m.Epoch != _plan.Epoch) return;
         _shards[(m.Worker, m.MoEOrdinal)] = Sender;
-        if (!_plan.ExpertsPrivateTo(m.MoEOrdinal, m.Worker, m.MoEOrdinal + _config.Model.DenseLayers)) _sharedShards.Add(Sender);
+        if (!_plan.ShardIsPrivate(m.MoEOrdinal, m.Worker, _config.Model.DenseLayers)) _sharedShards.Add(Sender);
         MaybeStart();
     }
 

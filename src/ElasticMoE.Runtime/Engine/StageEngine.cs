@@ -37,7 +37,7 @@ public sealed class StageEngine : IDisposable
         _executor = new DistributedExpertExecutor(ctx, messenger);
         _moe = ctx.StageMoELayers.ToArray();
         _privateExperts = _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex))
-            .Where(o => ctx.Plan.ExpertsPrivateTo(o, ctx.Worker, o + ctx.Config.Model.DenseLayers))
+            .Where(o => ctx.Plan.ShardIsPrivate(o, ctx.Worker, ctx.Config.Model.DenseLayers))
             .SelectMany(ctx.ExpertParameters).ToList();
         foreach (var layer in _moe) layer.Executor = _executor;
         var plan = ctx.Plan;

@@ -65,6 +65,8 @@ public class LayoutPlannerTests
         var pipeline = LayoutPlanner.Plan(1, Workers(2), 2, cfg.Model);
         Assert.True(pipeline.ExpertsPrivateTo(0, 0, 1));     // block 1 sits on stage 0 = worker 0
         Assert.False(pipeline.ExpertsPrivateTo(0, 1, 1));    // worker 1 does not run block 1
+        Assert.True(pipeline.ShardIsPrivate(0, 0, denseLayers: 1));    // MoE layer 0 = block 1
+        Assert.False(pipeline.ShardIsPrivate(0, 1, denseLayers: 1));
         var dataParallel = LayoutPlanner.Plan(1, Workers(2), 1, cfg.Model);
         Assert.False(dataParallel.ExpertsPrivateTo(0, 0, 1)); // the other replica sends tokens too
     }
