@@ -1,9 +1,32 @@
 using ElasticMoE.Configuration;
+using ElasticMoE.State;
 
 namespace ElasticMoE.Planning;
 
-/// <summary>One device that can host work: a worker. Its index is its place in the plan.</summary>
-public sealed record WorkerSlot(int Index, string NodeAddress, int Device, string DataEndpoint);
+/// <summary>
+/// The stable identity of a worker: node address + actor-system uid + device. A node that comes back on
+/// the same address is a new incarnation (new uid), so it is a different worker. Never a position in a list.
+/// </summary>
+public sealed record WorkerId(string NodeAddress, long SystemUid, int Device) : IComparable<WorkerId>
+{
+    public int CompareTo(WorkerId? other)
+    {
+        if (other is null) return 1;
+        int c = string.CompareOrdinal(NodeAddress, other.NodeAddress);
+        if (c != 0) return c;
+        c = SystemUid.CompareTo(other.SystemUid);
+        return c != 0 ? c : Device.CompareTo(other.Device);
+    }
+
+    public override string ToString() => $"{NodeAddress}#{SystemUid}/d{Device}";
+}
+
+/// <summary>One device that can host work: its identity and where its data plane listens.</summary>
+public sealed record WorkerSlot(WorkerId Id, string DataEndpoint)
+{
+    public string NodeAddress => Id.NodeAddress;
+    public int Device => Id.Device;
+}
 
 /// <summary>Blocks [First, End) of the model, run by one pipeline stage.</summary>
 public sealed record StageRange(int First, int End)
@@ -14,7 +37,9 @@ public sealed record StageRange(int First, int End)
 /// <summary>
 /// Who computes what: the data-parallel × pipeline-parallel layout and where every routed expert lives.
 /// A value: the coordinator can replace it at any step boundary (elasticity, rebalancing) and send the
-/// new one out; nothing in it refers to actors or sockets.
+/// new one out; nothing in it refers to actors or sockets. A worker's position in <see cref="Workers"/>
+/// (its rank, replica·Pp + stage) is local to this plan and names it only inside this epoch's tags;
+/// across plans a worker is its <see cref="WorkerId"/>.
 /// </summary>
 /// <param name="Epoch">Generation of the plan; bumps whenever the plan changes, and scopes data-plane tags.</param>
 /// <param name="Stages">Block range of each pipeline stage (Pp entries).</param>
@@ -22,6 +47,36 @@ public sealed record StageRange(int First, int End)
 public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<StageRange> Stages, IReadOnlyList<WorkerSlot> Workers, int[][] ExpertOwner)
 {
     public int WorldSize => Workers.Count;
+
+    /// <summary>Rank of a worker in this plan, or -1 when the plan does not use it.</summary>
+    public int RankOf(WorkerId id)
+    {
+        for (int i = 0; i < Workers.Count; i++) if (Workers[i].Id == id) return i;
+        return -1;
+    }
+
+    /// <summary>Units held by the worker of rank <paramref name="rank"/>: its stage's slice and the experts it hosts.</summary>
+    public IEnumerable<UnitId> UnitsOf(int rank, ModelOptions model)
+    {
+        var stage = Stages[StageOf(rank)];
+        foreach (var u in UnitCatalog.StageUnits(model, stage.First, stage.End)) yield return u;
+        for (int o = 0; o < ExpertOwner.Length; o++)
+            for (int e = 0; e < ExpertOwner[o].Length; e++)
+                if (ExpertOwner[o][e] == rank) yield return UnitId.OfExpert(o + model.DenseLayers, e);
+    }
+
+    /// <summary>Every unit with the ranks that hold it (several for dense units when DP &gt; 1).</summary>
+    public IReadOnlyDictionary<UnitId, int[]> Holders(ModelOptions model)
+    {
+        var map = new SortedDictionary<UnitId, List<int>>();
+        for (int r = 0; r < WorldSize; r++)
+            foreach (var u in UnitsOf(r, model))
+            {
+                if (!map.TryGetValue(u, out var list)) map[u] = list = new List<int>();
+                list.Add(r);
+            }
+        return map.ToDictionary(kv => kv.Key, kv => kv.Value.ToArray());
+    }
     public int StageOf(int worker) => worker % Pp;
     public int ReplicaOf(int worker) => worker / Pp;
     public int WorkerAt(int replica, int stage) => replica * Pp + stage;

@@ -61,11 +61,11 @@ public sealed class DeviceWorker : ReceiveActor
 
     private void OnAssignPlan(AssignPlan m)
     {
-        var workers = m.Workers.Select((w, i) => new WorkerSlot(i, w.NodeAddress, w.Device, w.DataEndpoint)).ToList();
+        var workers = m.Workers.Select(w => new WorkerSlot(new WorkerId(w.NodeAddress, w.SystemUid, w.Device), w.DataEndpoint)).ToList();
         var plan = new TrainingPlan(m.Epoch, m.Dp, m.Pp,
             m.StageStarts.Zip(m.StageEnds, (a, b) => new StageRange(a, b)).ToArray(), workers, m.ExpertOwner);
-        var me = workers.FirstOrDefault(w => w.NodeAddress == _nodeAddress && w.Device == _device);
-        if (me is null)
+        int myRank = workers.FindIndex(w => w.NodeAddress == _nodeAddress && w.Device == _device);
+        if (myRank < 0)
         {
             _log.Info("worker {0} is not in plan epoch {1}; idle", _device, m.Epoch);
             return;
@@ -77,9 +77,9 @@ public sealed class DeviceWorker : ReceiveActor
             // behind here would make the compute threads' own teams crawl (libgomp throttles every team
             // once it manages more threads than there are cores).
             TorchSharp.torch.set_num_threads(1);
-            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, me.Index, _stopping);
+            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, myRank, _stopping);
         }
-        _context.Install(plan, me.Index);
+        _context.Install(plan, myRank);
         var coordinator = Sender;
         var stageName = $"stage-e{m.Epoch}";
         // With a compute loop, the stage runs on it, and so do the shards only this stage calls (their
@@ -90,8 +90,8 @@ public sealed class DeviceWorker : ReceiveActor
         Context.ActorOf(PipelineStageActor.Props(_context, coordinator, _loop).WithDispatcher(stageDispatcher), stageName);
         for (int ordinal = 0; ordinal < plan.ExpertOwner.Length; ordinal++)
         {
-            if (plan.ExpertsOn(ordinal, me.Index).Length == 0) continue;
-            bool isPrivate = plan.ShardIsPrivate(ordinal, me.Index, _config.Model.DenseLayers);
+            if (plan.ExpertsOn(ordinal, myRank).Length == 0) continue;
+            bool isPrivate = plan.ShardIsPrivate(ordinal, myRank, _config.Model.DenseLayers);
             Context.ActorOf(ExpertShardActor.Props(_context, ordinal, coordinator)
                 .WithDispatcher(isPrivate ? stageDispatcher : ComputeDispatcher), $"shard-{ordinal}");
         }

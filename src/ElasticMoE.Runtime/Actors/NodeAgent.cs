@@ -88,7 +88,8 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private void Register()
     {
         if (_accepted) return;
-        _coordinator.Tell(new RegisterNode(_address, _dataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed));
+        _coordinator.Tell(new RegisterNode(_address, _dataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
+            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
     }
 
     private void OnMessage(IElasticMoEMessage message)

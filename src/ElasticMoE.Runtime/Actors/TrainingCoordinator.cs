@@ -33,7 +33,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private readonly string _fingerprint;
 
-    private readonly List<(string Address, string[] Endpoints, IActorRef Agent)> _nodes = new();
+    private readonly List<(string Address, long Uid, string[] Endpoints, IActorRef Agent)> _nodes = new();
     private TrainingPlan? _plan;
     private readonly Dictionary<int, IActorRef> _stages = new();
     private readonly Dictionary<(int Worker, int Ordinal), IActorRef> _shards = new();
@@ -126,7 +126,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             Sender.Tell(new NodeRefused(m.NodeAddress, "the run has started; joining a running job comes with elastic membership"));
             return;
         }
-        _nodes.Add((m.NodeAddress, m.DataEndpoints, Sender));
+        _nodes.Add((m.NodeAddress, m.SystemUid, m.DataEndpoints, Sender));
         Sender.Tell(new NodeAccepted(m.NodeAddress));
         _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_nodes.Count}/{_config.Cluster.NodesToWaitFor})");
         if (_nodes.Count == _config.Cluster.NodesToWaitFor) AssignFirstPlan();
@@ -136,8 +136,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         // Workers in a stable order (node address, then device), so a layout is reproducible.
         var slots = _nodes.OrderBy(n => n.Address, StringComparer.Ordinal)
-            .SelectMany(n => n.Endpoints.Select((e, d) => (n.Address, d, e)))
-            .Select((t, i) => new WorkerSlot(i, t.Address, t.d, t.e)).ToList();
+            .SelectMany(n => n.Endpoints.Select((e, d) => new WorkerSlot(new WorkerId(n.Address, n.Uid, d), e))).ToList();
         try
         {
             _plan = LayoutPlanner.Plan(1, slots, _config.Cluster.PipelineStages, _config.Model);
@@ -151,7 +150,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             .Sum(o => _plan.ExpertOwner[o].Distinct().Count());
         var msg = new AssignPlan(_plan.Epoch, _plan.Dp, _plan.Pp,
             _plan.Stages.Select(s => s.First).ToArray(), _plan.Stages.Select(s => s.End).ToArray(),
-            _plan.Workers.Select(w => new WorkerInfo(w.NodeAddress, w.Device, w.DataEndpoint)).ToArray(),
+            _plan.Workers.Select(w => new WorkerInfo(w.NodeAddress, w.Device, w.DataEndpoint, w.Id.SystemUid)).ToArray(),
             _plan.ExpertOwner, _step);
         _report.Info($"plan: {_plan.WorldSize} worker(s), DP {_plan.Dp} x PP {_plan.Pp}, stages " +
                      string.Join(" ", _plan.Stages.Select(s => $"[{s.First},{s.End})")) +

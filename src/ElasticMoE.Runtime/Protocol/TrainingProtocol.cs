@@ -8,7 +8,7 @@ namespace ElasticMoE.Runtime.Protocol;
 
 /// <summary>A worker (device) as described by its node when registering.</summary>
 [MessagePackObject, Manifest("t.WorkerInfo")]
-public sealed record WorkerInfo([property: Key(0)] string NodeAddress, [property: Key(1)] int Device, [property: Key(2)] string DataEndpoint);
+public sealed record WorkerInfo([property: Key(0)] string NodeAddress, [property: Key(1)] int Device, [property: Key(2)] string DataEndpoint, [property: Key(3)] long SystemUid);
 
 /// <summary>Node agent → coordinator: this node is up with these devices. Retried until acknowledged.</summary>
 [MessagePackObject, Manifest("t.RegisterNode")]
@@ -16,7 +16,8 @@ public sealed record RegisterNode(
     [property: Key(0)] string NodeAddress,
     [property: Key(1)] string[] DataEndpoints,
     [property: Key(2)] string ModelFingerprint,
-    [property: Key(3)] long Seed) : IElasticMoEMessage;
+    [property: Key(3)] long Seed,
+    [property: Key(4)] long SystemUid) : IElasticMoEMessage;
 
 /// <summary>Coordinator → node agent: registration accepted; the node's workers will receive a plan.</summary>
 [MessagePackObject, Manifest("t.NodeAccepted")]

@@ -5,7 +5,7 @@ namespace ElasticMoE.Tests.Planning;
 
 public class LayoutPlannerTests
 {
-    private static List<WorkerSlot> Workers(int n) => Enumerable.Range(0, n).Select(i => new WorkerSlot(i, $"node{i}", 0, $"127.0.0.1:{9000 + i}")).ToList();
+    private static List<WorkerSlot> Workers(int n) => Enumerable.Range(0, n).Select(i => new WorkerSlot(new WorkerId($"node{i}", 1, 0), $"127.0.0.1:{9000 + i}")).ToList();
 
     [Theory]
     [InlineData(4, 1)]
