@@ -77,6 +77,18 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
             }
         return map.ToDictionary(kv => kv.Key, kv => kv.Value.ToArray());
     }
+    /// <summary>
+    /// True when <paramref name="other"/> lays out the same workers in the same ranks with the same stages and
+    /// expert owners, whatever its epoch: record equality compares the lists by reference, and a coordinator
+    /// needs to know whether a re-plan changes anything before it pays for one.
+    /// </summary>
+    public bool SameLayout(TrainingPlan other)
+        => Dp == other.Dp && Pp == other.Pp
+           && Stages.SequenceEqual(other.Stages)
+           && Workers.SequenceEqual(other.Workers)
+           && ExpertOwner.Length == other.ExpertOwner.Length
+           && ExpertOwner.Zip(other.ExpertOwner).All(t => t.First.SequenceEqual(t.Second));
+
     public int StageOf(int worker) => worker % Pp;
     public int ReplicaOf(int worker) => worker / Pp;
     public int WorkerAt(int replica, int stage) => replica * Pp + stage;
