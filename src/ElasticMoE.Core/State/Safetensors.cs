@@ -10,7 +10,7 @@ namespace ElasticMoE.State;
 /// <summary>Raised when bytes are not a well-formed safetensors file; the message says what is wrong and where.</summary>
 public sealed class SafetensorsFormatException(string message, Exception? inner = null) : FormatException(message, inner);
 
-/// <summary>One tensor of a safetensors file, as its header describes it.</summary>
+/// <summary>One tensor of a safetensors file, as its header describes it (record equality compares <see cref="Shape"/> by reference).</summary>
 /// <param name="Name">The tensor's name (the header key).</param>
 /// <param name="DType">The safetensors dtype code as written (<c>F32</c>, <c>BF16</c>, <c>I64</c>, …).</param>
 /// <param name="ScalarType">The TorchSharp element type of that code.</param>

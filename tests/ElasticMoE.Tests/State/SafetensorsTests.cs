@@ -290,4 +290,47 @@ public class SafetensorsTests
                 Assert.Equal(flat.to(ScalarType.Float64).data<double>().ToArray(), values.Select(v => v.GetDouble()));
         }
     }
+
+    private const string IndependentWriter = """
+        import json, struct, sys
+        import numpy as np
+        tensors = {
+            'z_f32': np.arange(6, dtype='<f4').reshape(2, 3) / np.float32(7),
+            'a_i64': np.array([[-5], [2 ** 40]], dtype='<i8'),
+            'm_u8': np.array([1, 2, 3], dtype='u1'),
+            'b_f64': np.array(np.pi, dtype='<f8'),
+        }
+        codes = {'<f4': 'F32', '<i8': 'I64', '|u1': 'U8', '<f8': 'F64'}
+        header, blobs, offset = {'__metadata__': {'writer': 'numpy'}}, [], 0
+        for name in ['z_f32', 'b_f64', 'm_u8', 'a_i64']:  # data deliberately not in name order
+            raw = tensors[name].tobytes()
+            header[name] = {'dtype': codes[tensors[name].dtype.str], 'shape': list(tensors[name].shape),
+                            'data_offsets': [offset, offset + len(raw)]}
+            offset += len(raw)
+            blobs.append(raw)
+        h = json.dumps(header).encode('utf-8')
+        h += b' ' * (-len(h) % 8)
+        open(sys.argv[1], 'wb').write(struct.pack('<Q', len(h)) + h + b''.join(blobs))
+        """;
+
+    [PythonNumpyFact]
+    public void We_read_what_an_independent_python_numpy_writer_writes()
+    {
+        var path = Path.Combine(TestSupport.TempDir(), "numpy.safetensors");
+        PythonNumpy.Run(IndependentWriter, path);
+        var file = Safetensors.Read(File.ReadAllBytes(path));
+        Assert.Equal(["a_i64", "b_f64", "m_u8", "z_f32"], file.Entries.Select(e => e.Name));
+        Assert.Equal("numpy", file.Metadata["writer"]);
+        using var z = file.ToTensor("z_f32");
+        using var a = file.ToTensor("a_i64");
+        using var m = file.ToTensor("m_u8");
+        using var b = file.ToTensor("b_f64");
+        Assert.Equal(new long[] { 2, 3 }, z.shape);
+        Assert.Equal(Enumerable.Range(0, 6).Select(i => i / 7f), z.data<float>().ToArray());
+        Assert.Equal(new long[] { 2, 1 }, a.shape);
+        Assert.Equal(new[] { -5L, 1L << 40 }, a.data<long>().ToArray());
+        Assert.Equal(new byte[] { 1, 2, 3 }, m.data<byte>().ToArray());
+        Assert.Empty(b.shape);
+        Assert.Equal(Math.PI, b.item<double>());
+    }
 }
