@@ -1,4 +1,5 @@
 using ElasticMoE.Model;
+using ElasticMoE.State;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -40,8 +41,36 @@ public sealed class AdamW : IDisposable
     public void Step(IEnumerable<(string Name, Tensor Param)> parameters, double lr, double gradScale = 1.0)
     {
         StepCount++;
-        double bc1 = 1 - Math.Pow(Beta1, StepCount);
-        double bc2 = 1 - Math.Pow(Beta2, StepCount);
+        Update(parameters, _moments, StepCount, lr, gradScale);
+    }
+
+    /// <summary>
+    /// The update of global step <paramref name="step"/> (0-based) for one state unit, with the unit's
+    /// own moments: the same maths as <see cref="Step"/>, bit for bit, when <see cref="StepCount"/> would
+    /// be <paramref name="step"/> + 1. Bias correction comes from the global step, not from a counter of
+    /// this optimizer, because a unit may arrive here mid-run from another worker: its history travels
+    /// with it, and whoever holds it applies step t with the t every other unit uses.
+    /// </summary>
+    /// <returns>
+    /// False, changing nothing, when the unit has already applied this step or a later one: an update
+    /// that is redone (a retried message, a unit that moved after its update) never applies twice.
+    /// </returns>
+    public bool StepUnit(StateUnit unit, long step, double lr, double gradScale = 1.0)
+    {
+        ArgumentNullException.ThrowIfNull(unit);
+        ArgumentOutOfRangeException.ThrowIfNegative(step);
+        if (unit.AppliedStep >= step) return false;
+        Update(unit.Parameters, unit.MomentStore, step + 1, lr, gradScale);
+        unit.AppliedStep = step;
+        return true;
+    }
+
+    /// <summary>One AdamW update with bias correction for update number <paramref name="t"/> (1-based).</summary>
+    private void Update(IEnumerable<(string Name, Tensor Param)> parameters, Dictionary<string, (Tensor M, Tensor V)> moments,
+        long t, double lr, double gradScale)
+    {
+        double bc1 = 1 - Math.Pow(Beta1, t);
+        double bc2 = 1 - Math.Pow(Beta2, t);
         // Explicit Scalars, alive until the loop ends (see ElasticMoE.Model.Scalars for why).
         Scalar beta1 = Model.Scalars.Of(Beta1), oneMinusBeta1 = Model.Scalars.Of(1 - Beta1);
         Scalar beta2 = Model.Scalars.Of(Beta2), oneMinusBeta2 = Model.Scalars.Of(1 - Beta2), eps = Model.Scalars.Of(Eps);
@@ -57,10 +86,10 @@ public sealed class AdamW : IDisposable
             using var scope = NewDisposeScope();
             var grad = p.grad;
             if (grad is null) continue;
-            if (!_moments.TryGetValue(name, out var mv))
+            if (!moments.TryGetValue(name, out var mv))
             {
                 mv = (zeros_like(p).DetachFromDisposeScope(), zeros_like(p).DetachFromDisposeScope());
-                _moments[name] = mv;
+                moments[name] = mv;
             }
             var g = gradScale == 1.0 ? grad : grad.mul(scale);
             mv.M.mul_(beta1).add_(g, alpha: oneMinusBeta1);
