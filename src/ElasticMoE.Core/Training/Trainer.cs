@@ -212,6 +212,71 @@ public static class TrainingState
         }
     }
 
+    /// <summary>
+    /// Everything that decides a run's curve, as <c>key=value</c> pairs joined by ';': every field of the
+    /// model options (with the MoE options), every field of the train options, the seed, and
+    /// <paramref name="dataFingerprint"/> (<see cref="TextCorpus.Fingerprint"/>). Equal strings, same run.
+    /// </summary>
+    /// <remarks>
+    /// <para>
+    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a state file fits the architecture. A
+    /// node that joins a run must also agree on the batch sizes, the schedule, the optimizer, the seed and
+    /// the data, or it computes different gradients with no error at all. Nodes send this when they register
+    /// and the coordinator refuses a node whose string differs (<see cref="RunFingerprintDifferences"/> says where).
+    /// </para>
+    /// <para>
+    /// Readable rather than hashed, so a refusal can name the setting. The fields are read from the records'
+    /// primary constructors, so a field added to <see cref="ModelOptions"/>, <see cref="MoEOptions"/> or
+    /// <see cref="TrainOptions"/> is covered without anyone remembering to add it here. Numbers are written
+    /// with invariant culture and round-trip precision. Cluster settings are left out: nodes legitimately
+    /// differ in host, port and devices.
+    /// </para>
+    /// </remarks>
+    public static string RunFingerprint(ElasticMoEConfig config, string dataFingerprint)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentException.ThrowIfNullOrWhiteSpace(dataFingerprint);
+        var parts = new List<string>();
+        AppendFields(parts, "model", config.Model);
+        AppendFields(parts, "train", config.Train);
+        parts.Add("seed=" + config.Seed.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        parts.Add("data=" + dataFingerprint);
+        return string.Join(';', parts);
+    }
+
+    /// <summary>"key: a vs b" for each field in which two run fingerprints differ (empty when they are equal).</summary>
+    public static IReadOnlyList<string> RunFingerprintDifferences(string a, string b)
+    {
+        static Dictionary<string, string> Fields(string f) => f.Split(';')
+            .Select(p => p.Split('=', 2))
+            .ToDictionary(kv => kv[0], kv => kv.Length > 1 ? kv[1] : "", StringComparer.Ordinal);
+        var fa = Fields(a);
+        var fb = Fields(b);
+        return fa.Keys.Union(fb.Keys)
+            .Where(k => fa.GetValueOrDefault(k) != fb.GetValueOrDefault(k))
+            .Select(k => $"{k}: {fa.GetValueOrDefault(k) ?? "(none)"} vs {fb.GetValueOrDefault(k) ?? "(none)"}")
+            .ToList();
+    }
+
+    // One "prefix.Field=value" per parameter of the record's primary constructor; nested option records recurse.
+    private static void AppendFields(List<string> parts, string prefix, object record)
+    {
+        var type = record.GetType();
+        var ctor = type.GetConstructors().Single(c => !(c.GetParameters() is [var only] && only.ParameterType == type));
+        foreach (var parameter in ctor.GetParameters())
+        {
+            var value = type.GetProperty(parameter.Name!)!.GetValue(record);
+            var key = $"{prefix}.{parameter.Name}";
+            switch (value)
+            {
+                case MoEOptions nested: AppendFields(parts, key, nested); break;
+                case double d: parts.Add($"{key}={d.ToString("R", System.Globalization.CultureInfo.InvariantCulture)}"); break;
+                case IFormattable f: parts.Add($"{key}={f.ToString(null, System.Globalization.CultureInfo.InvariantCulture)}"); break;
+                default: parts.Add($"{key}={value}"); break;
+            }
+        }
+    }
+
     /// <summary>A string identifying the model's shape: states only load into the same architecture.</summary>
     public static string Fingerprint(ModelOptions m)
         => $"d{m.DModel}-L{m.Layers}-H{m.Heads}-T{m.Context}-dense{m.DenseLayers}x{m.DenseHidden}-E{m.MoE.RoutedExperts}k{m.MoE.TopK}s{m.MoE.SharedExperts}h{m.MoE.ExpertHidden}-{m.MoE.Scoring}";
