@@ -242,6 +242,7 @@ public sealed record ElasticMoEConfig(
         Require(c.EvalTimeoutSeconds > 0, "cluster.eval-timeout", "must be positive");
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
-        Require(Device == "cpu" || Device.StartsWith("cuda", StringComparison.Ordinal), "device", $"must be \"cpu\" or \"cuda:N\", got \"{Device}\"");
+        Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",
+            $"must be \"cpu\", \"cuda\" (worker i of a node on cuda:i) or \"cuda:N\" (worker i on cuda:N+i), got \"{Device}\"");
     }
 }

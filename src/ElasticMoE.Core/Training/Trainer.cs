@@ -148,14 +148,56 @@ public static class TorchSetup
         return ResolveDevice(config);
     }
 
-    /// <summary>The configured device, checked; touches no thread settings.</summary>
-    public static Device ResolveDevice(ElasticMoEConfig config)
+    /// <summary>The configured device for the first worker (device index 0), checked; touches no thread settings.</summary>
+    public static Device ResolveDevice(ElasticMoEConfig config) => ResolveDevice(config, 0);
+
+    /// <summary>
+    /// The device of the worker with <paramref name="deviceIndex"/> (0 .. cluster.devices - 1) on this node,
+    /// checked; touches no thread settings. See <see cref="DeviceName"/> for the mapping.
+    /// </summary>
+    /// <exception cref="ConfigException">CUDA is asked for but not available, or the node has too few GPUs.</exception>
+    public static Device ResolveDevice(ElasticMoEConfig config, int deviceIndex)
     {
+        ArgumentNullException.ThrowIfNull(config);
+        var name = DeviceName(config.Device, deviceIndex);
         Native.LibTorchLoader.EnsureLoaded();
-        var device = torch.device(config.Device);
-        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
-            throw new ConfigException($"elasticmoe.device = \"{config.Device}\" but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");
+        if (name == "cpu") return torch.device(name);
+        var which = name == config.Device ? $"\"{name}\"" : $"\"{config.Device}\" (worker device {deviceIndex} -> {name})";
+        // Checked before torch.device, which on a CPU-only libtorch fails with a message about backends.
+        if (!torch.cuda.is_available())
+            throw new ConfigException($"elasticmoe.device = {which} but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");
+        var device = torch.device(name);
+        var count = torch.cuda.device_count();
+        if (device.index >= count)
+            throw new ConfigException($"elasticmoe.device = {which} but this machine has {count} CUDA device(s): lower cluster.devices or the device number");
         return device;
+    }
+
+    /// <summary>
+    /// Which torch device a node's worker <paramref name="deviceIndex"/> uses, from the configured
+    /// <c>elasticmoe.device</c>: "cpu" is "cpu" for every worker; "cuda" is "cuda:<paramref name="deviceIndex"/>";
+    /// "cuda:N" is "cuda:(N + <paramref name="deviceIndex"/>)". Pure string mapping, testable without a GPU.
+    /// </summary>
+    /// <remarks>
+    /// Why an offset and not the same device for all: a node hosting several workers (cluster.devices &gt; 1)
+    /// must put each on its own GPU, or they share one and the others idle. "cuda:N" lets two nodes on one
+    /// machine split its GPUs (the second with "cuda:2", say). CPU workers share the cores instead; their
+    /// split is elasticmoe.threads.
+    /// </remarks>
+    /// <exception cref="ConfigException">The device string is none of the three forms.</exception>
+    public static string DeviceName(string configured, int deviceIndex)
+    {
+        ArgumentNullException.ThrowIfNull(configured);
+        ArgumentOutOfRangeException.ThrowIfNegative(deviceIndex);
+        if (configured == "cpu") return "cpu";
+        if (configured == "cuda") return $"cuda:{deviceIndex}";
+        const string prefix = "cuda:";
+        if (configured.StartsWith(prefix, StringComparison.Ordinal)
+            && int.TryParse(configured.AsSpan(prefix.Length), System.Globalization.NumberStyles.None,
+                System.Globalization.CultureInfo.InvariantCulture, out var first)
+            && (long)first + deviceIndex <= int.MaxValue)
+            return $"cuda:{first + deviceIndex}";
+        throw new ConfigException($"elasticmoe.device must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{configured}\"");
     }
 }
 
