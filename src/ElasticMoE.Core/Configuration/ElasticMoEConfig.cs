@@ -55,6 +55,17 @@ public sealed record TrainOptions(
     public int MicroBatchesPerStep => GlobalBatch / MicroBatch;
 }
 
+/// <param name="PlanTimeoutSeconds">How long a re-plan's unit transfer (parameters and optimizer state moving to their new owners) may take.</param>
+/// <param name="EvalTimeoutSeconds">How long a validation pass may take; longer than a step because it runs every validation batch.</param>
+/// <param name="FinishTimeoutSeconds">How long the end of a run (final state, goodbyes) may take before nodes are left behind.</param>
+/// <param name="Relayout">
+/// A schedule of planned layout changes such as <c>"10=4x2,20=4x4"</c>; "" = none. Kept as the string here:
+/// the runtime that applies it parses it.
+/// </param>
+/// <param name="FaultInjection">
+/// A fault to inject for testing recovery, such as <c>"step=5,phase=backward,attempt=0"</c>; "" = none.
+/// Kept as the string here and parsed where it is injected.
+/// </param>
 public sealed record ClusterOptions(
     string Host,
     int Port,
@@ -66,7 +77,12 @@ public sealed record ClusterOptions(
     int ChecksumEvery,
     double StepTimeoutSeconds,
     int MaxFrameMb,
-    bool CompressGradients)
+    bool CompressGradients,
+    double PlanTimeoutSeconds,
+    double EvalTimeoutSeconds,
+    double FinishTimeoutSeconds,
+    string Relayout,
+    string FaultInjection)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -104,7 +120,9 @@ public sealed record ElasticMoEConfig(
         var cluster = new ClusterOptions(
             r.String("cluster.host"), r.Int("cluster.port"), r.StringList("cluster.seed-nodes"), r.Int("cluster.devices"),
             r.Int("cluster.nodes"), r.Int("cluster.expected-nodes"), r.Int("cluster.pipeline-stages"), r.Int("cluster.checksum-every"),
-            r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"), r.Bool("cluster.compress-gradients"));
+            r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"), r.Bool("cluster.compress-gradients"),
+            r.Double("cluster.plan-timeout"), r.Double("cluster.eval-timeout"), r.Double("cluster.finish-timeout"),
+            r.String("cluster.relayout"), r.String("cluster.fault-injection"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
         cfg.Validate();
         return cfg;
@@ -147,6 +165,18 @@ public sealed record ElasticMoEConfig(
         _ => throw new ConfigException($"elasticmoe.model.moe.scoring must be \"sigmoid\" or \"softmax\", got \"{s}\""),
     };
 
+    /// <summary>
+    /// Limits set by how data-plane tags are packed (see <c>StepTags</c> in ElasticMoE.Runtime): 8 bits for
+    /// the micro-batch (or validation batch) index, 8 for the layer ordinal or pipeline stage, 7 for each
+    /// worker index.
+    /// </summary>
+    /// <remarks>
+    /// Why check them here: past a limit the index wraps and two messages of the same step get the same tag,
+    /// so a receiver takes the wrong micro-batch's activations. Nothing fails; the loss is just wrong. A run
+    /// that cannot be tagged must be refused when its config is read, not discovered in its curve.
+    /// </remarks>
+    public const int MaxMicroBatchesPerStep = 256, MaxEvalBatches = 256, MaxLayers = 256, MaxWorkers = 128;
+
     /// <summary>Checks ranges and relations between settings, naming the offending key.</summary>
     public void Validate()
     {
@@ -187,6 +217,12 @@ public sealed record ElasticMoEConfig(
         Require(t.EvalEvery > 0, "train.eval-every", "must be positive");
         Require(t.EvalBatches > 0, "train.eval-batches", "must be positive");
         Require(t.TimeLimitSeconds >= 0, "train.time-limit", "must be zero (none) or positive");
+        Require(m.Layers <= MaxLayers, "model.layers",
+            $"is {m.Layers}, but data-plane tags carry the layer or stage index in 8 bits: at most {MaxLayers}");
+        Require(t.MicroBatchesPerStep <= MaxMicroBatchesPerStep, "train.global-batch",
+            $"global-batch / micro-batch is {t.MicroBatchesPerStep} micro-batches per step, but data-plane tags carry the micro-batch index in 8 bits: at most {MaxMicroBatchesPerStep}");
+        Require(t.EvalBatches <= MaxEvalBatches, "train.eval-batches",
+            $"is {t.EvalBatches}, but data-plane tags carry the validation batch index in 8 bits: at most {MaxEvalBatches}");
         var c = Cluster;
         Require(c.Port is >= 0 and <= 65535, "cluster.port", "must be a TCP port (0 = any)");
         Require(c.Devices >= 1, "cluster.devices", "must be at least 1");
@@ -197,7 +233,16 @@ public sealed record ElasticMoEConfig(
         Require(c.ChecksumEvery >= 0, "cluster.checksum-every", "must be zero (never) or positive");
         Require(c.StepTimeoutSeconds > 0, "cluster.step-timeout", "must be positive");
         Require(c.MaxFrameMb >= 1, "cluster.max-frame-mb", "must be at least 1");
+        // Checked after the ranges above, so a negative count is reported as such and not as a product.
+        Require((long)c.Nodes * c.Devices <= MaxWorkers, "cluster.nodes",
+            $"cluster.nodes x cluster.devices is {(long)c.Nodes * c.Devices} workers, but data-plane tags carry a worker index in 7 bits: at most {MaxWorkers}");
+        Require((long)c.ExpectedNodes * c.Devices <= MaxWorkers, "cluster.expected-nodes",
+            $"cluster.expected-nodes x cluster.devices is {(long)c.ExpectedNodes * c.Devices} workers, but data-plane tags carry a worker index in 7 bits: at most {MaxWorkers}");
+        Require(c.PlanTimeoutSeconds > 0, "cluster.plan-timeout", "must be positive");
+        Require(c.EvalTimeoutSeconds > 0, "cluster.eval-timeout", "must be positive");
+        Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
-        Require(Device == "cpu" || Device.StartsWith("cuda", StringComparison.Ordinal), "device", $"must be \"cpu\" or \"cuda:N\", got \"{Device}\"");
+        Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",
+            $"must be \"cpu\", \"cuda\" (worker i of a node on cuda:i) or \"cuda:N\" (worker i on cuda:N+i), got \"{Device}\"");
     }
 }

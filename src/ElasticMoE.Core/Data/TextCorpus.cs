@@ -1,3 +1,5 @@
+using System.Buffers.Binary;
+using System.Security.Cryptography;
 using System.Text;
 
 namespace ElasticMoE.Data;
@@ -5,9 +7,24 @@ namespace ElasticMoE.Data;
 /// <summary>A byte-level corpus split into a training head and a validation tail.</summary>
 public sealed class TextCorpus
 {
+    private readonly Lazy<string> _fingerprint;
+
     public string Name { get; }
     public byte[] Train { get; }
     public byte[] Validation { get; }
+
+    /// <summary>
+    /// SHA-256, lower-case hex, of the training bytes and the validation bytes, each preceded by its length:
+    /// equal exactly when both the corpus and where it is split are equal.
+    /// </summary>
+    /// <remarks>
+    /// Why: nodes of one run each load the corpus themselves, and a node with another file, another copy
+    /// of it or another validation fraction would train on different batches without any error, only a
+    /// different curve. The fingerprint goes into <c>TrainingState.RunFingerprint</c>, which a node sends
+    /// when it registers. The name is left out on purpose: the same bytes under another file name are the
+    /// same data. Computed on first use and kept (the arrays are not expected to change after loading).
+    /// </remarks>
+    public string Fingerprint => _fingerprint.Value;
 
     private TextCorpus(string name, byte[] all, double validationFraction, int context)
     {
@@ -18,6 +35,22 @@ public sealed class TextCorpus
         Name = name;
         Train = all[..^valLen];
         Validation = all[^valLen..];
+        _fingerprint = new Lazy<string>(ComputeFingerprint);
+    }
+
+    private string ComputeFingerprint()
+    {
+        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        Span<byte> length = stackalloc byte[sizeof(long)];
+        foreach (var part in new[] { Train, Validation })
+        {
+            // The length makes the split point part of the hash: moving it changes the fingerprint even
+            // though the concatenated bytes stay the same.
+            BinaryPrimitives.WriteInt64LittleEndian(length, part.LongLength);
+            sha.AppendData(length);
+            sha.AppendData(part);
+        }
+        return Convert.ToHexStringLower(sha.GetHashAndReset());
     }
 
     /// <summary>Any text (or binary) file: bytes are tokens.</summary>

@@ -239,7 +239,10 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
             outputs.Add(this.experts[experts[i]].forward(rows.narrow(0, offset, counts[i])));
             offset += counts[i];
         }
-        var result = outputs.Count == 0 ? rows * 0 : cat(outputs, 0);
+        // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
+        // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
+        // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
+        var result = outputs.Count == 0 ? rows.mul(Scalars.Zero) : cat(outputs, 0);
         return result.MoveToOuterDisposeScope();
     }
 

@@ -148,14 +148,56 @@ public static class TorchSetup
         return ResolveDevice(config);
     }
 
-    /// <summary>The configured device, checked; touches no thread settings.</summary>
-    public static Device ResolveDevice(ElasticMoEConfig config)
+    /// <summary>The configured device for the first worker (device index 0), checked; touches no thread settings.</summary>
+    public static Device ResolveDevice(ElasticMoEConfig config) => ResolveDevice(config, 0);
+
+    /// <summary>
+    /// The device of the worker with <paramref name="deviceIndex"/> (0 .. cluster.devices - 1) on this node,
+    /// checked; touches no thread settings. See <see cref="DeviceName"/> for the mapping.
+    /// </summary>
+    /// <exception cref="ConfigException">CUDA is asked for but not available, or the node has too few GPUs.</exception>
+    public static Device ResolveDevice(ElasticMoEConfig config, int deviceIndex)
     {
+        ArgumentNullException.ThrowIfNull(config);
+        var name = DeviceName(config.Device, deviceIndex);
         Native.LibTorchLoader.EnsureLoaded();
-        var device = torch.device(config.Device);
-        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
-            throw new ConfigException($"elasticmoe.device = \"{config.Device}\" but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");
+        if (name == "cpu") return torch.device(name);
+        var which = name == config.Device ? $"\"{name}\"" : $"\"{config.Device}\" (worker device {deviceIndex} -> {name})";
+        // Checked before torch.device, which on a CPU-only libtorch fails with a message about backends.
+        if (!torch.cuda.is_available())
+            throw new ConfigException($"elasticmoe.device = {which} but CUDA is not available (build with -p:TorchBackend=cuda on a machine with a GPU)");
+        var device = torch.device(name);
+        var count = torch.cuda.device_count();
+        if (device.index >= count)
+            throw new ConfigException($"elasticmoe.device = {which} but this machine has {count} CUDA device(s): lower cluster.devices or the device number");
         return device;
+    }
+
+    /// <summary>
+    /// Which torch device a node's worker <paramref name="deviceIndex"/> uses, from the configured
+    /// <c>elasticmoe.device</c>: "cpu" is "cpu" for every worker; "cuda" is "cuda:<paramref name="deviceIndex"/>";
+    /// "cuda:N" is "cuda:(N + <paramref name="deviceIndex"/>)". Pure string mapping, testable without a GPU.
+    /// </summary>
+    /// <remarks>
+    /// Why an offset and not the same device for all: a node hosting several workers (cluster.devices &gt; 1)
+    /// must put each on its own GPU, or they share one and the others idle. "cuda:N" lets two nodes on one
+    /// machine split its GPUs (the second with "cuda:2", say). CPU workers share the cores instead; their
+    /// split is elasticmoe.threads.
+    /// </remarks>
+    /// <exception cref="ConfigException">The device string is none of the three forms.</exception>
+    public static string DeviceName(string configured, int deviceIndex)
+    {
+        ArgumentNullException.ThrowIfNull(configured);
+        ArgumentOutOfRangeException.ThrowIfNegative(deviceIndex);
+        if (configured == "cpu") return "cpu";
+        if (configured == "cuda") return $"cuda:{deviceIndex}";
+        const string prefix = "cuda:";
+        if (configured.StartsWith(prefix, StringComparison.Ordinal)
+            && int.TryParse(configured.AsSpan(prefix.Length), System.Globalization.NumberStyles.None,
+                System.Globalization.CultureInfo.InvariantCulture, out var first)
+            && (long)first + deviceIndex <= int.MaxValue)
+            return $"cuda:{first + deviceIndex}";
+        throw new ConfigException($"elasticmoe.device must be \"cpu\", \"cuda\" or \"cuda:N\", got \"{configured}\"");
     }
 }
 
@@ -209,6 +251,71 @@ public static class TrainingState
         finally
         {
             foreach (var t in f.Tensors.Values) t.Dispose();
+        }
+    }
+
+    /// <summary>
+    /// Everything that decides a run's curve, as <c>key=value</c> pairs joined by ';': every field of the
+    /// model options (with the MoE options), every field of the train options, the seed, and
+    /// <paramref name="dataFingerprint"/> (<see cref="TextCorpus.Fingerprint"/>). Equal strings, same run.
+    /// </summary>
+    /// <remarks>
+    /// <para>
+    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a state file fits the architecture. A
+    /// node that joins a run must also agree on the batch sizes, the schedule, the optimizer, the seed and
+    /// the data, or it computes different gradients with no error at all. Nodes send this when they register
+    /// and the coordinator refuses a node whose string differs (<see cref="RunFingerprintDifferences"/> says where).
+    /// </para>
+    /// <para>
+    /// Readable rather than hashed, so a refusal can name the setting. The fields are read from the records'
+    /// primary constructors, so a field added to <see cref="ModelOptions"/>, <see cref="MoEOptions"/> or
+    /// <see cref="TrainOptions"/> is covered without anyone remembering to add it here. Numbers are written
+    /// with invariant culture and round-trip precision. Cluster settings are left out: nodes legitimately
+    /// differ in host, port and devices.
+    /// </para>
+    /// </remarks>
+    public static string RunFingerprint(ElasticMoEConfig config, string dataFingerprint)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        ArgumentException.ThrowIfNullOrWhiteSpace(dataFingerprint);
+        var parts = new List<string>();
+        AppendFields(parts, "model", config.Model);
+        AppendFields(parts, "train", config.Train);
+        parts.Add("seed=" + config.Seed.ToString(System.Globalization.CultureInfo.InvariantCulture));
+        parts.Add("data=" + dataFingerprint);
+        return string.Join(';', parts);
+    }
+
+    /// <summary>"key: a vs b" for each field in which two run fingerprints differ (empty when they are equal).</summary>
+    public static IReadOnlyList<string> RunFingerprintDifferences(string a, string b)
+    {
+        static Dictionary<string, string> Fields(string f) => f.Split(';')
+            .Select(p => p.Split('=', 2))
+            .ToDictionary(kv => kv[0], kv => kv.Length > 1 ? kv[1] : "", StringComparer.Ordinal);
+        var fa = Fields(a);
+        var fb = Fields(b);
+        return fa.Keys.Union(fb.Keys)
+            .Where(k => fa.GetValueOrDefault(k) != fb.GetValueOrDefault(k))
+            .Select(k => $"{k}: {fa.GetValueOrDefault(k) ?? "(none)"} vs {fb.GetValueOrDefault(k) ?? "(none)"}")
+            .ToList();
+    }
+
+    // One "prefix.Field=value" per parameter of the record's primary constructor; nested option records recurse.
+    private static void AppendFields(List<string> parts, string prefix, object record)
+    {
+        var type = record.GetType();
+        var ctor = type.GetConstructors().Single(c => !(c.GetParameters() is [var only] && only.ParameterType == type));
+        foreach (var parameter in ctor.GetParameters())
+        {
+            var value = type.GetProperty(parameter.Name!)!.GetValue(record);
+            var key = $"{prefix}.{parameter.Name}";
+            switch (value)
+            {
+                case MoEOptions nested: AppendFields(parts, key, nested); break;
+                case double d: parts.Add($"{key}={d.ToString("R", System.Globalization.CultureInfo.InvariantCulture)}"); break;
+                case IFormattable f: parts.Add($"{key}={f.ToString(null, System.Globalization.CultureInfo.InvariantCulture)}"); break;
+                default: parts.Add($"{key}={value}"); break;
+            }
         }
     }
 

@@ -135,8 +135,18 @@ public sealed class CollectiveGroup
             var (receiveStart, receiveLength) = Piece(receiveSegment, piece);
             // Posted before sending, so a neighbour that is quicker never waits on a mailbox nobody claims.
             var receive = receiveLength > 0 ? group.Node.ReceiveAsync(tag, cancellationToken) : null;
-            if (sendLength > 0)
-                await group.Node.SendAsync(_right, tag, buffer.Slice(sendStart, sendLength), null, compression, cancellationToken).ConfigureAwait(false);
+            try
+            {
+                if (sendLength > 0)
+                    await group.Node.SendAsync(_right, tag, buffer.Slice(sendStart, sendLength), null, compression, cancellationToken).ConfigureAwait(false);
+            }
+            catch
+            {
+                // The caller cancels the token on failure, which removes the receive; if its frame beat the
+                // cancellation, the frame is ours to free.
+                if (receive is not null) DisposeWhenDone(receive);
+                throw;
+            }
             if (receive is null) return;
             using var frame = await receive.ConfigureAwait(false);
             if (frame.ElementType != ElementType.Float32 || frame.ElementCount != receiveLength)
@@ -222,15 +232,18 @@ public sealed class CollectiveGroup
     {
         var results = new Frame[Size];
         var receives = new Task<Frame>?[Size];
+        // Cancelled on failure, so receives that will never be awaited stop waiting instead of lingering as
+        // mailbox waiters that would swallow (and strand) their frames if they came after all.
+        using var abandon = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         try
         {
             // Each frame's sub-tag is its sender's rank, so one mailbox per sender and none shared.
             for (var src = 0; src < Size; src++)
-                if (src != Rank) receives[src] = Node.ReceiveAsync(CollectiveTags.Compose(collectiveId, src), cancellationToken);
+                if (src != Rank) receives[src] = Node.ReceiveAsync(CollectiveTags.Compose(collectiveId, src), abandon.Token);
             results[Rank] = self(CollectiveTags.Compose(collectiveId, Rank));
             var sends = new List<Task>(Size);
             for (var dst = 0; dst < Size; dst++)
-                if (dst != Rank) sends.Add(send(dst, CollectiveTags.Compose(collectiveId, Rank), cancellationToken));
+                if (dst != Rank) sends.Add(send(dst, CollectiveTags.Compose(collectiveId, Rank), abandon.Token));
             await Task.WhenAll(sends).ConfigureAwait(false);
             for (var src = 0; src < Size; src++)
                 if (receives[src] is { } receive) results[src] = await receive.ConfigureAwait(false);
@@ -238,12 +251,24 @@ public sealed class CollectiveGroup
         }
         catch
         {
+            abandon.Cancel();
             foreach (var frame in results) frame?.Dispose();
-            foreach (var receive in receives)
-                if (receive is { IsCompletedSuccessfully: true }) receive.Result.Dispose();
+            // Frames already in hand, or handed over just before the cancellation, are freed when they settle.
+            for (var src = 0; src < Size; src++)
+                if (receives[src] is { } receive && results[src] is null) DisposeWhenDone(receive);
             throw;
         }
     }
+
+    /// <summary>
+    /// Frees the frame of a receive that nobody will await, whenever it completes; observes its failure otherwise.
+    /// </summary>
+    private static void DisposeWhenDone(Task<Frame> receive) =>
+        receive.ContinueWith(static t =>
+        {
+            if (t.IsCompletedSuccessfully) t.Result.Dispose();
+            else _ = t.Exception; // observed: an abandoned receive's failure is expected, not news
+        }, CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
     /// <summary>Point-to-point: sends to member <paramref name="destinationRank"/>, which receives it with <see cref="ReceiveAsync"/>.</summary>
     public Task SendAsync(int destinationRank, long collectiveId, ReadOnlyMemory<byte> payload, ElementType elementType = ElementType.UInt8,

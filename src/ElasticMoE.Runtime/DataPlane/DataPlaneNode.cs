@@ -36,6 +36,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     private readonly Socket _listener;
     private readonly CancellationTokenSource _shutdown = new();
     private readonly TagMailboxes _mailboxes = new();
+    private readonly FrameTally _frames = new();
     private readonly ConcurrentDictionary<string, Lazy<Task<OutgoingConnection>>> _outgoing = new(StringComparer.OrdinalIgnoreCase);
     private readonly ConcurrentDictionary<Socket, Task> _incoming = new();
     private readonly Task _acceptLoop;
@@ -94,11 +95,41 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// <summary>Connections closed because their peer broke the framing protocol.</summary>
     public long ProtocolErrorCount => Interlocked.Read(ref _protocolErrors);
 
+    /// <summary>Receives posted and still waiting for their frame. Cancelled receives are not counted: they leave at once.</summary>
+    public int PendingReceiveCount => _mailboxes.WaitingCount;
+
+    /// <summary>
+    /// Frames received and dropped unread, their buffers returned to the pool: dropped by a <see cref="Fence"/>
+    /// (buffered when it was raised or arriving later) or by <see cref="DiscardBuffered"/>.
+    /// </summary>
+    public long DroppedFrameCount => _mailboxes.DroppedCount;
+
+    /// <summary>
+    /// Frames this node received that are not yet disposed: buffered in mailboxes or held by a receiver.
+    /// Once a step's frames are consumed it returns to what it was; a count that only grows is a leak.
+    /// </summary>
+    public long LiveFrameCount => _frames.Live;
+
+    /// <summary>Fences raised and not yet lifted.</summary>
+    public int FenceCount => _mailboxes.FenceCount;
+
     /// <summary>
     /// The next frame sent to this node with <paramref name="tag"/>, from any peer, whether it arrived
     /// before this call or arrives after. Frames with the same tag are handed out in arrival order.
     /// </summary>
-    /// <remarks>The caller owns the frame and should dispose it.</remarks>
+    /// <remarks>
+    /// <para>The caller owns the frame and should dispose it.</para>
+    /// <para>
+    /// Cancelling <paramref name="cancellationToken"/> removes the waiting receive at once, and the task ends
+    /// cancelled. A frame arriving as the token is cancelled is not given to the cancelled receive; it waits
+    /// for the next receive of its tag (or is dropped, if the tag is fenced). Only a receive that completed
+    /// before the cancellation keeps its frame.
+    /// </para>
+    /// <para>
+    /// A receive for a tag that is fenced, or becomes fenced while it waits, fails with
+    /// <see cref="FencedTagException"/> (an <see cref="OperationCanceledException"/>).
+    /// </para>
+    /// </remarks>
     public Task<Frame> ReceiveAsync(long tag, CancellationToken cancellationToken = default) =>
         _mailboxes.ReceiveAsync(tag, cancellationToken);
 
@@ -142,7 +173,11 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         }
     }
 
-    /// <summary>Sends the bytes at a fixed address (a tensor's storage); the caller keeps them alive and unmoved until this completes.</summary>
+    /// <summary>
+    /// Sends the bytes at a fixed address (a tensor's storage). The socket may read them at any time until the
+    /// returned task completes, so the caller must hold its own reference to the memory until then, not
+    /// merely until this returns: <see cref="TensorTransfer.SendAsync"/> holds a detached alias of the tensor.
+    /// </summary>
     internal unsafe Task SendUnmanagedAsync(string peerEndpoint, long tag, void* data, long byteLength, ElementType elementType, long[] shape,
         CancellationToken cancellationToken)
     {
@@ -160,7 +195,39 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// Frees buffered frames whose tag matches: those of a collective that was abandoned (a member left
     /// mid-step) would otherwise hold memory and their connection's buffering budget for ever.
     /// </summary>
+    /// <remarks>
+    /// Only what is buffered now: a frame of the same tags still on the wire is buffered when it lands.
+    /// To drop those too, raise a <see cref="Fence"/>.
+    /// </remarks>
     public int DiscardBuffered(Func<long, bool> tagFilter) => _mailboxes.Discard(tagFilter);
+
+    /// <summary>
+    /// Drops every frame whose tag <paramref name="isStale"/> accepts, both those buffered now and those that
+    /// arrive until the fence is lifted (dispose the returned fence), and fails receives of those tags with
+    /// <see cref="FencedTagException"/>. Dropped frames' buffers go back to the pool and their bytes back to
+    /// their connection's budget; they are counted in <see cref="DroppedFrameCount"/>.
+    /// </summary>
+    /// <remarks>
+    /// <para>
+    /// Why a fence and not just <see cref="DiscardBuffered"/>: when a step attempt is aborted, peers may
+    /// still be sending its frames, and some are on the wire when the abort is decided. Discarding only what
+    /// is buffered leaves those to land later and sit in a mailbox nobody will read, holding a pooled buffer
+    /// and the connection's budget (enough of them stall the connection). A fence catches both.
+    /// </para>
+    /// <para>
+    /// <paramref name="isStale"/> runs under the mailbox lock for every frame and receive while the fence is
+    /// up: it must be quick, must not throw, and must not call back into this node. Tags of an aborted attempt
+    /// are never reused (they carry the plan epoch), so a fence may stay up for the rest of the run; lift it
+    /// when its tags can no longer be in flight, to keep the per-frame check short.
+    /// </para>
+    /// </remarks>
+    public TagFence Fence(Func<long, bool> isStale)
+    {
+        ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
+        var (id, dropped) = _mailboxes.AddFence(isStale);
+        if (dropped > 0) Log(DataPlaneLogLevel.Debug, $"Data plane {Endpoint}: fence {id} dropped {dropped} buffered frames.", null);
+        return new TagFence(_mailboxes, id, dropped);
+    }
 
     private FrameHeader MakeHeader(long tag, ElementType elementType, Compression compression, long wireLength, long[]? shape)
     {
@@ -341,7 +408,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
                         return;
                     }
                     if (h.Compression == Compression.BFloat16) BFloat16.DecompressInPlace(buffer.AsSpan(0, decoded), (int)h.ElementCount);
-                    var frame = new Frame(h.Tag, h.Source, h.ElementType, h.Shape, buffer, decoded, h.Compression != Compression.None);
+                    var frame = new Frame(h.Tag, h.Source, h.ElementType, h.Shape, buffer, decoded, h.Compression != Compression.None, _frames);
                     delivered = true;
                     _mailboxes.Deliver(frame, budget, decoded);
                 }

@@ -14,9 +14,13 @@ public sealed class Frame : IDisposable
 {
     private byte[]? _buffer;
     private readonly int _length;
+    private readonly FrameTally? _tally;
 
-    internal Frame(long tag, int source, ElementType elementType, long[] shape, byte[] buffer, int length, bool wasCompressed)
+    internal Frame(long tag, int source, ElementType elementType, long[] shape, byte[] buffer, int length, bool wasCompressed,
+        FrameTally? tally = null)
     {
+        _tally = tally;
+        tally?.Created();
         Tag = tag;
         Source = source;
         ElementType = elementType;
@@ -73,9 +77,27 @@ public sealed class Frame : IDisposable
     public void Dispose()
     {
         var buffer = Interlocked.Exchange(ref _buffer, null);
-        if (buffer is not null) BufferPool.Return(buffer);
+        if (buffer is null) return;
+        BufferPool.Return(buffer);
+        _tally?.Disposed();
     }
 
     public override string ToString() =>
         $"Frame(tag={Tag}, source={Source}, {ElementType}[{string.Join(",", Shape)}], {_length} bytes{(WasCompressed ? ", was bf16" : "")})";
+}
+
+/// <summary>
+/// Counts a node's received frames that are not yet disposed (buffered, or handed out and still held), so
+/// a forgotten <see cref="Frame.Dispose"/>, which costs a pooled buffer, shows as a number that never
+/// returns to zero instead of as slowly rising memory.
+/// </summary>
+internal sealed class FrameTally
+{
+    private long _live;
+
+    public long Live => Interlocked.Read(ref _live);
+
+    public void Created() => Interlocked.Increment(ref _live);
+
+    public void Disposed() => Interlocked.Decrement(ref _live);
 }

@@ -11,30 +11,42 @@ namespace ElasticMoE.Runtime.DataPlane;
 /// </remarks>
 public static class TensorTransfer
 {
+    /// <summary>
+    /// Sends <paramref name="tensor"/>'s values, dtype and shape. Completes when the bytes are handed to the
+    /// kernel (or the send failed or was cancelled).
+    /// </summary>
+    /// <remarks>
+    /// <para>
+    /// The caller may dispose <paramref name="tensor"/> as soon as this returns, without awaiting: before
+    /// returning, the send takes its own handle on the tensor's storage (a detached alias, no copy), which
+    /// keeps libtorch from freeing that memory until the socket has read it, and which is released when the
+    /// send completes, fails or is cancelled. Why an alias and not a copy: a copy costs a pass over the bytes
+    /// and a buffer per send, and the point of sending from storage is that there is none.
+    /// </para>
+    /// <para>
+    /// What the alias does not do is freeze the values: writing into the tensor in place (<c>add_</c>,
+    /// an optimizer step) before the returned task completes may change what is sent. Await it first.
+    /// </para>
+    /// </remarks>
     public static async Task SendAsync(this DataPlaneNode node, string peerEndpoint, long tag, Tensor tensor,
         Compression compression = Compression.None, CancellationToken cancellationToken = default)
     {
+        ArgumentNullException.ThrowIfNull(node);
         ArgumentNullException.ThrowIfNull(tensor);
         var elementType = ToElementType(tensor.dtype);
         if (compression == Compression.BFloat16 && elementType != ElementType.Float32)
             throw new ArgumentException($"bfloat16 compression applies to float32 tensors, not {tensor.dtype}.", nameof(compression));
-        var dense = AsDenseCpu(tensor);
-        try
+        // Everything up to the first await runs before this method returns to the caller: the owned handle
+        // exists before the caller can dispose the original.
+        using var owned = OwnedDenseCpu(tensor);
+        var shape = owned.shape;
+        if (compression == Compression.BFloat16)
         {
-            var shape = dense.shape;
-            if (compression == Compression.BFloat16)
-            {
-                // Compression writes a new buffer anyway, so reading the storage through a span is free.
-                await node.SendAsync(peerEndpoint, tag, StorageAsFloats(dense), shape, compression, cancellationToken).ConfigureAwait(false);
-                return;
-            }
-            await SendStorageAsync(node, peerEndpoint, tag, dense, elementType, shape, cancellationToken).ConfigureAwait(false);
+            // Compression writes a new buffer anyway, so reading the storage through a span is free.
+            await node.SendAsync(peerEndpoint, tag, StorageAsFloats(owned), shape, compression, cancellationToken).ConfigureAwait(false);
+            return;
         }
-        finally
-        {
-            if (!ReferenceEquals(dense, tensor)) dense.Dispose();
-            GC.KeepAlive(tensor);
-        }
+        await SendStorageAsync(node, peerEndpoint, tag, owned, elementType, shape, cancellationToken).ConfigureAwait(false);
     }
 
     /// <summary>A new CPU tensor holding the frame's values with its dtype and shape (one copy).</summary>
@@ -93,13 +105,34 @@ public static class TensorTransfer
     public static ScalarType ToScalarType(ElementType type) =>
         ElementTypes.IsKnown(type) ? (ScalarType)(byte)type : throw new NotSupportedException($"Unknown element type {type}.");
 
-    private static Tensor AsDenseCpu(Tensor tensor)
+    /// <summary>
+    /// A handle of the send's own on dense CPU values equal to <paramref name="tensor"/>'s: an alias of its
+    /// storage when it already is a contiguous CPU tensor, else a contiguous CPU copy.
+    /// </summary>
+    /// <remarks>
+    /// Detached (no autograd history is recorded for a send) and taken out of any dispose scope: the
+    /// caller's scope may end while the send is still writing, and must not free the storage under it.
+    /// </remarks>
+    private static Tensor OwnedDenseCpu(Tensor tensor)
     {
-        var cpu = tensor.device_type == DeviceType.CPU ? tensor : tensor.cpu();
-        if (cpu.is_contiguous()) return cpu;
-        var dense = cpu.contiguous();
-        if (!ReferenceEquals(cpu, tensor)) cpu.Dispose();
-        return dense;
+        var owned = tensor.detach();
+        try
+        {
+            owned = Replace(owned, owned.device_type == DeviceType.CPU ? owned : owned.cpu());
+            owned = Replace(owned, owned.is_contiguous() ? owned : owned.contiguous());
+            return owned.DetachFromDisposeScope();
+        }
+        catch
+        {
+            owned.Dispose();
+            throw;
+        }
+
+        static Tensor Replace(Tensor old, Tensor next)
+        {
+            if (!ReferenceEquals(old, next)) old.Dispose();
+            return next;
+        }
     }
 
     private static void CheckInPlaceTarget(Tensor tensor, string name)
@@ -116,7 +149,8 @@ public static class TensorTransfer
         if (bytes == 0) return node.SendAsync(peer, tag, ReadOnlyMemory<byte>.Empty, elementType, shape, cancellationToken);
         unsafe
         {
-            // Native storage never moves, so the pointer stays valid for as long as the tensor lives.
+            // Native storage never moves, so the pointer stays valid for as long as the tensor lives: the
+            // caller (SendAsync above) holds its own handle until the returned task completes.
             fixed (byte* data = dense.bytes)
                 return node.SendUnmanagedAsync(peer, tag, data, bytes, elementType, shape, cancellationToken);
         }

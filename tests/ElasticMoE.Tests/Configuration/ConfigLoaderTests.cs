@@ -82,4 +82,82 @@ public class ConfigLoaderTests
         var ex = Assert.Throws<ConfigException>(() => ConfigLoader.Load(path));
         Assert.Contains(path, ex.Message);
     }
+
+    private static ElasticMoEConfig With(params (string Key, string Value)[] overrides) =>
+        ConfigLoader.Load(null, overrides.Select(o => KeyValuePair.Create(o.Key, o.Value)));
+
+    [Theory]
+    // global-batch / micro-batch: the micro-batch index in a tag has 8 bits (micro-batch is 8 by default).
+    [InlineData("train.global-batch", "2056", "", "", "elasticmoe.train.global-batch", "257 micro-batches")]
+    [InlineData("train.global-batch", "257", "train.micro-batch", "1", "elasticmoe.train.global-batch", "257 micro-batches")]
+    [InlineData("train.eval-batches", "257", "", "", "elasticmoe.train.eval-batches", "is 257")]
+    [InlineData("model.layers", "257", "", "", "elasticmoe.model.layers", "is 257")]
+    [InlineData("cluster.nodes", "65", "cluster.devices", "2", "elasticmoe.cluster.nodes", "130 workers")]
+    [InlineData("cluster.expected-nodes", "129", "", "", "elasticmoe.cluster.expected-nodes", "129 workers")]
+    [InlineData("cluster.expected-nodes", "33", "cluster.devices", "4", "elasticmoe.cluster.expected-nodes", "132 workers")]
+    public void Values_that_data_plane_tags_cannot_carry_are_refused_naming_the_key_and_the_limit(
+        string key, string value, string otherKey, string otherValue, string expectedKey, string expectedCount)
+    {
+        var overrides = new List<(string, string)> { (key, value) };
+        if (otherKey != "") overrides.Add((otherKey, otherValue));
+        var ex = Assert.Throws<ConfigException>(() => With(overrides.ToArray()));
+        Assert.StartsWith(expectedKey + ":", ex.Message);
+        Assert.Contains(expectedCount, ex.Message);
+        Assert.Contains("at most", ex.Message);
+        Assert.Contains(key.StartsWith("cluster", StringComparison.Ordinal) ? "128" : "256", ex.Message);
+    }
+
+    [Fact]
+    public void Values_at_the_tag_limits_are_accepted()
+    {
+        var c = With(("train.global-batch", "2048"), ("train.eval-batches", "256"), ("model.layers", "256"),
+            ("cluster.nodes", "64"), ("cluster.devices", "2"), ("cluster.expected-nodes", "32"));
+        Assert.Equal(256, c.Train.MicroBatchesPerStep);
+        Assert.Equal(128, c.Cluster.Nodes * c.Cluster.Devices);
+    }
+
+    [Fact]
+    public void Tag_limits_in_a_user_file_name_the_file_too()
+    {
+        var path = Write("elasticmoe.cluster { nodes = 3, devices = 64 }");
+        var ex = Assert.Throws<ConfigException>(() => ConfigLoader.Load(path));
+        Assert.Contains(path, ex.Message);
+        Assert.Contains("elasticmoe.cluster.nodes", ex.Message);
+        Assert.Contains("192 workers", ex.Message);
+    }
+
+    [Fact]
+    public void Cluster_timeouts_relayout_and_fault_injection_have_defaults_and_can_be_set()
+    {
+        var d = ConfigLoader.Load().Cluster;
+        Assert.Equal(60, d.PlanTimeoutSeconds);
+        Assert.Equal(120, d.EvalTimeoutSeconds);
+        Assert.Equal(30, d.FinishTimeoutSeconds);
+        Assert.Equal("", d.Relayout);
+        Assert.Equal("", d.FaultInjection);
+
+        var c = With(("cluster.plan-timeout", "5.5"), ("cluster.eval-timeout", "7"), ("cluster.finish-timeout", "1"),
+            ("cluster.relayout", "10=4x2,20=4x4"), ("cluster.fault-injection", "step=5,phase=backward,attempt=0")).Cluster;
+        Assert.Equal(5.5, c.PlanTimeoutSeconds);
+        Assert.Equal(7, c.EvalTimeoutSeconds);
+        Assert.Equal(1, c.FinishTimeoutSeconds);
+        Assert.Equal("10=4x2,20=4x4", c.Relayout);
+        Assert.Equal("step=5,phase=backward,attempt=0", c.FaultInjection);
+
+        var path = Write("elasticmoe.cluster { relayout = \"10=4x2\", fault-injection = \"step=1,phase=forward,attempt=1\" }");
+        var f = ConfigLoader.Load(path).Cluster;
+        Assert.Equal("10=4x2", f.Relayout);
+        Assert.Equal("step=1,phase=forward,attempt=1", f.FaultInjection);
+    }
+
+    [Theory]
+    [InlineData("cluster.plan-timeout", "0")]
+    [InlineData("cluster.eval-timeout", "-1")]
+    [InlineData("cluster.finish-timeout", "0")]
+    public void Cluster_timeouts_must_be_positive(string key, string value)
+    {
+        var ex = Assert.Throws<ConfigException>(() => With((key, value)));
+        Assert.StartsWith($"elasticmoe.{key}:", ex.Message);
+        Assert.Contains("positive", ex.Message);
+    }
 }

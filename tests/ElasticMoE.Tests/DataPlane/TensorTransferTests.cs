@@ -51,6 +51,99 @@ public sealed class TensorTransferTests
         Assert.Equal(20f, r[0, 0].item<float>());
     }
 
+    // torch.tensor(float[]) wraps the managed array, which this test keeps alive; a clone lives in
+    // libtorch's own allocation, which disposing frees for real.
+    private static Tensor Owned(float[] values)
+    {
+        using var wrapped = tensor(values);
+        return wrapped.clone();
+    }
+
+    [Fact]
+    public async Task A_tensor_disposed_as_soon_as_SendAsync_returns_still_arrives_with_its_original_values()
+    {
+        // 16 000 floats = 64 000 bytes: below malloc's mmap threshold, so freed storage goes back to the heap
+        // and the very next allocations of that size reuse and overwrite it. A send that still read the
+        // original's storage after returning would then carry the junk instead.
+        const int n = 16_000;
+        await using var sender = DataPlaneNode.Start();
+        for (var round = 0; round < 8; round++)
+        {
+            // A fresh receiver each round: the dial to it is asynchronous, so SendAsync returns before the
+            // socket has read a byte, which is the case that matters.
+            await using var receiver = DataPlaneNode.Start();
+            var values = Enumerable.Range(0, n).Select(i => (float)(round * n + i)).ToArray();
+            var original = Owned(values);
+            var send = sender.SendAsync(receiver.Endpoint, 1, original);
+            original.Dispose();
+            var junk = Enumerable.Range(0, 16).Select(_ => randn(n)).ToList();
+            try
+            {
+                await send.Within();
+                using var frame = await receiver.ReceiveAsync(1).Within();
+                Assert.True(frame.AsFloats().SequenceEqual(values), $"round {round}: the frame does not hold the sent values");
+            }
+            finally
+            {
+                foreach (var t in junk) t.Dispose();
+            }
+        }
+    }
+
+    [Fact]
+    public async Task A_tensor_sent_from_inside_a_dispose_scope_survives_the_scope()
+    {
+        await using var cluster = new LoopbackCluster(2);
+        var (a, b) = (cluster.Nodes[0], cluster.Nodes[1]);
+        var values = Enumerable.Range(0, 16_000).Select(i => (float)-i).ToArray();
+        Task send;
+        using (NewDisposeScope())
+        {
+            var original = Owned(values); // owned by the scope, freed when it ends
+            send = a.SendAsync(b.Endpoint, 1, original);
+        }
+        var junk = Enumerable.Range(0, 16).Select(_ => randn(16_000)).ToList();
+        try
+        {
+            await send.Within();
+            using var frame = await b.ReceiveAsync(1).Within();
+            Assert.True(frame.AsFloats().SequenceEqual(values));
+        }
+        finally
+        {
+            foreach (var t in junk) t.Dispose();
+        }
+    }
+
+    [Fact]
+    public async Task A_cancelled_tensor_send_sends_nothing_and_the_connection_still_works()
+    {
+        await using var cluster = new LoopbackCluster(2);
+        var (a, b) = (cluster.Nodes[0], cluster.Nodes[1]);
+        using var sent = arange(0, 10, dtype: ScalarType.Float32);
+        using var cts = new CancellationTokenSource();
+        cts.Cancel();
+        await Assert.ThrowsAnyAsync<OperationCanceledException>(() => a.SendAsync(b.Endpoint, 1, sent, cancellationToken: cts.Token));
+        await a.SendAsync(b.Endpoint, 2, sent);
+        using var frame = await b.ReceiveAsync(2).Within();
+        Assert.Equal(10, frame.ElementCount);
+        Assert.Equal(0, b.BufferedBytes); // tag 1 never arrived
+    }
+
+    [Fact]
+    public async Task Sending_a_parameter_that_requires_grad_records_no_autograd_history()
+    {
+        await using var cluster = new LoopbackCluster(2);
+        var (a, b) = (cluster.Nodes[0], cluster.Nodes[1]);
+        using var weight = randn(3, 5).requires_grad_(true);
+        await a.SendAsync(b.Endpoint, 1, weight);
+        using var frame = await b.ReceiveAsync(1).Within();
+        using var received = frame.ToTensor();
+        using var detached = weight.detach();
+        Assert.True(Same(received, detached));
+        Assert.Null(weight.grad);
+    }
+
     [Fact]
     public async Task Integer_tensors_keep_their_dtype()
     {

@@ -124,4 +124,27 @@ public class MoELayerTests
         aux.backward();
         Assert.True(layer.Router.Gate.weight!.grad!.abs().sum().item<double>() > 0);
     }
+
+    [Fact]
+    public void Running_no_expert_gives_zeros_shaped_like_the_rows_that_still_carry_gradient()
+    {
+        using var layer = Layer();
+        // A shard sent no tokens: zero rows, all counts zero. Its output must still backpropagate.
+        using var empty = zeros(new long[] { 0, 8 }, ScalarType.Float64).requires_grad_(true);
+        using var none = layer.RunExperts([0, 1], empty, [0L, 0L]);
+        Assert.Equal(new long[] { 0, 8 }, none.shape);
+        Assert.Equal(ScalarType.Float64, none.dtype);
+        Assert.True(none.requires_grad);
+        using var grad = zeros(new long[] { 0, 8 }, ScalarType.Float64);
+        none.backward([grad]);
+        Assert.Equal(new long[] { 0, 8 }, empty.grad!.shape);
+
+        // Rows but no expert to run them (as before: the rows times zero).
+        using var rows = randn(new long[] { 3, 8 }, ScalarType.Float64);
+        using var zero = layer.RunExperts([], rows, []);
+        Assert.Equal(new long[] { 3, 8 }, zero.shape);
+        Assert.Equal(ScalarType.Float64, zero.dtype);
+        using var nonZero = zero.count_nonzero();
+        Assert.Equal(0L, nonZero.item<long>());
+    }
 }
