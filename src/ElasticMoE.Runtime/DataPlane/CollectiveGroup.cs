@@ -287,6 +287,7 @@ public sealed class CollectiveGroup
     }
 
     /// <summary>Drops frames of a collective that was given up, so they stop holding memory and buffering budget.</summary>
+    /// <remarks>Only those buffered now; to catch frames still on the wire too, use <see cref="DataPlaneNode.Fence"/>.</remarks>
     public int Abandon(long collectiveId) => Node.DiscardBuffered(tag => CollectiveTags.BelongsTo(tag, collectiveId));
 
     private string Member(int rank) =>

@@ -15,8 +15,9 @@ namespace ElasticMoE.Runtime.DataPlane;
 /// The rule for callers: two collectives may share an id only if the first has finished on every member
 /// before the second starts. Deriving the id from (membership epoch, step, layer, phase) guarantees that for
 /// a training loop, including a step retried after the membership changed: the epoch differs, so frames
-/// still in flight from the abandoned attempt cannot be taken for the retry's (drop them with
-/// <see cref="DataPlaneNode.DiscardBuffered"/> and <see cref="BelongsTo"/>).
+/// still in flight from the abandoned attempt cannot be taken for the retry's. Drop them with a
+/// <see cref="DataPlaneNode.Fence"/> over <see cref="BelongsTo"/> (or the attempt's epoch): it catches the
+/// frames already buffered and those still on the wire, which <see cref="DataPlaneNode.DiscardBuffered"/> misses.
 /// </remarks>
 public static class CollectiveTags
 {
