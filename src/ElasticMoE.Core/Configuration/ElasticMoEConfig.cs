@@ -184,6 +184,11 @@ public sealed record ElasticMoEConfig(
         {
             if (!ok) throw new ConfigException($"elasticmoe.{key}: {why}");
         }
+        if (!string.IsNullOrWhiteSpace(Cluster.Relayout))
+        {
+            try { Planning.RelayoutSchedule.Parse(Cluster.Relayout); }
+            catch (FormatException ex) { throw new ConfigException($"elasticmoe.cluster.relayout: {ex.Message}"); }
+        }
         var m = Model;
         Require(m.VocabSize == 256, "model.vocab-size", "the tokenizer is byte-level, so it must be 256");
         Require(m.DModel > 0, "model.d-model", "must be positive");

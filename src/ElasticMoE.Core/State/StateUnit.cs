@@ -73,6 +73,18 @@ public sealed class StateUnit : IDisposable
     /// </summary>
     public long AppliedStep { get; internal set; } = -1;
 
+    /// <summary>
+    /// Records that step <paramref name="step"/> was applied to a unit updated by something other than
+    /// AdamW (the router bias moves by the step's loads). False, and nothing changes, when it already was:
+    /// the same all-or-nothing rule as <see cref="Training.AdamW.StepUnit"/>.
+    /// </summary>
+    public bool TryMarkApplied(long step)
+    {
+        if (AppliedStep >= step) return false;
+        AppliedStep = step;
+        return true;
+    }
+
     /// <summary>Bytes of the unit's state: its parameters and buffers plus its moments.</summary>
     public long ByteSize
     {

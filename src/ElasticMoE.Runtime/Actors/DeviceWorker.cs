@@ -6,31 +6,45 @@ using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Engine;
 using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.State;
 
 namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>
-/// The GPU worker: owns one device, its thread budget and its copy of the model, and hosts what the
-/// plan puts on it — one pipeline stage and the expert shards of any MoE layer — as child actors on a
-/// dedicated thread each (or, for the worker that owns the process's compute loop, its stage and
-/// private shards on the loop's thread), so a stage blocked on a remote expert never blocks this
-/// node's shards.
+/// The GPU worker: owns one device, its thread budget, the model's units it holds, and two kinds of
+/// long-lived children — one pipeline stage and one expert shard per MoE layer — each on a thread of its
+/// own (or, for the worker that owns the process's compute loop, the stage on the loop's thread), so a
+/// stage blocked on a remote expert never blocks this node's shards.
 /// </summary>
-public sealed class DeviceWorker : ReceiveActor
+/// <remarks>
+/// States: <c>Ready</c> (a plan installed, or none yet) and <c>Installing</c> (units moving for a new
+/// plan; other plan messages wait in the stash). Installing a plan never restarts a child: units are
+/// exported to and imported from the data plane (checksums verified), units the plan no longer gives
+/// this worker are released, and the children rebuild their engines in place.
+/// Supervision: a stage or shard that throws outside a step (steps report their failures themselves)
+/// is stopped, not restarted — a restart would silently come back with nothing; the coordinator learns of
+/// it through the failed step or plan and decides.
+/// </remarks>
+public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
 {
     public const string ComputeDispatcher = "elasticmoe-compute-dispatcher";
+
+    private sealed record TransfersDone(InstallPlan Plan, TrainingPlan Next, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error);
+    private sealed record ChildrenReady(InstallPlan Plan, int Rank, IActorRef Coordinator, Exception? Error);
 
     private readonly ElasticMoEConfig _config;
     private readonly TextCorpus _corpus;
     private readonly DataPlaneNode _dataPlane;
-    private readonly string _nodeAddress;
-    private readonly int _device;
+    private readonly WorkerInfo _info;
+    private readonly WorkerId _id;
     private readonly ILoggingAdapter _log = Context.GetLogger();
-    private WorkerContext? _context;
-
     private readonly Hosting.ComputeLoop? _loop;
-
     private readonly CancellationToken _stopping;
+    private WorkerContext _context = null!;
+    private IActorRef _stage = ActorRefs.Nobody;
+    private readonly List<IActorRef> _shards = new();
+
+    public IStash Stash { get; set; } = null!;
 
     public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
         Hosting.ComputeLoop? loop = null, CancellationToken stopping = default)
@@ -40,9 +54,10 @@ public sealed class DeviceWorker : ReceiveActor
         _config = config;
         _corpus = corpus;
         _dataPlane = dataPlane;
-        _nodeAddress = nodeAddress;
-        _device = device;
-        Receive<AssignPlan>(OnAssignPlan);
+        long uid = Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid;
+        _id = new WorkerId(nodeAddress, uid, device);
+        _info = new WorkerInfo(nodeAddress, device, dataPlane.Endpoint, uid);
+        Ready();
     }
 
     public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
@@ -53,49 +68,163 @@ public sealed class DeviceWorker : ReceiveActor
     public static string ShardPath(string nodeAddress, int device, int ordinal) => $"{nodeAddress}/user/node/worker-{device}/shard-{ordinal}";
 
     protected override SupervisorStrategy SupervisorStrategy()
-        => new OneForOneStrategy(maxNrOfRetries: 3, withinTimeRange: TimeSpan.FromMinutes(1), localOnlyDecider: ex =>
+        => new OneForOneStrategy(localOnlyDecider: ex =>
         {
-            _log.Error(ex, "stage or shard failed");
-            return Directive.Restart;
+            _log.Error(ex, "stage or shard of worker {0} failed outside a step; stopped (its state is not restarted blank)", _id);
+            return Directive.Stop;
         });
 
-    private void OnAssignPlan(AssignPlan m)
+    protected override void PreStart()
     {
-        var workers = m.Workers.Select(w => new WorkerSlot(new WorkerId(w.NodeAddress, w.SystemUid, w.Device), w.DataEndpoint)).ToList();
-        var plan = new TrainingPlan(m.Epoch, m.Dp, m.Pp,
-            m.StageStarts.Zip(m.StageEnds, (a, b) => new StageRange(a, b)).ToArray(), workers, m.ExpertOwner);
-        int myRank = workers.FindIndex(w => w.NodeAddress == _nodeAddress && w.Device == _device);
-        if (myRank < 0)
+        // Built on this (shared) dispatcher thread with one libtorch thread: an OpenMP team left behind
+        // here would make the compute threads' own teams crawl (libgomp throttles every team once it
+        // manages more threads than there are cores).
+        TorchSharp.torch.set_num_threads(1);
+        _context = new WorkerContext(_config, _corpus, _dataPlane, _id, _stopping);
+        var stageDispatcher = _loop is null ? ComputeDispatcher : Hosting.ComputeLoopDispatcher.Id;
+        _stage = Context.ActorOf(PipelineStageActor.Props(_context, _loop).WithDispatcher(stageDispatcher), "stage");
+        for (int ordinal = 0; ordinal < _config.Model.Layers - _config.Model.DenseLayers; ordinal++)
+            _shards.Add(Context.ActorOf(ExpertShardActor.Props(_context, ordinal).WithDispatcher(ComputeDispatcher), $"shard-{ordinal}"));
+    }
+
+    private void Ready()
+    {
+        Receive<InstallPlan>(BeginInstall);
+        Receive<AbortAttempt>(m => _context.Abort(m.Fence));
+    }
+
+    private void Installing()
+    {
+        Receive<AbortAttempt>(m => _context.Abort(m.Fence));
+        Receive<TransfersDone>(OnTransfersDone);
+        Receive<ChildrenReady>(OnChildrenReady);
+        ReceiveAny(_ => Stash.Stash());
+    }
+
+    private void BeginInstall(InstallPlan m)
+    {
+        var coordinator = Sender;
+        TrainingPlan next;
+        TrainingPlan? previous;
+        try
         {
-            _log.Info("worker {0} is not in plan epoch {1}; idle", _device, m.Epoch);
+            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner);
+            previous = m.Previous.Length == 0 ? null : ToPlan(m.Epoch - 1, 1, 1, [], [], m.Previous, []);
+        }
+        catch (Exception ex)
+        {
+            coordinator.Tell(new PlanFailed(m.Epoch, _info, $"bad plan: {ex.Message}"));
             return;
         }
-        foreach (var child in Context.GetChildren()) Context.Stop(child);
-        if (_context is null)
+        int rank = next.RankOf(_id);
+        // Units leave before anything is released: export what this worker must send, post receives for
+        // what it must get, and let the data plane carry both ways at once (no ordering, no deadlock).
+        var sends = new List<Task>();
+        var receives = new List<(UnitId Unit, Task<Frame> Frame)>();
+        var cts = CancellationTokenSource.CreateLinkedTokenSource(_stopping);
+        cts.CancelAfter(TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds));
+        try
         {
-            // Built on this (shared) dispatcher thread with one libtorch thread: an OpenMP team left
-            // behind here would make the compute threads' own teams crawl (libgomp throttles every team
-            // once it manages more threads than there are cores).
-            TorchSharp.torch.set_num_threads(1);
-            _context = new WorkerContext(_config, _corpus, _dataPlane, plan, myRank, _stopping);
+            foreach (var move in m.Moves)
+            {
+                var unit = UnitId.Parse(move.Unit);
+                long tag = StepTags.UnitTransfer(m.Epoch, _context.UnitIndex(unit), move.ToRank);
+                if (previous is not null && previous.Workers[move.FromWorker].Id == _id)
+                {
+                    if (!_context.Holds(unit)) throw new InvalidOperationException($"asked to send unit {unit}, which this worker does not hold");
+                    var bytes = _context.Units[unit].Export();
+                    sends.Add(_dataPlane.SendAsync(next.Workers[move.ToRank].DataEndpoint, tag, bytes, ElementType.UInt8, cancellationToken: cts.Token));
+                }
+                if (move.ToRank == rank) receives.Add((unit, _dataPlane.ReceiveAsync(tag, cts.Token)));
+            }
         }
-        _context.Install(plan, myRank);
-        var coordinator = Sender;
-        var stageName = $"stage-e{m.Epoch}";
-        // With a compute loop, the stage runs on it, and so do the shards only this stage calls (their
-        // experts run inside the stage's graph; the shard just norms and updates them). A shard that
-        // takes requests from other workers needs a thread of its own: the stage's may be blocked
-        // waiting for a remote shard that in turn waits for this one.
-        var stageDispatcher = _loop is null ? ComputeDispatcher : Hosting.ComputeLoopDispatcher.Id;
-        Context.ActorOf(PipelineStageActor.Props(_context, coordinator, _loop).WithDispatcher(stageDispatcher), stageName);
-        for (int ordinal = 0; ordinal < plan.ExpertOwner.Length; ordinal++)
+        catch (Exception ex)
         {
-            if (plan.ExpertsOn(ordinal, myRank).Length == 0) continue;
-            bool isPrivate = plan.ShardIsPrivate(ordinal, myRank, _config.Model.DenseLayers);
-            Context.ActorOf(ExpertShardActor.Props(_context, ordinal, coordinator)
-                .WithDispatcher(isPrivate ? stageDispatcher : ComputeDispatcher), $"shard-{ordinal}");
+            cts.Dispose();
+            coordinator.Tell(new PlanFailed(m.Epoch, _info, ex.Message));
+            return;
         }
+        Become(Installing);
+        var context = _context;
+        Task.Run(async () =>
+        {
+            long bytes = 0;
+            try
+            {
+                await Task.WhenAll(sends);
+                foreach (var (unit, frameTask) in receives)
+                {
+                    using var frame = await frameTask;
+                    bytes += frame.Payload.Length;
+                    // Import verifies the unit's name, shapes and checksum before it touches anything.
+                    context.Units[unit].Import(frame.Payload);
+                    context.Received(unit);
+                }
+                return new TransfersDone(m, next, rank, coordinator, bytes, receives.Count, null);
+            }
+            catch (Exception ex)
+            {
+                return new TransfersDone(m, next, rank, coordinator, bytes, receives.Count, ex);
+            }
+            finally
+            {
+                cts.Dispose();
+            }
+        }).PipeTo(Self);
     }
+
+    private void OnTransfersDone(TransfersDone d)
+    {
+        if (d.Error is not null)
+        {
+            FinishInstall(d.Coordinator, new PlanFailed(d.Plan.Epoch, _info, $"unit transfer failed: {d.Error.GetBaseException().Message}"));
+            return;
+        }
+        try
+        {
+            _context.Install(d.Next, d.Rank);
+        }
+        catch (Exception ex)
+        {
+            FinishInstall(d.Coordinator, new PlanFailed(d.Plan.Epoch, _info, ex.Message));
+            return;
+        }
+        _bytesReceived = d.Bytes;
+        _unitsReceived = d.Units;
+        var reconfigure = new Reconfigure(d.Next, d.Rank, d.Coordinator);
+        var timeout = TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds);
+        var asks = _shards.Prepend(_stage).Select(c => c.Ask<Reconfigured>(reconfigure, timeout)).ToList();
+        Task.WhenAll(asks).ContinueWith(t => new ChildrenReady(d.Plan, d.Rank, d.Coordinator, t.Exception)).PipeTo(Self);
+    }
+
+    private long _bytesReceived;
+    private int _unitsReceived;
+
+    private void OnChildrenReady(ChildrenReady r)
+    {
+        if (r.Error is not null)
+        {
+            FinishInstall(r.Coordinator, new PlanFailed(r.Plan.Epoch, _info, $"stage or shard did not reconfigure: {r.Error.GetBaseException().Message}"));
+            return;
+        }
+        var plan = _context.ActivePlan;
+        var shared = Enumerable.Range(0, _shards.Count)
+            .Where(o => ExpertShardActor.IsShared(plan, r.Rank, o, _config.Model.DenseLayers)).ToArray();
+        FinishInstall(r.Coordinator, new PlanInstalled(r.Plan.Epoch, _info, r.Rank, Self, _stage, shared,
+            shared.Select(o => _shards[o]).ToArray(), _bytesReceived, _unitsReceived, _context.HeldCount));
+    }
+
+    private void FinishInstall(IActorRef coordinator, IElasticMoEMessage reply)
+    {
+        if (reply is PlanFailed f) _log.Error("worker {0}: plan epoch {1} failed: {2}", _id, f.Epoch, f.Reason);
+        coordinator.Tell(reply);
+        Become(Ready);
+        Stash.UnstashAll();
+    }
+
+    private static TrainingPlan ToPlan(int epoch, int dp, int pp, int[] starts, int[] ends, WorkerInfo[] workers, int[][] owners)
+        => new(epoch, dp, pp, starts.Zip(ends, (a, b) => new StageRange(a, b)).ToArray(),
+            workers.Select(w => new WorkerSlot(new WorkerId(w.NodeAddress, w.SystemUid, w.Device), w.DataEndpoint)).ToList(), owners);
 
     protected override void PostStop() => _context?.Dispose();
 }
@@ -103,19 +232,19 @@ public sealed class DeviceWorker : ReceiveActor
 /// <summary>Sends expert requests to shard actors, wherever they are, by their well-known paths.</summary>
 internal sealed class ShardMessenger(ActorSystem system, WorkerContext context) : IShardMessenger
 {
-    private readonly Dictionary<(int, int), ActorSelection> _selections = new();
+    private readonly Dictionary<(string, int, int), ActorSelection> _selections = new();
     private readonly object _gate = new();
 
     public void Send(int moeOrdinal, int ownerWorker, IElasticMoEMessage message)
     {
+        var w = context.ActivePlan.Workers[ownerWorker];
         ActorSelection sel;
         lock (_gate)
         {
-            if (!_selections.TryGetValue((moeOrdinal, ownerWorker), out sel!))
+            if (!_selections.TryGetValue((w.NodeAddress, w.Device, moeOrdinal), out sel!))
             {
-                var w = context.Plan.Workers[ownerWorker];
                 sel = system.ActorSelection(DeviceWorker.ShardPath(w.NodeAddress, w.Device, moeOrdinal));
-                _selections[(moeOrdinal, ownerWorker)] = sel;
+                _selections[(w.NodeAddress, w.Device, moeOrdinal)] = sel;
             }
         }
         // May run on libtorch's autograd thread (remote backward): no actor context there, so no sender.

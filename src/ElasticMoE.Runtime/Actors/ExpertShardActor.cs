@@ -5,55 +5,90 @@ using ElasticMoE.Runtime.Protocol;
 
 namespace ElasticMoE.Runtime.Actors;
 
-/// <summary>Hosts the experts of one MoE layer on this worker (see <see cref="ShardEngine"/>).</summary>
+/// <summary>
+/// Hosts the experts of one MoE layer that other workers call, on this worker (see
+/// <see cref="ShardEngine"/>). One per MoE layer per worker for the worker's whole life, at a well-known
+/// path; a plan that gives this worker none of the layer's shared experts leaves it idle.
+/// </summary>
 public sealed class ExpertShardActor : ReceiveActor
 {
     private readonly WorkerContext _context;
-    private readonly ShardEngine _engine;
-    private readonly IActorRef _coordinator;
+    private readonly int _ordinal;
     private readonly ILoggingAdapter _log = Context.GetLogger();
+    private ShardEngine? _engine;
+    private IActorRef _coordinator = ActorRefs.Nobody;
 
-    public ExpertShardActor(WorkerContext context, int ordinal, IActorRef coordinator)
+    public ExpertShardActor(WorkerContext context, int ordinal)
     {
         _context = context;
-        _coordinator = coordinator;
-        _engine = new ShardEngine(context, ordinal);
+        _ordinal = ordinal;
+        Receive<Reconfigure>(OnReconfigure);
         Receive<IElasticMoEMessage>(OnMessage);
-        coordinator.Tell(new ShardReady(context.Plan.Epoch, context.Worker, ordinal));
     }
 
-    public static Props Props(WorkerContext context, int ordinal, IActorRef coordinator)
-        => Akka.Actor.Props.Create(() => new ExpertShardActor(context, ordinal, coordinator));
+    public static Props Props(WorkerContext context, int ordinal)
+        => Akka.Actor.Props.Create(() => new ExpertShardActor(context, ordinal));
 
     // One libtorch thread on a thread of its own: a shard works beside its worker's stage on the same
-    // cores, and every extra OpenMP team in the process makes libgomp throttle all of them (see
-    // DeviceWorker). A shard on its stage's compute loop shares the stage's thread and its budget.
-    protected override void PreStart()
+    // cores, and every extra OpenMP team in the process makes libgomp throttle all of them (see DeviceWorker).
+    protected override void PreStart() => TorchSharp.torch.set_num_threads(1);
+
+    /// <summary>True when the plan gives rank <paramref name="rank"/> experts of this layer that other workers call.</summary>
+    public static bool IsShared(Planning.TrainingPlan plan, int rank, int ordinal, int denseLayers)
+        => rank >= 0 && plan.ExpertsOn(ordinal, rank).Length > 0 && !plan.ShardIsPrivate(ordinal, rank, denseLayers);
+
+    private void OnReconfigure(Reconfigure m)
     {
-        if (Context.Props.Dispatcher != Hosting.ComputeLoopDispatcher.Id) TorchSharp.torch.set_num_threads(1);
+        _engine?.Dispose();
+        _engine = IsShared(m.Plan, m.Rank, _ordinal, _context.Config.Model.DenseLayers) ? new ShardEngine(_context, _ordinal) : null;
+        _coordinator = m.Coordinator;
+        Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
     }
 
     private void OnMessage(IElasticMoEMessage message)
     {
-        long step = -1;
-        try
+        switch (message)
         {
-            switch (message)
-            {
-                case ExpertForward m: step = m.Step; _engine.Forward(m); break;
-                case ExpertBackward m: step = m.Step; _engine.Backward(m); break;
-                case QueryExpertNorm m: step = m.Step; Sender.Tell(new ExpertNorm(m.Epoch, m.Step, _context.Worker, _engine.GradSumSq())); break;
-                case ApplyUpdate m: step = m.Step; _engine.Apply(m); Sender.Tell(new UpdateApplied(m.Epoch, m.Step, _context.Worker, 0)); break;
-                case ReportParameters: Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.Parameters)); break;
-                default: _log.Warning("shard: unexpected {0}", message.GetType().Name); break;
-            }
-        }
-        catch (Exception ex)
-        {
-            _log.Error(ex, "expert shard L{0} of worker {1} failed at step {2}", _engine.MoEOrdinal, _context.Worker, step);
-            _coordinator.Tell(new WorkerFailed(_context.Plan.Epoch, step, _context.Worker, $"expert shard L{_engine.MoEOrdinal}: {ex.GetBaseException().Message}"));
+            case ExpertForward m: Run(m.Fence, t => _engine!.Forward(m, t)); break;
+            case ExpertBackward m: Run(m.Fence, t => _engine!.Backward(m, t)); break;
+            case QueryExpertNorm m:
+                var sender = Sender;
+                Run(m.Fence, _ => sender.Tell(new ExpertNorm(m.Fence, _context.Worker, _ordinal, _engine!.GradSumSq(m.Fence))));
+                break;
+            case ApplyUpdate m:
+                var replyTo = Sender;
+                Run(m.Fence, _ =>
+                {
+                    var (applied, already) = _engine!.Apply(m);
+                    replyTo.Tell(new UpdateApplied(m.Fence, _context.Worker, 0, applied, already));
+                });
+                break;
+            case ReportParameters:
+                if (_engine is not null) Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.Parameters));
+                break;
+            default: _log.Warning("shard: unexpected {0}", message.GetType().Name); break;
         }
     }
 
-    protected override void PostStop() => _engine.Dispose();
+    private void Run(Fence fence, Action<CancellationToken> work)
+    {
+        if (_engine is null)
+        {
+            _log.Warning("shard L{0} of worker {1} holds no experts under this plan; {2} ignored", _ordinal, _context.Worker, fence);
+            return;
+        }
+        if (_context.Enter(fence) is not { } token) return;   // an aborted attempt's late request
+        try
+        {
+            work(token);
+        }
+        catch (Exception ex)
+        {
+            var kind = PipelineStageActor.Classify(ex);
+            if (kind is FailureKind.Error) _log.Error(ex, "expert shard L{0} of worker {1} failed at {2}", _ordinal, _context.Worker, fence);
+            _coordinator.Tell(new WorkerFailed(fence, _context.Worker, kind, $"expert shard L{_ordinal}: {ex.GetBaseException().Message}"));
+        }
+    }
+
+    protected override void PostStop() => _engine?.Dispose();
 }

@@ -26,6 +26,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     // Cancelled as the node stops, so a stage or shard blocked on a dead peer lets go at once.
     private readonly CancellationTokenSource _stopping = new();
     private bool _accepted;
+    private readonly string _runFingerprint;
 
     public ITimerScheduler Timers { get; set; } = null!;
 
@@ -35,6 +36,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         _coordinator = coordinator;
         _stopped = stopped;
         _address = Akka.Cluster.Cluster.Get(Context.System).SelfAddress.ToString();
+        _runFingerprint = TrainingState.RunFingerprint(config, corpus.Fingerprint);
         var log = _log;
         for (int d = 0; d < config.Cluster.Devices; d++)
         {
@@ -68,13 +70,14 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped, Hosting.ComputeLoop? loop = null)
         => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped, loop));
 
-    // A worker that throws is restarted a few times, then the node gives up on it: a worker that keeps
-    // failing must surface, not loop. (Elastic recovery will replace it instead.)
+    // A device worker holds units (parameters and moments): restarting it would bring it back blank and
+    // silently lose them. Stop it instead; the coordinator sees the failed step or plan and decides
+    // (the elasticity issue re-creates it from its units' copies).
     protected override SupervisorStrategy SupervisorStrategy()
-        => new OneForOneStrategy(maxNrOfRetries: 3, withinTimeRange: TimeSpan.FromMinutes(1), localOnlyDecider: ex =>
+        => new OneForOneStrategy(localOnlyDecider: ex =>
         {
-            _log.Error(ex, "device worker failed");
-            return Directive.Restart;
+            _log.Error(ex, "device worker failed; stopped, not restarted with blank state");
+            return Directive.Stop;
         });
 
     protected override void PreStart()
@@ -89,7 +92,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         if (_accepted) return;
         _coordinator.Tell(new RegisterNode(_address, _dataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
-            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
+            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint));
     }
 
     private void OnMessage(IElasticMoEMessage message)
@@ -106,7 +109,10 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 _stopped.TrySetResult("refused: " + m.Reason);
                 Context.Stop(Self);
                 break;
-            case AssignPlan m:
+            case InstallPlan m:
+                foreach (var w in _workers) w.Forward(m);
+                break;
+            case AbortAttempt m:
                 foreach (var w in _workers) w.Forward(m);
                 break;
             case Shutdown m:

@@ -5,25 +5,30 @@ using ElasticMoE.Runtime.Protocol;
 
 namespace ElasticMoE.Runtime.Actors;
 
-/// <summary>Runs one pipeline stage's share of each step (see <see cref="StageEngine"/>).</summary>
+/// <summary>
+/// Runs one pipeline stage's share of each step (see <see cref="StageEngine"/>). Lives as long as its
+/// device worker: a new plan reconfigures it in place (a new engine over the units the plan gives its
+/// worker), so the actor is the same incarnation across re-plans.
+/// </summary>
 public sealed class PipelineStageActor : ReceiveActor
 {
     private readonly WorkerContext _context;
-    private readonly StageEngine _engine;
+    private readonly IShardMessenger _messenger;
     private readonly Hosting.ComputeLoop? _loop;
     private readonly ILoggingAdapter _log = Context.GetLogger();
+    private StageEngine? _engine;
 
-    public PipelineStageActor(WorkerContext context, IActorRef coordinator, Hosting.ComputeLoop? loop = null)
+    public PipelineStageActor(WorkerContext context, Hosting.ComputeLoop? loop = null)
     {
         _context = context;
         _loop = loop;
-        _engine = new StageEngine(context, new ShardMessenger(Context.System, context));
+        _messenger = new ShardMessenger(Context.System, context);
+        Receive<Reconfigure>(OnReconfigure);
         Receive<IElasticMoEMessage>(OnMessage);
-        coordinator.Tell(new PlanReady(context.Plan.Epoch, context.Worker, context.Plan.ExpertOwner.Count(o => o.Contains(context.Worker))));
     }
 
-    public static Props Props(WorkerContext context, IActorRef coordinator, Hosting.ComputeLoop? loop = null)
-        => Akka.Actor.Props.Create(() => new PipelineStageActor(context, coordinator, loop));
+    public static Props Props(WorkerContext context, Hosting.ComputeLoop? loop = null)
+        => Akka.Actor.Props.Create(() => new PipelineStageActor(context, loop));
 
     // The stage's torch work runs on the compute loop's thread when it has one (see ComputeLoop).
     // The loop's thread belongs to the process, so set this worker's thread budget on it each time.
@@ -36,29 +41,60 @@ public sealed class PipelineStageActor : ReceiveActor
     // libtorch's intra-op thread count is per OS thread (OpenMP), and this actor has a thread of its own.
     protected override void PreStart() => Training.TorchSetup.ApplyThreads(_context.Config);
 
+    private void OnReconfigure(Reconfigure m)
+    {
+        _engine?.Detach();
+        _engine = m.Rank < 0 ? null : Compute(() => new StageEngine(_context, _messenger));
+        Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
+    }
+
     private void OnMessage(IElasticMoEMessage message)
     {
-        var epoch = _context.Plan.Epoch;
-        long step = -1;
-        try
+        switch (message)
         {
-            switch (message)
-            {
-                case RunStep m: step = m.Step; Sender.Tell(Compute(() => _engine.RunStep(m.Step))); break;
-                case ApplyUpdate m: step = m.Step; Sender.Tell(Compute(() => _engine.Apply(m))); break;
-                case RunEval m: step = m.Step; Sender.Tell(Compute(() => _engine.Evaluate(m.Step))); break;
-                case ReportParameters: Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.DenseParameters)); break;
-                default: _log.Warning("stage: unexpected {0}", message.GetType().Name); break;
-            }
-        }
-        catch (Exception ex)
-        {
-            // Reported, not thrown: a diverged loss or a lost peer is the run's problem, which the
-            // coordinator decides about; restarting this actor would only lose the step's graph.
-            _log.Error(ex, "stage of worker {0} failed at step {1}", _context.Worker, step);
-            Sender.Tell(new WorkerFailed(epoch, step, _context.Worker, ex.GetBaseException().Message));
+            case RunStep m: Run(m.Fence, token => _engine!.RunStep(m.Fence, token)); break;
+            case RunEval m: Run(m.Fence, token => _engine!.Evaluate(m.Fence, token)); break;
+            case ApplyUpdate m: Run(m.Fence, _ => _engine!.Apply(m)); break;
+            case ReportParameters:
+                if (_engine is not null) Sender.Tell(WorkerContext.Summarize(_context.Worker, _engine.OwnedParameters));
+                break;
+            default: _log.Warning("stage: unexpected {0}", message.GetType().Name); break;
         }
     }
 
-    protected override void PostStop() => _engine.Dispose();
+    // Stale attempts are ignored; failures are reported, typed, never thrown: a diverged loss or a lost
+    // peer is the run's problem, which the coordinator decides about (redo the attempt or stop), and a
+    // restart here would only lose the step's graph.
+    private void Run(Fence fence, Func<CancellationToken, IElasticMoEMessage> work)
+    {
+        if (_engine is null)
+        {
+            _log.Warning("stage of an idle worker got {0}; ignored", fence);
+            return;
+        }
+        if (_context.Enter(fence) is not { } token) return;
+        try
+        {
+            Sender.Tell(Compute(() => work(token)));
+        }
+        catch (Exception ex)
+        {
+            var kind = Classify(ex);
+            if (kind is FailureKind.Error or FailureKind.Diverged) _log.Error(ex, "stage of worker {0} failed at {1}", _context.Worker, fence);
+            Sender.Tell(new WorkerFailed(fence, _context.Worker, kind, ex.GetBaseException().Message));
+        }
+    }
+
+    public static FailureKind Classify(Exception ex) => ex switch
+    {
+        AttemptAbortedException or OperationCanceledException => FailureKind.Aborted,
+        InjectedFaultException => FailureKind.Injected,
+        TimeoutException => FailureKind.Timeout,
+        Training.TrainingDivergedException => FailureKind.Diverged,
+        InvalidOperationException { InnerException: { } inner } => Classify(inner),
+        AggregateException { InnerException: { } inner } => Classify(inner),
+        _ => FailureKind.Error,
+    };
+
+    protected override void PostStop() => _engine?.Detach();
 }

@@ -2,339 +2,602 @@ using Akka.Actor;
 using Akka.Event;
 using ElasticMoE.Configuration;
 using ElasticMoE.Planning;
+using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.State;
 using ElasticMoE.Training;
 
 namespace ElasticMoE.Runtime.Actors;
 
-/// <summary>How a distributed run ended: the same figures the single-process loop reports.</summary>
+/// <summary>How a distributed run ended: the same figures the single-process loop reports, plus its plans.</summary>
 /// <param name="FinalParameters">Per parameter name: (sum, L2 norm) at the end, from the replica-0 owner.</param>
 public sealed record RunResult(
     IReadOnlyList<StepResult> Steps,
     IReadOnlyList<(long Step, double ValLoss)> Validation,
     double Seconds,
-    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters);
+    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters)
+{
+    /// <summary>Every plan installed, in order, with what it cost and which actors served it.</summary>
+    public IReadOnlyList<PlanRecord> Plans { get; init; } = [];
+
+    /// <summary>Step attempts redone after an abort or a fault (roll-forwards of an update included).</summary>
+    public int RedoneAttempts { get; init; }
+}
+
+/// <summary>One installed plan: when, its layout, what moved, how long the install paused training, and the actors of each rank.</summary>
+public sealed record PlanRecord(int Epoch, long AtStep, int Dp, int Pp, int UnitsMoved, long BytesMoved, double InstallSeconds,
+    IReadOnlyList<(WorkerId Worker, IActorRef DeviceWorker, IActorRef Stage)> Ranks);
 
 /// <summary>
-/// The cluster singleton that owns the plan and drives steps. Each step has three phases, each a
-/// scatter/gather over actors: compute (forward, backward, dense all-reduce) on every stage; gradient
-/// norms of every expert shard that takes requests from other workers (only after all stages finished,
-/// so all expert gradients are in; skipped when every shard is private to its worker's stage, which
-/// reports their norm itself); the update (clip scale, learning rate, total expert loads) everywhere.
-/// Only then is the step committed.
+/// The cluster singleton that owns the plan and drives steps. States (each an explicit <c>Become</c>):
+/// waiting for nodes → installing a plan → computing (forward, backward, dense all-reduce on every stage)
+/// → expert norms (shards other workers call) → updating → [evaluating] → next step, re-plan or finishing.
+/// Every step attempt is fenced by (epoch, step, attempt); a failure in any phase aborts the attempt
+/// everywhere and redoes the step from unchanged state (an interrupted update is rolled forward instead:
+/// units record the step they applied). Durable facts change only through <see cref="CoordinatorState.Apply"/>.
 /// </summary>
 public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 {
-    private sealed record StepTimeout(long Step, int Epoch);
+    private sealed record PhaseTimeout(Fence Fence, string Phase);
+
+    /// <summary>Attempts per step before the run gives up (the tag space carries the attempt mod 16).</summary>
+    public const int MaxAttemptsPerStep = 8;
 
     private readonly ElasticMoEConfig _config;
     private readonly TrainingReport _report;
     private readonly TaskCompletionSource<RunResult> _done;
     private readonly ILoggingAdapter _log = Context.GetLogger();
-    private readonly string _fingerprint;
+    private readonly string _runFingerprint;
+    private readonly Queue<RelayoutPoint> _schedule;
+    private RequestRelayout? _requested;
 
-    private readonly List<(string Address, long Uid, string[] Endpoints, IActorRef Agent)> _nodes = new();
-    private TrainingPlan? _plan;
+    private CoordinatorState _state = CoordinatorState.Empty;
+    private readonly List<(string Address, long Uid, IActorRef Agent)> _agents = new();
+
+    // The installed plan's actors, by rank.
     private readonly Dictionary<int, IActorRef> _stages = new();
-    private readonly Dictionary<(int Worker, int Ordinal), IActorRef> _shards = new();
-    // Shards taking requests from other workers: the only ones asked for a gradient norm (a private
-    // shard's norm comes with its stage's StepComputed).
-    private readonly List<IActorRef> _sharedShards = new();
-    private int _expectedShards;
+    private readonly Dictionary<int, IActorRef> _workerRefs = new();
+    private readonly List<(int Rank, int Ordinal, IActorRef Shard)> _sharedShards = new();
+    private readonly List<IActorRef> _allWorkers = new();
 
-    private long _step;
+    private Fence _fence;
+    private int _computeAttempt;
+    private int _redone;
     private readonly System.Diagnostics.Stopwatch _clock = new();
     private System.Diagnostics.Stopwatch _stepClock = new();
-    private readonly List<StepComputed> _computed = new();
-    private readonly List<ExpertNorm> _norms = new();
+    private readonly Dictionary<int, StepComputed> _computed = new();
+    private readonly Dictionary<(int, int), ExpertNorm> _norms = new();
     private readonly List<UpdateApplied> _applied = new();
-    private readonly List<EvalComputed> _evals = new();
-    private readonly List<StepResult> _results = new();
+    private readonly Dictionary<int, EvalComputed> _evals = new();
     private readonly List<(long, double)> _validation = new();
+    private readonly List<PlanRecord> _plans = new();
     private StepResult? _pendingResult;
+    private ApplyUpdate? _pendingUpdate;
+    private bool _finished;
 
     public ITimerScheduler Timers { get; set; } = null!;
     // ELASTICMOE_TRACE=1 logs each step's phase timings (with akka.loglevel = INFO).
     private static readonly bool Trace = Environment.GetEnvironmentVariable("ELASTICMOE_TRACE") == "1";
     private double _tCompute, _tNorm;
 
-    public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, long startStep = 0)
+    public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, long startStep = 0)
     {
         _config = config;
         _report = report;
         _done = done;
-        _step = startStep;
-        _fingerprint = TrainingState.Fingerprint(config.Model);
-        Receive<IElasticMoEMessage>(OnMessage);
-        Receive<StepTimeout>(OnStepTimeout);
-        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, "became unreachable"));
-        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, "left the cluster"));
+        _runFingerprint = runFingerprint;
+        _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
+            : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
+        Apply(new RunStarted(runFingerprint, config.Seed, startStep));
+        WaitingForNodes();
     }
 
+    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint)
+        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, runFingerprint, 0));
+
+    private void Apply(ICoordinatorEvent e) => _state = _state.Apply(e);
+
     // Until elastic membership lands, losing a node that holds part of the plan ends the run at once
-    // with its name, instead of waiting for the step timeout.
+    // with its name, instead of waiting for the step timeout; a node lost before the first plan is
+    // simply not planned.
     protected override void PreStart()
         => Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
 
-    protected override void PostStop() => Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
-
-    private void OnMemberLost(Address address, string what)
+    protected override void PostStop()
     {
-        if (_finished || _plan is null || !_plan.Workers.Any(w => w.NodeAddress == address.ToString())) return;
-        Fail($"node {address} {what} at step {_step}; elastic recovery is not built yet, so the run stops");
+        Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
+        _done.TrySetException(new TrainingFailedException("the coordinator stopped before the run finished"));
     }
 
-    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done)
-        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, 0));
+    // ---- handlers common to every state --------------------------------------------------------
 
-    private void OnMessage(IElasticMoEMessage message)
+    private void Common()
     {
-        switch (message)
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
+        Receive<RegisterNode>(OnRegisterNode);
+        Receive<RequestRelayout>(m =>
         {
-            case RegisterNode m: OnRegisterNode(m); break;
-            case PlanReady m: OnPlanReady(m); break;
-            case ShardReady m: OnShardReady(m); break;
-            case StepComputed m: OnStepComputed(m); break;
-            case ExpertNorm m: OnExpertNorm(m); break;
-            case UpdateApplied m: OnUpdateApplied(m); break;
-            case EvalComputed m: OnEvalComputed(m); break;
-            case ParameterSummary m: OnParameterSummary(m); break;
-            case WorkerFailed m: Fail($"worker {m.Worker} failed at step {m.Step}: {m.Reason}"); break;
-            default: _log.Warning("coordinator: unexpected {0}", message.GetType().Name); break;
+            _requested = m;
+            _report.Info($"re-layout to {m.Workers} worker(s) x PP {m.Pp} requested; it takes effect at the next step boundary");
+        });
+        Receive<PhaseTimeout>(OnPhaseTimeout);
+        Receive<StopRun>(m =>
+        {
+            _stopRequested ??= m.Reason;
+            if (_state.Plan is null && !_finished) Finish();   // nothing trained yet: stop at once
+        });
+        Receive<IElasticMoEMessage>(m => { /* a stale or unexpected message for this state: fenced out */ });
+    }
+
+    private string? _stopRequested;
+
+    private void OnMemberLost(Address address, long uid, string what)
+    {
+        if (_finished) return;
+        var node = address.ToString();
+        if (_state.Plan is null)
+        {
+            if (_agents.RemoveAll(a => a.Address == node) > 0)
+            {
+                Apply(new NodeRemoved(node, uid, what));
+                _report.Info($"node {node} {what} before the first plan; it will not be planned");
+            }
+            return;
         }
+        if (!_state.Workers.Any(w => w.NodeAddress == node)) return;
+        Apply(new NodeRemoved(node, uid, what));
+        if (_state.Plan.Workers.Any(w => w.NodeAddress == node))
+            Fail($"node {node} {what} at step {_state.NextStep}; elastic recovery is not built yet, so the run stops");
     }
 
     private void OnRegisterNode(RegisterNode m)
     {
-        if (m.ModelFingerprint != _fingerprint || m.Seed != _config.Seed)
+        string? reason = m.RunFingerprint != _runFingerprint
+            ? $"run config differs (model, training options, data or seed): node has {m.RunFingerprint}, coordinator has {_runFingerprint}"
+            : m.Seed != _config.Seed ? $"seed differs: node has {m.Seed}, coordinator has {_config.Seed}" : null;
+        if (reason is not null)
         {
-            var reason = m.ModelFingerprint != _fingerprint
-                ? $"model config differs: node has {m.ModelFingerprint}, coordinator has {_fingerprint}"
-                : $"seed differs: node has {m.Seed}, coordinator has {_config.Seed}";
             _log.Warning("refusing node {0}: {1}", m.NodeAddress, reason);
             Sender.Tell(new NodeRefused(m.NodeAddress, reason));
             return;
         }
-        if (_nodes.Any(n => n.Address == m.NodeAddress))
+        if (_agents.Any(n => n.Address == m.NodeAddress && n.Uid == m.SystemUid))
         {
             Sender.Tell(new NodeAccepted(m.NodeAddress));   // a retry of a registration we already have
             return;
         }
-        if (_plan is not null)
+        if (_state.Plan is not null)
         {
             Sender.Tell(new NodeRefused(m.NodeAddress, "the run has started; joining a running job comes with elastic membership"));
             return;
         }
-        _nodes.Add((m.NodeAddress, m.SystemUid, m.DataEndpoints, Sender));
+        _agents.Add((m.NodeAddress, m.SystemUid, Sender));
+        Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
+            m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
         Sender.Tell(new NodeAccepted(m.NodeAddress));
-        _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_nodes.Count}/{_config.Cluster.NodesToWaitFor})");
-        if (_nodes.Count == _config.Cluster.NodesToWaitFor) AssignFirstPlan();
+        _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_agents.Count}/{_config.Cluster.NodesToWaitFor})");
+        if (_agents.Count == _config.Cluster.NodesToWaitFor) Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
     }
 
-    private void AssignFirstPlan()
+    // ---- waiting for nodes ---------------------------------------------------------------------
+
+    private void WaitingForNodes()
     {
-        // Workers in a stable order (node address, then device), so a layout is reproducible.
-        var slots = _nodes.OrderBy(n => n.Address, StringComparer.Ordinal)
-            .SelectMany(n => n.Endpoints.Select((e, d) => new WorkerSlot(new WorkerId(n.Address, n.Uid, d), e))).ToList();
+        Common();
+    }
+
+    // ---- planning and installing ---------------------------------------------------------------
+
+    private TrainingPlan? _installing;
+    private readonly Dictionary<WorkerId, PlanInstalled> _installed = new();
+    private System.Diagnostics.Stopwatch _installClock = new();
+    private int _unitsMoving;
+
+    private void Replan(int workers, int pp)
+    {
+        var previous = _state.Plan;
+        TrainingPlan next;
+        TransferPlan transfers;
         try
         {
-            _plan = LayoutPlanner.Plan(1, slots, _config.Cluster.PipelineStages, _config.Model);
+            var available = _state.Workers.ToList();
+            if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
+            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, _state.Epoch + 1);
+            transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model);
         }
-        catch (ArgumentException ex)
+        catch (Exception ex) when (ex is ArgumentException or UnitsLostException)
         {
-            Fail($"cannot lay out {slots.Count} workers: {ex.Message}");
+            Fail($"cannot lay out the run on {workers} worker(s) with PP {pp}: {ex.Message}");
             return;
         }
-        _expectedShards = Enumerable.Range(0, _plan.ExpertOwner.Length)
-            .Sum(o => _plan.ExpertOwner[o].Distinct().Count());
-        var msg = new AssignPlan(_plan.Epoch, _plan.Dp, _plan.Pp,
-            _plan.Stages.Select(s => s.First).ToArray(), _plan.Stages.Select(s => s.End).ToArray(),
-            _plan.Workers.Select(w => new WorkerInfo(w.NodeAddress, w.Device, w.DataEndpoint, w.Id.SystemUid)).ToArray(),
-            _plan.ExpertOwner, _step);
-        _report.Info($"plan: {_plan.WorldSize} worker(s), DP {_plan.Dp} x PP {_plan.Pp}, stages " +
-                     string.Join(" ", _plan.Stages.Select(s => $"[{s.First},{s.End})")) +
-                     $", experts spread over {(_plan.ExpertOwner.Length == 0 ? 0 : _plan.ExpertOwner.SelectMany(o => o).Distinct().Count())} worker(s)");
-        foreach (var n in _nodes) n.Agent.Tell(msg);
+        _installing = next;
+        _installed.Clear();
+        _unitsMoving = transfers.Moves.Count;
+        var prevWorkers = previous?.Workers.ToList() ?? [];
+        var msg = new InstallPlan(next.Epoch, next.Dp, next.Pp,
+            next.Stages.Select(s => s.First).ToArray(), next.Stages.Select(s => s.End).ToArray(),
+            next.Workers.Select(Info).ToArray(), next.ExpertOwner, _state.NextStep,
+            prevWorkers.Select(Info).ToArray(),
+            transfers.Moves.Select(t => new UnitMove(t.Unit.ToString(), prevWorkers.FindIndex(w => w.Id == t.From), next.RankOf(t.To))).ToArray());
+        _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
+                     string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
+                     $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s), {transfers.Moves.Count} unit(s) to move");
+        _installClock = System.Diagnostics.Stopwatch.StartNew();
+        foreach (var a in _agents) a.Agent.Tell(msg);
+        Become(Installing);
+        Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(next.Epoch, _state.NextStep, -1), "plan install"),
+            TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds));
     }
 
-    private void OnPlanReady(PlanReady m)
+    private static WorkerInfo Info(WorkerSlot w) => new(w.NodeAddress, w.Device, w.DataEndpoint, w.Id.SystemUid);
+
+    private void Installing()
     {
-        if (_plan is null || m.Epoch != _plan.Epoch) return;
-        _stages[m.Worker] = Sender;
-        MaybeStart();
+        Receive<PlanInstalled>(OnPlanInstalled);
+        Receive<PlanFailed>(m =>
+        {
+            if (_installing is not null && m.Epoch == _installing.Epoch)
+                Fail($"worker {m.Worker.NodeAddress}/d{m.Worker.Device} could not install plan {m.Epoch}: {m.Reason}", FailureKind.StateLost);
+        });
+        Common();
     }
 
-    private void OnShardReady(ShardReady m)
+    private void OnPlanInstalled(PlanInstalled m)
     {
-        if (_plan is null || m.Epoch != _plan.Epoch) return;
-        _shards[(m.Worker, m.MoEOrdinal)] = Sender;
-        if (!_plan.ShardIsPrivate(m.MoEOrdinal, m.Worker, _config.Model.DenseLayers)) _sharedShards.Add(Sender);
-        MaybeStart();
+        if (_installing is null || m.Epoch != _installing.Epoch) return;
+        _installed[new WorkerId(m.Worker.NodeAddress, m.Worker.SystemUid, m.Worker.Device)] = m;
+        if (_installed.Count < _state.Workers.Count) return;
+        var plan = _installing;
+        _installing = null;
+        Timers.Cancel("phase");
+        _stages.Clear();
+        _workerRefs.Clear();
+        _sharedShards.Clear();
+        _allWorkers.Clear();
+        foreach (var p in _installed.Values)
+        {
+            _allWorkers.Add(p.Self);
+            if (p.Rank < 0) continue;
+            _stages[p.Rank] = p.Stage;
+            _workerRefs[p.Rank] = p.Self;
+            for (int i = 0; i < p.Shards.Length; i++) _sharedShards.Add((p.Rank, p.ShardOrdinals[i], p.Shards[i]));
+        }
+        if (_stages.Count != plan.WorldSize)
+        {
+            Fail($"plan {plan.Epoch}: {_stages.Count} of {plan.WorldSize} ranks installed", FailureKind.StateLost);
+            return;
+        }
+        _sharedShards.Sort((a, b) => (a.Rank, a.Ordinal).CompareTo((b.Rank, b.Ordinal)));
+        long bytes = _installed.Values.Sum(p => p.BytesReceived);
+        double seconds = _installClock.Elapsed.TotalSeconds;
+        _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
+            Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
+        Apply(new PlanChanged(plan, _state.NextStep));
+        if (_plans.Count > 1)
+            _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving} unit(s), {bytes / 1024.0:F0} KiB moved");
+        if (!_clock.IsRunning) _clock.Start();
+        StartStepOrFinish();
     }
 
-    private void MaybeStart()
-    {
-        if (_plan is null || _stages.Count < _plan.WorldSize || _shards.Count < _expectedShards) return;
-        if (_clock.IsRunning) return;
-        _clock.Start();
-        StartStep();
-    }
+    // ---- steps ---------------------------------------------------------------------------------
 
-    private void StartStep()
+    private void StartStepOrFinish()
     {
-        if (_step >= _config.Train.Steps || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds))
+        long step = _state.NextStep;
+        bool timeUp = _config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds;
+        if (step >= _config.Train.Steps || timeUp || _stopRequested is not null)
         {
             Finish();
             return;
         }
+        if (_requested is { } r)
+        {
+            _requested = null;
+            Replan(r.Workers, r.Pp);
+            return;
+        }
+        if (_schedule.TryPeek(out var point) && point.Step <= step)
+        {
+            _schedule.Dequeue();
+            Replan(point.Workers, point.Pp);
+            return;
+        }
+        _stepClock = System.Diagnostics.Stopwatch.StartNew();
+        StartAttempt(new Fence(_state.Epoch, step, 0));
+    }
+
+    private void StartAttempt(Fence fence)
+    {
+        _fence = fence;
+        _computeAttempt = fence.Attempt;
         _computed.Clear();
         _norms.Clear();
         _applied.Clear();
-        _stepClock = System.Diagnostics.Stopwatch.StartNew();
-        Timers.StartSingleTimer("step", new StepTimeout(_step, _plan!.Epoch), TimeSpan.FromSeconds(_config.Cluster.StepTimeoutSeconds));
-        var run = new RunStep(_plan.Epoch, _step);
+        Become(Computing);
+        StartPhaseTimer("compute", _config.Cluster.StepTimeoutSeconds);
+        var run = new RunStep(fence);
         foreach (var s in _stages.Values) s.Tell(run);
+    }
+
+    private void StartPhaseTimer(string phase, double seconds)
+        => Timers.StartSingleTimer("phase", new PhaseTimeout(_fence, phase), TimeSpan.FromSeconds(seconds));
+
+    private void Computing()
+    {
+        Receive<StepComputed>(OnStepComputed);
+        Receive<WorkerFailed>(OnWorkerFailed);
+        Receive<RequestAbort>(m => Redo($"abort requested: {m.Reason}"));
+        Common();
     }
 
     private void OnStepComputed(StepComputed m)
     {
-        if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
-        _computed.Add(m);
-        if (_computed.Count < _plan.WorldSize) return;
+        if (m.Fence != _fence) return;
+        _computed[m.Worker] = m;
+        if (_computed.Count < _stages.Count) return;
         _tCompute = _stepClock.Elapsed.TotalMilliseconds;
-        if (_sharedShards.Count == 0) { _tNorm = _tCompute; ApplyUpdate(); }
-        else foreach (var s in _sharedShards) s.Tell(new QueryExpertNorm(_plan.Epoch, _step));
+        if (_sharedShards.Count == 0) { _tNorm = _tCompute; ApplyUpdate(); return; }
+        Become(Norms);
+        foreach (var s in _sharedShards) s.Shard.Tell(new QueryExpertNorm(_fence));
     }
 
-    private void OnExpertNorm(ExpertNorm m)
+    private void Norms()
     {
-        if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
-        _norms.Add(m);
-        if (_norms.Count == _sharedShards.Count) { _tNorm = _stepClock.Elapsed.TotalMilliseconds; ApplyUpdate(); }
+        Receive<ExpertNorm>(m =>
+        {
+            if (m.Fence != _fence) return;
+            _norms[(m.Worker, m.MoEOrdinal)] = m;
+            if (_norms.Count == _sharedShards.Count) { _tNorm = _stepClock.Elapsed.TotalMilliseconds; ApplyUpdate(); }
+        });
+        Receive<WorkerFailed>(OnWorkerFailed);
+        Receive<RequestAbort>(m => Redo($"abort requested: {m.Reason}"));
+        Common();
     }
 
     private void ApplyUpdate()
     {
-        var plan = _plan!;
+        var plan = _state.Plan!;
         var t = _config.Train;
         int totalMicro = t.MicroBatchesPerStep;
-        double loss = _computed.Sum(c => c.LossSum) / totalMicro;
-        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_step, "the loss", loss).Message); return; }
+        // Every sum in a fixed order (by rank, then layer): the same bits whatever order replies came in.
+        var computed = _computed.OrderBy(kv => kv.Key).Select(kv => kv.Value).ToList();
+        double loss = computed.Sum(c => c.LossSum) / totalMicro;
+        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_fence.Step, "the loss", loss).Message, FailureKind.Diverged); return; }
         // Replicas hold identical reduced dense gradients: count each stage once (replica 0). Private
         // experts exist only with one replica, so they are counted once too.
-        double sumSq = _computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq) + _norms.Sum(n => n.SumSq);
-        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_step, "the gradient norm", Math.Sqrt(sumSq)).Message); return; }
+        double sumSq = computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq)
+                       + _norms.OrderBy(kv => kv.Key).Sum(kv => kv.Value.SumSq);
+        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_fence.Step, "the gradient norm", Math.Sqrt(sumSq)).Message, FailureKind.Diverged); return; }
         int moeLayers = plan.ExpertOwner.Length;
         var loads = Enumerable.Range(0, moeLayers).Select(_ => new long[_config.Model.MoE.RoutedExperts]).ToArray();
-        foreach (var c in _computed)
+        foreach (var c in computed)
             for (int i = 0; i < c.MoELayers.Length; i++)
                 for (int e = 0; e < loads[c.MoELayers[i]].Length; e++)
                     loads[c.MoELayers[i]][e] += c.ExpertCounts[i][e];
-        double lr = LrSchedule.At(_step, t.Steps, t.Lr, t.MinLr, t.WarmupSteps);
-        bool checksum = _config.Cluster.ChecksumEvery > 0 && plan.Dp > 1 && (_step + 1) % _config.Cluster.ChecksumEvery == 0;
-        _pendingResult = new StepResult(_step, loss, lr, Math.Sqrt(sumSq), LoadBalance.MeanMaxVio(loads), loads,
+        long step = _fence.Step;
+        double lr = LrSchedule.At(step, t.Steps, t.Lr, t.MinLr, t.WarmupSteps);
+        bool checksum = _config.Cluster.ChecksumEvery > 0 && plan.Dp > 1 && (step + 1) % _config.Cluster.ChecksumEvery == 0;
+        _pendingResult = new StepResult(step, loss, lr, Math.Sqrt(sumSq), LoadBalance.MeanMaxVio(loads), loads,
             (long)t.GlobalBatch * _config.Model.Context, 0);
-        var update = new ApplyUpdate(plan.Epoch, _step, lr, GradClip.Coefficient(sumSq, t.GradClip), loads, checksum);
-        foreach (var s in _stages.Values) s.Tell(update);
-        foreach (var s in _shards.Values) s.Tell(update);
+        _pendingUpdate = new ApplyUpdate(_fence, lr, GradClip.Coefficient(sumSq, t.GradClip), loads, checksum, _computeAttempt);
+        SendUpdate();
     }
+
+    private void SendUpdate()
+    {
+        var update = _pendingUpdate! with { Fence = _fence };
+        _applied.Clear();
+        Become(Updating);
+        StartPhaseTimer("update", _config.Cluster.StepTimeoutSeconds);
+        foreach (var s in _stages.Values) s.Tell(update);
+        foreach (var s in _sharedShards) s.Shard.Tell(update);
+    }
+
+    private void Updating()
+    {
+        Receive<UpdateApplied>(OnUpdateApplied);
+        // The update is all-or-nothing per unit: after a failure here, some units applied the step and
+        // the rest did not. Redoing the step would apply it twice to the first kind, so roll forward:
+        // send the same update again as the next attempt; units that applied it skip it.
+        Receive<WorkerFailed>(m =>
+        {
+            if (m.Fence != _fence) return;
+            if (m.Kind is FailureKind.Diverged or FailureKind.StateLost) { Fail(Describe(m), m.Kind); return; }
+            if (!NextAttempt(Describe(m), out var next)) return;
+            _report.Info($"step {_fence.Step + 1}: update interrupted ({m.Reason}); rolling forward as attempt {next.Attempt}");
+            _fence = next;
+            SendUpdate();
+        });
+        Common();
+    }
+
+    private string Describe(WorkerFailed m) => $"worker {m.Worker} failed at step {m.Fence.Step} attempt {m.Fence.Attempt} ({m.Kind}): {m.Reason}";
 
     private void OnUpdateApplied(UpdateApplied m)
     {
-        if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
+        if (m.Fence != _fence) return;
         _applied.Add(m);
-        if (_applied.Count < _stages.Count + _shards.Count) return;
-        if (!ChecksumsAgree(out var why)) { Fail(why); return; }
+        if (_applied.Count < _stages.Count + _sharedShards.Count) return;
+        Timers.Cancel("phase");
+        if (!ChecksumsAgree(out var why)) { Fail(why, FailureKind.StateLost); return; }
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
-        if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
-        _results.Add(r);
-        _step++;
-        bool last = _step >= _config.Train.Steps
-                    || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds);
-        if (_step % _config.Train.EvalEvery == 0 || last)
+        if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _fence.Step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
+        Apply(new StepCommitted(r, _fence.Attempt + 1));
+        long done = _state.NextStep;
+        bool last = done >= _config.Train.Steps
+                    || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds)
+                    || _stopRequested is not null;
+        if (done % _config.Train.EvalEvery == 0 || last)
         {
-            _evals.Clear();
-            foreach (var s in _stages.Values) s.Tell(new RunEval(_plan.Epoch, _step));
+            StartEval(r);
             return;
         }
-        Timers.Cancel("step");
         _report.Step(r, null, _config.Train.Steps);
-        StartStep();
+        StartStepOrFinish();
     }
 
     private bool ChecksumsAgree(out string why)
     {
         why = "";
-        var plan = _plan!;
+        var plan = _state.Plan!;
         // Only stages answer with a checksum (shards send 0), and only on checksum steps.
-        var sums = _applied.Where(a => a.DenseChecksum != 0).ToList();
         foreach (var stage in Enumerable.Range(0, plan.Pp))
         {
-            var values = sums.Where(a => plan.StageOf(a.Worker) == stage).Select(a => a.DenseChecksum).Distinct().ToList();
+            var values = _applied.Where(a => a.DenseChecksum != 0 && plan.StageOf(a.Worker) == stage).Select(a => a.DenseChecksum).Distinct().ToList();
             if (values.Count > 1)
             {
-                why = $"dense parameters of stage {stage} differ between data-parallel replicas after step {_step}: checksums {string.Join(", ", values.Select(v => v.ToString("X16")))}";
+                why = $"dense parameters of stage {stage} differ between data-parallel replicas after step {_fence.Step}: checksums {string.Join(", ", values.Select(v => v.ToString("X16")))}";
                 return false;
             }
         }
         return true;
     }
 
-    private void OnEvalComputed(EvalComputed m)
+    // ---- abort and redo ------------------------------------------------------------------------
+
+    private void OnWorkerFailed(WorkerFailed m)
     {
-        if (m.Epoch != _plan!.Epoch || m.Step != _step) return;
-        _evals.Add(m);
-        if (_evals.Count < _stages.Count) return;
-        Timers.Cancel("step");
-        double val = _evals.Sum(e => e.LossSum) / _config.Train.EvalBatches;
-        _validation.Add((_step, val));
-        _report.Step(_results[^1], val, _config.Train.Steps);
-        StartStep();
+        if (m.Fence != _fence) return;
+        if (m.Kind is FailureKind.Diverged or FailureKind.StateLost) { Fail(Describe(m), m.Kind); return; }
+        Redo(Describe(m));
     }
 
-    private void OnStepTimeout(StepTimeout t)
+    /// <summary>Aborts the attempt in flight everywhere and runs the step again as the next attempt, from unchanged state.</summary>
+    private void Redo(string why)
     {
-        if (_plan is null || t.Epoch != _plan.Epoch || t.Step != _step) return;
-        Fail($"step {_step} did not complete within {_config.Cluster.StepTimeoutSeconds:F0} s");
+        if (!NextAttempt(why, out var next)) return;
+        _report.Info($"step {_fence.Step + 1}: attempt {_fence.Attempt} aborted ({why}); redoing as attempt {next.Attempt}");
+        StartAttempt(next);
     }
+
+    private bool NextAttempt(string why, out Fence next)
+    {
+        next = _fence with { Attempt = _fence.Attempt + 1 };
+        var abort = new AbortAttempt(_fence, why);
+        foreach (var w in _allWorkers) w.Tell(abort);
+        if (next.Attempt >= MaxAttemptsPerStep)
+        {
+            Fail($"step {_fence.Step} failed {MaxAttemptsPerStep} attempts; last: {why}");
+            return false;
+        }
+        _redone++;
+        return true;
+    }
+
+    private void OnPhaseTimeout(PhaseTimeout t)
+    {
+        if (_finished) return;
+        switch (t.Phase)
+        {
+            case "plan install" when _installing is not null && t.Fence.Epoch == _installing.Epoch:
+                Fail($"plan {t.Fence.Epoch} was not installed within {_config.Cluster.PlanTimeoutSeconds:F0} s ({_installed.Count} of {_state.Workers.Count} workers answered)", FailureKind.Timeout);
+                break;
+            case "compute" or "update" when t.Fence == _fence:
+                Self.Tell(new WorkerFailed(_fence, -1, FailureKind.Timeout, $"{t.Phase} phase did not complete within {_config.Cluster.StepTimeoutSeconds:F0} s"));
+                break;
+            case "evaluation" when t.Fence == _evalFence:
+                Fail($"evaluation after step {t.Fence.Step} did not complete within {_config.Cluster.EvalTimeoutSeconds:F0} s", FailureKind.Timeout);
+                break;
+            case "finish" when t.Fence.Step == -2:
+                Fail($"final parameter summaries: {_summaries} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);
+                break;
+        }
+    }
+
+    // ---- evaluation ----------------------------------------------------------------------------
+
+    private Fence _evalFence;
+    private StepResult? _evalResult;
+
+    private void StartEval(StepResult r)
+    {
+        _evalResult = r;
+        _evals.Clear();
+        // Evaluation after step s runs under the fence of step s+1, attempt 0: past everything of step s.
+        _evalFence = new Fence(_state.Epoch, _state.NextStep, 0);
+        Become(Evaluating);
+        Timers.StartSingleTimer("phase", new PhaseTimeout(_evalFence, "evaluation"), TimeSpan.FromSeconds(_config.Cluster.EvalTimeoutSeconds));
+        foreach (var s in _stages.Values) s.Tell(new RunEval(_evalFence));
+    }
+
+    private void Evaluating()
+    {
+        Receive<EvalComputed>(m =>
+        {
+            if (m.Fence != _evalFence) return;
+            _evals[m.Worker] = m;
+            if (_evals.Count < _stages.Count) return;
+            Timers.Cancel("phase");
+            double val = _evals.OrderBy(kv => kv.Key).Sum(kv => kv.Value.LossSum) / _config.Train.EvalBatches;
+            _validation.Add((_state.NextStep, val));
+            _report.Step(_evalResult!, val, _config.Train.Steps);
+            StartStepOrFinish();
+        });
+        Receive<WorkerFailed>(m =>
+        {
+            if (m.Fence == _evalFence) Fail($"evaluation after step {m.Fence.Step} failed on worker {m.Worker}: {m.Reason}", m.Kind);
+        });
+        Common();
+    }
+
+    // ---- finishing -----------------------------------------------------------------------------
 
     private readonly Dictionary<string, (double, double)> _finalParameters = new(StringComparer.Ordinal);
-    private int _summaries;
+    private int _summaries, _expectedSummaries;
     private double _runSeconds;
-
-    private bool _finished;
 
     private void Finish()
     {
-        _finished = true;
-        Timers.CancelAll();
         _runSeconds = _clock.Elapsed.TotalSeconds;
         _summaries = 0;
-        var ask = new ReportParameters(_plan!.Epoch);
+        _expectedSummaries = _stages.Count + _sharedShards.Count;
+        Become(Finishing);
+        if (_stopRequested is not null) _report.Info($"stopping after step {_state.NextStep}: {_stopRequested}");
+        Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(_state.Epoch, -2, 0), "finish"), TimeSpan.FromSeconds(_config.Cluster.FinishTimeoutSeconds));
+        var ask = new ReportParameters(_state.Epoch);
         foreach (var s in _stages.Values) s.Tell(ask);
-        foreach (var s in _shards.Values) s.Tell(ask);
+        foreach (var s in _sharedShards) s.Shard.Tell(ask);
+        if (_expectedSummaries == 0) Complete();
     }
 
-    private void OnParameterSummary(ParameterSummary m)
+    private void Finishing()
     {
-        // Replicas agree (checked by checksum); keep the first answer for each name.
-        for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
-        if (++_summaries < _stages.Count + _shards.Count) return;
-        foreach (var n in _nodes) n.Agent.Tell(new Shutdown("training finished"));
-        _done.TrySetResult(new RunResult(_results, _validation, _runSeconds, _finalParameters));
+        Receive<ParameterSummary>(m =>
+        {
+            // Replicas agree (checked by checksum); keep the first answer for each name.
+            for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
+            if (++_summaries == _expectedSummaries) Complete();
+        });
+        Common();
     }
 
-    private void Fail(string reason)
+    private void Complete()
+    {
+        _finished = true;
+        Timers.CancelAll();
+        foreach (var n in _agents) n.Agent.Tell(new Shutdown(_stopRequested is null ? "training finished" : "training stopped: " + _stopRequested));
+        _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters) { Plans = _plans, RedoneAttempts = _redone });
+        Become(Done);
+    }
+
+    private void Done() => Receive<object>(_ => { });
+
+    private void Fail(string reason, FailureKind kind = FailureKind.Error)
     {
         if (_finished) return;
         _finished = true;
         Timers.CancelAll();
         _log.Error("training stopped: {0}", reason);
-        foreach (var n in _nodes) n.Agent.Tell(new Shutdown(reason));
-        _done.TrySetException(new TrainingFailedException(reason));
+        foreach (var n in _agents) n.Agent.Tell(new Shutdown(reason));
+        _done.TrySetException(new TrainingFailedException(reason, kind));
+        Become(Done);
     }
 }
 
-/// <summary>The distributed run stopped; the message says where and why.</summary>
-public sealed class TrainingFailedException(string message) : Exception(message);
+/// <summary>The distributed run stopped; the message says where and why, <see cref="Kind"/> what kind of failure.</summary>
+public sealed class TrainingFailedException(string message, FailureKind kind = FailureKind.Error) : Exception(message)
+{
+    public FailureKind Kind { get; } = kind;
+}

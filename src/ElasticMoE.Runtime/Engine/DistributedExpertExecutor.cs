@@ -21,15 +21,24 @@ public interface IShardMessenger
 /// </summary>
 public sealed class DistributedExpertExecutor(WorkerContext context, IShardMessenger messenger) : IExpertExecutor
 {
+    /// <summary>The attempt being computed, and its cancellation: set by the stage when a step or evaluation begins.</summary>
+    public Fence Fence { get; private set; }
+    public CancellationToken Token { get; private set; }
     /// <summary>Set by the stage before each micro-batch: tags and replies are keyed by it.</summary>
-    public long Step { get; set; }
     public int MicroBatch { get; set; }
     public bool Train { get; set; } = true;
-    public TimeSpan Timeout { get; set; } = TimeSpan.FromSeconds(120);
+
+    public void Begin(Fence fence, CancellationToken token, bool train)
+    {
+        Fence = fence;
+        Token = token;
+        Train = train;
+        Interlocked.Exchange(ref _failure, null);
+    }
 
     public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
     {
-        var plan = context.Plan;
+        var plan = context.ActivePlan;
         int ordinal = context.MoEOrdinal(layer.LayerIndex);
         var owners = plan.ExpertOwner[ordinal];
         bool privateLocal = plan.ExpertsPrivateTo(ordinal, context.Worker, layer.LayerIndex);
@@ -65,7 +74,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
 
         if (remote.Count > 0)
         {
-            var call = new RemoteCall(this, context, messenger, ordinal, remote.Select(r => (r.Owner, r.Counts)).ToArray(), Step, MicroBatch, Train);
+            var call = new RemoteCall(this, context, messenger, ordinal, remote.Select(r => (r.Owner, r.Counts)).ToArray(), Fence, Token, MicroBatch, Train);
             var args = new List<object> { call };
             args.AddRange(remote.Select(r => (object)tokens.index_select(0, r.Index)));
             var outputs = Train
@@ -78,7 +87,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
     }
 
     private Tensor RunLocal(MoELayer layer, Tensor rows, int ordinal, List<long> ownerCounts)
-        => layer.RunExperts(context.Plan.ExpertsOn(ordinal, context.Worker), rows, ownerCounts);
+        => layer.RunExperts(context.ActivePlan.ExpertsOn(ordinal, context.Worker), rows, ownerCounts);
 
     /// <summary>One request/reply exchange with every remote owner of a layer, for one micro-batch.</summary>
     private Exception? _failure;
@@ -93,10 +102,8 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
     }
 
     internal sealed class RemoteCall(DistributedExpertExecutor owner, WorkerContext context, IShardMessenger messenger, int ordinal,
-        (int Owner, long[] Counts)[] targets, long step, int microBatch, bool train)
+        (int Owner, long[] Counts)[] targets, Fence fence, CancellationToken token, int microBatch, bool train)
     {
-        private int Epoch => context.Plan.Epoch;
-
         public DistributedExpertExecutor Executor => owner;
 
         public List<Tensor> Forward(List<Tensor> inputs)
@@ -108,11 +115,11 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             for (int i = 0; i < targets.Length; i++)
             {
                 var (target, counts) = targets[i];
-                long dataTag = StepTags.Make(kindIn, Epoch, step, ordinal, microBatch, context.Worker, target);
-                long replyTag = StepTags.Make(kindOut, Epoch, step, ordinal, microBatch, context.Worker, target);
-                replies[i] = context.DataPlane.ReceiveAsync(replyTag);
+                long dataTag = StepTags.Make(kindIn, fence, ordinal, microBatch, context.Worker, target);
+                long replyTag = StepTags.Make(kindOut, fence, ordinal, microBatch, context.Worker, target);
+                replies[i] = context.DataPlane.ReceiveAsync(replyTag, token);
                 sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, inputs[i].detach()));
-                messenger.Send(ordinal, target, new ExpertForward(Epoch, step, context.Worker, microBatch, counts, dataTag, replyTag, context.DataPlane.Endpoint, train));
+                messenger.Send(ordinal, target, new ExpertForward(fence, context.Worker, microBatch, counts, dataTag, replyTag, context.DataPlane.Endpoint, train));
             }
             return Collect(sends, replies);
         }
@@ -124,28 +131,20 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             for (int i = 0; i < targets.Length; i++)
             {
                 int target = targets[i].Owner;
-                long dataTag = StepTags.Make(StepTags.Kind.ExpertOutputGrad, Epoch, step, ordinal, microBatch, context.Worker, target);
-                long replyTag = StepTags.Make(StepTags.Kind.ExpertInputGrad, Epoch, step, ordinal, microBatch, context.Worker, target);
-                replies[i] = context.DataPlane.ReceiveAsync(replyTag);
+                long dataTag = StepTags.Make(StepTags.Kind.ExpertOutputGrad, fence, ordinal, microBatch, context.Worker, target);
+                long replyTag = StepTags.Make(StepTags.Kind.ExpertInputGrad, fence, ordinal, microBatch, context.Worker, target);
+                replies[i] = context.DataPlane.ReceiveAsync(replyTag, token);
                 sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, outputGrads[i].contiguous()));
-                messenger.Send(ordinal, target, new ExpertBackward(Epoch, step, context.Worker, microBatch, dataTag, replyTag, context.DataPlane.Endpoint));
+                messenger.Send(ordinal, target, new ExpertBackward(fence, context.Worker, microBatch, dataTag, replyTag, context.DataPlane.Endpoint));
             }
             return Collect(sends, replies);
         }
 
         private List<Tensor> Collect(List<Task> sends, Task<Frame>[] replies)
         {
-            using var cts = CancellationTokenSource.CreateLinkedTokenSource(context.Stopping);
-            cts.CancelAfter(owner.Timeout);
-            try
-            {
-                Task.WaitAll(sends.ToArray(), cts.Token);
-                Task.WaitAll(replies, cts.Token);
-            }
-            catch (OperationCanceledException)
-            {
-                throw new TimeoutException($"expert shards of MoE layer {ordinal} did not answer step {step} micro-batch {microBatch} within {owner.Timeout.TotalSeconds:F0} s");
-            }
+            var what = $"expert shards of MoE layer {ordinal}, {fence} micro-batch {microBatch}";
+            context.Wait(Task.WhenAll(sends), token, what + ": send");
+            context.Wait(Task.WhenAll(replies), token, what + ": reply");
             var result = new List<Tensor>(replies.Length);
             foreach (var r in replies)
             {
@@ -155,7 +154,7 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             return result;
         }
 
-        private string Endpoint(int worker) => context.Plan.Workers[worker].DataEndpoint;
+        private string Endpoint(int worker) => context.ActivePlan.Workers[worker].DataEndpoint;
     }
 }
 

@@ -1,8 +1,9 @@
-using System.Security.Cryptography;
+using System.IO.Hashing;
 using ElasticMoE.Data;
 using ElasticMoE.Model;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.State;
 using ElasticMoE.Training;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -10,37 +11,41 @@ using static TorchSharp.torch;
 namespace ElasticMoE.Runtime.Engine;
 
 /// <summary>
-/// The compute of one pipeline stage of one data-parallel replica: its share of the micro-batches
-/// (GPipe: all forwards, then all backwards), activations and gradients to and from the neighbouring
-/// stages over the data plane, the ring all-reduce of its dense gradients across replicas, and the
-/// optimizer step of its dense parameters. No actor code: the PipelineStage actor drives it.
+/// The compute of one pipeline stage of one data-parallel replica under one plan: its share of the
+/// micro-batches (GPipe: all forwards, then all backwards), activations and gradients to and from the
+/// neighbouring stages over the data plane, the ring all-reduce of its dense gradients across replicas,
+/// and the update of its units (its stage slice, and the experts only it calls). No actor code: the
+/// PipelineStage actor drives it, and builds a new one whenever the plan changes.
 /// </summary>
-public sealed class StageEngine : IDisposable
+public sealed class StageEngine
 {
     private readonly WorkerContext _ctx;
     private readonly DistributedExpertExecutor _executor;
     private readonly AdamW _optimizer;
+    private readonly List<StateUnit> _stageUnits;
     private readonly List<(string Name, Tensor Param)> _dense;
     private readonly CollectiveGroup? _replicas;
     private readonly MoELayer[] _moe;
     // Experts only this stage calls: their gradients are complete when its backward is, so it reports
-    // their norm with its own and the coordinator skips a round trip to their shards.
-    private readonly List<(string Name, Tensor Param)> _privateExperts;
-    private readonly TimeSpan _timeout = TimeSpan.FromSeconds(120);
+    // their norm with its own and updates them itself (no round trip to a shard).
+    private readonly List<StateUnit> _privateExperts;
+    private readonly List<(string Name, Tensor Param)> _privateExpertParams;
 
     public StageEngine(WorkerContext ctx, IShardMessenger messenger)
     {
         _ctx = ctx;
         var t = ctx.Config.Train;
         _optimizer = new AdamW(t.Beta1, t.Beta2, t.AdamEps, t.WeightDecay);
-        _dense = ctx.DenseParameters();
+        _stageUnits = ctx.StageUnits();
+        _dense = WorkerContext.ParametersOf(_stageUnits);
         _executor = new DistributedExpertExecutor(ctx, messenger);
         _moe = ctx.StageMoELayers.ToArray();
+        var plan = ctx.ActivePlan;
         _privateExperts = _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex))
-            .Where(o => ctx.Plan.ShardIsPrivate(o, ctx.Worker, ctx.Config.Model.DenseLayers))
-            .SelectMany(ctx.ExpertParameters).ToList();
+            .Where(o => plan.ShardIsPrivate(o, ctx.Worker, ctx.Config.Model.DenseLayers))
+            .SelectMany(ctx.ExpertUnits).ToList();
+        _privateExpertParams = WorkerContext.ParametersOf(_privateExperts);
         foreach (var layer in _moe) layer.Executor = _executor;
-        var plan = ctx.Plan;
         if (plan.Dp > 1)
         {
             var group = plan.StageGroup(ctx.Stage);
@@ -48,22 +53,23 @@ public sealed class StageEngine : IDisposable
         }
     }
 
-    public AdamW Optimizer => _optimizer;
     public IReadOnlyList<(string Name, Tensor Param)> DenseParameters => _dense;
+    public IEnumerable<(string Name, Tensor Param)> OwnedParameters => _ctx.Replica == 0 ? _dense.Concat(_privateExpertParams) : _privateExpertParams;
 
-    public StepComputed RunStep(long step)
+    public StepComputed RunStep(Fence fence, CancellationToken token)
     {
         var ctx = _ctx;
-        var plan = ctx.Plan;
+        var plan = ctx.ActivePlan;
         var t = ctx.Config.Train;
         int totalMicro = t.MicroBatchesPerStep;
         var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, plan.Dp, totalMicro);
         using var scope = NewDisposeScope();
         ctx.Model.train();
-        foreach (var (_, p) in _dense) p.grad = null;   // as Module.zero_grad() does
+        // As Module.zero_grad() does; a redone attempt starts from here too, so nothing of an aborted
+        // attempt's partial accumulation survives.
+        foreach (var (_, p) in _dense.Concat(_privateExpertParams)) p.grad = null;
         foreach (var layer in _moe) layer.TakeStepCounts();
-        _executor.Train = true;
-        _executor.Step = step;
+        _executor.Begin(fence, token, train: true);
 
         double lossSum = 0;
         var pending = new List<(int M, Tensor Input, Tensor Output, Tensor? Aux)>();
@@ -73,32 +79,36 @@ public sealed class StageEngine : IDisposable
             // last stage holds one micro-batch's activations at a time, as the single-process loop does.
             using var micro = NewDisposeScope();
             _executor.MicroBatch = m;
-            var (input, targets) = StageInput(step, m, StepTags.Kind.Activation, train: true);
+            var (input, targets) = StageInput(fence, token, m, StepTags.Kind.Activation, train: true);
             var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
             var aux = MoELayer.SumAuxLoss(_moe);
+            ctx.MaybeInject(FaultPhase.Forward, fence);
             if (ctx.IsLastStage)
             {
                 var ce = MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!);
                 var total = aux is null ? ce : ce.Plus(aux);
                 using var perMicro = (1.0 / totalMicro).ToScalar();
+                ctx.MaybeInject(FaultPhase.Backward, fence);
                 total.mul(perMicro).backward();
                 double loss = ce.item<float>();
-                if (!double.IsFinite(loss)) throw new TrainingDivergedException(step, "the loss", loss);
+                if (!double.IsFinite(loss)) throw new TrainingDivergedException(fence.Step, "the loss", loss);
                 lossSum += loss;
-                if (!ctx.IsFirstStage) SendTo(-1, StepTags.Kind.ActivationGrad, step, m, input.grad!);
+                if (!ctx.IsFirstStage) SendTo(fence, token, -1, StepTags.Kind.ActivationGrad, m, input.grad!);
             }
             else
             {
-                SendTo(+1, StepTags.Kind.Activation, step, m, h.detach());
+                SendTo(fence, token, +1, StepTags.Kind.Activation, m, h.detach());
                 pending.Add((m, input.MoveToOuterDisposeScope(), h.MoveToOuterDisposeScope(), aux?.MoveToOuterDisposeScope()));
             }
+            _executor.ThrowIfBackwardFailed();
         }
         // Backwards in reverse order of the forwards, each as soon as its gradient arrives.
         for (int i = pending.Count - 1; i >= 0; i--)
         {
             var (m, input, output, aux) = pending[i];
             _executor.MicroBatch = m;
-            using var frame = Receive(StepTags.Make(StepTags.Kind.ActivationGrad, plan.Epoch, step, ctx.Stage, m, NeighbourWorker(+1)));
+            ctx.MaybeInject(FaultPhase.Backward, fence);
+            using var frame = Receive(token, StepTags.Make(StepTags.Kind.ActivationGrad, fence, ctx.Stage, m, NeighbourWorker(+1)));
             var grad = frame.ToTensor().to(ctx.Device);
             if (aux is null) output.backward(new[] { grad });
             else
@@ -106,35 +116,58 @@ public sealed class StageEngine : IDisposable
                 using var perMicro = (1.0 / totalMicro).ToScalar();
                 (output * grad).sum().Plus(aux.mul(perMicro)).backward();   // same gradients as backward(grad) plus the aux term
             }
-            if (!ctx.IsFirstStage) SendTo(-1, StepTags.Kind.ActivationGrad, step, m, input.grad!);
+            _executor.ThrowIfBackwardFailed();
+            if (!ctx.IsFirstStage) SendTo(fence, token, -1, StepTags.Kind.ActivationGrad, m, input.grad!);
         }
 
         _executor.ThrowIfBackwardFailed();
-        AllReduceDenseGradients(step);
-        double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExperts).Select(d => d.Param));
+        AllReduceDenseGradients(fence, token);
+        double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExpertParams).Select(d => d.Param));
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();
-        return new StepComputed(plan.Epoch, step, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
+        return new StepComputed(fence, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
             _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts);
     }
 
+    /// <summary>
+    /// Applies step <c>u.Fence.Step</c> to every unit of this stage that has not applied it yet: all or
+    /// nothing per unit, so a roll-forward after an interrupted update finishes exactly what is missing.
+    /// </summary>
     public UpdateApplied Apply(ApplyUpdate u)
     {
         using var scope = NewDisposeScope();
-        _optimizer.Step(_dense, u.Lr, u.ClipScale);
-        foreach (var layer in _moe)
-            layer.Router.UpdateBias(u.LayerLoads[_ctx.MoEOrdinal(layer.LayerIndex)], _ctx.Config.Model.MoE.BiasUpdateRate);
-        return new UpdateApplied(u.Epoch, u.Step, _ctx.Worker, u.Checksum ? Checksum() : 0);
+        long step = u.Fence.Step;
+        int applied = 0, already = 0;
+        foreach (var unit in _stageUnits.Concat(_privateExperts))
+        {
+            bool did;
+            if (unit.Id.Kind == UnitKind.RouterBias)
+            {
+                did = unit.AppliedStep < step;
+                if (did)
+                {
+                    var layer = _ctx.Model.Blocks[unit.Id.Block].MoE!;
+                    layer.Router.UpdateBias(u.LayerLoads[_ctx.MoEOrdinal(unit.Id.Block)], _ctx.Config.Model.MoE.BiasUpdateRate);
+                    unit.TryMarkApplied(step);
+                }
+            }
+            else did = _optimizer.StepUnit(unit, step, u.Lr, u.ClipScale);
+            if (did) applied++; else already++;
+            // An update interrupted here leaves some units at the new step and the rest at the old one:
+            // exactly what the per-unit applied step records and the roll-forward completes.
+            if (did && applied == 1) _ctx.MaybeInject(FaultPhase.Update, u.Fence);
+        }
+        foreach (var (_, p) in _privateExpertParams) p.grad = null;
+        return new UpdateApplied(u.Fence, _ctx.Worker, u.Checksum ? Checksum() : 0, applied, already);
     }
 
-    public EvalComputed Evaluate(long step)
+    public EvalComputed Evaluate(Fence fence, CancellationToken token)
     {
         var ctx = _ctx;
         var t = ctx.Config.Train;
-        var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, ctx.Plan.Dp, t.EvalBatches);
+        var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, ctx.ActivePlan.Dp, t.EvalBatches);
         double sum = 0;
         ctx.Model.eval();
-        _executor.Train = false;
-        _executor.Step = step;
+        _executor.Begin(fence, token, train: false);
         try
         {
             using var _ = no_grad();
@@ -142,10 +175,10 @@ public sealed class StageEngine : IDisposable
             {
                 using var scope = NewDisposeScope();
                 _executor.MicroBatch = b;
-                var (input, targets) = StageInput(step, b, StepTags.Kind.EvalActivation, train: false);
+                var (input, targets) = StageInput(fence, token, b, StepTags.Kind.EvalActivation, train: false);
                 var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
                 if (ctx.IsLastStage) sum += MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!).item<float>();
-                else SendTo(+1, StepTags.Kind.EvalActivation, step, b, h);
+                else SendTo(fence, token, +1, StepTags.Kind.EvalActivation, b, h);
             }
         }
         finally
@@ -154,47 +187,50 @@ public sealed class StageEngine : IDisposable
             _executor.Train = true;
             ctx.Model.train();
         }
-        return new EvalComputed(ctx.Plan.Epoch, step, ctx.Worker, sum, ctx.IsLastStage ? mine.Length : 0);
+        return new EvalComputed(fence, ctx.Worker, sum, ctx.IsLastStage ? mine.Length : 0);
     }
 
-    /// <summary>A hash of this stage's dense parameters: equal on every replica, or they have drifted.</summary>
+    /// <summary>A hash of this stage's units (values, moments, applied step): equal on every replica, or they have drifted.</summary>
     public ulong Checksum()
     {
-        using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        foreach (var (_, p) in _dense)
+        var hash = new XxHash64();
+        Span<byte> buf = stackalloc byte[8];
+        foreach (var unit in _stageUnits)
         {
-            using var c = p.detach().cpu().contiguous();
-            sha.AppendData(c.bytes);
+            BitConverter.TryWriteBytes(buf, unit.Checksum());
+            hash.Append(buf);
         }
-        return BitConverter.ToUInt64(sha.GetHashAndReset(), 0);
+        return hash.GetCurrentHashAsUInt64();
     }
 
     // First stage: the embedding of the micro-batch's bytes. Later stages: the previous stage's output,
     // made a leaf that requires grad so its gradient can be sent back.
-    private (Tensor Input, Tensor? Targets) StageInput(long step, int m, StepTags.Kind kind, bool train)
+    private (Tensor Input, Tensor? Targets) StageInput(Fence fence, CancellationToken token, int m, StepTags.Kind kind, bool train)
     {
         var ctx = _ctx;
         var t = ctx.Config.Train;
         Tensor? x = null, y = null;
         if (ctx.IsFirstStage || ctx.IsLastStage)
-            (x, y) = train ? ctx.Sampler.TrainBatch(step, m * t.MicroBatch, t.MicroBatch, ctx.Device)
+            (x, y) = train ? ctx.Sampler.TrainBatch(fence.Step, m * t.MicroBatch, t.MicroBatch, ctx.Device)
                            : ctx.Sampler.ValidationBatch(m * t.MicroBatch, t.MicroBatch, ctx.Device);
         if (ctx.IsFirstStage) return (ctx.Model.Embed(x!), y);
-        using var frame = Receive(StepTags.Make(kind, ctx.Plan.Epoch, step, ctx.Stage, m, NeighbourWorker(-1)));
+        using var frame = Receive(token, StepTags.Make(kind, fence, ctx.Stage, m, NeighbourWorker(-1)));
         var input = frame.ToTensor().to(ctx.Device);
         if (train) input.requires_grad_(true);
         return (input, y);
     }
 
-    private void AllReduceDenseGradients(long step)
+    private void AllReduceDenseGradients(Fence fence, CancellationToken token)
     {
         if (_replicas is null) return;
+        _ctx.MaybeInject(FaultPhase.AllReduce, fence);
         using var scope = NewDisposeScope();
         var grads = _dense.Select(d => d.Param.grad ?? zeros_like(d.Param)).ToList();
         var flat = cat(grads.Select(g => g.reshape(-1)).ToList(), 0).to(ScalarType.Float32).cpu().contiguous();
-        var id = CollectiveTags.CollectiveId(_ctx.Plan.Epoch, step, _ctx.Stage, phase: 0);
+        // The attempt rides in the phase bits, so a redo's collective never meets an aborted one's frames.
+        var id = CollectiveTags.CollectiveId(fence.Epoch, fence.Step, _ctx.Stage, phase: fence.Attempt & 0xF);
         var compression = _ctx.Config.Cluster.CompressGradients ? Compression.BFloat16 : Compression.None;
-        Wait(_replicas.AllReduceSumAsync(flat, id, compression), "dense gradient all-reduce");
+        _ctx.Wait(_replicas.AllReduceSumAsync(flat, id, compression, token), token, "dense gradient all-reduce");
         long offset = 0;
         using var _ = no_grad();
         foreach (var (_, p) in _dense)
@@ -208,28 +244,26 @@ public sealed class StageEngine : IDisposable
         }
     }
 
-    private int NeighbourWorker(int direction) => _ctx.Plan.WorkerAt(_ctx.Replica, _ctx.Stage + direction);
+    private int NeighbourWorker(int direction) => _ctx.ActivePlan.WorkerAt(_ctx.Replica, _ctx.Stage + direction);
 
-    private void SendTo(int direction, StepTags.Kind kind, long step, int m, Tensor value)
+    private void SendTo(Fence fence, CancellationToken token, int direction, StepTags.Kind kind, int m, Tensor value)
     {
         int peer = NeighbourWorker(direction);
         int receiverStage = _ctx.Stage + direction;
-        long tag = StepTags.Make(kind, _ctx.Plan.Epoch, step, receiverStage, m, _ctx.Worker);
-        Wait(_ctx.DataPlane.SendAsync(_ctx.Plan.Workers[peer].DataEndpoint, tag, value.detach().contiguous()), $"send to worker {peer}");
+        long tag = StepTags.Make(kind, fence, receiverStage, m, _ctx.Worker);
+        _ctx.Wait(_ctx.DataPlane.SendAsync(_ctx.ActivePlan.Workers[peer].DataEndpoint, tag, value.detach().contiguous()), token, $"send to worker {peer}");
     }
 
-    private Frame Receive(long tag)
+    private Frame Receive(CancellationToken token, long tag)
     {
-        var task = _ctx.DataPlane.ReceiveAsync(tag);
-        Wait(task, "receive from a neighbouring stage");
+        var task = _ctx.DataPlane.ReceiveAsync(tag, token);
+        _ctx.Wait(task, token, "receive from a neighbouring stage");
         return task.Result;
     }
 
-    private void Wait(Task task, string what)
+    /// <summary>Detaches the executor from the model's layers (the next plan's engine installs its own).</summary>
+    public void Detach()
     {
-        if (!task.Wait(_timeout, _ctx.Stopping))
-            throw new TimeoutException($"worker {_ctx.Worker}: {what} did not complete within {_timeout.TotalSeconds:F0} s");
+        foreach (var layer in _moe) if (ReferenceEquals(layer.Executor, _executor)) layer.Executor = LocalExpertExecutor.Instance;
     }
-
-    public void Dispose() => _optimizer.Dispose();
 }

@@ -4,15 +4,21 @@ using ElasticMoE.Model;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.State;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Runtime.Engine;
 
 /// <summary>
-/// Everything one device worker computes with: the config, its copy of the model, the data plane of
-/// its node, and the current plan. Every worker builds the whole model from the seed, so any part of
-/// it can be hosted anywhere with identical initial values; each actor then touches only its part.
+/// Everything one device worker computes with, for the worker's whole life: the config, the model's
+/// architecture (built once from the seed), the training-state units bound to it, the data plane of its
+/// node, the current plan and the current step attempt. Plans come and go; this stays.
 /// </summary>
+/// <remarks>
+/// A unit this worker does not hold is released (values NaN, no moments): any accidental use of stale
+/// state shows as a diverged loss at once rather than silently training on old weights. At the first
+/// plan every unit is its seed-initialised value everywhere, so no transfer is needed then.
+/// </remarks>
 public sealed class WorkerContext : IDisposable
 {
     public ElasticMoEConfig Config { get; }
@@ -20,36 +26,79 @@ public sealed class WorkerContext : IDisposable
     public DataPlaneNode DataPlane { get; }
     public BatchSampler Sampler { get; }
     public Device Device { get; }
-    public TrainingPlan Plan { get; private set; }
-    public int Worker { get; private set; }
+    public WorkerId Id { get; }
+    public FaultInjection? Faults { get; }
 
-    /// <summary>Cancelled when the node stops: every wait on a peer gives up at once instead of at its timeout.</summary>
+    /// <summary>Every unit of the model, bound to its tensors; <see cref="Holds"/> says which are this worker's.</summary>
+    public IReadOnlyDictionary<UnitId, StateUnit> Units => _units;
+    private readonly SortedDictionary<UnitId, StateUnit> _units;
+    private readonly HashSet<UnitId> _held;
+    private readonly IReadOnlyList<UnitId> _catalog;
+
+    public TrainingPlan? Plan { get; private set; }
+    /// <summary>This worker's rank in <see cref="Plan"/>, or -1 while the plan leaves it idle.</summary>
+    public int Worker { get; private set; } = -1;
+
+    /// <summary>Cancelled when the node stops: every wait on a peer gives up at once.</summary>
     public CancellationToken Stopping { get; }
 
-    public WorkerContext(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, TrainingPlan plan, int worker,
-        CancellationToken stopping = default)
+    /// <summary>One timeout for every wait of a step: <c>cluster.step-timeout</c>.</summary>
+    public TimeSpan StepTimeout { get; }
+
+    public WorkerContext(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, WorkerId id, CancellationToken stopping = default)
     {
         Stopping = stopping;
         Config = config;
+        Id = id;
         Device = Training.TorchSetup.ResolveDevice(config);
         Model = new MoETransformer(config.Model, config.Seed, Device);
         DataPlane = dataPlane;
         Sampler = new BatchSampler(corpus, config.Seed, config.Model.Context);
-        Plan = plan;
-        Worker = worker;
+        StepTimeout = TimeSpan.FromSeconds(config.Cluster.StepTimeoutSeconds);
+        _units = UnitBinding.Bind(Model);
+        _catalog = UnitCatalog.All(config.Model);
+        // Until the first plan, every unit is its seed value on every worker: all are "held".
+        _held = new HashSet<UnitId>(_units.Keys);
+        Faults = FaultInjection.Parse(config.Cluster.FaultInjection);
     }
 
-    public void Install(TrainingPlan plan, int worker)
+    public bool Holds(UnitId unit) => _held.Contains(unit);
+    public int HeldCount => _held.Count;
+    public int UnitIndex(UnitId unit) => BinarySearch(unit);
+    public UnitId UnitAt(int index) => _catalog[index];
+
+    private int BinarySearch(UnitId unit)
     {
-        Plan = plan;
-        Worker = worker;
+        int i = ((List<UnitId>)_catalog).BinarySearch(unit);
+        return i >= 0 ? i : throw new ArgumentException($"unknown unit {unit}");
     }
 
-    public int Stage => Plan.StageOf(Worker);
-    public int Replica => Plan.ReplicaOf(Worker);
-    public StageRange Blocks => Plan.Stages[Stage];
+    /// <summary>Takes up <paramref name="plan"/>: releases every unit it does not give this worker.</summary>
+    public void Install(TrainingPlan plan, int rank)
+    {
+        var keep = rank < 0 ? new HashSet<UnitId>() : plan.UnitsOf(rank, Config.Model).ToHashSet();
+        foreach (var u in _held.Where(u => !keep.Contains(u)).ToList())
+        {
+            _units[u].Release();
+            _held.Remove(u);
+        }
+        foreach (var u in keep)
+            if (!_held.Contains(u))
+                throw new InvalidOperationException($"worker {Id}: plan epoch {plan.Epoch} gives it unit {u}, which it neither held nor received");
+        Plan = plan;
+        Worker = rank;
+    }
+
+    /// <summary>Marks a unit as received (after its import verified).</summary>
+    public void Received(UnitId unit) => _held.Add(unit);
+
+    public bool Active => Plan is not null && Worker >= 0;
+    public TrainingPlan ActivePlan => Plan ?? throw new InvalidOperationException("no plan installed");
+    public int Stage => ActivePlan.StageOf(Worker);
+    public int Replica => ActivePlan.ReplicaOf(Worker);
+    public StageRange Blocks => ActivePlan.Stages[Stage];
     public bool IsFirstStage => Stage == 0;
-    public bool IsLastStage => Stage == Plan.Pp - 1;
+    public bool IsLastStage => Stage == ActivePlan.Pp - 1;
 
     /// <summary>MoE layer ordinal (index among MoE layers) of block <paramref name="block"/>.</summary>
     public int MoEOrdinal(int block) => block - Config.Model.DenseLayers;
@@ -57,46 +106,88 @@ public sealed class WorkerContext : IDisposable
     public IEnumerable<MoELayer> StageMoELayers
         => Model.Blocks.Skip(Blocks.First).Take(Blocks.End - Blocks.First).Select(b => b.MoE).OfType<MoELayer>();
 
+    /// <summary>Units of this worker's stage slice (replicated across data-parallel ranks), canonical order.</summary>
+    public List<StateUnit> StageUnits()
+        => UnitCatalog.StageUnits(Config.Model, Blocks.First, Blocks.End).Order().Select(u => _units[u]).ToList();
+
+    /// <summary>Expert units of MoE layer <paramref name="moeOrdinal"/> placed on this worker, ascending expert.</summary>
+    public List<StateUnit> ExpertUnits(int moeOrdinal)
+        => ActivePlan.ExpertsOn(moeOrdinal, Worker).Select(e => _units[UnitId.OfExpert(moeOrdinal + Config.Model.DenseLayers, e)]).ToList();
+
+    /// <summary>Trainable parameters of some units, named as in the single-process model.</summary>
+    public static List<(string Name, Tensor Param)> ParametersOf(IEnumerable<StateUnit> units)
+        => units.SelectMany(u => u.Tensors.Where(t => t.IsParameter).Select(t => (t.Name, t.Value))).ToList();
+
+    // ---- step attempts -------------------------------------------------------------------------
+
+    private readonly object _gate = new();
+    private Fence _current = new(-1, -1, -1);
+    private Fence _abortedUpTo = new(-1, -1, -1);
+    private CancellationTokenSource _attempt = new();
+    private TagFence? _staleFrames;
+
+    /// <summary>The attempt this worker is working on (the latest it has seen).</summary>
+    public Fence CurrentAttempt { get { lock (_gate) return _current; } }
+
     /// <summary>
-    /// The parameters this worker's pipeline stage owns and replicates across data-parallel ranks: its
-    /// blocks minus routed experts, plus the embedding on the first stage and the head on the last.
-    /// Names are those of the single-process model, so optimizer state lines up with it.
+    /// The cancellation token of attempt <paramref name="fence"/>, starting it if it is newer than the
+    /// current one (its stale frames are then dropped). Null for a fence older than the current attempt:
+    /// the message belongs to an aborted attempt and must be ignored.
     /// </summary>
-    public List<(string Name, Tensor Param)> DenseParameters()
+    public CancellationToken? Enter(Fence fence)
     {
-        var result = new List<(string, Tensor)>();
-        foreach (var (name, p) in Model.named_parameters())
+        lock (_gate)
         {
-            if (IsRoutedExpert(name)) continue;
-            if (name.StartsWith("blocks.", StringComparison.Ordinal))
+            if (fence < _current) return null;
+            if (fence > _current)
             {
-                int block = int.Parse(name.Split('.')[1], System.Globalization.CultureInfo.InvariantCulture);
-                if (!Blocks.Contains(block)) continue;
+                // Whatever still waits in the older attempt is void now (it was aborted, or it is done).
+                _attempt.Cancel();
+                _current = fence;
+                _attempt = CancellationTokenSource.CreateLinkedTokenSource(Stopping);
+                if (fence <= _abortedUpTo) _attempt.Cancel();
+                // Frames of older attempts, buffered now or arriving late, are dropped and their buffers
+                // returned; this fence covers every older one, so the previous fence is lifted.
+                var previous = _staleFrames;
+                _staleFrames = DataPlane.Fence(tag => StepTags.IsStale(tag, fence));
+                previous?.Dispose();
             }
-            else if (name.StartsWith("embed.", StringComparison.Ordinal))
-            {
-                if (!IsFirstStage) continue;
-            }
-            else if (!IsLastStage) continue;   // final_norm, head
-            result.Add((name, p));
+            return _attempt.Token;
         }
-        return result;
     }
 
-    /// <summary>Parameters of the routed experts of MoE layer <paramref name="moeOrdinal"/> hosted by this worker.</summary>
-    public List<(string Name, Tensor Param)> ExpertParameters(int moeOrdinal)
+    /// <summary>
+    /// Cancels attempt <paramref name="fence"/> (and anything older) from any thread: a stage blocked in
+    /// one of its waits lets go at once; an attempt not yet begun starts cancelled.
+    /// </summary>
+    public void Abort(Fence fence)
     {
-        var experts = Plan.ExpertsOn(moeOrdinal, Worker).ToHashSet();
-        int block = moeOrdinal + Config.Model.DenseLayers;
-        var prefix = $"blocks.{block}.ffn.experts.";
-        var result = new List<(string, Tensor)>();
-        foreach (var (name, p) in Model.named_parameters())
+        lock (_gate)
         {
-            if (!name.StartsWith(prefix, StringComparison.Ordinal)) continue;
-            int e = int.Parse(name[prefix.Length..].Split('.')[0], System.Globalization.CultureInfo.InvariantCulture);
-            if (experts.Contains(e)) result.Add((name, p));
+            if (fence > _abortedUpTo) _abortedUpTo = fence;
+            if (_current <= fence) _attempt.Cancel();
         }
-        return result;
+    }
+
+    /// <summary>Throws the injected fault if <c>cluster.fault-injection</c> names this phase of this attempt.</summary>
+    public void MaybeInject(FaultPhase phase, Fence fence)
+    {
+        if (Faults is { } f && f.Matches(phase, fence, Worker))
+            throw new InjectedFaultException($"fault injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
+    }
+
+    /// <summary>Waits for a data-plane task under the attempt's token and the step timeout.</summary>
+    public void Wait(Task task, CancellationToken attempt, string what)
+    {
+        try
+        {
+            if (!task.Wait(StepTimeout, attempt))
+                throw new TimeoutException($"worker {Worker}: {what} did not complete within {StepTimeout.TotalSeconds:F0} s");
+        }
+        catch (OperationCanceledException) when (attempt.IsCancellationRequested)
+        {
+            throw new AttemptAbortedException($"worker {Worker}: {what} aborted");
+        }
     }
 
     /// <summary>Sum and L2 norm of each parameter, for comparing runs laid out differently.</summary>
@@ -109,7 +200,58 @@ public sealed class WorkerContext : IDisposable
             list.Select(p => p.Param.detach().to(ScalarType.Float64).norm().item<double>()).ToArray());
     }
 
-    public static bool IsRoutedExpert(string name) => name.Contains(".ffn.experts.", StringComparison.Ordinal);
+    public void Dispose()
+    {
+        _staleFrames?.Dispose();
+        foreach (var u in _units.Values) u.Dispose();
+        Model.Dispose();
+    }
+}
 
-    public void Dispose() => Model.Dispose();
+/// <summary>The attempt was aborted while this worker waited in it.</summary>
+public sealed class AttemptAbortedException(string message) : Exception(message);
+
+/// <summary>A fault injected on purpose (<c>cluster.fault-injection</c>).</summary>
+public sealed class InjectedFaultException(string message) : Exception(message);
+
+/// <summary>The phases of a step where a fault can be injected.</summary>
+public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update }
+
+/// <summary>
+/// <c>cluster.fault-injection = "step=5,phase=backward[,attempt=0][,worker=R]"</c>: throw in that phase of
+/// that attempt (attempt 0 by default, so the redo succeeds) on worker rank R (any worker reaching the
+/// phase by default). For tests and benchmarks of abort-and-redo.
+/// </summary>
+public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker)
+{
+    public bool Matches(FaultPhase phase, Fence fence, int worker)
+        => phase == Phase && fence.Step == Step && fence.Attempt == Attempt && (Worker is null || Worker == worker);
+
+    public static FaultInjection? Parse(string text)
+    {
+        if (string.IsNullOrWhiteSpace(text)) return null;
+        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null;
+        foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
+        {
+            var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
+            if (kv.Length != 2) throw new ConfigException($"cluster.fault-injection: '{part}' is not key=value");
+            switch (kv[0])
+            {
+                case "step": step = long.TryParse(kv[1], out var s) && s >= 0 ? s : throw new ConfigException($"cluster.fault-injection: step '{kv[1]}' is not a step number"); break;
+                case "phase":
+                    phase = kv[1].ToLowerInvariant() switch
+                    {
+                        "forward" => FaultPhase.Forward, "dispatch" => FaultPhase.Dispatch, "backward" => FaultPhase.Backward,
+                        "all-reduce" or "allreduce" => FaultPhase.AllReduce, "norm" => FaultPhase.Norm, "update" => FaultPhase.Update,
+                        _ => throw new ConfigException($"cluster.fault-injection: phase '{kv[1]}' is not one of forward, dispatch, backward, all-reduce, norm, update"),
+                    };
+                    break;
+                case "attempt": attempt = int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number"); break;
+                case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank"); break;
+                default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker)");
+            }
+        }
+        if (step is null || phase is null) throw new ConfigException("cluster.fault-injection needs step=N and phase=P");
+        return new FaultInjection(step.Value, phase.Value, attempt, worker);
+    }
 }

@@ -51,7 +51,8 @@ public sealed class ClusterNode : IAsyncDisposable
         if (coordinator)
         {
             _result = new TaskCompletionSource<RunResult>(TaskCreationOptions.RunContinuationsAsynchronously);
-            var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result);
+            var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result,
+                TrainingState.RunFingerprint(config, corpus.Fingerprint));
             System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
                 ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
         }

@@ -2,9 +2,52 @@ using MessagePack;
 
 namespace ElasticMoE.Runtime.Protocol;
 
-// The training protocol: every message between coordinator, node agents, pipeline stages and expert
-// shards. Control only: tensor bytes never ride in these, they go over the data plane under the tags
-// named here. All are MessagePack objects under IElasticMoEMessage, so remoting uses our serializer.
+// The training protocol: every message between coordinator, node agents, device workers, pipeline
+// stages and expert shards. Control only: tensor bytes never ride in these, they go over the data plane
+// under the tags named here. All are MessagePack objects under IElasticMoEMessage, so remoting uses our
+// serializer. Every message of a step carries its attempt's Fence: a message of another attempt is
+// stale, and every receiver drops it.
+
+/// <summary>
+/// One attempt at one step under one plan: (epoch, step, attempt). The coordinator can abort an attempt
+/// in any phase and redo the step as attempt + 1 from unchanged state; tags and messages of the aborted
+/// attempt can then never be taken for the redo's. Ordered: a later fence is greater.
+/// </summary>
+[MessagePackObject]
+public readonly record struct Fence([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Attempt) : IComparable<Fence>
+{
+    public int CompareTo(Fence other)
+    {
+        int c = Epoch.CompareTo(other.Epoch);
+        if (c != 0) return c;
+        c = Step.CompareTo(other.Step);
+        return c != 0 ? c : Attempt.CompareTo(other.Attempt);
+    }
+
+    public static bool operator <(Fence a, Fence b) => a.CompareTo(b) < 0;
+    public static bool operator >(Fence a, Fence b) => a.CompareTo(b) > 0;
+    public static bool operator <=(Fence a, Fence b) => a.CompareTo(b) <= 0;
+    public static bool operator >=(Fence a, Fence b) => a.CompareTo(b) >= 0;
+
+    public override string ToString() => $"e{Epoch}/s{Step}/a{Attempt}";
+}
+
+/// <summary>Why a worker could not finish what it was asked: decides whether the coordinator redoes the attempt.</summary>
+public enum FailureKind
+{
+    /// <summary>Any other exception: the attempt is redone (bounded), state is unchanged.</summary>
+    Error = 0,
+    /// <summary>The attempt was aborted (by the coordinator or a peer): redo.</summary>
+    Aborted = 1,
+    /// <summary>A fault injected on purpose by <c>cluster.fault-injection</c>: redo.</summary>
+    Injected = 2,
+    /// <summary>A wait on a peer timed out: redo.</summary>
+    Timeout = 3,
+    /// <summary>The loss or gradient norm is not finite: redoing gives the same numbers, so the run stops.</summary>
+    Diverged = 4,
+    /// <summary>Plan or unit state is inconsistent (a unit missing or failing its checksum): the run stops.</summary>
+    StateLost = 5,
+}
 
 /// <summary>A worker (device) as described by its node when registering.</summary>
 [MessagePackObject, Manifest("t.WorkerInfo")]
@@ -17,7 +60,8 @@ public sealed record RegisterNode(
     [property: Key(1)] string[] DataEndpoints,
     [property: Key(2)] string ModelFingerprint,
     [property: Key(3)] long Seed,
-    [property: Key(4)] long SystemUid) : IElasticMoEMessage;
+    [property: Key(4)] long SystemUid,
+    [property: Key(5)] string RunFingerprint) : IElasticMoEMessage;
 
 /// <summary>Coordinator → node agent: registration accepted; the node's workers will receive a plan.</summary>
 [MessagePackObject, Manifest("t.NodeAccepted")]
@@ -27,12 +71,20 @@ public sealed record NodeAccepted([property: Key(0)] string NodeAddress) : IElas
 [MessagePackObject, Manifest("t.NodeRefused")]
 public sealed record NodeRefused([property: Key(0)] string NodeAddress, [property: Key(1)] string Reason) : IElasticMoEMessage;
 
+/// <summary>A unit to move during a re-plan: from the worker holding it to one that must.</summary>
+[MessagePackObject, Manifest("t.UnitMove")]
+public sealed record UnitMove([property: Key(0)] string Unit, [property: Key(1)] int FromWorker, [property: Key(2)] int ToRank);
+
 /// <summary>
-/// Coordinator → worker: the plan. Workers are listed in plan order; each worker learns its index from
-/// its own address and device. Stage ranges and expert owners are those of <c>TrainingPlan</c>.
+/// Coordinator → every device worker, in the plan or not: install plan <c>Epoch</c> before step
+/// <c>StartStep</c>. Workers are listed in rank order (rank = replica·Pp + stage); each worker finds
+/// itself by its identity (address, system uid, device), never by position. <c>Previous</c> lists the
+/// workers of the plan before (ranks used by <c>Moves.FromWorker</c>); <c>Moves</c> are the units that
+/// change hands (the pure <c>TransferPlanner</c>'s result), sent over the data plane and checksum-verified
+/// on arrival. A worker then holds exactly the units this plan gives it, and nothing stale.
 /// </summary>
-[MessagePackObject, Manifest("t.AssignPlan")]
-public sealed record AssignPlan(
+[MessagePackObject, Manifest("t.InstallPlan")]
+public sealed record InstallPlan(
     [property: Key(0)] int Epoch,
     [property: Key(1)] int Dp,
     [property: Key(2)] int Pp,
@@ -40,19 +92,51 @@ public sealed record AssignPlan(
     [property: Key(4)] int[] StageEnds,
     [property: Key(5)] WorkerInfo[] Workers,
     [property: Key(6)] int[][] ExpertOwner,
-    [property: Key(7)] long StartStep) : IElasticMoEMessage;
+    [property: Key(7)] long StartStep,
+    [property: Key(8)] WorkerInfo[] Previous,
+    [property: Key(9)] UnitMove[] Moves) : IElasticMoEMessage;
 
-/// <summary>Worker → coordinator: the plan is installed; stage and shards are ready for steps.</summary>
-[MessagePackObject, Manifest("t.PlanReady")]
-public sealed record PlanReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int Shards) : IElasticMoEMessage;
+/// <summary>
+/// Device worker → coordinator: plan <c>Epoch</c> is installed: units received and verified, stage and
+/// shards reconfigured in place (same actors). <c>Rank</c> is -1 for a worker the plan leaves idle.
+/// Refs are this worker's long-lived actors; <c>ShardOrdinals</c>[i] is the MoE layer of <c>Shards</c>[i]
+/// (shards with experts other workers call; private experts are the stage's).
+/// </summary>
+[MessagePackObject, Manifest("t.PlanInstalled")]
+public sealed record PlanInstalled(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] WorkerInfo Worker,
+    [property: Key(2)] int Rank,
+    [property: Key(3)] Akka.Actor.IActorRef Self,
+    [property: Key(4)] Akka.Actor.IActorRef Stage,
+    [property: Key(5)] int[] ShardOrdinals,
+    [property: Key(6)] Akka.Actor.IActorRef[] Shards,
+    [property: Key(7)] long BytesReceived,
+    [property: Key(8)] int UnitsReceived,
+    [property: Key(9)] int UnitsHeld) : IElasticMoEMessage;
 
-/// <summary>Expert shard → coordinator: the shard of (worker, MoE layer ordinal) is ready.</summary>
-[MessagePackObject, Manifest("t.ShardReady")]
-public sealed record ShardReady([property: Key(0)] int Epoch, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal) : IElasticMoEMessage;
+/// <summary>Device worker → coordinator: the plan could not be installed (a unit failed to arrive or to verify).</summary>
+[MessagePackObject, Manifest("t.PlanFailed")]
+public sealed record PlanFailed([property: Key(0)] int Epoch, [property: Key(1)] WorkerInfo Worker, [property: Key(2)] string Reason) : IElasticMoEMessage;
 
-/// <summary>Coordinator → every worker: run forward and backward of your share of this step.</summary>
+/// <summary>Device worker → its stage and shards: take up plan epoch (rank -1: idle); report failures to Coordinator. Local only.</summary>
+public sealed record Reconfigure(Planning.TrainingPlan Plan, int Rank, Akka.Actor.IActorRef Coordinator);
+
+/// <summary>Stage or shard → its device worker: reconfigured for the epoch. Local only.</summary>
+public sealed record Reconfigured(int Epoch, bool Active);
+
+/// <summary>Coordinator → every worker of the plan: run forward and backward of your share of this step.</summary>
 [MessagePackObject, Manifest("t.RunStep")]
-public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+public sealed record RunStep([property: Key(0)] Fence Fence) : IElasticMoEMessage;
+
+/// <summary>
+/// Coordinator → every device worker: abort this attempt. Every wait of the attempt is cancelled at once
+/// (the worker cancels the attempt's token from its own thread, while its stage may be blocked); the
+/// stage and shards answer <see cref="WorkerFailed"/> with <see cref="FailureKind.Aborted"/> and discard
+/// partial gradients; the step is then redone as the next attempt.
+/// </summary>
+[MessagePackObject, Manifest("t.AbortAttempt")]
+public sealed record AbortAttempt([property: Key(0)] Fence Fence, [property: Key(1)] string Reason) : IElasticMoEMessage;
 
 /// <summary>
 /// Worker → coordinator: forward and backward are done and dense gradients are all-reduced.
@@ -64,49 +148,59 @@ public sealed record RunStep([property: Key(0)] int Epoch, [property: Key(1)] lo
 /// </summary>
 [MessagePackObject, Manifest("t.StepComputed")]
 public sealed record StepComputed(
-    [property: Key(0)] int Epoch,
-    [property: Key(1)] long Step,
-    [property: Key(2)] int Worker,
-    [property: Key(3)] double LossSum,
-    [property: Key(4)] int MicroBatches,
-    [property: Key(5)] double GradSumSq,
-    [property: Key(6)] int[] MoELayers,
-    [property: Key(7)] long[][] ExpertCounts) : IElasticMoEMessage;
+    [property: Key(0)] Fence Fence,
+    [property: Key(1)] int Worker,
+    [property: Key(2)] double LossSum,
+    [property: Key(3)] int MicroBatches,
+    [property: Key(4)] double GradSumSq,
+    [property: Key(5)] int[] MoELayers,
+    [property: Key(6)] long[][] ExpertCounts) : IElasticMoEMessage;
 
 /// <summary>Coordinator → shard taking requests from other workers: every contribution of the step has arrived; report your gradient norm.</summary>
 [MessagePackObject, Manifest("t.QueryExpertNorm")]
-public sealed record QueryExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+public sealed record QueryExpertNorm([property: Key(0)] Fence Fence) : IElasticMoEMessage;
 
 [MessagePackObject, Manifest("t.ExpertNorm")]
-public sealed record ExpertNorm([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double SumSq) : IElasticMoEMessage;
+public sealed record ExpertNorm([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal, [property: Key(3)] double SumSq) : IElasticMoEMessage;
 
 /// <summary>
-/// Coordinator → worker: apply the optimizer with this rate and clip coefficient, and move the router
-/// biases by the step's total loads ([moe layer ordinal][expert], summed over all replicas).
+/// Coordinator → stages and shards: apply the optimizer with this rate and clip coefficient, and move the
+/// router biases by the step's total loads ([moe layer ordinal][expert], summed over all replicas). Every
+/// unit applies step <c>Fence.Step</c> at most once (its applied step says whether it has), so an update
+/// interrupted half-way is finished by sending this again under the next attempt (rolled forward).
+/// <c>ComputeAttempt</c> is the attempt whose gradients are applied: contributions of any other are void.
 /// </summary>
 [MessagePackObject, Manifest("t.ApplyUpdate")]
 public sealed record ApplyUpdate(
-    [property: Key(0)] int Epoch,
-    [property: Key(1)] long Step,
-    [property: Key(2)] double Lr,
-    [property: Key(3)] double ClipScale,
-    [property: Key(4)] long[][] LayerLoads,
-    [property: Key(5)] bool Checksum) : IElasticMoEMessage;
+    [property: Key(0)] Fence Fence,
+    [property: Key(1)] double Lr,
+    [property: Key(2)] double ClipScale,
+    [property: Key(3)] long[][] LayerLoads,
+    [property: Key(4)] bool Checksum,
+    [property: Key(5)] int ComputeAttempt) : IElasticMoEMessage;
 
-/// <summary>Worker → coordinator: the update is applied. Checksum is of this stage's dense parameters when asked, else 0.</summary>
+/// <summary>
+/// Stage or shard → coordinator: the update is applied. <c>Applied</c> units did it now, <c>AlreadyApplied</c>
+/// had done it before (a rolled-forward update). Checksum is of this stage's dense units when asked, else 0.
+/// </summary>
 [MessagePackObject, Manifest("t.UpdateApplied")]
-public sealed record UpdateApplied([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] ulong DenseChecksum) : IElasticMoEMessage;
+public sealed record UpdateApplied(
+    [property: Key(0)] Fence Fence,
+    [property: Key(1)] int Worker,
+    [property: Key(2)] ulong DenseChecksum,
+    [property: Key(3)] int Applied,
+    [property: Key(4)] int AlreadyApplied) : IElasticMoEMessage;
 
 /// <summary>Coordinator → worker: compute validation loss on your share of the fixed validation batches.</summary>
 [MessagePackObject, Manifest("t.RunEval")]
-public sealed record RunEval([property: Key(0)] int Epoch, [property: Key(1)] long Step) : IElasticMoEMessage;
+public sealed record RunEval([property: Key(0)] Fence Fence) : IElasticMoEMessage;
 
 [MessagePackObject, Manifest("t.EvalComputed")]
-public sealed record EvalComputed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] double LossSum, [property: Key(4)] int Batches) : IElasticMoEMessage;
+public sealed record EvalComputed([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] double LossSum, [property: Key(3)] int Batches) : IElasticMoEMessage;
 
-/// <summary>A worker could not do what it was asked (diverged loss, lost peer, …). The coordinator stops the run.</summary>
+/// <summary>A stage or shard could not do what it was asked. The coordinator decides by <c>Kind</c>: redo the attempt or stop.</summary>
 [MessagePackObject, Manifest("t.WorkerFailed")]
-public sealed record WorkerFailed([property: Key(0)] int Epoch, [property: Key(1)] long Step, [property: Key(2)] int Worker, [property: Key(3)] string Reason) : IElasticMoEMessage;
+public sealed record WorkerFailed([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] FailureKind Kind, [property: Key(3)] string Reason) : IElasticMoEMessage;
 
 /// <summary>
 /// Stage → expert shard: tokens for your experts are on the data plane under DataTag, rows grouped by
@@ -115,26 +209,24 @@ public sealed record WorkerFailed([property: Key(0)] int Epoch, [property: Key(1
 /// </summary>
 [MessagePackObject, Manifest("t.ExpertForward")]
 public sealed record ExpertForward(
-    [property: Key(0)] int Epoch,
-    [property: Key(1)] long Step,
-    [property: Key(2)] int Requester,
-    [property: Key(3)] int MicroBatch,
-    [property: Key(4)] long[] Counts,
-    [property: Key(5)] long DataTag,
-    [property: Key(6)] long ReplyTag,
-    [property: Key(7)] string ReplyEndpoint,
-    [property: Key(8)] bool Train) : IElasticMoEMessage;
+    [property: Key(0)] Fence Fence,
+    [property: Key(1)] int Requester,
+    [property: Key(2)] int MicroBatch,
+    [property: Key(3)] long[] Counts,
+    [property: Key(4)] long DataTag,
+    [property: Key(5)] long ReplyTag,
+    [property: Key(6)] string ReplyEndpoint,
+    [property: Key(7)] bool Train) : IElasticMoEMessage;
 
 /// <summary>Stage → expert shard: output gradients under DataTag; reply with input gradients under ReplyTag.</summary>
 [MessagePackObject, Manifest("t.ExpertBackward")]
 public sealed record ExpertBackward(
-    [property: Key(0)] int Epoch,
-    [property: Key(1)] long Step,
-    [property: Key(2)] int Requester,
-    [property: Key(3)] int MicroBatch,
-    [property: Key(4)] long DataTag,
-    [property: Key(5)] long ReplyTag,
-    [property: Key(6)] string ReplyEndpoint) : IElasticMoEMessage;
+    [property: Key(0)] Fence Fence,
+    [property: Key(1)] int Requester,
+    [property: Key(2)] int MicroBatch,
+    [property: Key(3)] long DataTag,
+    [property: Key(4)] long ReplyTag,
+    [property: Key(5)] string ReplyEndpoint) : IElasticMoEMessage;
 
 /// <summary>Coordinator → stages and shards: report a summary of the parameters you own (end of run).</summary>
 [MessagePackObject, Manifest("t.ReportParameters")]
@@ -147,6 +239,17 @@ public sealed record ParameterSummary(
     [property: Key(1)] string[] Names,
     [property: Key(2)] double[] Sums,
     [property: Key(3)] double[] Norms) : IElasticMoEMessage;
+
+/// <summary>
+/// Anyone (the shell, a test) → coordinator: from the next step boundary, train on <c>Workers</c> workers
+/// as DP = Workers / Pp × PP = <c>Pp</c>. Which workers is the planner's choice.
+/// </summary>
+[MessagePackObject, Manifest("t.RequestRelayout")]
+public sealed record RequestRelayout([property: Key(0)] int Workers, [property: Key(1)] int Pp) : IElasticMoEMessage;
+
+/// <summary>Anyone → coordinator: abort the attempt in flight (whatever its phase) and redo the step.</summary>
+[MessagePackObject, Manifest("t.RequestAbort")]
+public sealed record RequestAbort([property: Key(0)] string Reason) : IElasticMoEMessage;
 
 /// <summary>Coordinator → node agents and workers: the run is over; stop.</summary>
 [MessagePackObject, Manifest("t.Shutdown")]

@@ -29,16 +29,8 @@ public class EquivalenceTests(ITestOutputHelper output)
         return TestSupport.SmallConfig(settings.ToArray());
     }
 
-    private static readonly Lazy<(List<StepResult> Steps, Dictionary<string, (double Sum, double Norm)> Params)> Reference = new(() =>
-    {
-        var cfg = Config();
-        using var t = new Trainer(cfg, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context));
-        var steps = Enumerable.Range(0, Steps).Select(_ => t.TrainStep()).ToList();
-        var ps = t.Model.named_parameters().ToDictionary(p => p.name, p =>
-            (p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).sum().item<double>(),
-             p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).norm().item<double>()));
-        return (steps, ps);
-    });
+    private static readonly Lazy<(List<StepResult> Steps, Dictionary<string, (double Sum, double Norm)> Params)> Reference =
+        new(() => SingleProcessReference.Train(Config(), Steps));
 
     [Theory]
     [InlineData("1 node", 1, 1, false)]

@@ -1,3 +1,4 @@
+using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Engine;
 
@@ -84,18 +85,41 @@ public class LayoutPlannerTests
     public void Step_tags_differ_in_every_field_and_stay_below_the_collective_range()
     {
         var tags = new HashSet<long>();
-        foreach (var kind in Enum.GetValues<StepTags.Kind>())
+        foreach (var kind in Enum.GetValues<StepTags.Kind>().Where(k => k != StepTags.Kind.Unit))
             for (int epoch = 0; epoch < 2; epoch++)
                 for (long step = 0; step < 3; step++)
-                    for (int layer = 0; layer < 3; layer++)
-                        for (int m = 0; m < 3; m++)
-                            for (int a = 0; a < 3; a++)
-                                for (int b = 0; b < 3; b++)
-                                {
-                                    long t = StepTags.Make(kind, epoch, step, layer, m, a, b);
-                                    Assert.True(t >= 0 && !ElasticMoE.Runtime.DataPlane.CollectiveTags.IsCollective(t));
-                                    Assert.True(tags.Add(t), $"tag collision at {kind} e{epoch} s{step} l{layer} m{m} {a}->{b}");
-                                }
-        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, 0, 0, 0, 0, 200));
+                    for (int attempt = 0; attempt < 2; attempt++)
+                        for (int layer = 0; layer < 3; layer++)
+                            for (int m = 0; m < 3; m++)
+                                for (int a = 0; a < 3; a++)
+                                    for (int b = 0; b < 2; b++)
+                                    {
+                                        long t = StepTags.Make(kind, new Fence(epoch, step, attempt), layer, m, a, b);
+                                        Assert.True(t >= 0 && !ElasticMoE.Runtime.DataPlane.CollectiveTags.IsCollective(t));
+                                        Assert.True(tags.Add(t), $"tag collision at {kind} e{epoch} s{step} a{attempt} l{layer} m{m} {a}->{b}");
+                                    }
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 0, 200));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 256, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 256, 0, 0));
+    }
+
+    [Fact]
+    public void Frames_of_older_attempts_are_stale_and_later_ones_never_are()
+    {
+        var now = new Fence(3, 70000, 2);   // the step wraps in the tag (16 bits): compared by signed distance
+        long Tag(Fence f) => StepTags.Make(StepTags.Kind.ExpertTokens, f, 1, 2, 3, 4);
+        long Coll(Fence f) => ElasticMoE.Runtime.DataPlane.CollectiveTags.Compose(
+            ElasticMoE.Runtime.DataPlane.CollectiveTags.CollectiveId(f.Epoch, f.Step, 0, f.Attempt & 0xF), 5);
+        foreach (var older in new[] { now with { Attempt = 1 }, now with { Attempt = 0 }, now with { Step = now.Step - 1, Attempt = 7 }, now with { Epoch = 2, Step = now.Step + 5 } })
+        {
+            Assert.True(StepTags.IsStale(Tag(older), now), $"{older} should be stale under {now}");
+            Assert.True(StepTags.IsStale(Coll(older), now), $"collective {older} should be stale under {now}");
+        }
+        foreach (var later in new[] { now, now with { Attempt = 3 }, now with { Step = now.Step + 1, Attempt = 0 }, now with { Epoch = 4, Step = 0, Attempt = 0 } })
+        {
+            Assert.False(StepTags.IsStale(Tag(later), now), $"{later} must not be stale under {now}");
+            Assert.False(StepTags.IsStale(Coll(later), now), $"collective {later} must not be stale under {now}");
+        }
+        Assert.False(StepTags.IsStale(StepTags.UnitTransfer(1, 12, 3), now), "unit transfers are not step traffic");
     }
 }
