@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane"];
+    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane", "replan"];
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -95,6 +95,19 @@ public static class BenchCommand
                 stdout.WriteLine("dataplane: 1, 16 and 64 MiB tensors, data plane vs a raw loopback socket ...");
                 foreach (var r in Runtime.DataPlane.DataPlaneBenchmark.RunAsync([1, 16, 64], 10).GetAwaiter().GetResult())
                     figures.Add(new($"P2 data plane {r.SizeMb} MiB", r.DataPlaneMBps, "MiB/s", "raw loopback TCP socket", r.RawSocketMBps));
+            }
+            if (chosen.Contains("replan"))
+            {
+                stdout.WriteLine($"replan: 3 in-process nodes, 70 steps, re-layouts {ReplanBenchmark.Schedule} ...");
+                var r = ReplanBenchmark.Run(config, corpus, stdout);
+                double medianPause = r.Plans.Select(p => p.PauseSeconds).Order().ElementAt(r.Plans.Count / 2);
+                figures.Add(new("re-plan pause (median)", medianPause * 1000, "ms", "one step of the same run", r.MedianStepSeconds * 1000));
+                figures.Add(new("re-plan pause (worst)", r.Plans.Max(p => p.PauseSeconds) * 1000, "ms", "one step of the same run", r.MedianStepSeconds * 1000));
+                var moving = r.Plans.Where(p => p.UnitsMoved > 0).ToList();
+                if (moving.Count > 0)
+                    figures.Add(new("bytes moved per re-plan (mean)", moving.Average(p => p.BytesMoved) / 1024.0, "KiB", "state of the units moved", moving.Average(p => p.UnitBytes) / 1024.0));
+                foreach (var (kind, bytes) in r.UnitBytesByKind.OrderBy(kv => kv.Key))
+                    figures.Add(new($"unit size: {kind}", bytes / 1024.0, "KiB"));
             }
             Print(stdout, figures);
             if (p.GetValue(json) is { } path)

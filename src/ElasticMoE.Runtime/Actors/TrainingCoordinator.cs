@@ -25,8 +25,15 @@ public sealed record RunResult(
 }
 
 /// <summary>One installed plan: when, its layout, what moved, how long the install paused training, and the actors of each rank.</summary>
-public sealed record PlanRecord(int Epoch, long AtStep, int Dp, int Pp, int UnitsMoved, long BytesMoved, double InstallSeconds,
-    IReadOnlyList<(WorkerId Worker, IActorRef DeviceWorker, IActorRef Stage)> Ranks);
+/// <param name="InstallSeconds">From sending the plan to the last worker's PlanInstalled (units moved and verified, engines rebuilt).</param>
+/// <param name="GapSeconds">From the last step committed under the previous plan to the first committed under this one: the
+/// re-plan pause plus one step (NaN for the first plan, or until that step commits).</param>
+public sealed record PlanRecord(int Epoch, long AtStep, int Dp, int Pp, IReadOnlyList<UnitId> MovedUnits, long BytesMoved, double InstallSeconds,
+    IReadOnlyList<(WorkerId Worker, IActorRef DeviceWorker, IActorRef Stage)> Ranks)
+{
+    public int UnitsMoved => MovedUnits.Count;
+    public double GapSeconds { get; init; } = double.NaN;
+}
 
 /// <summary>
 /// The cluster singleton that owns the plan and drives steps. States (each an explicit <c>Become</c>):
@@ -154,9 +161,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void OnRegisterNode(RegisterNode m)
     {
-        string? reason = m.RunFingerprint != _runFingerprint
-            ? $"run config differs (model, training options, data or seed): node has {m.RunFingerprint}, coordinator has {_runFingerprint}"
-            : m.Seed != _config.Seed ? $"seed differs: node has {m.Seed}, coordinator has {_config.Seed}" : null;
+        // The whole run must agree (model, training options, data, seed): a node with another batch size
+        // or corpus would compute different gradients without any error. The reason names each setting
+        // as "key: node's vs coordinator's".
+        string? reason = m.Seed != _config.Seed ? $"seed differs: node has {m.Seed}, coordinator has {_config.Seed}"
+            : m.RunFingerprint != _runFingerprint
+                ? "run config differs: " + string.Join("; ", TrainingState.RunFingerprintDifferences(m.RunFingerprint, _runFingerprint))
+                : null;
         if (reason is not null)
         {
             _log.Warning("refusing node {0}: {1}", m.NodeAddress, reason);
@@ -193,7 +204,10 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private TrainingPlan? _installing;
     private readonly Dictionary<WorkerId, PlanInstalled> _installed = new();
     private System.Diagnostics.Stopwatch _installClock = new();
-    private int _unitsMoving;
+    private IReadOnlyList<UnitId> _unitsMoving = [];
+    // Restarted at every commit: the re-plan pause is read off it at the first commit under a new plan.
+    private readonly System.Diagnostics.Stopwatch _sinceCommit = new();
+    private bool _firstStepOfPlan;
 
     private void Replan(int workers, int pp)
     {
@@ -214,7 +228,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         }
         _installing = next;
         _installed.Clear();
-        _unitsMoving = transfers.Moves.Count;
+        _unitsMoving = transfers.Moves.Select(m => m.Unit).ToList();
         var prevWorkers = previous?.Workers.ToList() ?? [];
         var msg = new InstallPlan(next.Epoch, next.Dp, next.Pp,
             next.Stages.Select(s => s.First).ToArray(), next.Stages.Select(s => s.End).ToArray(),
@@ -276,7 +290,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
         Apply(new PlanChanged(plan, _state.NextStep));
         if (_plans.Count > 1)
-            _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving} unit(s), {bytes / 1024.0:F0} KiB moved");
+            _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
+        _firstStepOfPlan = _plans.Count > 1;
         if (!_clock.IsRunning) _clock.Start();
         StartStepOrFinish();
     }
@@ -425,6 +440,12 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
         if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _fence.Step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
         Apply(new StepCommitted(r, _fence.Attempt + 1));
+        if (_firstStepOfPlan)
+        {
+            _firstStepOfPlan = false;
+            _plans[^1] = _plans[^1] with { GapSeconds = _sinceCommit.Elapsed.TotalSeconds };
+        }
+        _sinceCommit.Restart();
         long done = _state.NextStep;
         bool last = done >= _config.Train.Steps
                     || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds)

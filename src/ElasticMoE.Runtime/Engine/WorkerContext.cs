@@ -50,7 +50,7 @@ public sealed class WorkerContext : IDisposable
         Stopping = stopping;
         Config = config;
         Id = id;
-        Device = Training.TorchSetup.ResolveDevice(config);
+        Device = Training.TorchSetup.ResolveDevice(config, id.Device);
         Model = new MoETransformer(config.Model, config.Seed, Device);
         DataPlane = dataPlane;
         Sampler = new BatchSampler(corpus, config.Seed, config.Model.Context);
