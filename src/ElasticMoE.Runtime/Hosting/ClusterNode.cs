@@ -27,7 +27,10 @@ public sealed class ClusterNode : IAsyncDisposable
     public ActorSystem System { get; }
     public Address Address { get; }
 
-    /// <summary>Completes when the run ends (coordinator hosts only).</summary>
+    /// <summary>
+    /// Completes when the run ends (coordinator hosts only): a result, or the run's failure. It also
+    /// fails when this ActorSystem terminates first: a caller waiting on it must never wait forever.
+    /// </summary>
     public Task<RunResult> Result => _result?.Task ?? throw new InvalidOperationException("this node does not host the coordinator");
 
     /// <summary>Completes with the reason when this node's agent stops (worker nodes only).</summary>
@@ -54,6 +57,13 @@ public sealed class ClusterNode : IAsyncDisposable
             var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result);
             System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
                 ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
+            // The coordinator completes the result; if the system goes first (terminated by anyone, the
+            // coordinator stopped with it), say so rather than leave the caller waiting forever. This
+            // was half of why SIGTERM left `elasticmoe train` running: Akka's own SIGTERM hook
+            // terminated the system, and the main thread waited on a result that could no longer come.
+            var result = _result;
+            System.WhenTerminated.ContinueWith(_ => result.TrySetException(
+                new TrainingFailedException("the coordinator's actor system stopped before the run ended")), TaskScheduler.Default);
         }
         if (worker)
         {
@@ -81,6 +91,9 @@ public sealed class ClusterNode : IAsyncDisposable
               log-dead-letters-during-shutdown = off
               actor.provider = cluster
               remote.log-remote-lifecycle-events = off
+              # Akka's own SIGTERM / ProcessExit hook would terminate the ActorSystems behind the run's
+              # back (no final step, no result, a main thread waiting forever): the CLI owns signals.
+              coordinated-shutdown.run-by-clr-shutdown-hook = off
               # Shutting down a node whose peers died must not hang on cluster phases that cannot finish.
               coordinated-shutdown.phases {
                 cluster-leave.timeout = 3s
