@@ -9,11 +9,14 @@ namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>How a distributed run ended: the same figures the single-process loop reports.</summary>
 /// <param name="FinalParameters">Per parameter name: (sum, L2 norm) at the end, from the replica-0 owner.</param>
+/// <param name="StoppedBy">The reason of the <see cref="StopRun"/> that ended the run early, else null. Steps
+/// then holds every step that committed, and FinalParameters are those after the last of them.</param>
 public sealed record RunResult(
     IReadOnlyList<StepResult> Steps,
     IReadOnlyList<(long Step, double ValLoss)> Validation,
     double Seconds,
-    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters);
+    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters,
+    string? StoppedBy = null);
 
 /// <summary>
 /// The cluster singleton that owns the plan and drives steps. Each step has three phases, each a
@@ -101,6 +104,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             case EvalComputed m: OnEvalComputed(m); break;
             case ParameterSummary m: OnParameterSummary(m); break;
             case WorkerFailed m: Fail($"worker {m.Worker} failed at step {m.Step}: {m.Reason}"); break;
+            case StopRun m: OnStopRun(m); break;
             default: _log.Warning("coordinator: unexpected {0}", message.GetType().Name); break;
         }
     }
@@ -183,7 +187,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void StartStep()
     {
-        if (_step >= _config.Train.Steps || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds))
+        if (_stopReason is not null || _step >= _config.Train.Steps || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds))
         {
             Finish();
             return;
@@ -220,11 +224,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         var t = _config.Train;
         int totalMicro = t.MicroBatchesPerStep;
         double loss = _computed.Sum(c => c.LossSum) / totalMicro;
-        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_step, "the loss", loss).Message); return; }
+        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_step, "the loss", loss)); return; }
         // Replicas hold identical reduced dense gradients: count each stage once (replica 0). Private
         // experts exist only with one replica, so they are counted once too.
         double sumSq = _computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq) + _norms.Sum(n => n.SumSq);
-        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_step, "the gradient norm", Math.Sqrt(sumSq)).Message); return; }
+        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_step, "the gradient norm", Math.Sqrt(sumSq))); return; }
         int moeLayers = plan.ExpertOwner.Length;
         var loads = Enumerable.Range(0, moeLayers).Select(_ => new long[_config.Model.MoE.RoutedExperts]).ToArray();
         foreach (var c in _computed)
@@ -321,19 +325,46 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         // Replicas agree (checked by checksum); keep the first answer for each name.
         for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
         if (++_summaries < _stages.Count + _shards.Count) return;
-        foreach (var n in _nodes) n.Agent.Tell(new Shutdown("training finished"));
-        _done.TrySetResult(new RunResult(_results, _validation, _runSeconds, _finalParameters));
+        foreach (var n in _nodes) n.Agent.Tell(FinalShutdown());
+        _done.TrySetResult(new RunResult(_results, _validation, _runSeconds, _finalParameters, _stopReason));
     }
 
-    private void Fail(string reason)
+    // A divergence fails the run with its own exception type, so callers tell it apart by type, not wording.
+    private void Fail(TrainingDivergedException diverged) => Fail(diverged.Message, diverged);
+
+    private void Fail(string reason, Exception? error = null)
     {
         if (_finished) return;
         _finished = true;
         Timers.CancelAll();
         _log.Error("training stopped: {0}", reason);
         foreach (var n in _nodes) n.Agent.Tell(new Shutdown(reason));
-        _done.TrySetException(new TrainingFailedException(reason));
+        _done.TrySetException(error ?? new TrainingFailedException(reason));
     }
+
+    // ---- StopRun: ending the run early on request (elasticmoe train on SIGTERM/SIGINT) ----------------
+    // Everything about it is here, plus three hooks: the `case StopRun` above, the `_stopReason` test
+    // in StartStep (no next step), and FinalShutdown/_stopReason where the finish reports its result.
+
+    private string? _stopReason;
+
+    private void OnStopRun(StopRun m)
+    {
+        if (_finished || _stopReason is not null) return;   // already ending; a repeated request changes nothing
+        _stopReason = m.Reason;
+        // Steps under way: a step (or its evaluation) is always in flight then, and StartStep finishes
+        // instead of starting the next one once it commits.
+        if (_clock.IsRunning) return;
+        // No step has started (still waiting for nodes or for the plan): nothing to summarise.
+        _finished = true;
+        Timers.CancelAll();
+        foreach (var n in _nodes) n.Agent.Tell(FinalShutdown());
+        _done.TrySetResult(new RunResult(_results, _validation, 0, new Dictionary<string, (double, double)>(), _stopReason));
+    }
+
+    private Shutdown FinalShutdown() => _stopReason is null
+        ? new Shutdown("training finished", RunEnd.Finished)
+        : new Shutdown($"the run was stopped: {_stopReason}", RunEnd.Stopped);
 }
 
 /// <summary>The distributed run stopped; the message says where and why.</summary>

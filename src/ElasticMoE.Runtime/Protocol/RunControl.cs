@@ -1,0 +1,16 @@
+using MessagePack;
+
+namespace ElasticMoE.Runtime.Protocol;
+
+// Run control: requests from outside the step protocol (an operator, a signal handler) to the
+// coordinator. Same conventions as TrainingProtocol.cs: MessagePack records under IElasticMoEMessage
+// with a stable manifest, found by MessageManifestRegistry's scan of this assembly.
+
+/// <summary>
+/// Anyone → coordinator: end the run early. With no step in flight the run finishes at once; otherwise
+/// right after the current step commits, so every reported step is complete. The run then ends as a
+/// normal finish does (final parameters, nodes told to stop), its result marked as stopped with
+/// <paramref name="Reason"/>. Sent by <c>elasticmoe train</c> on SIGTERM or SIGINT; repeating it is harmless.
+/// </summary>
+[MessagePackObject, Manifest("t.StopRun")]
+public sealed record StopRun([property: Key(0)] string Reason) : IElasticMoEMessage;
