@@ -48,6 +48,11 @@ public sealed class ExpertShardActor : ReceiveActor
                 default: _log.Warning("shard: unexpected {0}", message.GetType().Name); break;
             }
         }
+        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
+        {
+            // The node is stopping: a cancelled wait, not a failure (see PipelineStageActor).
+            _log.Info("expert shard L{0} of worker {1}: step {2} abandoned, the node is stopping ({3})", _engine.MoEOrdinal, _context.Worker, step, ex.GetBaseException().Message);
+        }
         catch (Exception ex)
         {
             _log.Error(ex, "expert shard L{0} of worker {1} failed at step {2}", _engine.MoEOrdinal, _context.Worker, step);

@@ -51,6 +51,13 @@ public sealed class PipelineStageActor : ReceiveActor
                 default: _log.Warning("stage: unexpected {0}", message.GetType().Name); break;
             }
         }
+        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
+        {
+            // The node is stopping (told to by its coordinator, or leaving the cluster on SIGTERM) and
+            // cancelled this step's waits on purpose: not a worker failure. The coordinator learns of
+            // the departure from the membership, naming the node.
+            _log.Info("stage of worker {0}: step {1} abandoned, the node is stopping ({2})", _context.Worker, step, ex.GetBaseException().Message);
+        }
         catch (Exception ex)
         {
             // Reported, not thrown: a diverged loss or a lost peer is the run's problem, which the

@@ -72,13 +72,17 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Receive<StepTimeout>(OnStepTimeout);
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, "left the cluster"));
+        // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
+        // cancelled step could be reported as a worker failure under a misleading reason.
+        Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, "left the cluster"));
     }
 
     // Until elastic membership lands, losing a node that holds part of the plan ends the run at once
     // with its name, instead of waiting for the step timeout.
     protected override void PreStart()
         => Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
+            typeof(Akka.Cluster.ClusterEvent.MemberLeft));
 
     protected override void PostStop() => Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
 

@@ -142,7 +142,8 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
                 Task.WaitAll(sends.ToArray(), cts.Token);
                 Task.WaitAll(replies, cts.Token);
             }
-            catch (OperationCanceledException)
+            // Only the timer is a timeout: the node's own stop surfaces as the cancellation it is.
+            catch (OperationCanceledException) when (!context.Stopping.IsCancellationRequested)
             {
                 throw new TimeoutException($"expert shards of MoE layer {ordinal} did not answer step {step} micro-batch {microBatch} within {owner.Timeout.TotalSeconds:F0} s");
             }
