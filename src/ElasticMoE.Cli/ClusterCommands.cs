@@ -11,43 +11,60 @@ namespace ElasticMoE.Cli;
 /// <summary>The distributed <c>train</c>: coordinator plus an in-process local cluster (or external nodes).</summary>
 public static class ClusterTrain
 {
-    public static int Run(ElasticMoEConfig config, TextCorpus corpus, string? metrics, TextWriter stdout)
+    /// <remarks>
+    /// On SIGTERM or SIGINT the coordinator is sent <see cref="Runtime.Protocol.StopRun"/>: the step in
+    /// flight commits and is reported, the nodes are told the run was stopped and torn down, the
+    /// metrics file is closed, and the process exits with 128 + the signal number, about 1 s after the
+    /// signal here. If the run fails once a stop signal has arrived (the same shutdown often stops the
+    /// nodes too), the signal still decides the exit code.
+    /// </remarks>
+    public static int Run(ElasticMoEConfig config, TextCorpus corpus, string? metrics, TextWriter stdout, TextWriter stderr)
     {
         TorchSetup.Configure(config);
-        using var report = new TrainingReport(stdout, metrics);
-        report.Info($"ElasticMoE cluster: {config.Cluster.Nodes} in-process node(s) x {config.Cluster.Devices} device(s), " +
-                    $"waiting for {config.Cluster.NodesToWaitFor} node(s), data {corpus.Name}, {TorchSharp.torch.get_num_threads()} threads");
-        using var cancel = new CancellationTokenSource();
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cancel.Cancel(); };
-        Console.CancelKeyPress += onCancel;
-        try
+        using var signals = new StopSignals(stderr, "stopping after the current step");
+        RunOutcome outcome;
+        using (var report = new TrainingReport(stdout, metrics))
         {
-            var result = LocalCluster.Run(config, corpus, report, cancel.Token);
-            if (result.Steps.Count > 0)
+            report.Info($"ElasticMoE cluster: {config.Cluster.Nodes} in-process node(s) x {config.Cluster.Devices} device(s), " +
+                        $"waiting for {config.Cluster.NodesToWaitFor} node(s), data {corpus.Name}, {TorchSharp.torch.get_num_threads()} threads");
+            try
             {
-                double first = result.Steps[0].Loss, last = result.Steps[^1].Loss;
-                double tps = result.Steps.Sum(s => s.Tokens) / result.Steps.Sum(s => s.Seconds);
-                report.Info(string.Create(CultureInfo.InvariantCulture,
-                    $"done: {result.Steps.Count} steps in {result.Seconds:F1} s, loss {first:F4} -> {last:F4} ({last / first:P0} of first)" +
-                    $"{(result.Validation.Count > 0 ? $", validation {result.Validation[^1].ValLoss:F4}" : "")}, {tps:F0} tokens/s"));
+                var result = LocalCluster.Run(config, corpus, report, signals.Reason);
+                if (result.Steps.Count > 0)
+                {
+                    double first = result.Steps[0].Loss, last = result.Steps[^1].Loss;
+                    double tps = result.Steps.Sum(s => s.Tokens) / result.Steps.Sum(s => s.Seconds);
+                    report.Info(string.Create(CultureInfo.InvariantCulture,
+                        $"done: {result.Steps.Count} steps in {result.Seconds:F1} s, loss {first:F4} -> {last:F4} ({last / first:P0} of first)" +
+                        $"{(result.Validation.Count > 0 ? $", validation {result.Validation[^1].ValLoss:F4}" : "")}, {tps:F0} tokens/s"));
+                }
+                outcome = (result.StoppedBy, signals.Received) switch
+                {
+                    (null, _) => new RunOutcome.Finished(),
+                    (_, { } signal) => new RunOutcome.Stopped(signal, AfterStep(report.LastStep)),
+                    (var reason, null) => new RunOutcome.RunStopped(reason),
+                };
             }
-            return Program.ExitCodes.Ok;
-        }
-        catch (OperationCanceledException)
-        {
-            report.Info("interrupted");
-            return Program.ExitCodes.Failed;
-        }
-        finally
-        {
-            Console.CancelKeyPress -= onCancel;
-        }
+            catch (TrainingFailedException ex) when (signals.Received is { } signal)
+            {
+                outcome = new RunOutcome.Stopped(signal, $"{AfterStep(report.LastStep)} ({ex.Message})");
+            }
+        }   // the metrics file is complete and closed before the last word
+        return outcome is RunOutcome.Finished ? Program.ExitCodes.Ok : Program.Report(stdout, outcome);
     }
+
+    private static string AfterStep(long step) => step > 0 ? $"after step {step}" : "before the first step";
 }
 
 /// <summary><c>elasticmoe node</c>: a worker node that joins a coordinator and serves until told to stop.</summary>
 public static class NodeCommand
 {
+    // A signalled node's budget: leaving takes a few gossip rounds (0.5 s measured here, with the
+    // 250 ms gossip of ClusterNode's config; signal to exit 0.8 s), terminating less; both well
+    // inside StopSignals.HardDeadline.
+    private static readonly TimeSpan NodeLeaveTimeout = TimeSpan.FromSeconds(3);
+    private static readonly TimeSpan NodeTerminateTimeout = TimeSpan.FromSeconds(1);
+
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
         var cfg = new RunConfigOptions();
@@ -76,14 +93,27 @@ public static class NodeCommand
             if (config.Cluster.SeedNodes.Count == 0)
                 throw new ConfigException("elasticmoe node needs the coordinator's address: --seed-node akka.tcp://elasticmoe@HOST:PORT");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+            using var signals = new StopSignals(stderr, "leaving the cluster");
             var loop = new ComputeLoop();
             var node = ClusterNode.Start(config, corpus, coordinator: false, worker: true, loop: loop);
             stdout.WriteLine($"node {node.Address} joining {string.Join(", ", config.Cluster.SeedNodes)}");
-            loop.RunUntil(node.Stopped);   // this thread computes for the node's first worker
-            string reason = node.Stopped.GetAwaiter().GetResult();
-            node.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            stdout.WriteLine($"node stopped: {reason}");
-            return reason == "training finished" ? Program.ExitCodes.Ok : Program.ExitCodes.Failed;
+            // On SIGTERM/SIGINT: leave gracefully, so the coordinator sees "left the cluster" at once
+            // (not "unreachable" after the failure detector's seconds), then terminate.
+            var left = signals.First.ContinueWith(_ => node.ShutdownAsync(NodeLeaveTimeout, NodeTerminateTimeout), TaskScheduler.Default).Unwrap();
+            loop.RunUntil(Task.WhenAny(node.Stopped, left));   // this thread computes for the node's first worker
+            RunOutcome outcome;
+            if (signals.Received is { } signal)
+            {
+                left.GetAwaiter().GetResult();   // bounded by the two timeouts
+                outcome = new RunOutcome.Stopped(signal, "after leaving the cluster");
+            }
+            else
+            {
+                outcome = node.Stopped.GetAwaiter().GetResult();
+                node.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+            stdout.WriteLine($"node stopped: {outcome.Message}");
+            return Program.ExitCodes.For(outcome);
         }));
         return cmd;
     }

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
@@ -9,14 +10,41 @@ namespace ElasticMoE.Cli;
 /// <summary>The <c>elasticmoe</c> executable: one binary, sub-commands per role.</summary>
 public static class Program
 {
-    /// <summary>Exit codes, so scripts can tell a usage error from a diverged run.</summary>
+    /// <summary>Exit codes, so scripts can tell a usage error from a diverged run (listed in README, "Using it").</summary>
     public static class ExitCodes
     {
         public const int Ok = 0;
-        public const int Usage = 1;        // System.CommandLine's own code for parse errors
-        public const int BadInput = 2;     // config, data or state file problems
-        public const int Diverged = 3;     // NaN/Inf loss or gradient
-        public const int Failed = 4;       // a distributed run stopped (lost worker, timeout, refused node)
+        public const int Usage = 1;            // System.CommandLine's own code for parse errors
+        public const int BadInput = 2;         // config, data or state file problems
+        public const int Diverged = 3;         // NaN/Inf loss or gradient
+        public const int Failed = 4;           // a distributed run stopped on an error (lost or departed node, worker failure, stuck step)
+        public const int Refused = 5;          // node: the coordinator refused it (model config, seed, run already started)
+        public const int CoordinatorLost = 6;  // node: its coordinator became unreachable or left before ending the run
+        public const int RunStopped = 7;       // node: its coordinator stopped the run early on request
+        // Stopped by a signal this process received: 128 + its number (130 SIGINT, 143 SIGTERM), the
+        // status a shell shows for a process killed by that signal, so wrappers read it the same way.
+
+        public static int ForSignal(PosixSignal signal) => 128 + signal switch
+        {
+            PosixSignal.SIGHUP => 1,
+            PosixSignal.SIGINT => 2,
+            PosixSignal.SIGQUIT => 3,
+            PosixSignal.SIGTERM => 15,
+            _ => throw new ArgumentOutOfRangeException(nameof(signal), signal, "not a stop signal"),
+        };
+
+        /// <summary>The one place an outcome becomes a process exit code.</summary>
+        public static int For(RunOutcome outcome) => outcome switch
+        {
+            RunOutcome.Finished => Ok,
+            RunOutcome.Stopped s => ForSignal(s.Signal),
+            RunOutcome.RunStopped => RunStopped,
+            RunOutcome.Diverged => Diverged,
+            RunOutcome.Failed => Failed,
+            RunOutcome.Refused => Refused,
+            RunOutcome.CoordinatorLost => CoordinatorLost,
+            _ => throw new ArgumentOutOfRangeException(nameof(outcome), outcome, "unknown outcome"),
+        };
     }
 
     public static int Main(string[] args) => Run(args, Console.Out, Console.Error);
@@ -28,7 +56,8 @@ public static class Program
         root.Subcommands.Add(NodeCommand.Create(stdout, stderr));
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         var parse = root.Parse(args);
-        return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr });
+        // No ProcessTerminationTimeout: our commands handle SIGINT/SIGTERM themselves (StopSignals).
+        return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, ProcessTerminationTimeout = null });
     }
 
     /// <summary>Runs <paramref name="body"/>, turning known failures into a message and an exit code.</summary>
@@ -45,14 +74,20 @@ public static class Program
         }
         catch (TrainingDivergedException ex)
         {
-            stderr.WriteLine($"error: {ex.Message}");
-            return ExitCodes.Diverged;
+            return Report(stderr, new RunOutcome.Diverged(ex.Message));
         }
         catch (Runtime.Actors.TrainingFailedException ex)
         {
-            stderr.WriteLine($"error: {ex.Message}");
-            return ex.Message.Contains("diverged", StringComparison.Ordinal) ? ExitCodes.Diverged : ExitCodes.Failed;
+            // The kind, not the wording: a worker that saw a NaN reports FailureKind.Diverged.
+            return Report(stderr, ex.Kind == Runtime.Protocol.FailureKind.Diverged ? new RunOutcome.Diverged(ex.Message) : new RunOutcome.Failed(ex.Message));
         }
+    }
+
+    /// <summary>Prints how a run ended (errors to stderr, the rest to stdout) and returns its exit code.</summary>
+    public static int Report(TextWriter output, RunOutcome outcome)
+    {
+        output.WriteLine(outcome is RunOutcome.Diverged or RunOutcome.Failed ? $"error: {outcome.Message}" : outcome.Message);
+        return ExitCodes.For(outcome);
     }
 }
 
@@ -171,22 +206,16 @@ public static class TrainCommand
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
                     throw new ConfigException("--save and --resume work with --single-process for now; cluster checkpoints come with the checkpoint issue");
                 var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-                return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout);
+                return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout, stderr);
             }
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             using var trainer = new Trainer(config, corpus);
-            using var cancel = new CancellationTokenSource();
-            ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cancel.Cancel(); };
-            Console.CancelKeyPress += onCancel;
-            try
-            {
-                TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0), stdout, cancel.Token);
-            }
-            finally
-            {
-                Console.CancelKeyPress -= onCancel;
-            }
-            return Program.ExitCodes.Ok;
+            using var signals = new StopSignals(stderr, "stopping after the current step");
+            var summary = TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0), stdout, signals.Token);
+            // The metrics file is closed by now. A signal that came during the last step changes nothing.
+            return summary.Stopped && signals.Received is { } signal
+                ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
+                : Program.ExitCodes.Ok;
         }));
         return cmd;
     }

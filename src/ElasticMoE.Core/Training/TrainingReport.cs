@@ -7,10 +7,19 @@ namespace ElasticMoE.Training;
 /// Where a run's progress goes: one human line per step on the console and, optionally, one JSON line
 /// per step in a metrics file. Shared by the single-process loop and the distributed coordinator.
 /// </summary>
+/// <remarks>
+/// Thread-safe, and a metrics line is whole or absent: each goes to the file in one unbuffered write,
+/// so a process stopped by a signal (even killed between two steps) leaves only complete JSON lines,
+/// and a line reported while the report is being disposed is dropped rather than torn.
+/// </remarks>
 public sealed class TrainingReport : IDisposable
 {
+    private static readonly UTF8Encoding Utf8 = new(encoderShouldEmitUTF8Identifier: false);   // no BOM: JSON-lines readers choke on it
+
     private readonly TextWriter _console;
-    private readonly StreamWriter? _metrics;
+    private readonly FileStream? _metrics;
+    private readonly object _gate = new();
+    private bool _disposed;
 
     public TrainingReport(TextWriter console, string? metricsPath)
     {
@@ -19,16 +28,29 @@ public sealed class TrainingReport : IDisposable
         {
             var dir = Path.GetDirectoryName(Path.GetFullPath(metricsPath));
             if (dir is not null) Directory.CreateDirectory(dir);
-            _metrics = new StreamWriter(metricsPath, append: false, new UTF8Encoding(encoderShouldEmitUTF8Identifier: false)) { AutoFlush = true };   // no BOM: JSON-lines readers choke on it
+            // bufferSize 0: every Write is one write(2) of a whole line, nothing left in a buffer to flush.
+            _metrics = new FileStream(metricsPath, FileMode.Create, FileAccess.Write, FileShare.Read, bufferSize: 0);
         }
     }
 
     /// <summary>Raised after each step is reported, on the reporting thread (benchmarks sample resources here).</summary>
     public event Action<StepResult>? StepReported;
 
+    /// <summary>The number (1-based, as printed) of the last step reported, 0 before the first.</summary>
+    public long LastStep
+    {
+        get { lock (_gate) return _lastStep; }
+    }
+
+    private long _lastStep;
+
     public void Step(StepResult r, double? valLoss, long totalSteps)
     {
-        WriteStep(r, valLoss, totalSteps);
+        lock (_gate)
+        {
+            WriteStep(r, valLoss, totalSteps);
+            _lastStep = r.Step + 1;
+        }
         StepReported?.Invoke(r);
     }
 
@@ -37,22 +59,32 @@ public sealed class TrainingReport : IDisposable
         var line = string.Create(CultureInfo.InvariantCulture,
             $"step {r.Step + 1,5}/{totalSteps}  loss {r.Loss:F4}  {(valLoss is { } v ? $"val {v:F4}  " : "")}lr {r.Lr:E2}  |g| {r.GradNorm:F3}  tok/s {r.TokensPerSecond,8:F0}  maxvio {r.MaxVio:F3}");
         _console.WriteLine(line);
-        if (_metrics is null) return;
+        if (_metrics is null || _disposed) return;
         var sb = new StringBuilder(160);
         sb.Append(CultureInfo.InvariantCulture, $"{{\"step\":{r.Step + 1},\"loss\":{Num(r.Loss)}");
         if (valLoss is { } val) sb.Append(CultureInfo.InvariantCulture, $",\"val_loss\":{Num(val)}");
         sb.Append(CultureInfo.InvariantCulture, $",\"tokens_per_s\":{Num(r.TokensPerSecond)},\"max_vio\":{Num(r.MaxVio)},\"lr\":{Num(r.Lr)},\"grad_norm\":{Num(r.GradNorm)},\"seconds\":{Num(r.Seconds)}");
         sb.Append(",\"expert_counts\":[");
         sb.AppendJoin(',', r.ExpertCounts.Select(l => "[" + string.Join(',', l) + "]"));
-        sb.Append("]}");
-        _metrics.WriteLine(sb.ToString());
+        sb.Append("]}\n");
+        _metrics.Write(Utf8.GetBytes(sb.ToString()));
     }
 
-    public void Info(string message) => _console.WriteLine(message);
+    public void Info(string message)
+    {
+        lock (_gate) _console.WriteLine(message);
+    }
 
     private static string Num(double d) => double.IsFinite(d) ? d.ToString("R", CultureInfo.InvariantCulture) : "null";
 
-    public void Dispose() => _metrics?.Dispose();
+    public void Dispose()
+    {
+        lock (_gate)
+        {
+            _disposed = true;
+            _metrics?.Dispose();
+        }
+    }
 }
 
 /// <summary>Options of a training run that are about the process, not the model.</summary>
@@ -61,8 +93,14 @@ public sealed record RunOptions(string? MetricsPath = null, string? SavePath = n
 /// <summary>Drives a <see cref="Trainer"/> to the end: progress, validation, time limit, saves.</summary>
 public static class TrainingRun
 {
-    public sealed record Summary(long Steps, double FirstLoss, double LastLoss, double? LastValLoss, double Seconds, double MeanTokensPerSecond);
+    /// <param name="Stopped">The cancellation token ended the run before its last step (after a complete one).</param>
+    public sealed record Summary(long Steps, double FirstLoss, double LastLoss, double? LastValLoss, double Seconds, double MeanTokensPerSecond, bool Stopped = false);
 
+    /// <summary>
+    /// Trains until the configured steps or time limit, or until <paramref name="cancel"/> is cancelled:
+    /// then the step under way completes and is reported, the state is saved if a save path is set (so
+    /// <c>--resume</c> continues from there), and the run ends with <see cref="Summary.Stopped"/> set.
+    /// </summary>
     public static Summary Run(Trainer trainer, RunOptions options, TextWriter console, CancellationToken cancel = default)
     {
         var t = trainer.Config.Train;
@@ -78,7 +116,8 @@ public static class TrainingRun
         var clock = System.Diagnostics.Stopwatch.StartNew();
         double first = double.NaN, last = double.NaN, tokens = 0, stepSeconds = 0;
         double? val = null;
-        long done = 0;
+        long done = 0, savedAt = -1;
+        bool timedOut = false;
         while (trainer.Step < t.Steps && !cancel.IsCancellationRequested)
         {
             var r = trainer.TrainStep();
@@ -93,14 +132,24 @@ public static class TrainingRun
             if (trainer.Step % t.EvalEvery == 0 || lastStep) val = stepVal = trainer.Evaluate();
             report.Step(r, stepVal, t.Steps);
             if (options.SavePath is { } save && (lastStep || (options.SaveEvery > 0 && trainer.Step % options.SaveEvery == 0)))
+            {
                 trainer.Save(save);
+                savedAt = trainer.Step;
+            }
             if (timeUp)
             {
+                timedOut = true;
                 report.Info($"time limit of {t.TimeLimitSeconds:F0} s reached after step {trainer.Step}");
                 break;
             }
         }
-        var summary = new Summary(done, first, last, val, clock.Elapsed.TotalSeconds, stepSeconds > 0 ? tokens / stepSeconds : 0);
+        bool stopped = cancel.IsCancellationRequested && trainer.Step < t.Steps && !timedOut;
+        if (stopped && options.SavePath is { } stopSave && savedAt != trainer.Step && done > 0)
+        {
+            trainer.Save(stopSave);
+            report.Info($"saved {stopSave} at step {trainer.Step}");
+        }
+        var summary = new Summary(done, first, last, val, clock.Elapsed.TotalSeconds, stepSeconds > 0 ? tokens / stepSeconds : 0, stopped);
         report.Info(string.Create(CultureInfo.InvariantCulture,
             $"done: {done} steps in {summary.Seconds:F1} s, loss {first:F4} -> {last:F4} ({(last / first):P0} of first){(val is { } v ? $", validation {v:F4}" : "")}, {summary.MeanTokensPerSecond:F0} tokens/s"));
         return summary;

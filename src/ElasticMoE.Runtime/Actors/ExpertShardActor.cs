@@ -82,6 +82,11 @@ public sealed class ExpertShardActor : ReceiveActor
         {
             work(token);
         }
+        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
+        {
+            // The node is stopping: a cancelled wait, not a failure (see PipelineStageActor).
+            _log.Info("expert shard L{0} of worker {1}: {2} abandoned, the node is stopping ({3})", _ordinal, _context.Worker, fence, ex.GetBaseException().Message);
+        }
         catch (Exception ex)
         {
             var kind = PipelineStageActor.Classify(ex);

@@ -3,6 +3,7 @@ using Akka.Event;
 using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Runtime.DataPlane;
+using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
 
@@ -18,7 +19,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     private readonly ElasticMoEConfig _config;
     private readonly IActorRef _coordinator;
-    private readonly TaskCompletionSource<string> _stopped;
+    private readonly TaskCompletionSource<RunOutcome> _stopped;
     private readonly ILoggingAdapter _log = Context.GetLogger();
     private readonly List<DataPlaneNode> _dataPlanes = new();
     private readonly List<IActorRef> _workers = new();
@@ -30,7 +31,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped, Hosting.ComputeLoop? loop = null)
+    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, Hosting.ComputeLoop? loop = null)
     {
         _config = config;
         _coordinator = coordinator;
@@ -62,12 +63,12 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         if (!member.HasRole(Hosting.ClusterNode.CoordinatorRole) || member.Address.ToString() == _address) return;
         _log.Error("coordinator {0} {1}; stopping this node", member.Address, what);
-        _stopped.TrySetResult($"coordinator {member.Address} {what}");
+        _stopped.TrySetResult(new RunOutcome.CoordinatorLost(member.Address.ToString(), what));
         _stopping.Cancel();
         Context.Stop(Self);
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<string> stopped, Hosting.ComputeLoop? loop = null)
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, Hosting.ComputeLoop? loop = null)
         => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped, loop));
 
     // A device worker holds units (parameters and moments): restarting it would bring it back blank and
@@ -106,7 +107,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             case NodeRefused m:
                 _log.Error("coordinator refused this node: {0}", m.Reason);
                 Timers.Cancel("register");
-                _stopped.TrySetResult("refused: " + m.Reason);
+                _stopped.TrySetResult(new RunOutcome.Refused(m.Reason));
                 Context.Stop(Self);
                 break;
             case InstallPlan m:
@@ -116,7 +117,12 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 foreach (var w in _workers) w.Forward(m);
                 break;
             case Shutdown m:
-                _stopped.TrySetResult(m.Reason);
+                _stopped.TrySetResult(m.End switch
+                {
+                    RunEnd.Finished => new RunOutcome.Finished(),
+                    RunEnd.Stopped => new RunOutcome.RunStopped(m.Reason),
+                    _ => new RunOutcome.Failed(m.Reason),
+                });
                 _stopping.Cancel();
                 Context.Stop(Self);
                 break;
@@ -131,6 +137,6 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         _stopping.Cancel();
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         foreach (var dp in _dataPlanes) dp.Dispose();
-        _stopped.TrySetResult("stopped");
+        _stopped.TrySetResult(new RunOutcome.Failed("the node stopped before its coordinator ended the run"));
     }
 }

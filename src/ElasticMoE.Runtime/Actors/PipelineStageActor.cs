@@ -77,6 +77,13 @@ public sealed class PipelineStageActor : ReceiveActor
         {
             Sender.Tell(Compute(() => work(token)));
         }
+        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
+        {
+            // The node is stopping (told to by its coordinator, or leaving the cluster on SIGTERM) and
+            // cancelled this attempt's waits on purpose: not a worker failure. The coordinator learns of
+            // the departure from the membership, naming the node.
+            _log.Info("stage of worker {0}: {1} abandoned, the node is stopping ({2})", _context.Worker, fence, ex.GetBaseException().Message);
+        }
         catch (Exception ex)
         {
             var kind = Classify(ex);

@@ -11,11 +11,16 @@ namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>How a distributed run ended: the same figures the single-process loop reports, plus its plans.</summary>
 /// <param name="FinalParameters">Per parameter name: (sum, L2 norm) at the end, from the replica-0 owner.</param>
+/// <param name="StoppedBy">The reason of the <see cref="StopRun"/> that ended the run early, else null. Steps
+/// then holds every step that committed, and FinalParameters are those after the last of them.</param>
+/// <param name="StoppedBy">The reason of the <see cref="StopRun"/> that ended the run early, else null. Steps
+/// then holds every step that committed, and FinalParameters are those after the last of them.</param>
 public sealed record RunResult(
     IReadOnlyList<StepResult> Steps,
     IReadOnlyList<(long Step, double ValLoss)> Validation,
     double Seconds,
-    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters)
+    IReadOnlyDictionary<string, (double Sum, double Norm)> FinalParameters,
+    string? StoppedBy = null)
 {
     /// <summary>Every plan installed, in order, with what it cost and which actors served it.</summary>
     public IReadOnlyList<PlanRecord> Plans { get; init; } = [];
@@ -109,7 +114,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     // simply not planned.
     protected override void PreStart()
         => Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
+            typeof(Akka.Cluster.ClusterEvent.MemberLeft));
 
     protected override void PostStop()
     {
@@ -123,6 +129,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
+        // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
+        // cancelled step could be reported as a worker failure under a misleading reason.
+        Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
         Receive<RegisterNode>(OnRegisterNode);
         Receive<RequestRelayout>(m =>
         {
@@ -379,12 +388,12 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         // Every sum in a fixed order (by rank, then layer): the same bits whatever order replies came in.
         var computed = _computed.OrderBy(kv => kv.Key).Select(kv => kv.Value).ToList();
         double loss = computed.Sum(c => c.LossSum) / totalMicro;
-        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_fence.Step, "the loss", loss).Message, FailureKind.Diverged); return; }
+        if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_fence.Step, "the loss", loss)); return; }
         // Replicas hold identical reduced dense gradients: count each stage once (replica 0). Private
         // experts exist only with one replica, so they are counted once too.
         double sumSq = computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq)
                        + _norms.OrderBy(kv => kv.Key).Sum(kv => kv.Value.SumSq);
-        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_fence.Step, "the gradient norm", Math.Sqrt(sumSq)).Message, FailureKind.Diverged); return; }
+        if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_fence.Step, "the gradient norm", Math.Sqrt(sumSq))); return; }
         int moeLayers = plan.ExpertOwner.Length;
         var loads = Enumerable.Range(0, moeLayers).Select(_ => new long[_config.Model.MoE.RoutedExperts]).ToArray();
         foreach (var c in computed)
@@ -598,21 +607,27 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         _finished = true;
         Timers.CancelAll();
-        foreach (var n in _agents) n.Agent.Tell(new Shutdown(_stopRequested is null ? "training finished" : "training stopped: " + _stopRequested));
-        _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters) { Plans = _plans, RedoneAttempts = _redone });
+        var shutdown = _stopRequested is null
+            ? new Shutdown("training finished", RunEnd.Finished)
+            : new Shutdown($"the run was stopped: {_stopRequested}", RunEnd.Stopped);
+        foreach (var n in _agents) n.Agent.Tell(shutdown);
+        _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters, _stopRequested) { Plans = _plans, RedoneAttempts = _redone });
         Become(Done);
     }
 
     private void Done() => Receive<object>(_ => { });
 
-    private void Fail(string reason, FailureKind kind = FailureKind.Error)
+    // A divergence fails the run with its own exception type, so callers tell it apart by type, not wording.
+    private void Fail(TrainingDivergedException diverged) => Fail(diverged.Message, FailureKind.Diverged, diverged);
+
+    private void Fail(string reason, FailureKind kind = FailureKind.Error, Exception? error = null)
     {
         if (_finished) return;
         _finished = true;
         Timers.CancelAll();
         _log.Error("training stopped: {0}", reason);
         foreach (var n in _agents) n.Agent.Tell(new Shutdown(reason));
-        _done.TrySetException(new TrainingFailedException(reason, kind));
+        _done.TrySetException(error ?? new TrainingFailedException(reason, kind));
         Become(Done);
     }
 }

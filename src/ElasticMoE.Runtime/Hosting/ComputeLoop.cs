@@ -54,13 +54,19 @@ public sealed class ComputeLoop
     }
 
     /// <summary>Serves work on the calling thread until <paramref name="until"/> completes.</summary>
+    /// <remarks>
+    /// Sleeps until there is work: <paramref name="until"/>'s completion posts a no-op that wakes it,
+    /// instead of a 20 ms poll that kept an idle (or orphaned) loop thread busy 50 times a second.
+    /// </remarks>
     public void RunUntil(Task until)
     {
         _loopThread = Environment.CurrentManagedThreadId;
+        until.ContinueWith(static (_, loop) => ((ComputeLoop)loop!).Post(static () => { }), this,
+            CancellationToken.None, TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         try
         {
             while (!until.IsCompleted)
-                if (_work.TryTake(out var item, 20)) item();
+                if (_work.TryTake(out var item, Timeout.Infinite)) item();
         }
         finally
         {

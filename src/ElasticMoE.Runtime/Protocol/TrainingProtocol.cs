@@ -251,6 +251,19 @@ public sealed record RequestRelayout([property: Key(0)] int Workers, [property: 
 [MessagePackObject, Manifest("t.RequestAbort")]
 public sealed record RequestAbort([property: Key(0)] string Reason) : IElasticMoEMessage;
 
-/// <summary>Coordinator → node agents and workers: the run is over; stop.</summary>
+/// <summary>
+/// How the coordinator ended the run, as it tells its nodes in <see cref="Shutdown"/>. A node's exit
+/// status follows this value, never the wording of the reason. Failed is 0, so a peer that predates
+/// the field (or forgets to set it) reads as a failure, never as a success.
+/// </summary>
+public enum RunEnd
+{
+    Failed = 0,
+    Finished = 1,
+    /// <summary>Stopped early on request (<see cref="StopRun"/>), after a complete step.</summary>
+    Stopped = 2,
+}
+
+/// <summary>Coordinator → node agents and workers: the run is over (<paramref name="End"/> says how); stop.</summary>
 [MessagePackObject, Manifest("t.Shutdown")]
-public sealed record Shutdown([property: Key(0)] string Reason) : IElasticMoEMessage;
+public sealed record Shutdown([property: Key(0)] string Reason, [property: Key(1)] RunEnd End = RunEnd.Failed) : IElasticMoEMessage;

@@ -16,10 +16,10 @@ public class MembershipTests
         await using var coordinator = ClusterNode.Start(cfg, corpus, coordinator: true, worker: false, report: report);
         var other = TestSupport.SmallConfig(("model.d-model", "48"), ("model.heads", "3"));
         await using var node = ClusterNode.Start(other, corpus, coordinator: false, worker: true, join: coordinator.Address);
-        var reason = await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60));
-        Assert.StartsWith("refused: model config differs", reason);
-        Assert.Contains("d48", reason);
-        Assert.Contains("d32", reason);
+        var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.StartsWith("model config differs", refused.Reason);
+        Assert.Contains("d48", refused.Reason);
+        Assert.Contains("d32", refused.Reason);
         Assert.False(coordinator.Result.IsCompleted);   // the coordinator keeps waiting for a proper node
     }
 
@@ -31,7 +31,7 @@ public class MembershipTests
         using var report = new TrainingReport(TextWriter.Null, null);
         await using var coordinator = ClusterNode.Start(cfg, corpus, coordinator: true, worker: false, report: report);
         await using var node = ClusterNode.Start(cfg with { Seed = cfg.Seed + 1 }, corpus, coordinator: false, worker: true, join: coordinator.Address);
-        var reason = await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60));
-        Assert.Contains("seed differs", reason);
+        var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
+        Assert.Contains("seed differs", refused.Reason);
     }
 }
