@@ -186,13 +186,19 @@ public static class TrainCommand
         var expect = RunConfigOptions.Positive("--expect-nodes", "nodes to wait for before the first step (default: --nodes)");
         var pp = RunConfigOptions.Positive("--pp", "pipeline-parallel degree (data-parallel degree = workers / pp)");
         var port = RunConfigOptions.NonNegative("--port", "Akka remoting port of the coordinator (0 = any)");
+        var relayout = new Option<string?>("--relayout") { Description = "change the layout at step boundaries: STEP=WORKERSxPP[,...], e.g. 10=4x2,20=2x1 (cluster.relayout)" };
+        relayout.Validators.Add(r =>
+        {
+            try { if (r.GetValueOrDefault<string?>() is { } v) Planning.RelayoutSchedule.Parse(v); }
+            catch (FormatException ex) { r.AddError(ex.Message); }
+        });
         var cmd = new Command("train", "train the MoE model (embedded corpus unless --data is given)");
         cfg.AddTo(cmd);
         cmd.Options.Add(metrics);
         cmd.Options.Add(save);
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(resume);
-        foreach (var o in new Option[] { single, nodes, expect, pp, port }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var extra = new List<KeyValuePair<string, string>>();
@@ -200,6 +206,7 @@ public static class TrainCommand
             if (p.GetValue(expect) is { } x) extra.Add(new("cluster.expected-nodes", x.ToString(System.Globalization.CultureInfo.InvariantCulture)));
             if (p.GetValue(pp) is { } s) extra.Add(new("cluster.pipeline-stages", s.ToString(System.Globalization.CultureInfo.InvariantCulture)));
             if (p.GetValue(port) is { } po) extra.Add(new("cluster.port", po.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+            if (p.GetValue(relayout) is { } rl) extra.Add(new("cluster.relayout", rl));
             var config = cfg.Build(p, extra);
             if (!p.GetValue(single))
             {

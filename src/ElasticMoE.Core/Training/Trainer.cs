@@ -280,7 +280,7 @@ public static class TrainingState
         ArgumentException.ThrowIfNullOrWhiteSpace(dataFingerprint);
         var parts = new List<string>();
         AppendFields(parts, "model", config.Model);
-        AppendFields(parts, "train", config.Train);
+        AppendFields(parts, "train", config.Train, CoordinatorOnly);
         parts.Add("seed=" + config.Seed.ToString(System.Globalization.CultureInfo.InvariantCulture));
         parts.Add("data=" + dataFingerprint);
         return string.Join(';', parts);
@@ -300,13 +300,25 @@ public static class TrainingState
             .ToList();
     }
 
+    /// <summary>
+    /// Train options that only the coordinator reads (it sends the step's learning rate and clip scale,
+    /// and decides when to evaluate and stop): nodes never compute with them, so a node started with
+    /// other values, or none, computes the same gradients and is welcome.
+    /// </summary>
+    public static readonly IReadOnlySet<string> CoordinatorOnly = new HashSet<string>(StringComparer.Ordinal)
+    {
+        nameof(TrainOptions.Steps), nameof(TrainOptions.Lr), nameof(TrainOptions.MinLr), nameof(TrainOptions.WarmupSteps),
+        nameof(TrainOptions.GradClip), nameof(TrainOptions.EvalEvery), nameof(TrainOptions.TimeLimitSeconds),
+    };
+
     // One "prefix.Field=value" per parameter of the record's primary constructor; nested option records recurse.
-    private static void AppendFields(List<string> parts, string prefix, object record)
+    private static void AppendFields(List<string> parts, string prefix, object record, IReadOnlySet<string>? skip = null)
     {
         var type = record.GetType();
         var ctor = type.GetConstructors().Single(c => !(c.GetParameters() is [var only] && only.ParameterType == type));
         foreach (var parameter in ctor.GetParameters())
         {
+            if (skip?.Contains(parameter.Name!) == true) continue;
             var value = type.GetProperty(parameter.Name!)!.GetValue(record);
             var key = $"{prefix}.{parameter.Name}";
             switch (value)

@@ -17,9 +17,9 @@ public class MembershipTests
         var other = TestSupport.SmallConfig(("model.d-model", "48"), ("model.heads", "3"));
         await using var node = ClusterNode.Start(other, corpus, coordinator: false, worker: true, join: coordinator.Address);
         var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
-        Assert.StartsWith("model config differs", refused.Reason);
-        Assert.Contains("d48", refused.Reason);
-        Assert.Contains("d32", refused.Reason);
+        Assert.StartsWith("run config differs", refused.Reason);
+        Assert.Contains("model.DModel: 48 vs 32", refused.Reason);
+        Assert.Contains("model.Heads: 3 vs 2", refused.Reason);
         Assert.False(coordinator.Result.IsCompleted);   // the coordinator keeps waiting for a proper node
     }
 
@@ -33,5 +33,29 @@ public class MembershipTests
         await using var node = ClusterNode.Start(cfg with { Seed = cfg.Seed + 1 }, corpus, coordinator: false, worker: true, join: coordinator.Address);
         var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
         Assert.Contains("seed differs", refused.Reason);
+    }
+
+    [Fact]
+    public async Task A_node_with_another_batch_size_or_corpus_is_refused_naming_it()
+    {
+        // Same model and seed, but the node would cut other micro-batches or read other text: it would
+        // compute different gradients without any error, so the coordinator must refuse it.
+        var cfg = TestSupport.SmallConfig(("cluster.nodes", "0"), ("cluster.expected-nodes", "1"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        using var report = new TrainingReport(TextWriter.Null, null);
+        await using var coordinator = ClusterNode.Start(cfg, corpus, coordinator: true, worker: false, report: report);
+        var batch = TestSupport.SmallConfig(("train.global-batch", "16"));
+        await using (var node = ClusterNode.Start(batch, corpus, coordinator: false, worker: true, join: coordinator.Address))
+        {
+            var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("train.GlobalBatch: 16 vs 8", refused.Reason);
+        }
+        var other = TextCorpus.FromText("other", "another corpus entirely, long enough to cut batches from. " + new string('x', 4000), cfg.Data.ValidationFraction, cfg.Model.Context);
+        await using (var node = ClusterNode.Start(cfg, other, coordinator: false, worker: true, join: coordinator.Address))
+        {
+            var refused = Assert.IsType<RunOutcome.Refused>(await node.Stopped.WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.StartsWith("run config differs: data:", refused.Reason);
+        }
+        Assert.False(coordinator.Result.IsCompleted);
     }
 }
