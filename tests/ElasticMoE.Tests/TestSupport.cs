@@ -27,6 +27,12 @@ public static class TestSupport
     public static ElasticMoEConfig SmallConfig(params (string Key, string Value)[] overrides)
     {
         EnsureTorch();
+        return ConfigLoader.Load(null, SmallSettings(overrides));
+    }
+
+    /// <summary>The settings of <see cref="SmallConfig"/>, e.g. to pass the same run to a child process as --set arguments.</summary>
+    public static Dictionary<string, string> SmallSettings(params (string Key, string Value)[] overrides)
+    {
         var defaults = new Dictionary<string, string>
         {
             ["model.d-model"] = "32",
@@ -46,8 +52,12 @@ public static class TestSupport
             ["threads"] = "1",
         };
         foreach (var (k, v) in overrides) defaults[k] = v;
-        return ConfigLoader.Load(null, defaults);
+        return defaults;
     }
+
+    /// <summary><see cref="SmallSettings"/> as command-line arguments: --set key=value for each.</summary>
+    public static string[] SetArguments(Dictionary<string, string> settings)
+        => settings.SelectMany(kv => new[] { "--set", $"{kv.Key}={kv.Value}" }).ToArray();
 
     public static string TempDir()
     {

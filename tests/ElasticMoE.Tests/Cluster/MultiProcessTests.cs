@@ -116,4 +116,49 @@ public class MultiProcessTests(ITestOutputHelper output)
                 if (!p.HasExited) p.Kill(entireProcessTree: true);
         }
     }
+
+    [Fact]
+    public async Task Four_node_processes_re_laid_out_mid_run_match_the_single_process_loop()
+    {
+        // The re-layout of ReplanTests across real OS processes: units cross process boundaries on the
+        // data plane, and every committed step must still match the single-process loop.
+        TestSupport.EnsureTorch();
+        const int steps = 50;
+        var settings = TestSupport.SmallSettings(("seed", "1"), ("model.layers", "4"), ("model.dense-layers", "1"), ("model.moe.routed-experts", "6"),
+            ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", steps.ToString()), ("train.eval-every", "25"),
+            ("train.eval-batches", "2"), ("cluster.checksum-every", "5"));
+        var args = TestSupport.SetArguments(settings);
+        var reference = SingleProcessReference.Train(TestSupport.SmallConfig(settings.Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
+        int port = FreePort();
+        var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
+        var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "4", "--port", port.ToString(), "--metrics", metrics,
+            "--relayout", "10=4x2,20=4x4,30=2x1,40=3x1", .. args]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var nodes = Enumerable.Range(0, 4).Select(_ => Start(["node", "--seed-node", seed, .. args])).ToArray();
+        try
+        {
+            var (code, text) = await Finish(coordinator, TimeSpan.FromMinutes(4));
+            output.WriteLine(text);
+            Assert.True(code == 0, text);
+            foreach (var layout in new[] { "DP 4 x PP 1", "DP 2 x PP 2", "DP 1 x PP 4", "DP 2 x PP 1", "DP 3 x PP 1" }) Assert.Contains(layout, text);
+            var lines = File.ReadAllLines(metrics).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
+            Assert.Equal(Enumerable.Range(1, steps), lines.Select(l => l.GetProperty("step").GetInt32()));
+            for (int i = 0; i < steps; i++)
+            {
+                double loss = lines[i].GetProperty("loss").GetDouble(), g = lines[i].GetProperty("grad_norm").GetDouble();
+                Assert.True(Math.Abs(loss - reference[i].Loss) <= 1e-4 * reference[i].Loss, $"step {i}: loss {loss:R} vs {reference[i].Loss:R}");
+                Assert.True(Math.Abs(g - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm, $"step {i}: gradient norm {g:R} vs {reference[i].GradNorm:R}");
+            }
+            foreach (var n in nodes)
+            {
+                var (nodeCode, nodeText) = await Finish(n, TimeSpan.FromSeconds(60));
+                Assert.True(nodeCode == 0, nodeText);
+            }
+        }
+        finally
+        {
+            foreach (var p in nodes.Append(coordinator))
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+        }
+    }
 }
