@@ -58,4 +58,50 @@ public class MembershipTests
         }
         Assert.False(coordinator.Result.IsCompleted);
     }
+
+    [Fact]
+    public async Task A_node_lost_before_the_first_plan_is_not_planned()
+    {
+        // Two nodes expected; the first to register goes away before the second arrives. The plan must be
+        // made of the nodes present (the second and a third), never of the departed one.
+        var cfg = TestSupport.SmallConfig(("cluster.nodes", "0"), ("cluster.expected-nodes", "2"), ("train.steps", "3"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var console = new SynchronizedWriter();
+        using var report = new TrainingReport(console, null);
+        await using var coordinator = ClusterNode.Start(cfg, corpus, coordinator: true, worker: false, report: report);
+        var early = ClusterNode.Start(cfg, corpus, coordinator: false, worker: true, join: coordinator.Address);
+        var earlyAddress = early.Address.ToString();
+        await console.WaitFor($"node {earlyAddress} joined", TimeSpan.FromSeconds(60));
+        await early.DisposeAsync();
+        await console.WaitFor($"node {earlyAddress} left the cluster before the first plan", TimeSpan.FromSeconds(60));
+        await using var second = ClusterNode.Start(cfg, corpus, coordinator: false, worker: true, join: coordinator.Address);
+        await using var third = ClusterNode.Start(cfg, corpus, coordinator: false, worker: true, join: coordinator.Address);
+        var result = await coordinator.Result.WaitAsync(TimeSpan.FromMinutes(2));
+        Assert.Equal(3, result.Steps.Count);
+        var plan = Assert.Single(result.Plans);
+        Assert.DoesNotContain(plan.Ranks, r => r.Worker.NodeAddress == earlyAddress);
+        Assert.Equal(2, plan.Ranks.Count);
+    }
+
+    /// <summary>A console for the coordinator's report that a test can wait on.</summary>
+    private sealed class SynchronizedWriter : StringWriter
+    {
+        private readonly object _gate = new();
+
+        public override void WriteLine(string? value)
+        {
+            lock (_gate) base.WriteLine(value);
+        }
+
+        public async Task WaitFor(string text, TimeSpan timeout)
+        {
+            var until = DateTime.UtcNow + timeout;
+            while (true)
+            {
+                lock (_gate) if (ToString().Contains(text, StringComparison.Ordinal)) return;
+                if (DateTime.UtcNow > until) throw new TimeoutException($"'{text}' never appeared in:\n{ToString()}");
+                await Task.Delay(50);
+            }
+        }
+    }
 }
