@@ -66,6 +66,10 @@ public sealed record TrainOptions(
 /// A fault to inject for testing recovery, such as <c>"step=5,phase=backward,attempt=0"</c>; "" = none.
 /// Kept as the string here and parsed where it is injected.
 /// </param>
+/// <param name="JoinSettleSeconds">After a node joins a running job, how long to keep training before re-planning
+/// to include it, so that nodes arriving together are planned together (one pause, not one each).</param>
+/// <param name="MaxWaitSeconds">How long a run waits for workers when the layout it needs has more workers than
+/// are present (paused, with a status line), before it fails with that reason.</param>
 public sealed record ClusterOptions(
     string Host,
     int Port,
@@ -82,7 +86,9 @@ public sealed record ClusterOptions(
     double EvalTimeoutSeconds,
     double FinishTimeoutSeconds,
     string Relayout,
-    string FaultInjection)
+    string FaultInjection,
+    double JoinSettleSeconds,
+    double MaxWaitSeconds)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -122,7 +128,8 @@ public sealed record ElasticMoEConfig(
             r.Int("cluster.nodes"), r.Int("cluster.expected-nodes"), r.Int("cluster.pipeline-stages"), r.Int("cluster.checksum-every"),
             r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"), r.Bool("cluster.compress-gradients"),
             r.Double("cluster.plan-timeout"), r.Double("cluster.eval-timeout"), r.Double("cluster.finish-timeout"),
-            r.String("cluster.relayout"), r.String("cluster.fault-injection"));
+            r.String("cluster.relayout"), r.String("cluster.fault-injection"),
+            r.Double("cluster.join-settle"), r.Double("cluster.max-wait"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
         cfg.Validate();
         return cfg;
@@ -246,6 +253,8 @@ public sealed record ElasticMoEConfig(
         Require(c.PlanTimeoutSeconds > 0, "cluster.plan-timeout", "must be positive");
         Require(c.EvalTimeoutSeconds > 0, "cluster.eval-timeout", "must be positive");
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
+        Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
+        Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
         Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",
             $"must be \"cpu\", \"cuda\" (worker i of a node on cuda:i) or \"cuda:N\" (worker i on cuda:N+i), got \"{Device}\"");

@@ -117,6 +117,9 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
             return;
         }
         int rank = next.RankOf(_id);
+        // A worker whose first plan is not the run's first (it joined a running job) holds seed values
+        // the run has long trained past: drop them, so only units that arrive for it count as held.
+        if (_context.Plan is null && previous is not null) _context.ReleaseAll();
         // Units leave before anything is released: export what this worker must send, post receives for
         // what it must get, and let the data plane carry both ways at once (no ordering, no deadlock).
         var sends = new List<Task>();

@@ -142,7 +142,15 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Receive<StopRun>(m =>
         {
             _stopRequested ??= m.Reason;
-            if (_state.Plan is null && !_finished) Finish();   // nothing trained yet: stop at once
+            if (_finished) return;
+            if (_state.Plan is null) Finish();   // nothing trained yet: stop at once
+            else if (_waitingFor is not null)
+            {
+                // Paused for workers: no step is in flight, so the run can end now.
+                _waitingFor = null;
+                Timers.Cancel("wait");
+                Finish();
+            }
         });
         Receive<IElasticMoEMessage>(m => { /* a stale or unexpected message for this state: fenced out */ });
     }
@@ -188,17 +196,43 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             Sender.Tell(new NodeAccepted(m.NodeAddress));   // a retry of a registration we already have
             return;
         }
-        if (_state.Plan is not null)
-        {
-            Sender.Tell(new NodeRefused(m.NodeAddress, "the run has started; joining a running job comes with elastic membership"));
-            return;
-        }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
         Sender.Tell(new NodeAccepted(m.NodeAddress));
-        _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_agents.Count}/{_config.Cluster.NodesToWaitFor})");
-        if (_agents.Count == _config.Cluster.NodesToWaitFor) Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
+        if (_state.Plan is null)
+        {
+            _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_agents.Count}/{_config.Cluster.NodesToWaitFor})");
+            if (_agents.Count == _config.Cluster.NodesToWaitFor) Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
+            return;
+        }
+        // A node joining a running job takes part from a step boundary: the one where a paused layout
+        // finds its workers, or the first after the settle window (so nodes arriving together are
+        // planned together, one pause for all).
+        _report.Info($"node {m.NodeAddress} joined the running job with {m.DataEndpoints.Length} device(s); {_state.Workers.Count} worker(s) present");
+        if (_waitingFor is { } wanted)
+        {
+            if (_state.Workers.Count >= wanted.Workers)
+            {
+                _waitingFor = null;
+                Timers.Cancel("wait");
+                Replan(wanted.Workers, wanted.Pp);
+            }
+            return;
+        }
+        _joinSettle ??= System.Diagnostics.Stopwatch.StartNew();
+    }
+
+    // A join waiting for its settle window; a layout waiting for workers (paused).
+    private System.Diagnostics.Stopwatch? _joinSettle;
+    private (int Workers, int Pp)? _waitingFor;
+
+    /// <summary>The pipeline degree to keep when the worker count changes: the current one if it still divides it, else the largest that does.</summary>
+    private static int PipelineDegreeFor(int workers, int current)
+    {
+        for (int pp = Math.Min(current, workers); pp > 1; pp--)
+            if (workers % pp == 0) return pp;
+        return 1;
     }
 
     // ---- waiting for nodes ---------------------------------------------------------------------
@@ -211,6 +245,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     // ---- planning and installing ---------------------------------------------------------------
 
     private TrainingPlan? _installing;
+    // The workers the plan was sent to: a node that joins during an install is planned at the next boundary.
+    private HashSet<WorkerId> _installTargets = new();
     private readonly Dictionary<WorkerId, PlanInstalled> _installed = new();
     private System.Diagnostics.Stopwatch _installClock = new();
     private IReadOnlyList<UnitId> _unitsMoving = [];
@@ -223,6 +259,18 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         var previous = _state.Plan;
         TrainingPlan next;
         TransferPlan transfers;
+        _joinSettle = null;   // whoever is present now is planned now
+        if (workers > _state.Workers.Count && previous is not null)
+        {
+            // Too few workers for the layout asked for: pause (the units stay where they are) until nodes
+            // join, and fail with that reason after cluster.max-wait.
+            _waitingFor = (workers, pp);
+            _report.Info($"paused before step {_state.NextStep + 1}: layout {workers}x{pp} needs {workers} worker(s), {_state.Workers.Count} present; " +
+                         $"waiting up to {_config.Cluster.MaxWaitSeconds:F0} s for nodes to join");
+            Become(WaitingForWorkers);
+            Timers.StartSingleTimer("wait", new PhaseTimeout(new Fence(_state.Epoch, _state.NextStep, -3), "workers"), TimeSpan.FromSeconds(_config.Cluster.MaxWaitSeconds));
+            return;
+        }
         try
         {
             var available = _state.Workers.ToList();
@@ -237,6 +285,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         }
         _installing = next;
         _installed.Clear();
+        _installTargets = _state.Workers.Select(w => w.Id).ToHashSet();
         _unitsMoving = transfers.Moves.Select(m => m.Unit).ToList();
         var prevWorkers = previous?.Workers.ToList() ?? [];
         var msg = new InstallPlan(next.Epoch, next.Dp, next.Pp,
@@ -252,6 +301,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Become(Installing);
         Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(next.Epoch, _state.NextStep, -1), "plan install"),
             TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds));
+    }
+
+    private void WaitingForWorkers()
+    {
+        Common();
     }
 
     private static WorkerInfo Info(WorkerSlot w) => new(w.NodeAddress, w.Device, w.DataEndpoint, w.Id.SystemUid);
@@ -270,8 +324,10 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private void OnPlanInstalled(PlanInstalled m)
     {
         if (_installing is null || m.Epoch != _installing.Epoch) return;
-        _installed[new WorkerId(m.Worker.NodeAddress, m.Worker.SystemUid, m.Worker.Device)] = m;
-        if (_installed.Count < _state.Workers.Count) return;
+        var id = new WorkerId(m.Worker.NodeAddress, m.Worker.SystemUid, m.Worker.Device);
+        if (!_installTargets.Contains(id)) return;
+        _installed[id] = m;
+        if (_installed.Count < _installTargets.Count) return;
         var plan = _installing;
         _installing = null;
         Timers.Cancel("phase");
@@ -326,6 +382,12 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         {
             _schedule.Dequeue();
             Replan(point.Workers, point.Pp);
+            return;
+        }
+        if (_joinSettle is { } settle && settle.Elapsed.TotalSeconds >= _config.Cluster.JoinSettleSeconds)
+        {
+            int workers = _state.Workers.Count;
+            Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
             return;
         }
         _stepClock = System.Diagnostics.Stopwatch.StartNew();
@@ -522,13 +584,16 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         switch (t.Phase)
         {
             case "plan install" when _installing is not null && t.Fence.Epoch == _installing.Epoch:
-                Fail($"plan {t.Fence.Epoch} was not installed within {_config.Cluster.PlanTimeoutSeconds:F0} s ({_installed.Count} of {_state.Workers.Count} workers answered)", FailureKind.Timeout);
+                Fail($"plan {t.Fence.Epoch} was not installed within {_config.Cluster.PlanTimeoutSeconds:F0} s ({_installed.Count} of {_installTargets.Count} workers answered)", FailureKind.Timeout);
                 break;
             case "compute" or "update" when t.Fence == _fence:
                 Self.Tell(new WorkerFailed(_fence, -1, FailureKind.Timeout, $"{t.Phase} phase did not complete within {_config.Cluster.StepTimeoutSeconds:F0} s"));
                 break;
             case "evaluation" when t.Fence == _evalFence:
                 Fail($"evaluation after step {t.Fence.Step} did not complete within {_config.Cluster.EvalTimeoutSeconds:F0} s", FailureKind.Timeout);
+                break;
+            case "workers" when _waitingFor is { } wanted:
+                Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {_state.Workers.Count} present", FailureKind.Timeout);
                 break;
             case "finish" when t.Fence.Step == -2:
                 Fail($"final parameter summaries: {_summaries} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);

@@ -89,6 +89,16 @@ public sealed class WorkerContext : IDisposable
         Worker = rank;
     }
 
+    /// <summary>
+    /// Forgets the seed-initialised state of a worker that joins a running job: its units are stale (the
+    /// run has trained since), so it holds nothing until units arrive for it.
+    /// </summary>
+    public void ReleaseAll()
+    {
+        foreach (var u in _held) _units[u].Release();
+        _held.Clear();
+    }
+
     /// <summary>Marks a unit as received (after its import verified).</summary>
     public void Received(UnitId unit) => _held.Add(unit);
 

@@ -66,7 +66,7 @@ public class MembershipTests
         // made of the nodes present (the second and a third), never of the departed one.
         var cfg = TestSupport.SmallConfig(("cluster.nodes", "0"), ("cluster.expected-nodes", "2"), ("train.steps", "3"));
         var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
-        var console = new SynchronizedWriter();
+        var console = new ConsoleCapture();
         using var report = new TrainingReport(console, null);
         await using var coordinator = ClusterNode.Start(cfg, corpus, coordinator: true, worker: false, report: report);
         var early = ClusterNode.Start(cfg, corpus, coordinator: false, worker: true, join: coordinator.Address);
@@ -81,27 +81,5 @@ public class MembershipTests
         var plan = Assert.Single(result.Plans);
         Assert.DoesNotContain(plan.Ranks, r => r.Worker.NodeAddress == earlyAddress);
         Assert.Equal(2, plan.Ranks.Count);
-    }
-
-    /// <summary>A console for the coordinator's report that a test can wait on.</summary>
-    private sealed class SynchronizedWriter : StringWriter
-    {
-        private readonly object _gate = new();
-
-        public override void WriteLine(string? value)
-        {
-            lock (_gate) base.WriteLine(value);
-        }
-
-        public async Task WaitFor(string text, TimeSpan timeout)
-        {
-            var until = DateTime.UtcNow + timeout;
-            while (true)
-            {
-                lock (_gate) if (ToString().Contains(text, StringComparison.Ordinal)) return;
-                if (DateTime.UtcNow > until) throw new TimeoutException($"'{text}' never appeared in:\n{ToString()}");
-                await Task.Delay(50);
-            }
-        }
     }
 }

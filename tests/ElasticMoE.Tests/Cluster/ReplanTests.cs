@@ -2,6 +2,7 @@ using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Runtime.Actors;
 using ElasticMoE.Runtime.Hosting;
+using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
 using Xunit.Abstractions;
 
@@ -97,6 +98,66 @@ public class ReplanTests(ITestOutputHelper output)
         Assert.Equal(Enumerable.Range(1, Steps), lines.Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt32()));
         output.WriteLine($"worst relative loss difference {worst:E2}; plans: " +
                          string.Join("; ", result.Plans.Select(p => $"e{p.Epoch}@{p.AtStep} {p.Dp}x{p.Pp} {p.UnitsMoved} units {p.BytesMoved / 1024.0:F0} KiB {p.InstallSeconds * 1000:F0} ms")));
+    }
+
+    [Fact]
+    public async Task Nodes_joining_a_paused_layout_keep_the_curve()
+    {
+        // One node, then a layout that needs two workers at step 15 and three at step 30: the run pauses
+        // at each until a node joins, moves units to it, and goes on. The global batch never changes, so
+        // neither does the curve.
+        var cfg = Config(Steps, ("cluster.nodes", "1"), ("cluster.relayout", "15=2x1,30=3x1"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var console = new ConsoleCapture();
+        using var report = new TrainingReport(console, null);
+        await using var first = ClusterNode.Start(cfg, corpus, coordinator: true, worker: true, report: report);
+        var joinConfig = cfg with { Cluster = cfg.Cluster with { Port = 0 } };
+        await console.WaitFor("paused before step 16", TimeSpan.FromMinutes(2));
+        await using var second = ClusterNode.Start(joinConfig, corpus, coordinator: false, worker: true, join: first.Address);
+        await console.WaitFor("paused before step 31", TimeSpan.FromMinutes(2));
+        await using var third = ClusterNode.Start(joinConfig, corpus, coordinator: false, worker: true, join: first.Address);
+        var result = await first.Result.WaitAsync(TimeSpan.FromMinutes(3));
+
+        Assert.Equal([(0L, 1), (15L, 2), (30L, 3)], result.Plans.Select(p => (p.AtStep, p.Ranks.Count)).ToArray());
+        AssertMatchesReference(result, Reference.Value.Steps);
+        output.WriteLine(string.Join("; ", result.Plans.Select(p => $"e{p.Epoch}@{p.AtStep} {p.Dp}x{p.Pp} {p.UnitsMoved} units {p.BytesMoved / 1024.0:F0} KiB")));
+    }
+
+    [Fact]
+    public async Task A_node_joining_a_running_job_is_planned_in_and_the_curve_is_unchanged()
+    {
+        // No schedule: the join itself re-plans (after the settle window) to every worker present.
+        const int maxSteps = 400;
+        var cfg = Config(maxSteps, ("cluster.nodes", "1"), ("cluster.join-settle", "0"), ("cluster.checksum-every", "5"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var console = new ConsoleCapture();
+        using var report = new TrainingReport(console, null);
+        await using var first = ClusterNode.Start(cfg, corpus, coordinator: true, worker: true, report: report);
+        await console.WaitFor($"step     2/{maxSteps}", TimeSpan.FromMinutes(2));
+        await using var second = ClusterNode.Start(cfg with { Cluster = cfg.Cluster with { Port = 0 } }, corpus, coordinator: false, worker: true, join: first.Address);
+        await console.WaitFor("plan 2 installed", TimeSpan.FromMinutes(2));
+        // Let the two-worker plan train a while (replica checksums every 5 steps), then stop the run.
+        var joinedAt = console.Text.Split('\n').Count(l => l.StartsWith("step ", StringComparison.Ordinal));
+        await console.WaitFor($"step {joinedAt + 12,5}/{maxSteps}", TimeSpan.FromMinutes(2));
+        first.System.ActorSelection("/user/coordinator/singleton").Tell(new StopRun("test"));
+        var result = await first.Result.WaitAsync(TimeSpan.FromMinutes(2));
+
+        Assert.Equal("test", result.StoppedBy);
+        Assert.Equal([1, 2], result.Plans.Select(p => p.Ranks.Count).ToArray());
+        Assert.True(result.Steps.Count > result.Plans[1].AtStep + 10, "the two-worker plan trained too little to compare");
+        AssertMatchesReference(result, SingleProcessReference.Train(Config(maxSteps), result.Steps.Count).Steps);
+    }
+
+    private static void AssertMatchesReference(RunResult result, IReadOnlyList<StepResult> reference)
+    {
+        Assert.Equal(reference.Count, result.Steps.Count);
+        for (int i = 0; i < reference.Count; i++)
+        {
+            Assert.True(Math.Abs(result.Steps[i].Loss - reference[i].Loss) <= 1e-4 * reference[i].Loss,
+                $"step {i} loss {result.Steps[i].Loss:R} vs single-process {reference[i].Loss:R}");
+            Assert.True(Math.Abs(result.Steps[i].GradNorm - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm,
+                $"step {i} gradient norm {result.Steps[i].GradNorm:R} vs {reference[i].GradNorm:R}");
+        }
     }
 
     public static TheoryData<string, int, int> Layouts => new()
