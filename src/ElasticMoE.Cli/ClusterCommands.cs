@@ -62,7 +62,12 @@ public static class NodeCommand
     // A signalled node's budget: leaving takes a few gossip rounds (0.5 s measured here, with the
     // 250 ms gossip of ClusterNode's config; signal to exit 0.8 s), terminating less; both well
     // inside StopSignals.HardDeadline.
-    private static readonly TimeSpan NodeLeaveTimeout = TimeSpan.FromSeconds(3);
+    private static readonly TimeSpan NodeLeaveTimeout = TimeSpan.FromSeconds(1.5);
+    // Before leaving, the node's units move to the workers that stay (the coordinator re-plans at the
+    // next step boundary: one step plus the install, ~0.2 s for the default model here). Past this the
+    // node leaves anyway and the run stops naming it; hand-over, leave and terminate stay inside
+    // StopSignals' 4 s hard deadline.
+    private static readonly TimeSpan NodeHandOverTimeout = TimeSpan.FromSeconds(2);
     private static readonly TimeSpan NodeTerminateTimeout = TimeSpan.FromSeconds(1);
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
@@ -99,13 +104,18 @@ public static class NodeCommand
             stdout.WriteLine($"node {node.Address} joining {string.Join(", ", config.Cluster.SeedNodes)}");
             // On SIGTERM/SIGINT: leave gracefully, so the coordinator sees "left the cluster" at once
             // (not "unreachable" after the failure detector's seconds), then terminate.
-            var left = signals.First.ContinueWith(_ => node.ShutdownAsync(NodeLeaveTimeout, NodeTerminateTimeout), TaskScheduler.Default).Unwrap();
+            bool handedOver = false;
+            var left = signals.First.ContinueWith(async _ =>
+            {
+                handedOver = await node.HandOverAsync(NodeHandOverTimeout).ConfigureAwait(false);
+                await node.ShutdownAsync(NodeLeaveTimeout, NodeTerminateTimeout).ConfigureAwait(false);
+            }, TaskScheduler.Default).Unwrap();
             loop.RunUntil(Task.WhenAny(node.Stopped, left));   // this thread computes for the node's first worker
             RunOutcome outcome;
             if (signals.Received is { } signal)
             {
                 left.GetAwaiter().GetResult();   // bounded by the two timeouts
-                outcome = new RunOutcome.Stopped(signal, "after leaving the cluster");
+                outcome = new RunOutcome.Stopped(signal, handedOver ? "after handing its units over and leaving the cluster" : "after leaving the cluster (its units were not handed over in time)");
             }
             else
             {

@@ -17,6 +17,11 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 {
     private sealed record RetryRegistration;
 
+    /// <summary>Local: hand this node's units over and get the coordinator's leave; answered with <see cref="LeaveGranted"/>.</summary>
+    public sealed record HandOver;
+
+    private readonly List<IActorRef> _handOverWaiters = new();
+
     private readonly ElasticMoEConfig _config;
     private readonly IActorRef _coordinator;
     private readonly TaskCompletionSource<RunOutcome> _stopped;
@@ -53,6 +58,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d, d == 0 ? loop : null, _stopping.Token), $"worker-{d}"));
         }
         Receive<RetryRegistration>(_ => Register());
+        Receive<HandOver>(_ => OnHandOver());
         Receive<IElasticMoEMessage>(OnMessage);
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member, "left the cluster"));
@@ -96,10 +102,22 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint));
     }
 
+    private void OnHandOver()
+    {
+        _handOverWaiters.Add(Sender);
+        if (_handOverWaiters.Count == 1)
+            _coordinator.Tell(new RequestLeave(_address, Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
+    }
+
     private void OnMessage(IElasticMoEMessage message)
     {
         switch (message)
         {
+            case LeaveGranted m:
+                _log.Info("coordinator granted the leave after step {0}: this node's units are handed over", m.Step);
+                foreach (var w in _handOverWaiters) w.Tell(m);
+                _handOverWaiters.Clear();
+                break;
             case NodeAccepted:
                 _accepted = true;
                 Timers.Cancel("register");

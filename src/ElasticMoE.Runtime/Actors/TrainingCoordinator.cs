@@ -139,6 +139,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             _report.Info($"re-layout to {m.Workers} worker(s) x PP {m.Pp} requested; it takes effect at the next step boundary");
         });
         Receive<PhaseTimeout>(OnPhaseTimeout);
+        Receive<RequestLeave>(OnRequestLeave);
         Receive<StopRun>(m =>
         {
             _stopRequested ??= m.Reason;
@@ -212,7 +213,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _report.Info($"node {m.NodeAddress} joined the running job with {m.DataEndpoints.Length} device(s); {_state.Workers.Count} worker(s) present");
         if (_waitingFor is { } wanted)
         {
-            if (_state.Workers.Count >= wanted.Workers)
+            if (WorkersStaying >= wanted.Workers)
             {
                 _waitingFor = null;
                 Timers.Cancel("wait");
@@ -221,6 +222,71 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             return;
         }
         _joinSettle ??= System.Diagnostics.Stopwatch.StartNew();
+    }
+
+    // ---- graceful leave -------------------------------------------------------------------------
+
+    // Nodes that asked to leave and still hold units: planned out at the next step boundary.
+    private readonly Dictionary<string, IActorRef> _leaving = new();
+
+    private int WorkersStaying => _state.Workers.Count(w => !_leaving.ContainsKey(w.NodeAddress));
+
+    private void OnRequestLeave(RequestLeave m)
+    {
+        if (_finished) { Sender.Tell(new LeaveGranted(m.NodeAddress, _state.NextStep)); return; }
+        bool holdsUnits = (_state.Plan?.Workers.Any(w => w.NodeAddress == m.NodeAddress) ?? false)
+                          || (_installing?.Workers.Any(w => w.NodeAddress == m.NodeAddress) ?? false);
+        if (!holdsUnits)
+        {
+            // Nothing of the run is on it (not planned yet, or idle): it may go at once.
+            RemoveNode(m.NodeAddress, m.SystemUid, "left (it held no units)");
+            Sender.Tell(new LeaveGranted(m.NodeAddress, _state.NextStep));
+            return;
+        }
+        _leaving[m.NodeAddress] = Sender;
+        if (WorkersStaying == 0)
+        {
+            // The last node is going: the run ends after the step in flight, like a stop.
+            _stopRequested ??= $"node {m.NodeAddress}, the last, is leaving";
+            _report.Info($"node {m.NodeAddress} asked to leave and no other worker remains; stopping after the step in flight");
+            if (_waitingFor is not null) { _waitingFor = null; Timers.Cancel("wait"); Finish(); }
+            return;
+        }
+        _report.Info($"node {m.NodeAddress} asked to leave; its units move to the {WorkersStaying} worker(s) that stay at the next step boundary");
+        if (_waitingFor is not null)
+        {
+            // Paused, so no step is in flight: hand over now.
+            _waitingFor = null;
+            Timers.Cancel("wait");
+            ReplanWithoutLeavers();
+        }
+    }
+
+    private void ReplanWithoutLeavers()
+    {
+        int workers = WorkersStaying;
+        Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
+    }
+
+    // After a plan without them is installed, leaving nodes hold nothing: let them go.
+    private void GrantLeaves()
+    {
+        foreach (var (address, agent) in _leaving.ToList())
+        {
+            if (_state.Plan!.Workers.Any(w => w.NodeAddress == address)) continue;
+            long uid = _state.Workers.FirstOrDefault(w => w.NodeAddress == address)?.Id.SystemUid ?? 0;
+            RemoveNode(address, uid, "handed its units over and left");
+            _leaving.Remove(address);
+            agent.Tell(new LeaveGranted(address, _state.NextStep));
+            _report.Info($"node {address} handed its units over; it leaves before step {_state.NextStep + 1}");
+        }
+    }
+
+    private void RemoveNode(string address, long uid, string why)
+    {
+        _agents.RemoveAll(a => a.Address == address);
+        foreach (var w in _state.Workers.Where(w => w.NodeAddress == address).Select(w => w.Id.SystemUid).Distinct().ToList())
+            Apply(new NodeRemoved(address, w, why));
     }
 
     // A join waiting for its settle window; a layout waiting for workers (paused).
@@ -260,12 +326,12 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         TrainingPlan next;
         TransferPlan transfers;
         _joinSettle = null;   // whoever is present now is planned now
-        if (workers > _state.Workers.Count && previous is not null)
+        if (workers > WorkersStaying && previous is not null)
         {
             // Too few workers for the layout asked for: pause (the units stay where they are) until nodes
             // join, and fail with that reason after cluster.max-wait.
             _waitingFor = (workers, pp);
-            _report.Info($"paused before step {_state.NextStep + 1}: layout {workers}x{pp} needs {workers} worker(s), {_state.Workers.Count} present; " +
+            _report.Info($"paused before step {_state.NextStep + 1}: layout {workers}x{pp} needs {workers} worker(s), {WorkersStaying} present; " +
                          $"waiting up to {_config.Cluster.MaxWaitSeconds:F0} s for nodes to join");
             Become(WaitingForWorkers);
             Timers.StartSingleTimer("wait", new PhaseTimeout(new Fence(_state.Epoch, _state.NextStep, -3), "workers"), TimeSpan.FromSeconds(_config.Cluster.MaxWaitSeconds));
@@ -273,7 +339,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         }
         try
         {
-            var available = _state.Workers.ToList();
+            var available = _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress)).ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, _state.Epoch + 1);
             transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model);
@@ -354,6 +420,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
         Apply(new PlanChanged(plan, _state.NextStep));
+        if (_leaving.Count > 0) GrantLeaves();
         if (_plans.Count > 1)
             _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
         _firstStepOfPlan = _plans.Count > 1;
@@ -372,6 +439,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             Finish();
             return;
         }
+        if (_leaving.Count > 0)
+        {
+            ReplanWithoutLeavers();
+            return;
+        }
         if (_requested is { } r)
         {
             _requested = null;
@@ -386,7 +458,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         }
         if (_joinSettle is { } settle && settle.Elapsed.TotalSeconds >= _config.Cluster.JoinSettleSeconds)
         {
-            int workers = _state.Workers.Count;
+            int workers = WorkersStaying;
             Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
             return;
         }
@@ -593,7 +665,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
                 Fail($"evaluation after step {t.Fence.Step} did not complete within {_config.Cluster.EvalTimeoutSeconds:F0} s", FailureKind.Timeout);
                 break;
             case "workers" when _waitingFor is { } wanted:
-                Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {_state.Workers.Count} present", FailureKind.Timeout);
+                Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {WorkersStaying} present", FailureKind.Timeout);
                 break;
             case "finish" when t.Fence.Step == -2:
                 Fail($"final parameter summaries: {_summaries} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);
@@ -675,6 +747,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         var shutdown = _stopRequested is null
             ? new Shutdown("training finished", RunEnd.Finished)
             : new Shutdown($"the run was stopped: {_stopRequested}", RunEnd.Stopped);
+        foreach (var (address, agent) in _leaving) agent.Tell(new LeaveGranted(address, _state.NextStep));
         foreach (var n in _agents) n.Agent.Tell(shutdown);
         _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters, _stopRequested) { Plans = _plans, RedoneAttempts = _redone });
         Become(Done);

@@ -152,6 +152,27 @@ public sealed class ClusterNode : IAsyncDisposable
         System.ActorSelection("/user/coordinator/singleton").Tell(new StopRun(reason), ActorRefs.NoSender);
     }
 
+    /// <summary>
+    /// Asks the coordinator to take this node out of the run (worker nodes only): it re-plans without the
+    /// node at the next step boundary and moves the node's units to workers that stay. True when the
+    /// coordinator granted the leave within <paramref name="timeout"/>; false otherwise (then leaving
+    /// still works, but the run stops, naming the node).
+    /// </summary>
+    public async Task<bool> HandOverAsync(TimeSpan timeout)
+    {
+        if (_stopped is null) throw new InvalidOperationException("this node hosts no workers");
+        try
+        {
+            var agent = await System.ActorSelection("/user/node").ResolveOne(timeout).ConfigureAwait(false);
+            await agent.Ask<LeaveGranted>(new NodeAgent.HandOver(), timeout).ConfigureAwait(false);
+            return true;
+        }
+        catch (Exception ex) when (ex is AskTimeoutException or ActorNotFoundException or TaskCanceledException or TimeoutException)
+        {
+            return false;
+        }
+    }
+
     /// <summary>Leaves the cluster if it can, then terminates; never throws (shutting down saves nothing).</summary>
     public ValueTask DisposeAsync() => new(ShutdownAsync(TimeSpan.FromSeconds(5), TimeSpan.FromSeconds(20)));
 

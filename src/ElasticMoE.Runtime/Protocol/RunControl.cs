@@ -14,3 +14,15 @@ namespace ElasticMoE.Runtime.Protocol;
 /// </summary>
 [MessagePackObject, Manifest("t.StopRun")]
 public sealed record StopRun([property: Key(0)] string Reason) : IElasticMoEMessage;
+
+/// <summary>
+/// Node agent → coordinator: this node wants to leave (SIGTERM, or the shell's request). The coordinator
+/// re-plans at the next step boundary without the node's workers, moves their units to the workers that
+/// stay, and then answers <see cref="LeaveGranted"/>: nothing is lost and no step is redone.
+/// </summary>
+[MessagePackObject, Manifest("t.RequestLeave")]
+public sealed record RequestLeave([property: Key(0)] string NodeAddress, [property: Key(1)] long SystemUid) : IElasticMoEMessage;
+
+/// <summary>Coordinator → node agent: the node holds nothing the run needs any more; it may leave the cluster.</summary>
+[MessagePackObject, Manifest("t.LeaveGranted")]
+public sealed record LeaveGranted([property: Key(0)] string NodeAddress, [property: Key(1)] long Step) : IElasticMoEMessage;
