@@ -155,14 +155,7 @@ public partial class SignalTests(ITestOutputHelper output)
         Assert.Contains("handed its units over", coordinator.Text);
         Assert.Contains("DP 2 x PP 1", coordinator.Text);
         Assert.DoesNotContain("aborted", coordinator.Text);   // no step redone
-        var lines = File.ReadAllLines(metrics).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
-        Assert.Equal(Enumerable.Range(1, steps), lines.Select(l => l.GetProperty("step").GetInt32()));
-        for (int i = 0; i < steps; i++)
-        {
-            double loss = lines[i].GetProperty("loss").GetDouble(), g = lines[i].GetProperty("grad_norm").GetDouble();
-            Assert.True(Math.Abs(loss - reference[i].Loss) <= 1e-4 * reference[i].Loss, $"step {i}: loss {loss:R} vs {reference[i].Loss:R}");
-            Assert.True(Math.Abs(g - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm, $"step {i}: gradient norm {g:R} vs {reference[i].GradNorm:R}");
-        }
+        Cluster.SingleProcessReference.AssertMetricsMatch(metrics, reference);
         Assert.Equal(0, await a.Exit(TimeSpan.FromSeconds(60)));
         Assert.Equal(0, await b.Exit(TimeSpan.FromSeconds(60)));
     }

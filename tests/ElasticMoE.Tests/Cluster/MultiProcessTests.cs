@@ -141,14 +141,7 @@ public class MultiProcessTests(ITestOutputHelper output)
             output.WriteLine(text);
             Assert.True(code == 0, text);
             foreach (var layout in new[] { "DP 4 x PP 1", "DP 2 x PP 2", "DP 1 x PP 4", "DP 2 x PP 1", "DP 3 x PP 1" }) Assert.Contains(layout, text);
-            var lines = File.ReadAllLines(metrics).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
-            Assert.Equal(Enumerable.Range(1, steps), lines.Select(l => l.GetProperty("step").GetInt32()));
-            for (int i = 0; i < steps; i++)
-            {
-                double loss = lines[i].GetProperty("loss").GetDouble(), g = lines[i].GetProperty("grad_norm").GetDouble();
-                Assert.True(Math.Abs(loss - reference[i].Loss) <= 1e-4 * reference[i].Loss, $"step {i}: loss {loss:R} vs {reference[i].Loss:R}");
-                Assert.True(Math.Abs(g - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm, $"step {i}: gradient norm {g:R} vs {reference[i].GradNorm:R}");
-            }
+            SingleProcessReference.AssertMetricsMatch(metrics, reference);
             foreach (var n in nodes)
             {
                 var (nodeCode, nodeText) = await Finish(n, TimeSpan.FromSeconds(60));
