@@ -79,7 +79,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private System.Diagnostics.Stopwatch _stepClock = new();
     private readonly Dictionary<int, StepComputed> _computed = new();
     private readonly Dictionary<(int, int), ExpertNorm> _norms = new();
-    private readonly List<UpdateApplied> _applied = new();
+    // By sender: a stage and a shard of one worker report the same rank, and a duplicate must not count twice.
+    private readonly Dictionary<IActorRef, UpdateApplied> _applied = new();
     private readonly Dictionary<int, EvalComputed> _evals = new();
     private readonly List<(long, double)> _validation = new();
     private readonly List<PlanRecord> _plans = new();
@@ -140,6 +141,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         });
         Receive<PhaseTimeout>(OnPhaseTimeout);
         Receive<RequestLeave>(OnRequestLeave);
+        // Outside computing, norms and update no attempt is in flight (evaluation, install, waiting).
+        Receive<RequestAbort>(m => _report.Info($"abort requested ({m.Reason}), but no step attempt is in flight; nothing to abort"));
         Receive<StopRun>(m =>
         {
             _stopRequested ??= m.Reason;
@@ -563,20 +566,26 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         {
             if (m.Fence != _fence) return;
             if (m.Kind is FailureKind.Diverged or FailureKind.StateLost) { Fail(Describe(m), m.Kind); return; }
-            if (!NextAttempt(Describe(m), out var next)) return;
-            _report.Info($"step {_fence.Step + 1}: update interrupted ({m.Reason}); rolling forward as attempt {next.Attempt}");
-            _fence = next;
-            SendUpdate();
+            RollForward(Describe(m));
         });
+        Receive<RequestAbort>(m => RollForward($"abort requested: {m.Reason}"));
         Common();
     }
 
-    private string Describe(WorkerFailed m) => $"worker {m.Worker} failed at step {m.Fence.Step} attempt {m.Fence.Attempt} ({m.Kind}): {m.Reason}";
+    private void RollForward(string why)
+    {
+        if (!NextAttempt(why, out var next)) return;
+        _report.Info($"step {_fence.Step + 1}: update interrupted ({why}); rolling forward as attempt {next.Attempt}");
+        _fence = next;
+        SendUpdate();
+    }
+
+    private string Describe(WorkerFailed m) => $"worker {m.Worker} failed at step {m.Fence.Step + 1} attempt {m.Fence.Attempt} ({m.Kind}): {m.Reason}";
 
     private void OnUpdateApplied(UpdateApplied m)
     {
         if (m.Fence != _fence) return;
-        _applied.Add(m);
+        _applied[Sender] = m;
         if (_applied.Count < _stages.Count + _sharedShards.Count) return;
         Timers.Cancel("phase");
         if (!ChecksumsAgree(out var why)) { Fail(why, FailureKind.StateLost); return; }
@@ -609,7 +618,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         // Only stages answer with a checksum (shards send 0), and only on checksum steps.
         foreach (var stage in Enumerable.Range(0, plan.Pp))
         {
-            var values = _applied.Where(a => a.DenseChecksum != 0 && plan.StageOf(a.Worker) == stage).Select(a => a.DenseChecksum).Distinct().ToList();
+            var values = _applied.Values.Where(a => a.DenseChecksum != 0 && plan.StageOf(a.Worker) == stage).Select(a => a.DenseChecksum).Distinct().ToList();
             if (values.Count > 1)
             {
                 why = $"dense parameters of stage {stage} differ between data-parallel replicas after step {_fence.Step}: checksums {string.Join(", ", values.Select(v => v.ToString("X16")))}";
@@ -643,7 +652,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         foreach (var w in _allWorkers) w.Tell(abort);
         if (next.Attempt >= MaxAttemptsPerStep)
         {
-            Fail($"step {_fence.Step} failed {MaxAttemptsPerStep} attempts; last: {why}");
+            Fail($"step {_fence.Step + 1} failed {MaxAttemptsPerStep} attempts; last: {why}");
             return false;
         }
         _redone++;
@@ -712,13 +721,15 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     // ---- finishing -----------------------------------------------------------------------------
 
     private readonly Dictionary<string, (double, double)> _finalParameters = new(StringComparer.Ordinal);
-    private int _summaries, _expectedSummaries;
+    private readonly HashSet<IActorRef> _summarized = new();
+    private int _expectedSummaries;
+    private int _summaries => _summarized.Count;
     private double _runSeconds;
 
     private void Finish()
     {
         _runSeconds = _clock.Elapsed.TotalSeconds;
-        _summaries = 0;
+        _summarized.Clear();
         _expectedSummaries = _stages.Count + _sharedShards.Count;
         Become(Finishing);
         if (_stopRequested is not null) _report.Info($"stopping after step {_state.NextStep}: {_stopRequested}");
@@ -735,7 +746,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         {
             // Replicas agree (checked by checksum); keep the first answer for each name.
             for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
-            if (++_summaries == _expectedSummaries) Complete();
+            if (_summarized.Add(Sender) && _summarized.Count == _expectedSummaries) Complete();
         });
         Common();
     }
@@ -755,7 +766,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Done() => Receive<object>(_ => { });
 
-    // A divergence fails the run with its own exception type, so callers tell it apart by type, not wording.
+    // A divergence is told apart by its kind (and carries the divergence as its inner exception), not by wording.
     private void Fail(TrainingDivergedException diverged) => Fail(diverged.Message, FailureKind.Diverged, diverged);
 
     private void Fail(string reason, FailureKind kind = FailureKind.Error, Exception? error = null)
@@ -765,13 +776,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Timers.CancelAll();
         _log.Error("training stopped: {0}", reason);
         foreach (var n in _agents) n.Agent.Tell(new Shutdown(reason));
-        _done.TrySetException(error ?? new TrainingFailedException(reason, kind));
+        _done.TrySetException(new TrainingFailedException(reason, kind, error));
         Become(Done);
     }
 }
 
 /// <summary>The distributed run stopped; the message says where and why, <see cref="Kind"/> what kind of failure.</summary>
-public sealed class TrainingFailedException(string message, FailureKind kind = FailureKind.Error) : Exception(message)
+public sealed class TrainingFailedException(string message, FailureKind kind = FailureKind.Error, Exception? inner = null) : Exception(message, inner)
 {
     public FailureKind Kind { get; } = kind;
 }
