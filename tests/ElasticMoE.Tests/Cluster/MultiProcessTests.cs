@@ -73,6 +73,42 @@ public class MultiProcessTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Killing_the_coordinator_with_SIGKILL_makes_the_nodes_stop_cleanly_saying_so()
+    {
+        // Until coordinator fail-over lands (checkpoint issue), a node without its coordinator has
+        // nothing to do: it must notice, say so, and exit with its own code instead of hanging.
+        TestSupport.EnsureTorch();
+        int port = FreePort();
+        var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "100000", .. Tiny]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var nodes = new[] { Start(["node", "--seed-node", seed, .. Tiny]), Start(["node", "--seed-node", seed, .. Tiny]) };
+        try
+        {
+            var started = new TaskCompletionSource();
+            var pump = Task.Run(async () =>
+            {
+                string? line;
+                while ((line = await coordinator.StandardOutput.ReadLineAsync()) is not null)
+                    if (line.StartsWith("step     3/", StringComparison.Ordinal)) started.TrySetResult();
+            });
+            await started.Task.WaitAsync(TimeSpan.FromMinutes(2));
+            coordinator.Kill(entireProcessTree: false);   // SIGKILL: no goodbye
+            foreach (var n in nodes)
+            {
+                var (code, text) = await Finish(n, TimeSpan.FromSeconds(60));
+                output.WriteLine(text);
+                Assert.True(code == 6, $"exit {code}: {text}");   // ExitCodes: coordinator lost
+                Assert.Contains("node stopped: coordinator", text);
+            }
+        }
+        finally
+        {
+            foreach (var p in nodes.Append(coordinator))
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+        }
+    }
+
+    [Fact]
     public async Task Killing_a_node_with_SIGKILL_stops_the_run_naming_the_node()
     {
         TestSupport.EnsureTorch();
