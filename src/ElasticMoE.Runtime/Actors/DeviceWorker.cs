@@ -30,7 +30,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     public const string ComputeDispatcher = "elasticmoe-compute-dispatcher";
 
     private sealed record TransfersDone(InstallPlan Plan, TrainingPlan Next, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error);
-    private sealed record ChildrenReady(InstallPlan Plan, int Rank, IActorRef Coordinator, Exception? Error);
+    private sealed record ChildrenReady(InstallPlan Plan, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error);
 
     private readonly ElasticMoEConfig _config;
     private readonly TextCorpus _corpus;
@@ -192,16 +192,11 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
             FinishInstall(d.Coordinator, new PlanFailed(d.Plan.Epoch, _info, ex.Message));
             return;
         }
-        _bytesReceived = d.Bytes;
-        _unitsReceived = d.Units;
         var reconfigure = new Reconfigure(d.Next, d.Rank, d.Coordinator);
         var timeout = TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds);
         var asks = _shards.Prepend(_stage).Select(c => c.Ask<Reconfigured>(reconfigure, timeout)).ToList();
-        Task.WhenAll(asks).ContinueWith(t => new ChildrenReady(d.Plan, d.Rank, d.Coordinator, t.Exception)).PipeTo(Self);
+        Task.WhenAll(asks).ContinueWith(t => new ChildrenReady(d.Plan, d.Rank, d.Coordinator, d.Bytes, d.Units, t.Exception)).PipeTo(Self);
     }
-
-    private long _bytesReceived;
-    private int _unitsReceived;
 
     private void OnChildrenReady(ChildrenReady r)
     {
@@ -214,7 +209,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         var shared = Enumerable.Range(0, _shards.Count)
             .Where(o => ExpertShardActor.IsShared(plan, r.Rank, o, _config.Model.DenseLayers)).ToArray();
         FinishInstall(r.Coordinator, new PlanInstalled(r.Plan.Epoch, _info, r.Rank, Self, _stage, shared,
-            shared.Select(o => _shards[o]).ToArray(), _bytesReceived, _unitsReceived, _context.HeldCount));
+            shared.Select(o => _shards[o]).ToArray(), r.Bytes, r.Units, _context.HeldCount));
     }
 
     private void FinishInstall(IActorRef coordinator, IElasticMoEMessage reply)

@@ -167,9 +167,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         var node = address.ToString();
         if (_state.Plan is null)
         {
-            if (_agents.RemoveAll(a => a.Address == node) > 0)
+            if (_agents.Any(a => a.Address == node))
             {
-                Apply(new NodeRemoved(node, uid, what));
+                RemoveNode(node, what);
                 _report.Info($"node {node} {what} before the first plan; it will not be planned");
             }
             return;
@@ -242,7 +242,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         if (!holdsUnits)
         {
             // Nothing of the run is on it (not planned yet, or idle): it may go at once.
-            RemoveNode(m.NodeAddress, m.SystemUid, "left (it held no units)");
+            RemoveNode(m.NodeAddress, "left (it held no units)");
             Sender.Tell(new LeaveGranted(m.NodeAddress, _state.NextStep));
             return;
         }
@@ -277,15 +277,15 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         foreach (var (address, agent) in _leaving.ToList())
         {
             if (_state.Plan!.Workers.Any(w => w.NodeAddress == address)) continue;
-            long uid = _state.Workers.FirstOrDefault(w => w.NodeAddress == address)?.Id.SystemUid ?? 0;
-            RemoveNode(address, uid, "handed its units over and left");
+            RemoveNode(address, "handed its units over and left");
             _leaving.Remove(address);
             agent.Tell(new LeaveGranted(address, _state.NextStep));
             _report.Info($"node {address} handed its units over; it leaves before step {_state.NextStep + 1}");
         }
     }
 
-    private void RemoveNode(string address, long uid, string why)
+    // Every incarnation of the node the run knows (its workers' system uids) stops being plannable.
+    private void RemoveNode(string address, string why)
     {
         _agents.RemoveAll(a => a.Address == address);
         foreach (var w in _state.Workers.Where(w => w.NodeAddress == address).Select(w => w.Id.SystemUid).Distinct().ToList())
@@ -677,7 +677,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
                 Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {WorkersStaying} present", FailureKind.Timeout);
                 break;
             case "finish" when t.Fence.Step == -2:
-                Fail($"final parameter summaries: {_summaries} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);
+                Fail($"final parameter summaries: {_summarized.Count} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);
                 break;
         }
     }
@@ -723,7 +723,6 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private readonly Dictionary<string, (double, double)> _finalParameters = new(StringComparer.Ordinal);
     private readonly HashSet<IActorRef> _summarized = new();
     private int _expectedSummaries;
-    private int _summaries => _summarized.Count;
     private double _runSeconds;
 
     private void Finish()

@@ -33,7 +33,8 @@ public sealed class WorkerContext : IDisposable
     public IReadOnlyDictionary<UnitId, StateUnit> Units => _units;
     private readonly SortedDictionary<UnitId, StateUnit> _units;
     private readonly HashSet<UnitId> _held;
-    private readonly IReadOnlyList<UnitId> _catalog;
+    // Canonical unit order (UnitCatalog.All is sorted): a unit's index names it in transfer tags.
+    private readonly List<UnitId> _catalog;
 
     public TrainingPlan? Plan { get; private set; }
     /// <summary>This worker's rank in <see cref="Plan"/>, or -1 while the plan leaves it idle.</summary>
@@ -56,7 +57,7 @@ public sealed class WorkerContext : IDisposable
         Sampler = new BatchSampler(corpus, config.Seed, config.Model.Context);
         StepTimeout = TimeSpan.FromSeconds(config.Cluster.StepTimeoutSeconds);
         _units = UnitBinding.Bind(Model);
-        _catalog = UnitCatalog.All(config.Model);
+        _catalog = UnitCatalog.All(config.Model).ToList();
         // Until the first plan, every unit is its seed value on every worker: all are "held".
         _held = new HashSet<UnitId>(_units.Keys);
         Faults = FaultInjection.Parse(config.Cluster.FaultInjection);
@@ -64,12 +65,9 @@ public sealed class WorkerContext : IDisposable
 
     public bool Holds(UnitId unit) => _held.Contains(unit);
     public int HeldCount => _held.Count;
-    public int UnitIndex(UnitId unit) => BinarySearch(unit);
-    public UnitId UnitAt(int index) => _catalog[index];
-
-    private int BinarySearch(UnitId unit)
+    public int UnitIndex(UnitId unit)
     {
-        int i = ((List<UnitId>)_catalog).BinarySearch(unit);
+        int i = _catalog.BinarySearch(unit);
         return i >= 0 ? i : throw new ArgumentException($"unknown unit {unit}");
     }
 
