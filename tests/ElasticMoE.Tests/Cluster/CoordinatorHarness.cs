@@ -223,15 +223,21 @@ public sealed class CoordinatorRun
         if (ShardActive) ShardApplied(fence);
     }
 
-    /// <summary>Norms (when the plan has the shard) and update of an attempt whose StepComputed are all in.</summary>
-    public ApplyUpdate NormsAndUpdate(Fence fence)
+    /// <summary>Norms (when the plan has the shard) of an attempt whose StepComputed are all in; returns the update that follows, not yet applied.</summary>
+    public ApplyUpdate NormsThenExpectUpdate(Fence fence)
     {
         if (ShardActive)
         {
             ExpectNormQuery(fence);
             Norm(fence);
         }
-        var u = ExpectUpdate(fence);
+        return ExpectUpdate(fence);
+    }
+
+    /// <summary>Norms (when the plan has the shard) and update of an attempt whose StepComputed are all in.</summary>
+    public ApplyUpdate NormsAndUpdate(Fence fence)
+    {
+        var u = NormsThenExpectUpdate(fence);
         ApplyAll(fence);
         return u;
     }

@@ -141,9 +141,7 @@ public sealed class CoordinatorTests(ITestOutputHelper output) : CoordinatorTest
         run.Start();
         run.ExpectRunStep(run.F(0));
         run.ComputeAll(run.F(0));
-        run.ExpectNormQuery(run.F(0));
-        run.Norm(run.F(0));
-        var u0 = run.ExpectUpdate(run.F(0));
+        var u0 = run.NormsThenExpectUpdate(run.F(0));
 
         // A applied step 0 already, then B failed: recomputing would apply the step twice on A.
         run.Applied(run.F(0), run.A);
@@ -193,9 +191,7 @@ public sealed class CoordinatorTests(ITestOutputHelper output) : CoordinatorTest
         run.Start();
         run.ExpectRunStep(run.F(0));
         run.ComputeAll(run.F(0));
-        run.ExpectNormQuery(run.F(0));
-        run.Norm(run.F(0));
-        var u0 = run.ExpectUpdate(run.F(0));
+        var u0 = run.NormsThenExpectUpdate(run.F(0));
         run.Coordinator.Tell(new RequestAbort("operator wants a redo"), TestActor);
 
         ExpectAbortOnEveryWorker(run, run.F(0, 0), "operator wants a redo");
@@ -392,9 +388,7 @@ public sealed class CoordinatorTests(ITestOutputHelper output) : CoordinatorTest
         run.Start();
         run.ExpectRunStep(run.F(0));
         run.ComputeAll(run.F(0));
-        run.ExpectNormQuery(run.F(0));
-        run.Norm(run.F(0));
-        run.ExpectUpdate(run.F(0));
+        run.NormsThenExpectUpdate(run.F(0));
 
         run.Applied(run.F(0), run.A);
         run.Applied(run.F(0), run.A);
@@ -547,9 +541,7 @@ public sealed class CoordinatorTests(ITestOutputHelper output) : CoordinatorTest
         run.Start();
         run.ExpectRunStep(run.F(0));
         run.ComputeAll(run.F(0));
-        run.ExpectNormQuery(run.F(0));
-        run.Norm(run.F(0));
-        Assert.True(run.ExpectUpdate(run.F(0)).Checksum);
+        Assert.True(run.NormsThenExpectUpdate(run.F(0)).Checksum);
         run.Applied(run.F(0), run.A, checksum: 0xAAAA);
         run.Applied(run.F(0), run.B, checksum: 0xBBBB);
         run.ShardApplied(run.F(0));

@@ -56,22 +56,8 @@ public class ReplanTests(ITestOutputHelper output)
         var (reference, expectedParams) = Reference.Value;
 
         Assert.Equal(Steps, result.Steps.Count);
-        double worst = 0;
-        for (int i = 0; i < Steps; i++)
-        {
-            double rel = Math.Abs(result.Steps[i].Loss - reference[i].Loss) / Math.Abs(reference[i].Loss);
-            worst = Math.Max(worst, rel);
-            Assert.True(rel <= 1e-4, $"step {i} loss {result.Steps[i].Loss:R} vs single-process {reference[i].Loss:R} (rel {rel:E2})");
-            double g = reference[i].GradNorm;
-            Assert.True(Math.Abs(result.Steps[i].GradNorm - g) <= 1e-4 * g, $"step {i} gradient norm {result.Steps[i].GradNorm:R} vs {g:R}");
-        }
-        Assert.Equal(expectedParams.Keys.Order(), result.FinalParameters.Keys.Order());
-        foreach (var (pname, (sum, norm)) in expectedParams)
-        {
-            var (gotSum, gotNorm) = result.FinalParameters[pname];
-            Assert.True(Math.Abs(gotNorm - norm) <= 1e-3 * norm + 1e-6, $"{pname} norm {gotNorm} vs {norm}");
-            Assert.True(Math.Abs(gotSum - sum) <= 1e-3 * norm * 10 + 1e-5, $"{pname} sum {gotSum} vs {sum}");
-        }
+        double worst = SingleProcessReference.AssertStepsMatch("re-layout", result.Steps, reference);
+        SingleProcessReference.AssertParametersMatch("re-layout", expectedParams, result.FinalParameters);
 
         // Five plans: the first (DP 4) and one per re-layout point, each from its step.
         Assert.Equal([(0L, 4, 1), (10L, 2, 2), (20L, 1, 4), (30L, 2, 1), (40L, 3, 1)],
@@ -119,7 +105,7 @@ public class ReplanTests(ITestOutputHelper output)
         var result = await first.Result.WaitAsync(TimeSpan.FromMinutes(3));
 
         Assert.Equal([(0L, 1), (15L, 2), (30L, 3)], result.Plans.Select(p => (p.AtStep, p.Ranks.Count)).ToArray());
-        AssertMatchesReference(result, Reference.Value.Steps);
+        SingleProcessReference.AssertStepsMatch("joins at a paused layout", result.Steps, Reference.Value.Steps);
         output.WriteLine(string.Join("; ", result.Plans.Select(p => $"e{p.Epoch}@{p.AtStep} {p.Dp}x{p.Pp} {p.UnitsMoved} units {p.BytesMoved / 1024.0:F0} KiB")));
     }
 
@@ -145,19 +131,7 @@ public class ReplanTests(ITestOutputHelper output)
         Assert.Equal("test", result.StoppedBy);
         Assert.Equal([1, 2], result.Plans.Select(p => p.Ranks.Count).ToArray());
         Assert.True(result.Steps.Count > result.Plans[1].AtStep + 10, "the two-worker plan trained too little to compare");
-        AssertMatchesReference(result, SingleProcessReference.Train(Config(maxSteps), result.Steps.Count).Steps);
-    }
-
-    private static void AssertMatchesReference(RunResult result, IReadOnlyList<StepResult> reference)
-    {
-        Assert.Equal(reference.Count, result.Steps.Count);
-        for (int i = 0; i < reference.Count; i++)
-        {
-            Assert.True(Math.Abs(result.Steps[i].Loss - reference[i].Loss) <= 1e-4 * reference[i].Loss,
-                $"step {i} loss {result.Steps[i].Loss:R} vs single-process {reference[i].Loss:R}");
-            Assert.True(Math.Abs(result.Steps[i].GradNorm - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm,
-                $"step {i} gradient norm {result.Steps[i].GradNorm:R} vs {reference[i].GradNorm:R}");
-        }
+        SingleProcessReference.AssertStepsMatch("join", result.Steps, SingleProcessReference.Train(Config(maxSteps), result.Steps.Count).Steps);
     }
 
     public static TheoryData<string, int, int> Layouts => new()

@@ -18,18 +18,51 @@ public static class SingleProcessReference
     }
 
     /// <summary>
-    /// A metrics file written by a cluster run: exactly one line per step 1..N, each step's loss and
-    /// gradient norm within 1e-4 relative of <paramref name="reference"/>.
+    /// Every step's loss and gradient norm within 1e-4 relative of <paramref name="reference"/> (and as many
+    /// steps). The global gradient norm (clipping depends on it) adds dense, private-expert and shard
+    /// contributions: each exactly once, whatever the layout. Returns the worst relative loss difference.
+    /// </summary>
+    public static double AssertStepsMatch(string name, IReadOnlyList<(double Loss, double GradNorm)> steps, IReadOnlyList<StepResult> reference)
+    {
+        Assert.Equal(reference.Count, steps.Count);
+        double worst = 0;
+        for (int i = 0; i < reference.Count; i++)
+        {
+            var (loss, g) = steps[i];
+            double rel = Math.Abs(loss - reference[i].Loss) / Math.Abs(reference[i].Loss);
+            worst = Math.Max(worst, rel);
+            Assert.True(rel <= 1e-4, $"{name}: step {i} loss {loss:R} vs single-process {reference[i].Loss:R} (rel {rel:E2})");
+            Assert.True(Math.Abs(g - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm,
+                $"{name}: step {i} gradient norm {g:R} vs {reference[i].GradNorm:R}");
+        }
+        return worst;
+    }
+
+    /// <inheritdoc cref="AssertStepsMatch(string, IReadOnlyList{ValueTuple{double, double}}, IReadOnlyList{StepResult})"/>
+    public static double AssertStepsMatch(string name, IReadOnlyList<StepResult> steps, IReadOnlyList<StepResult> reference)
+        => AssertStepsMatch(name, steps.Select(s => (s.Loss, s.GradNorm)).ToList(), reference);
+
+    /// <summary>Every parameter exists once in the cluster, and ends where the single process put it.</summary>
+    public static void AssertParametersMatch(string name, IReadOnlyDictionary<string, (double Sum, double Norm)> expected,
+        IReadOnlyDictionary<string, (double Sum, double Norm)> got)
+    {
+        Assert.Equal(expected.Keys.Order(), got.Keys.Order());
+        foreach (var (pname, (sum, norm)) in expected)
+        {
+            var (gotSum, gotNorm) = got[pname];
+            Assert.True(Math.Abs(gotNorm - norm) <= 1e-3 * norm + 1e-6, $"{name}: {pname} norm {gotNorm} vs {norm}");
+            Assert.True(Math.Abs(gotSum - sum) <= 1e-3 * norm * 10 + 1e-5, $"{name}: {pname} sum {gotSum} vs {sum}");
+        }
+    }
+
+    /// <summary>
+    /// A metrics file written by a cluster run: exactly one line per step 1..N, each step as
+    /// <see cref="AssertStepsMatch(string, IReadOnlyList{ValueTuple{double, double}}, IReadOnlyList{StepResult})"/> asks.
     /// </summary>
     public static void AssertMetricsMatch(string metricsPath, IReadOnlyList<StepResult> reference)
     {
         var lines = File.ReadAllLines(metricsPath).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
         Assert.Equal(Enumerable.Range(1, reference.Count), lines.Select(l => l.GetProperty("step").GetInt32()));
-        for (int i = 0; i < reference.Count; i++)
-        {
-            double loss = lines[i].GetProperty("loss").GetDouble(), g = lines[i].GetProperty("grad_norm").GetDouble();
-            Assert.True(Math.Abs(loss - reference[i].Loss) <= 1e-4 * reference[i].Loss, $"step {i}: loss {loss:R} vs {reference[i].Loss:R}");
-            Assert.True(Math.Abs(g - reference[i].GradNorm) <= 1e-4 * reference[i].GradNorm, $"step {i}: gradient norm {g:R} vs {reference[i].GradNorm:R}");
-        }
+        AssertStepsMatch(metricsPath, lines.Select(l => (l.GetProperty("loss").GetDouble(), l.GetProperty("grad_norm").GetDouble())).ToList(), reference);
     }
 }
