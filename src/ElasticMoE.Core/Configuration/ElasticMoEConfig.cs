@@ -70,6 +70,8 @@ public sealed record TrainOptions(
 /// to include it, so that nodes arriving together are planned together (one pause, not one each).</param>
 /// <param name="MaxWaitSeconds">How long a run waits for workers when the layout it needs has more workers than
 /// are present (paused, with a status line), before it fails with that reason.</param>
+/// <param name="Redundancy">Mirrors of every unit that has no copy on another node, kept on a buddy worker of
+/// another node at the unit's own step (1, the default), so a lost node loses nothing; 0 = none.</param>
 public sealed record ClusterOptions(
     string Host,
     int Port,
@@ -88,7 +90,8 @@ public sealed record ClusterOptions(
     string Relayout,
     string FaultInjection,
     double JoinSettleSeconds,
-    double MaxWaitSeconds)
+    double MaxWaitSeconds,
+    int Redundancy = 1)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -129,7 +132,8 @@ public sealed record ElasticMoEConfig(
             r.Double("cluster.step-timeout"), r.Int("cluster.max-frame-mb"), r.Bool("cluster.compress-gradients"),
             r.Double("cluster.plan-timeout"), r.Double("cluster.eval-timeout"), r.Double("cluster.finish-timeout"),
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
-            r.Double("cluster.join-settle"), r.Double("cluster.max-wait"));
+            r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
+            r.Int("cluster.redundancy"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
         cfg.Validate();
         return cfg;
@@ -255,6 +259,7 @@ public sealed record ElasticMoEConfig(
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
+        Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
         Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",
             $"must be \"cpu\", \"cuda\" (worker i of a node on cuda:i) or \"cuda:N\" (worker i on cuda:N+i), got \"{Device}\"");

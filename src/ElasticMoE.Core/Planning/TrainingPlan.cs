@@ -85,9 +85,65 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
     public bool SameLayout(TrainingPlan other)
         => Dp == other.Dp && Pp == other.Pp
            && Stages.SequenceEqual(other.Stages)
-           && Workers.SequenceEqual(other.Workers)
+           && Workers.SequenceEqual(other.Workers) && Redundancy == other.Redundancy
            && ExpertOwner.Length == other.ExpertOwner.Length
            && ExpertOwner.Zip(other.ExpertOwner).All(t => t.First.SequenceEqual(t.Second));
+
+    // ---- redundancy: buddy mirrors -------------------------------------------------------------
+
+    /// <summary>
+    /// Copies kept of every unit that has no copy on another node (<c>cluster.redundancy</c>): 0 = none,
+    /// 1 = one mirror on a buddy worker of another node, kept at the same step as the unit itself, so the
+    /// loss of any one node loses no state. Part of the plan because who mirrors what follows from it.
+    /// </summary>
+    public int Redundancy { get; init; }
+
+    /// <summary>
+    /// The worker that mirrors <paramref name="rank"/>'s unreplicated units: the next rank, cyclically, on
+    /// another node; -1 without redundancy or when every worker is on one node (nothing to protect against).
+    /// </summary>
+    public int BuddyOf(int rank)
+    {
+        if (Redundancy <= 0) return -1;
+        var node = Workers[rank].NodeAddress;
+        for (int i = 1; i < WorldSize; i++)
+        {
+            int r = (rank + i) % WorldSize;
+            if (Workers[r].NodeAddress != node) return r;
+        }
+        return -1;
+    }
+
+    /// <summary>
+    /// Units of <paramref name="rank"/> that its buddy mirrors: those no worker of another node holds. A unit
+    /// held by several workers of one node is mirrored once, by the lowest of their ranks.
+    /// </summary>
+    public IEnumerable<UnitId> MirroredUnitsOf(int rank, ModelOptions model)
+    {
+        if (BuddyOf(rank) < 0) yield break;
+        var holders = Holders(model);
+        var node = Workers[rank].NodeAddress;
+        foreach (var u in UnitsOf(rank, model))
+        {
+            var h = holders[u];
+            if (h.All(r => Workers[r].NodeAddress == node) && h.Min() == rank) yield return u;
+        }
+    }
+
+    /// <summary>Mirrors <paramref name="rank"/> keeps for others: (unit, the rank it mirrors), ascending by unit.</summary>
+    public IEnumerable<(UnitId Unit, int Source)> MirrorsHeldBy(int rank, ModelOptions model)
+    {
+        if (Redundancy <= 0) return [];
+        var result = new List<(UnitId, int)>();
+        for (int r = 0; r < WorldSize; r++)
+            if (r != rank && BuddyOf(r) == rank)
+                result.AddRange(MirroredUnitsOf(r, model).Select(u => (u, r)));
+        return result.OrderBy(t => t.Item1);
+    }
+
+    /// <summary>Every unit whose current state <paramref name="rank"/> keeps: its own and its mirrors.</summary>
+    public IEnumerable<UnitId> HoldingsOf(int rank, ModelOptions model)
+        => UnitsOf(rank, model).Concat(MirrorsHeldBy(rank, model).Select(m => m.Unit)).Distinct();
 
     public int StageOf(int worker) => worker % Pp;
     public int ReplicaOf(int worker) => worker / Pp;

@@ -119,7 +119,11 @@ public static class TransferPlanner
         return new TransferPlan(moves, drops);
     }
 
-    /// <summary>What each worker of <paramref name="plan"/> holds, by identity: ranks do not survive a re-plan.</summary>
+    /// <summary>
+    /// What each worker of <paramref name="plan"/> keeps current, by identity (ranks do not survive a
+    /// re-plan): its units and the mirrors it keeps for its buddies. Mirrors are sources like any copy,
+    /// and a next plan's mirrors are placed by moves like any unit.
+    /// </summary>
     private static SortedDictionary<WorkerId, SortedSet<UnitId>> Holdings(TrainingPlan plan, ModelOptions model)
     {
         var result = new SortedDictionary<WorkerId, SortedSet<UnitId>>();
@@ -127,7 +131,7 @@ public static class TransferPlanner
         {
             var id = plan.Workers[r].Id;
             if (!result.TryGetValue(id, out var set)) result[id] = set = new SortedSet<UnitId>();
-            set.UnionWith(plan.UnitsOf(r, model));
+            set.UnionWith(plan.HoldingsOf(r, model));
         }
         return result;
     }

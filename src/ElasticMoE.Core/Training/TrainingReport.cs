@@ -70,6 +70,24 @@ public sealed class TrainingReport : IDisposable
         _metrics.Write(Utf8.GetBytes(sb.ToString()));
     }
 
+    /// <summary>
+    /// A membership change, once the run has committed a step after it: one JSON line in the metrics
+    /// (<c>{"event":"node-lost","node":"...","step":N,"recovery_s":S}</c>) and one line on the console.
+    /// <paramref name="step"/> is the 1-based step that was in flight (or next) when it happened;
+    /// <paramref name="recoverySeconds"/> runs from then to the next committed step.
+    /// </summary>
+    public void MembershipEvent(string kind, string node, long step, double recoverySeconds)
+    {
+        lock (_gate)
+        {
+            _console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{kind} {node} at step {step}: training again {recoverySeconds:F2} s later"));
+            if (_metrics is null || _disposed) return;
+            var json = System.Text.Json.JsonSerializer.Serialize(node);
+            _metrics.Write(Utf8.GetBytes(string.Create(CultureInfo.InvariantCulture,
+                $"{{\"event\":\"{kind}\",\"node\":{json},\"step\":{step},\"recovery_s\":{Num(recoverySeconds)}}}\n")));
+        }
+    }
+
     public void Info(string message)
     {
         lock (_gate) _console.WriteLine(message);

@@ -30,7 +30,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     public const string ComputeDispatcher = "elasticmoe-compute-dispatcher";
 
     private sealed record TransfersDone(InstallPlan Plan, TrainingPlan Next, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error);
-    private sealed record ChildrenReady(InstallPlan Plan, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error);
+    private sealed record ChildrenReady(InstallPlan Plan, int Rank, IActorRef Coordinator, long Bytes, int Units, Exception? Error, bool MirrorActive);
 
     private readonly ElasticMoEConfig _config;
     private readonly TextCorpus _corpus;
@@ -42,7 +42,11 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private readonly CancellationToken _stopping;
     private WorkerContext _context = null!;
     private IActorRef _stage = ActorRefs.Nobody;
+    private IActorRef _mirror = ActorRefs.Nobody;
     private readonly List<IActorRef> _shards = new();
+    // The install in flight: a newer plan cancels it (the coordinator re-planned, e.g. a node was lost mid-transfer).
+    private CancellationTokenSource? _installCancel;
+    private int _installingEpoch;
 
     public IStash Stash { get; set; } = null!;
 
@@ -85,6 +89,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         _stage = Context.ActorOf(PipelineStageActor.Props(_context, _loop).WithDispatcher(stageDispatcher), "stage");
         for (int ordinal = 0; ordinal < _config.Model.Layers - _config.Model.DenseLayers; ordinal++)
             _shards.Add(Context.ActorOf(ExpertShardActor.Props(_context, ordinal).WithDispatcher(ComputeDispatcher), $"shard-{ordinal}"));
+        _mirror = Context.ActorOf(MirrorKeeperActor.Props(_context).WithDispatcher(ComputeDispatcher), "mirror");
     }
 
     private void Ready()
@@ -96,6 +101,13 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private void Installing()
     {
         Receive<AbortAttempt>(m => _context.Abort(m.Fence));
+        Receive<InstallPlan>(m =>
+        {
+            // A newer plan supersedes the one being installed: stop waiting for its transfers (a peer of
+            // them may be dead), then install the newer one.
+            if (m.Epoch > _installingEpoch) _installCancel?.Cancel();
+            Stash.Stash();
+        });
         Receive<TransfersDone>(OnTransfersDone);
         Receive<ChildrenReady>(OnChildrenReady);
         ReceiveAny(_ => Stash.Stash());
@@ -108,7 +120,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         TrainingPlan? previous;
         try
         {
-            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner);
+            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner) with { Redundancy = m.Redundancy };
             previous = m.Previous.Length == 0 ? null : ToPlan(m.Epoch - 1, 1, 1, [], [], m.Previous, []);
         }
         catch (Exception ex)
@@ -126,6 +138,8 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         var receives = new List<(UnitId Unit, Task<Frame> Frame)>();
         var cts = CancellationTokenSource.CreateLinkedTokenSource(_stopping);
         cts.CancelAfter(TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds));
+        _installCancel = cts;
+        _installingEpoch = m.Epoch;
         try
         {
             foreach (var move in m.Moves)
@@ -135,6 +149,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
                 if (previous is not null && previous.Workers[move.FromWorker].Id == _id)
                 {
                     if (!_context.Holds(unit)) throw new InvalidOperationException($"asked to send unit {unit}, which this worker does not hold");
+                    _context.MaybeInject(FaultPhase.Transfer, new Fence(m.Epoch, m.StartStep, 0));
                     var bytes = _context.Units[unit].Export();
                     sends.Add(_dataPlane.SendAsync(next.Workers[move.ToRank].DataEndpoint, tag, bytes, ElementType.UInt8, cancellationToken: cts.Token));
                 }
@@ -144,6 +159,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         catch (Exception ex)
         {
             cts.Dispose();
+            _installCancel = null;
             coordinator.Tell(new PlanFailed(m.Epoch, _info, ex.Message));
             return;
         }
@@ -169,10 +185,6 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
             {
                 return new TransfersDone(m, next, rank, coordinator, bytes, receives.Count, ex);
             }
-            finally
-            {
-                cts.Dispose();
-            }
         }).PipeTo(Self);
     }
 
@@ -194,8 +206,9 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         }
         var reconfigure = new Reconfigure(d.Next, d.Rank, d.Coordinator);
         var timeout = TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds);
-        var asks = _shards.Prepend(_stage).Select(c => c.Ask<Reconfigured>(reconfigure, timeout)).ToList();
-        Task.WhenAll(asks).ContinueWith(t => new ChildrenReady(d.Plan, d.Rank, d.Coordinator, d.Bytes, d.Units, t.Exception)).PipeTo(Self);
+        var asks = _shards.Prepend(_stage).Append(_mirror).Select(c => c.Ask<Reconfigured>(reconfigure, timeout)).ToList();
+        Task.WhenAll(asks).ContinueWith(t => new ChildrenReady(d.Plan, d.Rank, d.Coordinator, d.Bytes, d.Units, t.Exception,
+            t.IsCompletedSuccessfully && t.Result[^1].Active)).PipeTo(Self);
     }
 
     private void OnChildrenReady(ChildrenReady r)
@@ -209,11 +222,16 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         var shared = Enumerable.Range(0, _shards.Count)
             .Where(o => ExpertShardActor.IsShared(plan, r.Rank, o, _config.Model.DenseLayers)).ToArray();
         FinishInstall(r.Coordinator, new PlanInstalled(r.Plan.Epoch, _info, r.Rank, Self, _stage, shared,
-            shared.Select(o => _shards[o]).ToArray(), r.Bytes, r.Units, _context.HeldCount));
+            shared.Select(o => _shards[o]).ToArray(), r.Bytes, r.Units, _context.HeldCount)
+        {
+            Mirrors = r.MirrorActive ? [_mirror] : [],
+        });
     }
 
     private void FinishInstall(IActorRef coordinator, IElasticMoEMessage reply)
     {
+        _installCancel?.Dispose();
+        _installCancel = null;
         if (reply is PlanFailed f) _log.Error("worker {0}: plan epoch {1} failed: {2}", _id, f.Epoch, f.Reason);
         coordinator.Tell(reply);
         Become(Ready);

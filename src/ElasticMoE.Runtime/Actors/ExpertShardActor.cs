@@ -53,7 +53,7 @@ public sealed class ExpertShardActor : ReceiveActor
             case ExpertBackward m: Run(m.Fence, t => _engine!.Backward(m, t)); break;
             case QueryExpertNorm m:
                 var sender = Sender;
-                Run(m.Fence, _ => sender.Tell(new ExpertNorm(m.Fence, _context.Worker, _ordinal, _engine!.GradSumSq(m.Fence))));
+                Run(m.Fence, token => sender.Tell(new ExpertNorm(m.Fence, _context.Worker, _ordinal, _engine!.GradSumSq(m.Fence, token))));
                 break;
             case ApplyUpdate m:
                 var replyTo = Sender;

@@ -71,6 +71,21 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private readonly Dictionary<int, IActorRef> _workerRefs = new();
     private readonly List<(int Rank, int Ordinal, IActorRef Shard)> _sharedShards = new();
     private readonly List<IActorRef> _allWorkers = new();
+    // Mirror keepers of the installed plan, by rank (redundancy): they take part in steps and updates.
+    private readonly List<(int Rank, IActorRef Keeper)> _mirrors = new();
+
+    // Workers lost since the plan in force was installed: their state is gone, the next plan must not
+    // count on them (TransferPlanner takes their units from copies and mirrors).
+    private readonly HashSet<WorkerId> _gone = new();
+    // Membership changes to report at the next committed step, when their recovery time is known.
+    private readonly List<(string Kind, string Node, long Step, System.Diagnostics.Stopwatch Since)> _membershipEvents = new();
+    // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
+    private int _lastEpoch;
+    private enum Phase { WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private Phase _phase = Phase.WaitingForNodes;
+    // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
+    private enum AfterInstall { Step, Evaluate, Finish }
+    private AfterInstall _afterInstall = AfterInstall.Step;
 
     private Fence _fence;
     private int _computeAttempt;
@@ -110,16 +125,26 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Apply(ICoordinatorEvent e) => _state = _state.Apply(e);
 
-    // Until elastic membership lands, losing a node that holds part of the plan ends the run at once
-    // with its name, instead of waiting for the step timeout; a node lost before the first plan is
-    // simply not planned.
+    private void Enter(Phase phase, Action behaviour)
+    {
+        _phase = phase;
+        Become(behaviour);
+    }
+
+    // Two detectors of a lost node: Akka's failure detector (UnreachableMember, seconds: it must tell a
+    // slow node from a dead one), and the remoting connection itself (DisassociatedEvent, at once: a
+    // killed process's sockets are closed by its kernel), which a refused reconnect then confirms.
     protected override void PreStart()
-        => Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
+    {
+        Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
             typeof(Akka.Cluster.ClusterEvent.MemberLeft));
+        Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
+    }
 
     protected override void PostStop()
     {
+        Context.System.EventStream.Unsubscribe(Self);
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
         _done.TrySetException(new TrainingFailedException("the coordinator stopped before the run finished"));
     }
@@ -133,6 +158,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
         // cancelled step could be reported as a worker failure under a misleading reason.
         Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
+        Receive<Akka.Remote.DisassociatedEvent>(m => ProbeNode(m.RemoteAddress));
+        Receive<NodeProbed>(m =>
+        {
+            if (!m.Dead) return;
+            var uid = _agents.Where(a => a.Address == m.Address.ToString()).Select(a => a.Uid).FirstOrDefault();
+            if (uid != 0) OnMemberLost(m.Address, uid, "is gone (its connection closed and a reconnect was refused)");
+        });
         Receive<RegisterNode>(OnRegisterNode);
         Receive<RequestRelayout>(m =>
         {
@@ -161,6 +193,37 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private string? _stopRequested;
 
+    private sealed record NodeProbed(Address Address, bool Dead);
+
+    // A closed remoting connection is a hint, not a verdict (a connection can drop and come back): the
+    // node counts as lost only if a fresh TCP connection to it is refused, which for a killed process on
+    // a reachable host takes a millisecond. A timeout proves nothing; the failure detector decides then.
+    private void ProbeNode(Address address)
+    {
+        if (_finished || address.Host is null || address.Port is null) return;
+        var node = address.ToString();
+        if (!_agents.Any(a => a.Address == node)) return;
+        var self = Self;
+        Task.Run(async () =>
+        {
+            using var client = new System.Net.Sockets.TcpClient();
+            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(1));
+            try
+            {
+                await client.ConnectAsync(address.Host, address.Port.Value, cts.Token);
+                return new NodeProbed(address, false);
+            }
+            catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused)
+            {
+                return new NodeProbed(address, true);
+            }
+            catch (Exception)
+            {
+                return new NodeProbed(address, false);
+            }
+        }).PipeTo(self);
+    }
+
     private void OnMemberLost(Address address, long uid, string what)
     {
         if (_finished) return;
@@ -174,10 +237,89 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             }
             return;
         }
-        if (!_state.Workers.Any(w => w.NodeAddress == node)) return;
+        var lost = _state.Workers.Where(w => w.NodeAddress == node && w.Id.SystemUid == uid).Select(w => w.Id).ToHashSet();
+        if (lost.Count == 0) return;
+        // Downed, so the cluster converges without it (new nodes can join) and this incarnation can never
+        // come back: a node restarted on the same address is a new one.
+        if (what != "left the cluster") Akka.Cluster.Cluster.Get(Context.System).Down(address);
+        _agents.RemoveAll(a => a.Address == node && a.Uid == uid);
         Apply(new NodeRemoved(node, uid, what));
-        if (_state.Plan.Workers.Any(w => w.NodeAddress == node))
-            Fail($"node {node} {what} at step {_state.NextStep}; elastic recovery is not built yet, so the run stops");
+        bool leaving = _leaving.Remove(node);
+        bool holdsState = _state.Plan.Workers.Any(w => lost.Contains(w.Id)) || (_installing?.Workers.Any(w => lost.Contains(w.Id)) ?? false);
+        if (!holdsState)
+        {
+            _report.Info($"node {node} {what}; it held no units");
+            return;
+        }
+        _gone.UnionWith(lost);
+        _membershipEvents.Add(("node-lost", node, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
+        _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying} worker(s)");
+        ForgetActorsOf(node);
+        switch (_phase)
+        {
+            case Phase.Computing or Phase.Norms:
+                // Nothing was applied: abort the attempt everywhere and redo the step under a plan without the node.
+                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_fence, $"node {node} lost"));
+                _redone++;
+                Timers.Cancel("phase");
+                Recover();
+                break;
+            case Phase.Updating:
+                // Some units may have applied the step: finish it on the survivors (mirrors included, they hold
+                // the lost node's gradients), commit it, then re-plan (StartStepOrFinish sees _gone).
+                RollForward($"node {node} lost");
+                break;
+            case Phase.Evaluating:
+                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_evalFence, $"node {node} lost"));
+                Timers.Cancel("phase");
+                _afterInstall = AfterInstall.Evaluate;
+                Recover();
+                break;
+            case Phase.Finishing:
+                Timers.Cancel("phase");
+                _afterInstall = AfterInstall.Finish;
+                Recover();
+                break;
+            case Phase.Installing or Phase.WaitingForWorkers:
+                _waitingFor = null;
+                Timers.Cancel("wait");
+                Timers.Cancel("phase");
+                Recover();
+                break;
+        }
+    }
+
+    // The lost node's actors take no further part in the step in flight (their replies will never come).
+    private void ForgetActorsOf(string node)
+    {
+        bool Gone(IActorRef a) => a.Path.Address.ToString() == node;
+        foreach (var rank in _stages.Where(kv => Gone(kv.Value)).Select(kv => kv.Key).ToList())
+        {
+            _stages.Remove(rank);
+            _workerRefs.Remove(rank);
+            _computed.Remove(rank);
+            _evals.Remove(rank);
+        }
+        _sharedShards.RemoveAll(s => Gone(s.Shard));
+        _mirrors.RemoveAll(m => Gone(m.Keeper));
+        _allWorkers.RemoveAll(Gone);
+        foreach (var a in _applied.Keys.Where(Gone).ToList()) _applied.Remove(a);
+        foreach (var a in _summarized.Where(Gone).ToList()) _summarized.Remove(a);
+    }
+
+    /// <summary>
+    /// After a loss: a plan for the workers that remain, its units taken from surviving copies and mirrors
+    /// (the run stops, naming them, when some unit has none left), then the interrupted work again.
+    /// </summary>
+    private void Recover()
+    {
+        int workers = WorkersStaying;
+        if (workers == 0)
+        {
+            Fail($"every node holding the run's state is gone ({string.Join(", ", _gone)}); resuming needs a checkpoint", FailureKind.StateLost);
+            return;
+        }
+        Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
     }
 
     private void OnRegisterNode(RegisterNode m)
@@ -214,6 +356,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         // finds its workers, or the first after the settle window (so nodes arriving together are
         // planned together, one pause for all).
         _report.Info($"node {m.NodeAddress} joined the running job with {m.DataEndpoints.Length} device(s); {_state.Workers.Count} worker(s) present");
+        _joinedAt[m.NodeAddress] = System.Diagnostics.Stopwatch.StartNew();
         if (_waitingFor is { } wanted)
         {
             if (WorkersStaying >= wanted.Workers)
@@ -231,6 +374,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     // Nodes that asked to leave and still hold units: planned out at the next step boundary.
     private readonly Dictionary<string, IActorRef> _leaving = new();
+    private readonly Dictionary<string, System.Diagnostics.Stopwatch> _leaveAsked = new();
+    // Nodes that joined the running job, until a plan includes them (for their membership event).
+    private readonly Dictionary<string, System.Diagnostics.Stopwatch> _joinedAt = new();
 
     private int WorkersStaying => _state.Workers.Count(w => !_leaving.ContainsKey(w.NodeAddress));
 
@@ -247,6 +393,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             return;
         }
         _leaving[m.NodeAddress] = Sender;
+        _leaveAsked[m.NodeAddress] = System.Diagnostics.Stopwatch.StartNew();
         if (WorkersStaying == 0)
         {
             // The last node is going: the run ends after the step in flight, like a stop.
@@ -279,6 +426,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             if (_state.Plan!.Workers.Any(w => w.NodeAddress == address)) continue;
             RemoveNode(address, "handed its units over and left");
             _leaving.Remove(address);
+            if (_leaveAsked.Remove(address, out var since)) _membershipEvents.Add(("node-left", address, _state.NextStep + 1, since));
             agent.Tell(new LeaveGranted(address, _state.NextStep));
             _report.Info($"node {address} handed its units over; it leaves before step {_state.NextStep + 1}");
         }
@@ -336,7 +484,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             _waitingFor = (workers, pp);
             _report.Info($"paused before step {_state.NextStep + 1}: layout {workers}x{pp} needs {workers} worker(s), {WorkersStaying} present; " +
                          $"waiting up to {_config.Cluster.MaxWaitSeconds:F0} s for nodes to join");
-            Become(WaitingForWorkers);
+            Enter(Phase.WaitingForWorkers, WaitingForWorkers);
             Timers.StartSingleTimer("wait", new PhaseTimeout(new Fence(_state.Epoch, _state.NextStep, -3), "workers"), TimeSpan.FromSeconds(_config.Cluster.MaxWaitSeconds));
             return;
         }
@@ -344,14 +492,24 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         {
             var available = _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress)).ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
-            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, _state.Epoch + 1);
-            transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model);
+            int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
+            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
+            transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model, _gone);
+            _lastEpoch = epoch;
         }
-        catch (Exception ex) when (ex is ArgumentException or UnitsLostException)
+        catch (UnitsLostException ex)
+        {
+            // Every copy of these units is gone (no mirror, or the mirror died too). Checkpoints (the
+            // checkpoint issue) will let the run fall back to the last one; until then it stops here.
+            Fail($"cannot continue after losing {string.Join(", ", _gone)}: {ex.Message}", FailureKind.StateLost);
+            return;
+        }
+        catch (ArgumentException ex)
         {
             Fail($"cannot lay out the run on {workers} worker(s) with PP {pp}: {ex.Message}");
             return;
         }
+        _installTarget = (workers, pp);
         _installing = next;
         _installed.Clear();
         _installTargets = _state.Workers.Select(w => w.Id).ToHashSet();
@@ -361,21 +519,36 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             next.Stages.Select(s => s.First).ToArray(), next.Stages.Select(s => s.End).ToArray(),
             next.Workers.Select(Info).ToArray(), next.ExpertOwner, _state.NextStep,
             prevWorkers.Select(Info).ToArray(),
-            transfers.Moves.Select(t => new UnitMove(t.Unit.ToString(), prevWorkers.FindIndex(w => w.Id == t.From), next.RankOf(t.To))).ToArray());
+            transfers.Moves.Select(t => new UnitMove(t.Unit.ToString(), prevWorkers.FindIndex(w => w.Id == t.From), next.RankOf(t.To))).ToArray())
+        {
+            Redundancy = next.Redundancy,
+        };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
-                     $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s), {transfers.Moves.Count} unit(s) to move");
+                     $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s), {transfers.Moves.Count} unit(s) to move" +
+                     (next.Redundancy > 0 && next.BuddyOf(0) >= 0 ? ", mirrored on buddies" : ""));
         _installClock = System.Diagnostics.Stopwatch.StartNew();
         foreach (var a in _agents) a.Agent.Tell(msg);
-        Become(Installing);
+        Enter(Phase.Installing, Installing);
         Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(next.Epoch, _state.NextStep, -1), "plan install"),
             TimeSpan.FromSeconds(_config.Cluster.PlanTimeoutSeconds));
     }
 
     private void WaitingForWorkers()
     {
+        Receive<RetryPlan>(_ =>
+        {
+            var (workers, pp) = _installTarget;
+            workers = Math.Min(workers, WorkersStaying);
+            Replan(workers, PipelineDegreeFor(workers, pp));
+        });
         Common();
     }
+
+    private sealed record RetryPlan;
+    private const int MaxInstallRetries = 3;
+    private int _installFailures;
+    private (int Workers, int Pp) _installTarget;
 
     private static WorkerInfo Info(WorkerSlot w) => new(w.NodeAddress, w.Device, w.DataEndpoint, w.Id.SystemUid);
 
@@ -384,8 +557,17 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         Receive<PlanInstalled>(OnPlanInstalled);
         Receive<PlanFailed>(m =>
         {
-            if (_installing is not null && m.Epoch == _installing.Epoch)
-                Fail($"worker {m.Worker.NodeAddress}/d{m.Worker.Device} could not install plan {m.Epoch}: {m.Reason}", FailureKind.StateLost);
+            if (_installing is null || m.Epoch != _installing.Epoch) return;
+            var why = $"worker {m.Worker.NodeAddress}/d{m.Worker.Device} could not install plan {m.Epoch}: {m.Reason}";
+            // Often a peer of the transfer died and its loss is not known yet: probe, wait a moment, and
+            // plan again (with whoever is still there then). A failure that repeats stops the run.
+            if (++_installFailures > MaxInstallRetries) { Fail(why, FailureKind.StateLost); return; }
+            _report.Info($"{why}; planning again in 1 s ({_installFailures}/{MaxInstallRetries})");
+            foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+            _installing = null;
+            Timers.Cancel("phase");
+            Timers.StartSingleTimer("replan", new RetryPlan(), TimeSpan.FromSeconds(1));
+            Enter(Phase.WaitingForWorkers, WaitingForWorkers);
         });
         Common();
     }
@@ -404,10 +586,12 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _workerRefs.Clear();
         _sharedShards.Clear();
         _allWorkers.Clear();
+        _mirrors.Clear();
         foreach (var p in _installed.Values)
         {
             _allWorkers.Add(p.Self);
             if (p.Rank < 0) continue;
+            foreach (var keeper in p.Mirrors) _mirrors.Add((p.Rank, keeper));
             _stages[p.Rank] = p.Stage;
             _workerRefs[p.Rank] = p.Self;
             for (int i = 0; i < p.Shards.Length; i++) _sharedShards.Add((p.Rank, p.ShardOrdinals[i], p.Shards[i]));
@@ -423,18 +607,35 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
         Apply(new PlanChanged(plan, _state.NextStep));
+        _gone.Clear();
+        _installFailures = 0;
+        foreach (var w in plan.Workers)
+            if (_joinedAt.Remove(w.NodeAddress, out var since))
+                _membershipEvents.Add(("node-joined", w.NodeAddress, _state.NextStep + 1, since));
         if (_leaving.Count > 0) GrantLeaves();
         if (_plans.Count > 1)
             _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
         _firstStepOfPlan = _plans.Count > 1;
         if (!_clock.IsRunning) _clock.Start();
-        StartStepOrFinish();
+        var after = _afterInstall;
+        _afterInstall = AfterInstall.Step;
+        switch (after)
+        {
+            case AfterInstall.Evaluate: StartEval(_evalResult!); break;
+            case AfterInstall.Finish: Finish(); break;
+            default: StartStepOrFinish(); break;
+        }
     }
 
     // ---- steps ---------------------------------------------------------------------------------
 
     private void StartStepOrFinish()
     {
+        if (_gone.Count > 0)
+        {
+            Recover();
+            return;
+        }
         long step = _state.NextStep;
         bool timeUp = _config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds;
         if (step >= _config.Train.Steps || timeUp || _stopRequested is not null)
@@ -476,9 +677,10 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _computed.Clear();
         _norms.Clear();
         _applied.Clear();
-        Become(Computing);
+        Enter(Phase.Computing, Computing);
         StartPhaseTimer("compute", _config.Cluster.StepTimeoutSeconds);
         var run = new RunStep(fence);
+        foreach (var m in _mirrors) m.Keeper.Tell(run);
         foreach (var s in _stages.Values) s.Tell(run);
     }
 
@@ -487,6 +689,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Computing()
     {
+        Receive<StartAttemptLater>(m => { if (m.Fence == _fence) StartAttempt(m.Fence); });
         Receive<StepComputed>(OnStepComputed);
         Receive<WorkerFailed>(OnWorkerFailed);
         Receive<RequestAbort>(m => Redo($"abort requested: {m.Reason}"));
@@ -500,12 +703,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         if (_computed.Count < _stages.Count) return;
         _tCompute = _stepClock.Elapsed.TotalMilliseconds;
         if (_sharedShards.Count == 0) { _tNorm = _tCompute; ApplyUpdate(); return; }
-        Become(Norms);
+        Enter(Phase.Norms, Norms);
         foreach (var s in _sharedShards) s.Shard.Tell(new QueryExpertNorm(_fence));
     }
 
     private void Norms()
     {
+        Receive<StartAttemptLater>(m => { if (m.Fence == _fence) StartAttempt(m.Fence); });
         Receive<ExpertNorm>(m =>
         {
             if (m.Fence != _fence) return;
@@ -550,10 +754,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         var update = _pendingUpdate! with { Fence = _fence };
         _applied.Clear();
-        Become(Updating);
+        Enter(Phase.Updating, Updating);
         StartPhaseTimer("update", _config.Cluster.StepTimeoutSeconds);
         foreach (var s in _stages.Values) s.Tell(update);
         foreach (var s in _sharedShards) s.Shard.Tell(update);
+        foreach (var m in _mirrors) m.Keeper.Tell(update);
     }
 
     private void Updating()
@@ -586,7 +791,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         if (m.Fence != _fence) return;
         _applied[Sender] = m;
-        if (_applied.Count < _stages.Count + _sharedShards.Count) return;
+        if (_applied.Count < _stages.Count + _sharedShards.Count + _mirrors.Count) return;
         Timers.Cancel("phase");
         if (!ChecksumsAgree(out var why)) { Fail(why, FailureKind.StateLost); return; }
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
@@ -598,11 +803,24 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             _plans[^1] = _plans[^1] with { GapSeconds = _sinceCommit.Elapsed.TotalSeconds };
         }
         _sinceCommit.Restart();
+        foreach (var (kind, node, atStep, since) in _membershipEvents) _report.MembershipEvent(kind, node, atStep, since.Elapsed.TotalSeconds);
+        _membershipEvents.Clear();
         long done = _state.NextStep;
         bool last = done >= _config.Train.Steps
                     || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds)
                     || _stopRequested is not null;
-        if (done % _config.Train.EvalEvery == 0 || last)
+        bool eval = done % _config.Train.EvalEvery == 0 || last;
+        if (_gone.Count > 0)
+        {
+            // A node was lost during this step's update, which the survivors finished: re-plan before anything
+            // else runs (the evaluation of this step included), then carry on.
+            _evalResult = r;
+            _afterInstall = eval ? AfterInstall.Evaluate : AfterInstall.Step;
+            if (!eval) _report.Step(r, null, _config.Train.Steps);
+            Recover();
+            return;
+        }
+        if (eval)
         {
             StartEval(r);
             return;
@@ -642,8 +860,16 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     {
         if (!NextAttempt(why, out var next)) return;
         _report.Info($"step {_fence.Step + 1}: attempt {_fence.Attempt} aborted ({why}); redoing as attempt {next.Attempt}");
-        StartAttempt(next);
+        // A failure may be a peer that died and is not known lost yet (its sends fail at once): ask every
+        // node, and back off from the second redo on (0.1 s, doubling: 12.7 s over all attempts, more than
+        // the failure detector needs), so a dead peer is found before the attempts run out.
+        foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+        if (next.Attempt <= 1) { StartAttempt(next); return; }
+        _fence = next;
+        Timers.StartSingleTimer("phase", new StartAttemptLater(next), TimeSpan.FromMilliseconds(100 << (next.Attempt - 2)));
     }
+
+    private sealed record StartAttemptLater(Fence Fence);
 
     private bool NextAttempt(string why, out Fence next)
     {
@@ -693,7 +919,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _evals.Clear();
         // Evaluation after step s runs under the fence of step s+1, attempt 0: past everything of step s.
         _evalFence = new Fence(_state.Epoch, _state.NextStep, 0);
-        Become(Evaluating);
+        Enter(Phase.Evaluating, Evaluating);
         Timers.StartSingleTimer("phase", new PhaseTimeout(_evalFence, "evaluation"), TimeSpan.FromSeconds(_config.Cluster.EvalTimeoutSeconds));
         foreach (var s in _stages.Values) s.Tell(new RunEval(_evalFence));
     }
@@ -730,7 +956,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _runSeconds = _clock.Elapsed.TotalSeconds;
         _summarized.Clear();
         _expectedSummaries = _stages.Count + _sharedShards.Count;
-        Become(Finishing);
+        Enter(Phase.Finishing, Finishing);
         if (_stopRequested is not null) _report.Info($"stopping after step {_state.NextStep}: {_stopRequested}");
         Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(_state.Epoch, -2, 0), "finish"), TimeSpan.FromSeconds(_config.Cluster.FinishTimeoutSeconds));
         var ask = new ReportParameters(_state.Epoch);
@@ -760,7 +986,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         foreach (var (address, agent) in _leaving) agent.Tell(new LeaveGranted(address, _state.NextStep));
         foreach (var n in _agents) n.Agent.Tell(shutdown);
         _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters, _stopRequested) { Plans = _plans, RedoneAttempts = _redone });
-        Become(Done);
+        Enter(Phase.Done, Done);
     }
 
     private void Done() => Receive<object>(_ => { });
@@ -776,7 +1002,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _log.Error("training stopped: {0}", reason);
         foreach (var n in _agents) n.Agent.Tell(new Shutdown(reason));
         _done.TrySetException(new TrainingFailedException(reason, kind, error));
-        Become(Done);
+        Enter(Phase.Done, Done);
     }
 }
 

@@ -25,6 +25,8 @@ public sealed class ShardEngine : IDisposable
     private readonly int[] _experts;
     private readonly List<StateUnit> _units;
     private readonly List<(string Name, Tensor Param)> _params;
+    // Experts whose gradients go to this worker's buddy each step (redundancy), in the order it expects.
+    private readonly List<StateUnit> _mirrored;
     private readonly AdamW _optimizer;
     private readonly Dictionary<(int Requester, int MicroBatch), (Tensor Input, Tensor Output)> _graphs = new();
     // Per micro-batch, the gradient of each parameter (null where that call did not touch it).
@@ -41,6 +43,7 @@ public sealed class ShardEngine : IDisposable
         _experts = ctx.ActivePlan.ExpertsOn(moeOrdinal, ctx.Worker);
         _units = ctx.ExpertUnits(moeOrdinal);
         _params = WorkerContext.ParametersOf(_units);
+        _mirrored = MirrorParts.Of(ctx.ActivePlan, ctx.Worker, ctx.Config.Model).GetValueOrDefault(1 + moeOrdinal, []).Select(u => ctx.Units[u]).ToList();
         var t = ctx.Config.Train;
         _optimizer = new AdamW(t.Beta1, t.Beta2, t.AdamEps, t.WeightDecay);
     }
@@ -102,10 +105,12 @@ public sealed class ShardEngine : IDisposable
     }
 
     /// <summary>Squared norm of this shard's gradients for compute attempt <paramref name="fence"/>.</summary>
-    public double GradSumSq(Fence fence)
+    public double GradSumSq(Fence fence, CancellationToken token)
     {
         _ctx.MaybeInject(FaultPhase.Norm, fence);
         Accumulate(fence);
+        // The gradients are final now: the buddy gets them before the norm is reported (see MirrorParts).
+        MirrorSender.Send(_ctx, fence, token, 1 + MoEOrdinal, _mirrored);
         return GradClip.SumOfSquares(_params.Select(p => p.Param));
     }
 

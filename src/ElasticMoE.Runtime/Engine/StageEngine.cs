@@ -30,6 +30,8 @@ public sealed class StageEngine
     // their norm with its own and updates them itself (no round trip to a shard).
     private readonly List<StateUnit> _privateExperts;
     private readonly List<(string Name, Tensor Param)> _privateExpertParams;
+    // Units whose gradients go to this worker's buddy each step (redundancy), in the order it expects.
+    private readonly List<StateUnit> _mirrored;
 
     public StageEngine(WorkerContext ctx, IShardMessenger messenger)
     {
@@ -45,6 +47,7 @@ public sealed class StageEngine
             .Where(o => plan.ShardIsPrivate(o, ctx.Worker, ctx.Config.Model.DenseLayers))
             .SelectMany(ctx.ExpertUnits).ToList();
         _privateExpertParams = WorkerContext.ParametersOf(_privateExperts);
+        _mirrored = MirrorParts.Of(plan, ctx.Worker, ctx.Config.Model).GetValueOrDefault(0, []).Select(u => ctx.Units[u]).ToList();
         foreach (var layer in _moe) layer.Executor = _executor;
         if (plan.Dp > 1)
         {
@@ -123,6 +126,8 @@ public sealed class StageEngine
         _executor.ThrowIfBackwardFailed();
         AllReduceDenseGradients(fence, token);
         double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExpertParams).Select(d => d.Param));
+        // Before the step counts as computed, the buddy holds its gradients (see MirrorParts).
+        MirrorSender.Send(ctx, fence, token, 0, _mirrored);
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();
         return new StepComputed(fence, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
             _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts);
@@ -135,22 +140,10 @@ public sealed class StageEngine
     public UpdateApplied Apply(ApplyUpdate u)
     {
         using var scope = NewDisposeScope();
-        long step = u.Fence.Step;
         int applied = 0, already = 0;
         foreach (var unit in _stageUnits.Concat(_privateExperts))
         {
-            bool did;
-            if (unit.Id.Kind == UnitKind.RouterBias)
-            {
-                did = unit.AppliedStep < step;
-                if (did)
-                {
-                    var layer = _ctx.Model.Blocks[unit.Id.Block].MoE!;
-                    layer.Router.UpdateBias(u.LayerLoads[_ctx.MoEOrdinal(unit.Id.Block)], _ctx.Config.Model.MoE.BiasUpdateRate);
-                    unit.TryMarkApplied(step);
-                }
-            }
-            else did = _optimizer.StepUnit(unit, step, u.Lr, u.ClipScale);
+            bool did = UnitUpdates.Apply(_ctx, _optimizer, unit, u);
             if (did) applied++; else already++;
             // An update interrupted here leaves some units at the new step and the rest at the old one:
             // exactly what the per-unit applied step records and the roll-forward completes.

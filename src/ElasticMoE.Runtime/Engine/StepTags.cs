@@ -36,6 +36,8 @@ public static class StepTags
         EvalExpertTokens = 8,
         EvalExpertOutputs = 9,
         Unit = 10,
+        MirrorGradients = 11,
+        MirrorAck = 12,
     }
 
     public const int MaxWorkers = 128, MaxMicroBatches = 256, MaxLayers = 256;

@@ -63,7 +63,8 @@ public sealed class WorkerContext : IDisposable
         Faults = FaultInjection.Parse(config.Cluster.FaultInjection);
     }
 
-    public bool Holds(UnitId unit) => _held.Contains(unit);
+    /// <summary>True when this worker has the unit's current state: held, mirrored, or retired by the plan just installed.</summary>
+    public bool Holds(UnitId unit) => _held.Contains(unit) || _retired.Contains(unit);
     public int HeldCount => _held.Count;
     public int UnitIndex(UnitId unit)
     {
@@ -71,20 +72,40 @@ public sealed class WorkerContext : IDisposable
         return i >= 0 ? i : throw new ArgumentException($"unknown unit {unit}");
     }
 
-    /// <summary>Takes up <paramref name="plan"/>: releases every unit it does not give this worker.</summary>
+    // Units the plan just installed no longer gives this worker. Their values are still current until the
+    // plan's first step runs, and until then the coordinator may fall back to the previous plan (a node lost
+    // in the middle of an install), whose transfers may need them: so they are released at that first step.
+    private readonly HashSet<UnitId> _retired = new();
+
+    /// <summary>
+    /// Takes up <paramref name="plan"/>: keeps the units it gives this worker (its own and the mirrors it
+    /// keeps for its buddies) and retires every other.
+    /// </summary>
     public void Install(TrainingPlan plan, int rank)
     {
-        var keep = rank < 0 ? new HashSet<UnitId>() : plan.UnitsOf(rank, Config.Model).ToHashSet();
-        foreach (var u in _held.Where(u => !keep.Contains(u)).ToList())
-        {
-            _units[u].Release();
-            _held.Remove(u);
-        }
+        var keep = rank < 0 ? new HashSet<UnitId>() : plan.HoldingsOf(rank, Config.Model).ToHashSet();
         foreach (var u in keep)
-            if (!_held.Contains(u))
+            if (!Holds(u))
                 throw new InvalidOperationException($"worker {Id}: plan epoch {plan.Epoch} gives it unit {u}, which it neither held nor received");
-        Plan = plan;
-        Worker = rank;
+        lock (_gate)
+        {
+            foreach (var u in _held.Where(u => !keep.Contains(u)).ToList())
+            {
+                _retired.Add(u);
+                _held.Remove(u);
+            }
+            foreach (var u in keep)
+                if (_retired.Remove(u)) _held.Add(u);
+            Plan = plan;
+            Worker = rank;
+        }
+    }
+
+    // Under _gate, when the first attempt of the installed plan starts.
+    private void ReleaseRetired()
+    {
+        foreach (var u in _retired) _units[u].Release();
+        _retired.Clear();
     }
 
     /// <summary>
@@ -93,12 +114,17 @@ public sealed class WorkerContext : IDisposable
     /// </summary>
     public void ReleaseAll()
     {
-        foreach (var u in _held) _units[u].Release();
+        foreach (var u in _held.Concat(_retired)) _units[u].Release();
         _held.Clear();
+        _retired.Clear();
     }
 
     /// <summary>Marks a unit as received (after its import verified).</summary>
-    public void Received(UnitId unit) => _held.Add(unit);
+    public void Received(UnitId unit)
+    {
+        _retired.Remove(unit);
+        _held.Add(unit);
+    }
 
     public bool Active => Plan is not null && Worker >= 0;
     public TrainingPlan ActivePlan => Plan ?? throw new InvalidOperationException("no plan installed");
@@ -149,6 +175,7 @@ public sealed class WorkerContext : IDisposable
             if (fence < _current) return null;
             if (fence > _current)
             {
+                if (_retired.Count > 0 && Plan is { } plan && fence.Epoch == plan.Epoch) ReleaseRetired();
                 // Whatever still waits in the older attempt is void now (it was aborted, or it is done).
                 _attempt.Cancel();
                 _current = fence;
@@ -180,8 +207,15 @@ public sealed class WorkerContext : IDisposable
     /// <summary>Throws the injected fault if <c>cluster.fault-injection</c> names this phase of this attempt.</summary>
     public void MaybeInject(FaultPhase phase, Fence fence)
     {
-        if (Faults is { } f && f.Matches(phase, fence, Worker))
-            throw new InjectedFaultException($"fault injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
+        if (Faults is not { } f || !f.Matches(phase, fence, Worker)) return;
+        if (f.Kill)
+        {
+            // The whole process dies at once, as with `kill -9` (this is SIGKILL on Linux): no goodbye,
+            // no flush, sockets closed by the kernel. For fault tests with node processes only.
+            Console.Error.WriteLine($"fault injection: killing this process in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
+            System.Diagnostics.Process.GetCurrentProcess().Kill();
+        }
+        throw new InjectedFaultException($"fault injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
     }
 
     /// <summary>Waits for a data-plane task under the attempt's token and the step timeout.</summary>
@@ -223,14 +257,16 @@ public sealed class AttemptAbortedException(string message) : Exception(message)
 public sealed class InjectedFaultException(string message) : Exception(message);
 
 /// <summary>The phases of a step where a fault can be injected.</summary>
-public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update }
+public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update, Transfer }
 
 /// <summary>
-/// <c>cluster.fault-injection = "step=5,phase=backward[,attempt=0][,worker=R]"</c>: throw in that phase of
-/// that attempt (attempt 0 by default, so the redo succeeds) on worker rank R (any worker reaching the
-/// phase by default). For tests and benchmarks of abort-and-redo.
+/// <c>cluster.fault-injection = "step=5,phase=backward[,attempt=0][,worker=R][,action=kill]"</c>: throw in that
+/// phase of that attempt (attempt 0 by default, so the redo succeeds) on worker rank R (any worker reaching
+/// the phase by default); with <c>action=kill</c> the process SIGKILLs itself there instead. Phase
+/// <c>transfer</c> is a re-plan's unit transfer (step = the plan's first step, the worker its rank in the
+/// plan before). For tests and benchmarks of abort-and-redo and of recovery.
 /// </summary>
-public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker)
+public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false)
 {
     public bool Matches(FaultPhase phase, Fence fence, int worker)
         => phase == Phase && fence.Step == Step && fence.Attempt == Attempt && (Worker is null || Worker == worker);
@@ -238,7 +274,7 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
     public static FaultInjection? Parse(string text)
     {
         if (string.IsNullOrWhiteSpace(text)) return null;
-        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null;
+        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false;
         foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
             var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
@@ -251,15 +287,23 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
                     {
                         "forward" => FaultPhase.Forward, "dispatch" => FaultPhase.Dispatch, "backward" => FaultPhase.Backward,
                         "all-reduce" or "allreduce" => FaultPhase.AllReduce, "norm" => FaultPhase.Norm, "update" => FaultPhase.Update,
-                        _ => throw new ConfigException($"cluster.fault-injection: phase '{kv[1]}' is not one of forward, dispatch, backward, all-reduce, norm, update"),
+                        "transfer" => FaultPhase.Transfer,
+                        _ => throw new ConfigException($"cluster.fault-injection: phase '{kv[1]}' is not one of forward, dispatch, backward, all-reduce, norm, update, transfer"),
                     };
                     break;
                 case "attempt": attempt = int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number"); break;
                 case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank"); break;
-                default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker)");
+                case "action":
+                    kill = kv[1] switch
+                    {
+                        "kill" => true, "throw" => false,
+                        _ => throw new ConfigException($"cluster.fault-injection: action '{kv[1]}' is not throw or kill"),
+                    };
+                    break;
+                default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker, action)");
             }
         }
         if (step is null || phase is null) throw new ConfigException("cluster.fault-injection needs step=N and phase=P");
-        return new FaultInjection(step.Value, phase.Value, attempt, worker);
+        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill);
     }
 }

@@ -117,11 +117,32 @@ public sealed class ClusterNode : IAsyncDisposable
               cluster {
                 roles = [{{string.Join(", ", roles.Select(r => $"\"{r}\""))}}]
                 log-info = off
-                # A training run's members are few and known; down an unreachable one quickly so the
-                # singleton moves and the run fails fast instead of hanging on a dead peer.
+                # Who is downed when members become unreachable. keep-oldest on the coordinator role:
+                # the side of a partition with the oldest coordinator-role member (the running
+                # coordinator) keeps going and re-plans without the rest; every node on the other side
+                # downs itself and stops, so a partition never leaves two coordinators driving steps
+                # (keep-majority could: a 1-coordinator + 1-node side is a minority of 5 but is the
+                # side with the run's state and driver). down-if-alone = off: a coordinator cut off
+                # from every node keeps its journal and waits for nodes rather than downing itself.
+                # stable-after 5 s suits a LAN (the failure detector has then seen ~5 missed heartbeats).
+                # A SIGKILLed node does not wait for this: the coordinator sees its connection close,
+                # confirms with a refused reconnect and downs it itself (see TrainingCoordinator).
                 downing-provider-class = "Akka.Cluster.SBR.SplitBrainResolverProvider, Akka.Cluster"
-                split-brain-resolver.active-strategy = keep-oldest
-                split-brain-resolver.stable-after = 5s
+                split-brain-resolver {
+                  active-strategy = keep-oldest
+                  stable-after = 5s
+                  keep-oldest {
+                    down-if-alone = off
+                    role = "{{CoordinatorRole}}"
+                  }
+                }
+                # LAN defaults: a heartbeat a second, unreachable after ~3 s of silence (Akka's own
+                # defaults; measured here: a SIGKILLed loopback node is marked unreachable in ~4.5 s).
+                failure-detector {
+                  heartbeat-interval = 1s
+                  acceptable-heartbeat-pause = 3s
+                  threshold = 8.0
+                }
                 # A graceful leave (a node's SIGTERM) takes a few gossip rounds and leader actions:
                 # ~2 s at Akka's 1 s defaults, measured here; at 250 ms the signalled node is gone in
                 # well under a second. A handful of members gossiping 4 times a second costs nothing.

@@ -94,7 +94,11 @@ public sealed record InstallPlan(
     [property: Key(6)] int[][] ExpertOwner,
     [property: Key(7)] long StartStep,
     [property: Key(8)] WorkerInfo[] Previous,
-    [property: Key(9)] UnitMove[] Moves) : IElasticMoEMessage;
+    [property: Key(9)] UnitMove[] Moves) : IElasticMoEMessage
+{
+    /// <summary>The plan's <see cref="Planning.TrainingPlan.Redundancy"/>: who mirrors what follows from it.</summary>
+    [Key(10)] public int Redundancy { get; init; }
+}
 
 /// <summary>
 /// Device worker → coordinator: plan <c>Epoch</c> is installed: units received and verified, stage and
@@ -113,7 +117,11 @@ public sealed record PlanInstalled(
     [property: Key(6)] Akka.Actor.IActorRef[] Shards,
     [property: Key(7)] long BytesReceived,
     [property: Key(8)] int UnitsReceived,
-    [property: Key(9)] int UnitsHeld) : IElasticMoEMessage;
+    [property: Key(9)] int UnitsHeld) : IElasticMoEMessage
+{
+    /// <summary>This worker's mirror keeper when the plan gives it mirrors to keep (then it takes part in steps and updates), else empty.</summary>
+    [Key(10)] public Akka.Actor.IActorRef[] Mirrors { get; init; } = [];
+}
 
 /// <summary>Device worker → coordinator: the plan could not be installed (a unit failed to arrive or to verify).</summary>
 [MessagePackObject, Manifest("t.PlanFailed")]
