@@ -76,15 +76,17 @@ public sealed class TrainingReport : IDisposable
     /// <paramref name="step"/> is the 1-based step that was in flight (or next) when it happened;
     /// <paramref name="recoverySeconds"/> runs from then to the next committed step.
     /// </summary>
-    public void MembershipEvent(string kind, string node, long step, double recoverySeconds)
+    /// <param name="breakdown">Further figures for the line (e.g. detection time, install seconds); NaN ones are written as null.</param>
+    public void MembershipEvent(string kind, string node, long step, double recoverySeconds, IReadOnlyDictionary<string, double>? breakdown = null)
     {
         lock (_gate)
         {
             _console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{kind} {node} at step {step}: training again {recoverySeconds:F2} s later"));
             if (_metrics is null || _disposed) return;
             var json = System.Text.Json.JsonSerializer.Serialize(node);
+            var extra = breakdown is null ? "" : string.Concat(breakdown.Select(kv => $",\"{kv.Key}\":{Num(kv.Value)}"));
             _metrics.Write(Utf8.GetBytes(string.Create(CultureInfo.InvariantCulture,
-                $"{{\"event\":\"{kind}\",\"node\":{json},\"step\":{step},\"recovery_s\":{Num(recoverySeconds)}}}\n")));
+                $"{{\"event\":\"{kind}\",\"node\":{json},\"step\":{step},\"recovery_s\":{Num(recoverySeconds)}{extra}}}\n")));
         }
     }
 

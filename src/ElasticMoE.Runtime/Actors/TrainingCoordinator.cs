@@ -78,7 +78,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     // count on them (TransferPlanner takes their units from copies and mirrors).
     private readonly HashSet<WorkerId> _gone = new();
     // Membership changes to report at the next committed step, when their recovery time is known.
-    private readonly List<(string Kind, string Node, long Step, System.Diagnostics.Stopwatch Since)> _membershipEvents = new();
+    private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
     private enum Phase { WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
@@ -195,6 +195,21 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private sealed record NodeProbed(Address Address, bool Dead);
 
+    /// <summary>
+    /// A join, leave or loss waiting for the next committed step, when its recovery time is known: from
+    /// <see cref="Since"/> (detection, or the join/leave request) to the install of the plan that took it into
+    /// account (replan = before the install started, install = the unit transfers) and on to the commit (redo).
+    /// </summary>
+    private sealed class MembershipChange(string kind, string node, long step, System.Diagnostics.Stopwatch since)
+    {
+        public string Kind { get; } = kind;
+        public string Node { get; } = node;
+        public long Step { get; } = step;
+        public System.Diagnostics.Stopwatch Since { get; } = since;
+        public double DetectedUnix { get; } = DateTimeOffset.UtcNow.ToUnixTimeMilliseconds() / 1000.0 - since.Elapsed.TotalSeconds;
+        public (double Before, double Install, double InstalledAt)? Installed { get; set; }
+    }
+
     // A closed remoting connection is a hint, not a verdict (a connection can drop and come back): the
     // node counts as lost only if a fresh TCP connection to it is refused, which for a killed process on
     // a reachable host takes a millisecond. A timeout proves nothing; the failure detector decides then.
@@ -252,7 +267,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             return;
         }
         _gone.UnionWith(lost);
-        _membershipEvents.Add(("node-lost", node, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
+        _membershipEvents.Add(new MembershipChange("node-lost", node, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
         _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying} worker(s)");
         ForgetActorsOf(node);
         switch (_phase)
@@ -426,7 +441,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             if (_state.Plan!.Workers.Any(w => w.NodeAddress == address)) continue;
             RemoveNode(address, "handed its units over and left");
             _leaving.Remove(address);
-            if (_leaveAsked.Remove(address, out var since)) _membershipEvents.Add(("node-left", address, _state.NextStep + 1, since));
+            if (_leaveAsked.Remove(address, out var since)) _membershipEvents.Add(new MembershipChange("node-left", address, _state.NextStep + 1, since));
             agent.Tell(new LeaveGranted(address, _state.NextStep));
             _report.Info($"node {address} handed its units over; it leaves before step {_state.NextStep + 1}");
         }
@@ -611,7 +626,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _installFailures = 0;
         foreach (var w in plan.Workers)
             if (_joinedAt.Remove(w.NodeAddress, out var since))
-                _membershipEvents.Add(("node-joined", w.NodeAddress, _state.NextStep + 1, since));
+                _membershipEvents.Add(new MembershipChange("node-joined", w.NodeAddress, _state.NextStep + 1, since));
+        foreach (var e in _membershipEvents.Where(e => e.Installed is null))
+            e.Installed = (e.Since.Elapsed.TotalSeconds - seconds, seconds, e.Since.Elapsed.TotalSeconds);
         if (_leaving.Count > 0) GrantLeaves();
         if (_plans.Count > 1)
             _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
@@ -803,7 +820,15 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             _plans[^1] = _plans[^1] with { GapSeconds = _sinceCommit.Elapsed.TotalSeconds };
         }
         _sinceCommit.Restart();
-        foreach (var (kind, node, atStep, since) in _membershipEvents) _report.MembershipEvent(kind, node, atStep, since.Elapsed.TotalSeconds);
+        foreach (var e in _membershipEvents)
+        {
+            double total = e.Since.Elapsed.TotalSeconds;
+            var (before, install, installedAt) = e.Installed ?? (double.NaN, double.NaN, double.NaN);
+            _report.MembershipEvent(e.Kind, e.Node, e.Step, total, new Dictionary<string, double>
+            {
+                ["detected_unix"] = e.DetectedUnix, ["replan_s"] = before, ["install_s"] = install, ["redo_s"] = total - installedAt,
+            });
+        }
         _membershipEvents.Clear();
         long done = _state.NextStep;
         bool last = done >= _config.Train.Steps
