@@ -820,8 +820,11 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             _plans[^1] = _plans[^1] with { GapSeconds = _sinceCommit.Elapsed.TotalSeconds };
         }
         _sinceCommit.Restart();
-        foreach (var e in _membershipEvents)
+        // Only changes a plan has taken into account: a loss in the update phase commits that step on the
+        // survivors first, and recovers after it.
+        foreach (var e in _membershipEvents.Where(e => e.Installed is not null).ToList())
         {
+            _membershipEvents.Remove(e);
             double total = e.Since.Elapsed.TotalSeconds;
             var (before, install, installedAt) = e.Installed ?? (double.NaN, double.NaN, double.NaN);
             _report.MembershipEvent(e.Kind, e.Node, e.Step, total, new Dictionary<string, double>
@@ -829,7 +832,6 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
                 ["detected_unix"] = e.DetectedUnix, ["replan_s"] = before, ["install_s"] = install, ["redo_s"] = total - installedAt,
             });
         }
-        _membershipEvents.Clear();
         long done = _state.NextStep;
         bool last = done >= _config.Train.Steps
                     || (_config.Train.TimeLimitSeconds > 0 && _clock.Elapsed.TotalSeconds >= _config.Train.TimeLimitSeconds)
