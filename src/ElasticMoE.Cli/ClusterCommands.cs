@@ -36,7 +36,8 @@ public static class ClusterTrain
                     double tps = result.Steps.Sum(s => s.Tokens) / result.Steps.Sum(s => s.Seconds);
                     report.Info(string.Create(CultureInfo.InvariantCulture,
                         $"done: {result.Steps.Count} steps in {result.Seconds:F1} s, loss {first:F4} -> {last:F4} ({last / first:P0} of first)" +
-                        $"{(result.Validation.Count > 0 ? $", validation {result.Validation[^1].ValLoss:F4}" : "")}, {tps:F0} tokens/s"));
+                        $"{(result.Validation.Count > 0 ? $", validation {result.Validation[^1].ValLoss:F4}" : "")}, {tps:F0} tokens/s, " +
+                        $"{result.RedoneAttempts} step attempt(s) redone"));
                 }
                 outcome = (result.StoppedBy, signals.Received) switch
                 {

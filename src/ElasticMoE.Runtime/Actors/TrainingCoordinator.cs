@@ -516,7 +516,8 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         {
             // Every copy of these units is gone (no mirror, or the mirror died too). Checkpoints (the
             // checkpoint issue) will let the run fall back to the last one; until then it stops here.
-            Fail($"cannot continue after losing {string.Join(", ", _gone)}: {ex.Message}", FailureKind.StateLost);
+            Fail($"cannot continue after losing {string.Join(", ", _gone)}: {ex.Message}. No copy is left in memory " +
+                 "(cluster.redundancy = 0, or a unit and its mirror were lost together); the run cannot resume without a checkpoint", FailureKind.StateLost);
             return;
         }
         catch (ArgumentException ex)

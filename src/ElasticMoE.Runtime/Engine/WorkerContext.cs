@@ -262,19 +262,22 @@ public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update, T
 /// <summary>
 /// <c>cluster.fault-injection = "step=5,phase=backward[,attempt=0][,worker=R][,action=kill]"</c>: throw in that
 /// phase of that attempt (attempt 0 by default, so the redo succeeds) on worker rank R (any worker reaching
-/// the phase by default); with <c>action=kill</c> the process SIGKILLs itself there instead. Phase
+/// the phase by default), under plan epoch E when <c>epoch=E</c> is given (a re-plan after a loss redoes the
+/// step at attempt 0 of a new epoch, where another worker may hold rank R); with <c>action=kill</c> the
+/// process SIGKILLs itself there instead. Phase
 /// <c>transfer</c> is a re-plan's unit transfer (step = the plan's first step, the worker its rank in the
 /// plan before). For tests and benchmarks of abort-and-redo and of recovery.
 /// </summary>
-public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false)
+public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false, int? Epoch = null)
 {
     public bool Matches(FaultPhase phase, Fence fence, int worker)
-        => phase == Phase && fence.Step == Step && fence.Attempt == Attempt && (Worker is null || Worker == worker);
+        => phase == Phase && fence.Step == Step && fence.Attempt == Attempt && (Worker is null || Worker == worker)
+           && (Epoch is null || Epoch == fence.Epoch);
 
     public static FaultInjection? Parse(string text)
     {
         if (string.IsNullOrWhiteSpace(text)) return null;
-        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false;
+        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false; int? epoch = null;
         foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
             var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
@@ -293,6 +296,7 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
                     break;
                 case "attempt": attempt = int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number"); break;
                 case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank"); break;
+                case "epoch": epoch = int.TryParse(kv[1], out var e) && e >= 0 ? e : throw new ConfigException($"cluster.fault-injection: epoch '{kv[1]}' is not a plan epoch"); break;
                 case "action":
                     kill = kv[1] switch
                     {
@@ -300,10 +304,10 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
                         _ => throw new ConfigException($"cluster.fault-injection: action '{kv[1]}' is not throw or kill"),
                     };
                     break;
-                default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker, action)");
+                default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker, action, epoch)");
             }
         }
         if (step is null || phase is null) throw new ConfigException("cluster.fault-injection needs step=N and phase=P");
-        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill);
+        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill, epoch);
     }
 }

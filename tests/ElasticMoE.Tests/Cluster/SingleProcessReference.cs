@@ -61,7 +61,9 @@ public static class SingleProcessReference
     /// </summary>
     public static void AssertMetricsMatch(string metricsPath, IReadOnlyList<StepResult> reference)
     {
-        var lines = File.ReadAllLines(metricsPath).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement).ToList();
+        // Step lines only: membership changes have event lines of their own.
+        var lines = File.ReadAllLines(metricsPath).Select(l => System.Text.Json.JsonDocument.Parse(l).RootElement)
+            .Where(l => !l.TryGetProperty("event", out _)).ToList();
         Assert.Equal(Enumerable.Range(1, reference.Count), lines.Select(l => l.GetProperty("step").GetInt32()));
         AssertStepsMatch(metricsPath, lines.Select(l => (l.GetProperty("loss").GetDouble(), l.GetProperty("grad_norm").GetDouble())).ToList(), reference);
     }

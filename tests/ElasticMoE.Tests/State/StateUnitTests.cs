@@ -127,6 +127,47 @@ public class StateUnitTests
     }
 
     [Fact]
+    public void A_mirror_kept_from_packed_gradients_stays_bit_identical_to_the_original()
+    {
+        // What a buddy does with redundancy on: it never runs the model, it gets each step's gradients and
+        // applies the same update. Experts that got no token travel as "no gradient" and stay untouched.
+        using var a = NewModel(1);
+        using var b = NewModel(2);
+        var unitsA = UnitBinding.Bind(a);
+        var unitsB = UnitBinding.Bind(b);
+        using var optA = NewOptimizer();
+        using var optB = NewOptimizer();
+        var mirrored = unitsA.Keys.Where(u => u.Kind != UnitKind.RouterBias).ToList();
+        foreach (var id in mirrored) unitsB[id].Import(unitsA[id].Export());
+        bool sawMissing = false;
+        for (int step = 0; step < 4; step++)
+        {
+            Backward(a, step);
+            a.TakeExpertCounts();
+            var fromA = mirrored.Select(u => unitsA[u]).ToList();
+            // An expert that got no token this step has no gradient (forced here for one expert on odd steps).
+            if (step % 2 == 1)
+                foreach (var (_, p) in fromA.First(u => u.Id.Kind == UnitKind.Expert).Parameters) p.grad = null;
+            sawMissing |= fromA.SelectMany(u => u.Parameters).Any(p => p.Param.grad is null);
+            using (var packed = ElasticMoE.Runtime.Engine.MirrorParts.Pack(fromA))
+                ElasticMoE.Runtime.Engine.MirrorParts.Unpack(packed, mirrored.Select(u => unitsB[u]).ToList());
+            foreach (var id in mirrored)
+            {
+                Assert.Equal(optA.StepUnit(unitsA[id], step, Lr(step), 0.8), optB.StepUnit(unitsB[id], step, Lr(step), 0.8));
+                foreach (var (_, p) in unitsA[id].Parameters) p.grad = null;
+                foreach (var (_, p) in unitsB[id].Parameters) p.grad = null;
+            }
+        }
+        Assert.True(sawMissing, "the batch should leave some expert without tokens");
+        foreach (var id in mirrored) AssertSameState(unitsA[id], unitsB[id]);
+        // A frame made of other units is refused, naming them.
+        using var wrong = ElasticMoE.Runtime.Engine.MirrorParts.Pack([unitsA[UnitId.Head]]);
+        Assert.Contains("embed", Assert.Throws<InvalidOperationException>(() => ElasticMoE.Runtime.Engine.MirrorParts.Unpack(wrong, [unitsB[UnitId.Embedding]])).Message);
+        DisposeAll(unitsA);
+        DisposeAll(unitsB);
+    }
+
+    [Fact]
     public void Export_is_deterministic_and_carries_its_metadata()
     {
         using var a = NewModel(1);

@@ -1,0 +1,160 @@
+using System.Diagnostics;
+using System.Text;
+using System.Text.Json;
+using System.Text.RegularExpressions;
+using ElasticMoE.Training;
+using Xunit.Abstractions;
+
+namespace ElasticMoE.Tests.Cluster;
+
+/// <summary>
+/// Kill and continue with real node processes: a node dies by SIGKILL (from outside, or by its own hand in a
+/// chosen phase), the survivors go on without restarting, and every committed step still equals the
+/// fault-free single-process loop.
+/// </summary>
+[Collection("cluster")]
+public class RecoveryTests(ITestOutputHelper output)
+{
+    private static Dictionary<string, string> Settings(int steps, int pp = 1) => TestSupport.SmallSettings(
+        ("seed", "1"), ("model.layers", "4"), ("model.dense-layers", "1"), ("model.moe.routed-experts", "6"),
+        ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", steps.ToString()), ("train.eval-every", "10"),
+        ("train.eval-batches", "2"), ("cluster.checksum-every", "5"), ("cluster.pipeline-stages", pp.ToString()));
+
+    private static readonly Dictionary<int, IReadOnlyList<StepResult>> References = new();
+
+    private static IReadOnlyList<StepResult> Reference(int steps)
+    {
+        lock (References)
+        {
+            if (!References.TryGetValue(steps, out var r))
+                References[steps] = r = SingleProcessReference.Train(TestSupport.SmallConfig(Settings(steps).Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
+            return r;
+        }
+    }
+
+    private sealed record Outcome(int Code, string Text, string Metrics, Process[] Nodes)
+    {
+        public List<JsonElement> Events => File.ReadAllLines(Metrics).Select(l => JsonDocument.Parse(l).RootElement)
+            .Where(l => l.TryGetProperty("event", out _)).ToList();
+
+        public int Redone => int.Parse(Regex.Match(Text, @"(\d+) step attempt\(s\) redone").Groups[1].Value);
+    }
+
+    /// <summary>Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout line.</summary>
+    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, Process[]>? onLine = null)
+    {
+        TestSupport.EnsureTorch();
+        var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
+        int port = NodeProcesses.FreePort();
+        var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
+        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var procs = Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra])).ToArray();
+        var text = new StringBuilder();
+        try
+        {
+            var stderr = coordinator.StandardError.ReadToEndAsync();
+            string? line;
+            using var cts = new CancellationTokenSource(TimeSpan.FromMinutes(3));
+            while ((line = await coordinator.StandardOutput.ReadLineAsync(cts.Token)) is not null)
+            {
+                text.AppendLine(line);
+                onLine?.Invoke(line, procs);
+            }
+            await coordinator.WaitForExitAsync(cts.Token);
+            text.AppendLine(await stderr);
+            output.WriteLine(text.ToString());
+            return new Outcome(coordinator.ExitCode, text.ToString(), metrics, procs);
+        }
+        catch
+        {
+            output.WriteLine(text.ToString());
+            throw;
+        }
+        finally
+        {
+            foreach (var p in procs.Append(coordinator))
+                if (!p.HasExited) p.Kill(entireProcessTree: true);
+        }
+    }
+
+    private static async Task AssertSurvivorsFinishCleanly(IEnumerable<Process> survivors)
+    {
+        // The same processes that started the run (never restarted: their PIDs are the ones we launched)
+        // end it, told by the coordinator that training finished.
+        foreach (var p in survivors)
+        {
+            var (code, text) = await NodeProcesses.Finish(p, TimeSpan.FromSeconds(60));
+            Assert.True(code == 0, $"node {p.Id}: exit {code}\n{text}");
+        }
+    }
+
+    [Fact]
+    public async Task A_node_SIGKILLed_at_step_20_of_60_leaves_the_survivors_to_finish_with_the_same_curve()
+    {
+        const int steps = 60;
+        var reference = Reference(steps);
+        Process? victim = null;
+        var r = await Run(3, Settings(steps), ["--set", "cluster.join-settle=0"], (line, nodes) =>
+        {
+            if (victim is null && line.StartsWith("step    20/", StringComparison.Ordinal))
+            {
+                victim = nodes[1];
+                victim.Kill();   // SIGKILL
+            }
+        });
+        Assert.True(r.Code == 0, r.Text);
+        Assert.NotNull(victim);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, reference);
+        var lost = Assert.Single(r.Events);
+        Assert.Equal("node-lost", lost.GetProperty("event").GetString());
+        Assert.InRange(lost.GetProperty("step").GetInt32(), 21, 22);
+        Assert.True(lost.GetProperty("recovery_s").GetDouble() < 10, r.Text);
+        Assert.InRange(r.Redone, 0, 1);
+        Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
+        await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => n != victim));
+    }
+
+    // A node SIGKILLs itself in one phase of step 7 (fence step 6): each phase leaves different partial
+    // state behind (nothing applied; some units applied, mirrors holding the rest; units in flight).
+    [Theory]
+    [InlineData("forward", 1, 1)]
+    [InlineData("backward", 3, 2)]
+    [InlineData("dispatch", 1, 0)]
+    [InlineData("norm", 3, 1)]
+    [InlineData("update", 1, 2)]
+    [InlineData("update", 3, 0)]
+    public async Task A_node_killed_in_any_phase_of_a_step_costs_at_most_that_step(string phase, int pp, int rank)
+    {
+        const int steps = 14;
+        var r = await Run(3, Settings(steps, pp), ["--set", $"cluster.fault-injection=step=6,phase={phase},worker={rank},epoch=1,action=kill"]);
+        Assert.True(r.Code == 0, r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        var lost = Assert.Single(r.Events);
+        Assert.Equal(7, lost.GetProperty("step").GetInt32());
+        Assert.InRange(r.Redone, 0, 1);
+        Assert.Equal(2, r.Nodes.Count(n => n.WaitForExit(TimeSpan.FromSeconds(60)) && n.ExitCode == 0));
+    }
+
+    [Fact]
+    public async Task A_node_killed_while_handing_over_units_in_a_re_plan_loses_nothing()
+    {
+        // 3 workers shrink to 2 at step 6: rank 2 sends its experts away and dies doing it. Its experts live
+        // on in its buddy's mirrors, so the re-plan falls back to the plan before and recovers from there.
+        const int steps = 12;
+        var r = await Run(3, Settings(steps), ["--set", "cluster.relayout=6=2x1", "--set", "cluster.fault-injection=step=6,phase=transfer,worker=2,epoch=2,action=kill"]);
+        Assert.True(r.Code == 0, r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        Assert.Equal("node-lost", Assert.Single(r.Events).GetProperty("event").GetString());
+        Assert.Equal(2, r.Nodes.Count(n => n.WaitForExit(TimeSpan.FromSeconds(60)) && n.ExitCode == 0));
+    }
+
+    [Fact]
+    public async Task Without_redundancy_a_lost_node_stops_the_run_naming_the_lost_units()
+    {
+        var r = await Run(3, Settings(14), ["--set", "cluster.redundancy=0", "--set", "cluster.fault-injection=step=6,phase=forward,worker=1,epoch=1,action=kill"]);
+        Assert.Equal(4, r.Code);
+        Assert.Matches(@"unit\(s\) needed by the next plan have no holder left: expert\.", r.Text);
+        Assert.Contains("resume", r.Text, StringComparison.OrdinalIgnoreCase);
+    }
+}
