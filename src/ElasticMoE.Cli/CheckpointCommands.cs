@@ -126,7 +126,8 @@ public static class CrashDrill
     /// <summary>The blob of a synthetic unit at a step: 8 KiB of F32 values that depend on both, so a unit of another step never passes as this one.</summary>
     public static byte[] Blob(UnitId unit, long step)
     {
-        var rng = new Random(HashCode.Combine(unit, step) ^ (int)step);
+        // Not HashCode.Combine: it is seeded per process, and the parent must compute the child's values.
+        var rng = new Random(unchecked((int)(step * 1_000_003 + (int)unit.Kind * 10_007 + unit.Block * 101 + unit.Expert)));
         var values = new float[2048];
         for (int i = 0; i < values.Length; i++) values[i] = (float)rng.NextDouble() + step;
         var bytes = new byte[values.Length * 4];
@@ -137,9 +138,20 @@ public static class CrashDrill
     /// <summary>The child: resumes from the newest valid checkpoint, then saves step after step until killed.</summary>
     public static int WriteUntilKilled(string runDirectory, TextWriter stdout)
     {
+        // One save into a scratch directory first: the first save of a process is slow (JIT), and a
+        // kill must be able to land in the middle of a steady save, not only during start-up.
+        var scratch = Path.Combine(Path.GetTempPath(), $"elasticmoe-crash-warmup-{Environment.ProcessId}");
+        SaveLoop(new CheckpointStore(scratch), 0, 1, null);
+        Directory.Delete(scratch, recursive: true);
         var store = new CheckpointStore(runDirectory, keep: 2);
         long step = store.LoadNewestValid().Checkpoint?.Step ?? 0;
         stdout.WriteLine($"ready {step}");
+        return SaveLoop(store, step, long.MaxValue, stdout);
+    }
+
+    /// <summary>Saves steps after <paramref name="step"/> until <paramref name="last"/>, printing each commit.</summary>
+    private static int SaveLoop(CheckpointStore store, long step, long last, TextWriter? stdout)
+    {
         var held = new Dictionary<string, IReadOnlyCollection<UnitId>>
         {
             ["a"] = Units.Where(u => u.Kind != UnitKind.Expert || u.Expert < 4).ToList(),
@@ -148,14 +160,15 @@ public static class CrashDrill
         };
         var assignment = CheckpointWriters.Assign(held);
         var layout = new Dictionary<string, string> { ["mode"] = "crash-drill", ["workers"] = "3" };
-        while (true)
+        while (step < last)
         {
             step++;
             var directory = store.BeginSave(step);
             var shards = Writers.Select(w => ShardFile.Write(directory, w, step, assignment[w].Select(u => (ReadOnlyMemory<byte>)Blob(u, step)))).ToList();
             store.Commit(directory, step, "crash-drill", "synthetic", layout, shards);
-            stdout.WriteLine($"committed {step}");
+            stdout?.WriteLine($"committed {step}");
         }
+        return Program.ExitCodes.Ok;
     }
 
     /// <summary>The parent: <paramref name="kills"/> rounds of start, random delay, SIGKILL, check.</summary>
@@ -218,8 +231,9 @@ public static class CrashDrill
         }
         long ready = long.Parse(first["ready ".Length..], CultureInfo.InvariantCulture);
         var rest = child.StandardOutput.ReadToEndAsync();
-        // A save takes a few milliseconds here: a delay up to 25 ms lands at every point of one, and sometimes after a few.
-        Thread.Sleep(random.Next(0, 26));
+        // A save (three shards, manifest, commit: eight fsyncs) takes a few milliseconds here: a delay
+        // of up to 40 ms lands at every point of one, after a random number of earlier ones.
+        Thread.Sleep(random.Next(0, 41));
         child.Kill();
         child.WaitForExit();
         long last = ready;
