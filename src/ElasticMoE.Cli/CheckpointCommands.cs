@@ -40,7 +40,7 @@ public static class CheckpointCommands
         writer.Options.Add(writerDir);
         writer.SetAction(p => CrashDrill.WriteUntilKilled(p.GetValue(writerDir)!, stdout));
 
-        var drill = new Command("crash-drill", "internal: SIGKILL a crash-writer child N times at random points of its saves, checking every restart");
+        var drill = new Command("crash-drill", "SIGKILL a crash-writer child N times at random points of its saves, checking every restart (bench/checkpoint-crash-drill.sh)") { Hidden = true };
         var drillDir = RunDir();
         var kills = new Option<int>("--kills") { Description = "how many kills", DefaultValueFactory = _ => 1000 };
         drill.Options.Add(drillDir);
