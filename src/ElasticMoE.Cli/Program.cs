@@ -15,7 +15,7 @@ public static class Program
     {
         public const int Ok = 0;
         public const int Usage = 1;            // System.CommandLine's own code for parse errors
-        public const int BadInput = 2;         // config, data or state file problems
+        public const int BadInput = 2;         // config, data or checkpoint problems
         public const int Diverged = 3;         // NaN/Inf loss or gradient
         public const int Failed = 4;           // a distributed run stopped on an error (lost or departed node, worker failure, stuck step)
         public const int Refused = 5;          // node: the coordinator refused it (model config, seed, run already started)

@@ -302,7 +302,7 @@ public static class TrainingState
     /// </summary>
     /// <remarks>
     /// <para>
-    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a state file fits the architecture. A
+    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a checkpoint fits the architecture. A
     /// node that joins a run must also agree on the batch sizes, the schedule, the optimizer, the seed and
     /// the data, or it computes different gradients with no error at all. Nodes send this when they register
     /// and the coordinator refuses a node whose string differs (<see cref="RunFingerprintDifferences"/> says where).
