@@ -15,7 +15,7 @@ public static class Program
     {
         public const int Ok = 0;
         public const int Usage = 1;            // System.CommandLine's own code for parse errors
-        public const int BadInput = 2;         // config, data or state file problems
+        public const int BadInput = 2;         // config, data or checkpoint problems
         public const int Diverged = 3;         // NaN/Inf loss or gradient
         public const int Failed = 4;           // a distributed run stopped on an error (lost or departed node, worker failure, stuck step)
         public const int Refused = 5;          // node: the coordinator refused it (model config, seed, run already started)
@@ -55,6 +55,7 @@ public static class Program
         root.Subcommands.Add(TrainCommand.Create(stdout, stderr));
         root.Subcommands.Add(NodeCommand.Create(stdout, stderr));
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
+        root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
         var parse = root.Parse(args);
         // No ProcessTerminationTimeout: our commands handle SIGINT/SIGTERM themselves (StopSignals).
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, ProcessTerminationTimeout = null });
@@ -67,7 +68,7 @@ public static class Program
         {
             return body();
         }
-        catch (Exception ex) when (ex is ConfigException or FileNotFoundException or InvalidDataException or CorruptStateException)
+        catch (Exception ex) when (ex is ConfigException or FileNotFoundException or InvalidDataException or Checkpointing.CheckpointCorruptException)
         {
             stderr.WriteLine($"error: {ex.Message}");
             return ExitCodes.BadInput;
@@ -178,9 +179,10 @@ public static class TrainCommand
     {
         var cfg = new RunConfigOptions();
         var metrics = new Option<string?>("--metrics") { Description = "write one JSON line per step to this file" };
-        var save = new Option<string?>("--save") { Description = "save the full training state here (at the end and every --save-every steps)" };
+        var save = new Option<string?>("--save") { Description = "save checkpoints of the full training state into this run directory (at the end and every --save-every steps)" };
+        var keep = RunConfigOptions.Positive("--keep", "committed checkpoints to keep in the --save directory (default 2)");
         var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
-        var resume = new Option<string?>("--resume") { Description = "continue from a state file written by --save" };
+        var resume = new Option<string?>("--resume") { Description = "continue from the newest valid checkpoint of a run directory written by --save" };
         var single = new Option<bool>("--single-process") { Description = "run the plain training loop without actors (the reference the cluster must match)" };
         var nodes = RunConfigOptions.NonNegative("--nodes", "in-process cluster nodes to start (default 1; 0 = wait for external `elasticmoe node`s)");
         var expect = RunConfigOptions.Positive("--expect-nodes", "nodes to wait for before the first step (default: --nodes)");
@@ -197,6 +199,7 @@ public static class TrainCommand
         cmd.Options.Add(metrics);
         cmd.Options.Add(save);
         cmd.Options.Add(saveEvery);
+        cmd.Options.Add(keep);
         cmd.Options.Add(resume);
         foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
@@ -218,7 +221,7 @@ public static class TrainCommand
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             using var trainer = new Trainer(config, corpus);
             using var signals = new StopSignals(stderr, "stopping after the current step");
-            var summary = TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0), stdout, signals.Token);
+            var summary = TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2), stdout, signals.Token);
             // The metrics file is closed by now. A signal that came during the last step changes nothing.
             return summary.Stopped && signals.Received is { } signal
                 ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))

@@ -32,6 +32,13 @@ public sealed record SafetensorsEntry(string Name, string DType, ScalarType Scal
     }
 }
 
+/// <summary>A tensor already copied to host memory, ready for <see cref="Safetensors.WriteRaw(Stream, IEnumerable{RawTensor}, IReadOnlyDictionary{string, string}?)"/>.</summary>
+/// <param name="Name">The header key.</param>
+/// <param name="DType">The safetensors dtype code (<c>F32</c>, <c>BF16</c>, …).</param>
+/// <param name="Shape">Dimensions; empty for a scalar.</param>
+/// <param name="Data">Dense row-major little-endian bytes: exactly dtype size × shape of them.</param>
+public sealed record RawTensor(string Name, string DType, IReadOnlyList<long> Shape, ReadOnlyMemory<byte> Data);
+
 /// <summary>
 /// The safetensors format (8-byte little-endian header length N, N bytes of UTF-8 JSON, then the raw
 /// little-endian tensor bytes). Chosen for units and checkpoints because it is a plain, documented
@@ -93,19 +100,38 @@ public static class Safetensors
 
     /// <summary>Serialises <paramref name="tensors"/> (any device, any layout) and <paramref name="metadata"/> into a new array.</summary>
     public static byte[] Write(IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
-    {
-        var layout = Plan(tensors, metadata);
-        var buffer = new byte[checked((int)layout.TotalBytes)];
-        using (var stream = new MemoryStream(buffer, writable: true))
-            WriteLayout(stream, layout);
-        return buffer;
-    }
+        => ToArray(Plan(Planned(tensors), metadata));
 
     /// <summary>Serialises into <paramref name="destination"/>, streaming each tensor's bytes without a managed copy.</summary>
     public static void Write(Stream destination, IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
         ArgumentNullException.ThrowIfNull(destination);
-        WriteLayout(destination, Plan(tensors, metadata));
+        WriteLayout(destination, Plan(Planned(tensors), metadata));
+    }
+
+    /// <summary>
+    /// Serialises tensors already copied to host memory (<see cref="RawTensor"/>) into
+    /// <paramref name="destination"/>: the same bytes <c>Write</c> gives for the same values. This is
+    /// what a checkpoint write uses: the step boundary only copies the tensors out, and the file is
+    /// written from the copies (in the background, or in a process without libtorch) while the
+    /// tensors themselves go on training.
+    /// </summary>
+    public static void WriteRaw(Stream destination, IEnumerable<RawTensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        ArgumentNullException.ThrowIfNull(destination);
+        WriteLayout(destination, Plan(Planned(tensors), metadata));
+    }
+
+    /// <summary><see cref="WriteRaw(Stream, IEnumerable{RawTensor}, IReadOnlyDictionary{string, string}?)"/> into a new array.</summary>
+    public static byte[] WriteRaw(IEnumerable<RawTensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+        => ToArray(Plan(Planned(tensors), metadata));
+
+    private static byte[] ToArray(Layout layout)
+    {
+        var buffer = new byte[checked((int)layout.TotalBytes)];
+        using (var stream = new MemoryStream(buffer, writable: true))
+            WriteLayout(stream, layout);
+        return buffer;
     }
 
     /// <summary>
@@ -260,23 +286,50 @@ public static class Safetensors
             throw new SafetensorsFormatException($"data section has {dataLength} bytes but the tensors cover {position}");
     }
 
-    private sealed record PlannedTensor(string Name, Tensor Value, long ByteLength);
+    /// <summary>One tensor to write: its header fields and how to stream its bytes.</summary>
+    private sealed record PlannedTensor(string Name, string DType, IReadOnlyList<long> Shape, long ByteLength, Action<Stream> WriteBytes);
 
     private sealed record Layout(byte[] Header, List<PlannedTensor> Tensors, long TotalBytes);
 
-    private static Layout Plan(IEnumerable<(string Name, Tensor Value)> tensors, IReadOnlyDictionary<string, string>? metadata)
+    private static IEnumerable<PlannedTensor> Planned(IEnumerable<(string Name, Tensor Value)> tensors)
     {
         ArgumentNullException.ThrowIfNull(tensors);
+        return tensors.Select(t =>
+        {
+            ArgumentNullException.ThrowIfNull(t.Value, nameof(tensors));
+            var value = t.Value;
+            return new PlannedTensor(t.Name, DTypeOf(value.dtype), value.shape, value.numel() * value.ElementSize,
+                s => VisitBytes(value, chunk => s.Write(chunk)));
+        });
+    }
+
+    private static IEnumerable<PlannedTensor> Planned(IEnumerable<RawTensor> tensors)
+    {
+        ArgumentNullException.ThrowIfNull(tensors);
+        return tensors.Select(t =>
+        {
+            ArgumentNullException.ThrowIfNull(t, nameof(tensors));
+            if (!TryParseDType(t.DType, out _, out var size)) throw new ArgumentException($"tensor '{t.Name}': unknown dtype '{t.DType}'", nameof(tensors));
+            long count = 1;
+            foreach (var d in t.Shape) count = checked(count * d);
+            if (count * size != t.Data.Length)
+                throw new ArgumentException($"tensor '{t.Name}' has {t.Data.Length} bytes but {t.DType} [{string.Join(", ", t.Shape)}] needs {count * size}", nameof(tensors));
+            var data = t.Data;
+            return new PlannedTensor(t.Name, t.DType, t.Shape, data.Length, s => s.Write(data.Span));
+        });
+    }
+
+    private static Layout Plan(IEnumerable<PlannedTensor> tensors, IReadOnlyDictionary<string, string>? metadata)
+    {
         RequireLittleEndian();
         var list = new List<PlannedTensor>();
         var names = new HashSet<string>(StringComparer.Ordinal);
-        foreach (var (name, value) in tensors)
+        foreach (var t in tensors)
         {
-            ArgumentNullException.ThrowIfNull(value, nameof(tensors));
-            if (string.IsNullOrEmpty(name)) throw new ArgumentException("a tensor name is empty", nameof(tensors));
-            if (name == MetadataKey) throw new ArgumentException($"'{MetadataKey}' is reserved for the metadata", nameof(tensors));
-            if (!names.Add(name)) throw new ArgumentException($"tensor '{name}' is given twice", nameof(tensors));
-            list.Add(new PlannedTensor(name, value, value.numel() * value.ElementSize));
+            if (string.IsNullOrEmpty(t.Name)) throw new ArgumentException("a tensor name is empty", nameof(tensors));
+            if (t.Name == MetadataKey) throw new ArgumentException($"'{MetadataKey}' is reserved for the metadata", nameof(tensors));
+            if (!names.Add(t.Name)) throw new ArgumentException($"tensor '{t.Name}' is given twice", nameof(tensors));
+            list.Add(t);
         }
         list.Sort((a, b) => string.CompareOrdinal(a.Name, b.Name));
 
@@ -295,9 +348,9 @@ public static class Safetensors
             foreach (var t in list)
             {
                 w.WriteStartObject(t.Name);
-                w.WriteString("dtype", DTypeOf(t.Value.dtype));
+                w.WriteString("dtype", t.DType);
                 w.WriteStartArray("shape");
-                foreach (var d in t.Value.shape) w.WriteNumberValue(d);
+                foreach (var d in t.Shape) w.WriteNumberValue(d);
                 w.WriteEndArray();
                 w.WriteStartArray("data_offsets");
                 w.WriteNumberValue(offset);
@@ -321,7 +374,7 @@ public static class Safetensors
     {
         destination.Write(layout.Header);
         foreach (var t in layout.Tensors)
-            VisitBytes(t.Value, chunk => destination.Write(chunk));
+            t.WriteBytes(destination);
     }
 
     /// <summary>Receives a tensor's bytes, one chunk at a time (a span cannot exceed 2 GiB).</summary>

@@ -119,15 +119,55 @@ public sealed class StateUnit : IDisposable
     /// <c>unit</c>, <c>applied_step</c> and <c>checksum</c> (16 lower-case hex digits).
     /// </summary>
     public byte[] Export()
+        => Safetensors.Write(ExportEntries(), BlobMetadata(Id, AppliedStep, Checksum()));
+
+    private static Dictionary<string, string> BlobMetadata(UnitId id, long appliedStep, ulong checksum) => new(StringComparer.Ordinal)
     {
-        var metadata = new Dictionary<string, string>(StringComparer.Ordinal)
+        ["format"] = Format,
+        ["unit"] = id.ToString(),
+        ["applied_step"] = appliedStep.ToString(CultureInfo.InvariantCulture),
+        ["checksum"] = Hex(checksum),
+    };
+
+    /// <summary>
+    /// Copies everything <see cref="Export"/> would write — export name, dtype, shape and bytes of each
+    /// tensor and moment — into host memory, and nothing more. This is the only part of a checkpoint
+    /// that must happen at the step boundary: the copies stay valid while the model trains on, and
+    /// <see cref="ExportRaw"/> hashes and lays them out later, on another thread or in another process.
+    /// </summary>
+    public IReadOnlyList<RawTensor> CopyToHost()
+    {
+        var copies = new List<RawTensor>();
+        foreach (var (name, t) in ExportEntries())
         {
-            ["format"] = Format,
-            ["unit"] = Id.ToString(),
-            ["applied_step"] = AppliedStep.ToString(CultureInfo.InvariantCulture),
-            ["checksum"] = Hex(Checksum()),
-        };
-        return Safetensors.Write(ExportEntries(), metadata);
+            var bytes = new byte[checked(t.numel() * t.ElementSize)];
+            int at = 0;
+            Safetensors.VisitBytes(t, chunk =>
+            {
+                chunk.CopyTo(bytes.AsSpan(at));
+                at += chunk.Length;
+            });
+            copies.Add(new RawTensor(name, Safetensors.DTypeOf(t.dtype), t.shape, bytes));
+        }
+        return copies;
+    }
+
+    /// <summary>
+    /// The blob <see cref="Export"/> gives, built from host copies (<see cref="CopyToHost"/>) of a unit
+    /// with id <paramref name="id"/> at <paramref name="appliedStep"/>: the same bytes, checksum
+    /// included, without touching a tensor. <see cref="Import"/> checks it like any other blob.
+    /// </summary>
+    public static byte[] ExportRaw(UnitId id, long appliedStep, IEnumerable<RawTensor> entries)
+    {
+        ArgumentNullException.ThrowIfNull(entries);
+        var list = entries.OrderBy(e => e.Name, StringComparer.Ordinal).ToList();
+        var hash = new UnitHasher(id.ToString(), appliedStep);
+        foreach (var e in list)
+        {
+            hash.AddEntry(e.Name, e.DType, e.Shape);
+            hash.AddBytes(e.Data.Span);
+        }
+        return Safetensors.WriteRaw(list, BlobMetadata(id, appliedStep, hash.Finish()));
     }
 
     /// <summary>
@@ -222,32 +262,44 @@ public sealed class StateUnit : IDisposable
 
     private UnitFormatException Fail(string what, Exception? inner = null) => new($"unit {Id}: {what}", inner);
 
+    /// <summary>
+    /// Every check of <see cref="Import"/> — format, unit, names, dtypes, shapes, checksum — without
+    /// changing anything. A caller that imports several units checks them all first, so that a load
+    /// is all or nothing: a bad blob among good ones must not leave the model half replaced.
+    /// </summary>
+    /// <exception cref="UnitFormatException">The blob is malformed, corrupted, or not this unit's.</exception>
+    public void CheckImport(ReadOnlyMemory<byte> bytes) => Validate(bytes);
+
+    /// <summary>
+    /// Checks an exported blob without a unit to import it into: valid safetensors, the unit metadata,
+    /// and the checksum recomputed over its content. Tools that hold no model (<c>elasticmoe
+    /// checkpoints verify</c>) use it to prove, end to end, that the bytes on disk are the state the
+    /// checksum was computed from in memory before anything was written.
+    /// </summary>
+    /// <returns>The unit the blob holds and its applied step.</returns>
+    /// <exception cref="UnitFormatException">The blob is malformed or corrupted.</exception>
+    public static (UnitId Unit, long AppliedStep) VerifyBlob(ReadOnlyMemory<byte> bytes)
+    {
+        static UnitFormatException Fail(string what, Exception? inner = null) => new($"unit blob: {what}", inner);
+        var (file, unit, step, checksum) = ReadBlob(bytes, Fail);
+        UnitId id;
+        try
+        {
+            id = UnitId.Parse(unit);
+        }
+        catch (FormatException e)
+        {
+            throw Fail(e.Message, e);
+        }
+        CheckChecksum(file, unit, step, checksum, what => new UnitFormatException($"unit {unit}: {what}"));
+        return (id, step);
+    }
+
     /// <summary>Every check of <see cref="Import"/>, reading the blob only.</summary>
     private (SafetensorsFile File, long Step) Validate(ReadOnlyMemory<byte> bytes)
     {
-        SafetensorsFile file;
-        try
-        {
-            file = Safetensors.Read(bytes);
-        }
-        catch (SafetensorsFormatException e)
-        {
-            throw Fail($"the blob is not valid safetensors ({e.Message})", e);
-        }
-
-        string Meta(string key) => file.Metadata.TryGetValue(key, out var v) ? v : throw Fail($"the blob has no '{key}' metadata");
-        var format = Meta("format");
-        if (format != Format) throw Fail($"the blob's format is '{format}', not '{Format}'");
-        var unit = Meta("unit");
+        var (file, unit, step, checksum) = ReadBlob(bytes, (what, inner) => Fail(what, inner));
         if (unit != Id.ToString()) throw Fail($"the blob holds unit '{unit}'");
-        var stepText = Meta("applied_step");
-        // Canonical text only, so that no two different blobs carry the same step.
-        if (!long.TryParse(stepText, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var step) || step < -1
-            || step.ToString(CultureInfo.InvariantCulture) != stepText)
-            throw Fail($"the blob's applied_step '{stepText}' is not a step");
-        var checksum = Meta("checksum");
-        if (file.Metadata.Count != 4)
-            throw Fail($"the blob has unexpected metadata: {string.Join(", ", file.Metadata.Keys.Except(["format", "unit", "applied_step", "checksum"]))}");
 
         var missing = new List<string>();
         foreach (var (name, target, isParameter) in Tensors)
@@ -277,7 +329,41 @@ public sealed class StateUnit : IDisposable
                     throw Fail($"the blob holds '{e.Name}', which is no unit tensor");
             }
         }
+        CheckChecksum(file, unit, step, checksum, what => Fail(what));
+        return (file, step);
+    }
 
+    /// <summary>Parses the blob and its four metadata keys; the unit name is returned unchecked.</summary>
+    private static (SafetensorsFile File, string Unit, long Step, string Checksum) ReadBlob(
+        ReadOnlyMemory<byte> bytes, Func<string, Exception?, UnitFormatException> fail)
+    {
+        SafetensorsFile file;
+        try
+        {
+            file = Safetensors.Read(bytes);
+        }
+        catch (SafetensorsFormatException e)
+        {
+            throw fail($"the blob is not valid safetensors ({e.Message})", e);
+        }
+
+        string Meta(string key) => file.Metadata.TryGetValue(key, out var v) ? v : throw fail($"the blob has no '{key}' metadata", null);
+        var format = Meta("format");
+        if (format != Format) throw fail($"the blob's format is '{format}', not '{Format}'", null);
+        var unit = Meta("unit");
+        var stepText = Meta("applied_step");
+        // Canonical text only, so that no two different blobs carry the same step.
+        if (!long.TryParse(stepText, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var step) || step < -1
+            || step.ToString(CultureInfo.InvariantCulture) != stepText)
+            throw fail($"the blob's applied_step '{stepText}' is not a step", null);
+        var checksum = Meta("checksum");
+        if (file.Metadata.Count != 4)
+            throw fail($"the blob has unexpected metadata: {string.Join(", ", file.Metadata.Keys.Except(["format", "unit", "applied_step", "checksum"]))}", null);
+        return (file, unit, step, checksum);
+    }
+
+    private static void CheckChecksum(SafetensorsFile file, string unit, long step, string checksum, Func<string, UnitFormatException> fail)
+    {
         var hash = new UnitHasher(unit, step);
         foreach (var e in file.Entries)
         {
@@ -285,8 +371,7 @@ public sealed class StateUnit : IDisposable
             hash.AddBytes(file.Bytes(e).Span);
         }
         var actual = Hex(hash.Finish());
-        if (actual != checksum) throw Fail($"checksum mismatch: the blob says {checksum}, its content gives {actual} (corrupted in transit or at rest)");
-        return (file, step);
+        if (actual != checksum) throw fail($"checksum mismatch: the blob says {checksum}, its content gives {actual} (corrupted in transit or at rest)");
     }
 
     private void CheckLike(SafetensorsEntry e, Tensor like)

@@ -1,6 +1,8 @@
+using ElasticMoE.Checkpointing;
 using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Model;
+using ElasticMoE.State;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -113,12 +115,26 @@ public sealed class Trainer : IDisposable
         return sum / t.EvalBatches;
     }
 
-    public void Save(string path) => TrainingState.Capture(this).Save(path);
+    /// <summary>
+    /// Saves the full training state as a checkpoint of <paramref name="runDirectory"/> (the format
+    /// the cluster uses: <see cref="CheckpointStore"/>), keeping the newest <paramref name="keep"/>.
+    /// </summary>
+    public CheckpointCommit Save(string runDirectory, int keep = 2) => TrainingState.Save(this, new CheckpointStore(runDirectory, keep: keep));
 
-    public void Load(string path)
+    /// <summary>
+    /// Continues from the newest committed checkpoint of <paramref name="runDirectory"/> that verifies;
+    /// returns the warnings met (a damaged newer checkpoint passed over, naming its bad files).
+    /// </summary>
+    /// <exception cref="FileNotFoundException">No checkpoint was ever committed there.</exception>
+    /// <exception cref="CheckpointCorruptException">Checkpoints were committed but none verifies; nothing was loaded.</exception>
+    /// <exception cref="ConfigException">The checkpoint is of another model; nothing was loaded.</exception>
+    public IReadOnlyList<string> Load(string runDirectory)
     {
-        var state = StateFile.Load(path);
-        Step = TrainingState.Restore(state, Config, Model, Optimizer);
+        var load = new CheckpointStore(runDirectory).LoadNewestValid();
+        if (load.Checkpoint is not { } checkpoint)
+            throw new FileNotFoundException($"no committed checkpoint in {Path.GetFullPath(runDirectory)}", runDirectory);
+        Step = TrainingState.Restore(checkpoint, Config, Model, Optimizer);
+        return load.Warnings;
     }
 
     public void Dispose()
@@ -201,57 +217,82 @@ public static class TorchSetup
     }
 }
 
-/// <summary>Maps the full training state to and from a <see cref="StateFile"/>.</summary>
+/// <summary>
+/// Maps the single-process loop's training state to and from a checkpoint: the model cut into its
+/// state units (<see cref="UnitBinding"/>), each carrying its parameters, router bias and the AdamW
+/// moments the loop's optimizer keeps under the same names — one checkpoint format for the loop and
+/// the cluster, so either can resume what the other saved.
+/// </summary>
 public static class TrainingState
 {
-    public static StateFile Capture(Trainer trainer)
+    /// <summary>
+    /// Copies the state to host memory and writes it as one committed checkpoint of step
+    /// <see cref="Trainer.Step"/>. Every unit's applied step is Step − 1 (the last update applied), and
+    /// the optimizer's update count equals Step in this loop, so neither needs a field of its own.
+    /// </summary>
+    public static CheckpointCommit Save(Trainer trainer, CheckpointStore store)
     {
-        var f = new StateFile();
-        f.Scalars["step"] = trainer.Step.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        f.Scalars["seed"] = trainer.Config.Seed.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        f.Scalars["model"] = Fingerprint(trainer.Config.Model);
-        f.Scalars["adam.step"] = trainer.Optimizer.StepCount.ToString(System.Globalization.CultureInfo.InvariantCulture);
-        foreach (var (name, t) in trainer.Model.state_dict()) f.Tensors["model/" + name] = t;
-        foreach (var (name, (m, v)) in trainer.Optimizer.Moments)
-        {
-            f.Tensors["adam.m/" + name] = m;
-            f.Tensors["adam.v/" + name] = v;
-        }
-        return f;
-    }
-
-    /// <summary>Loads a state into a model and optimizer built from <paramref name="config"/>; returns the step to continue at.</summary>
-    public static long Restore(StateFile f, ElasticMoEConfig config, MoETransformer model, AdamW optimizer)
-    {
+        var blobs = new List<ReadOnlyMemory<byte>>();
+        var units = UnitBinding.Bind(trainer.Model);
         try
         {
-            var fp = Fingerprint(config.Model);
-            if (f.Scalars.GetValueOrDefault("model") != fp)
-                throw new ConfigException($"the state file's model ({f.Scalars.GetValueOrDefault("model")}) differs from the configured model ({fp})");
-            using (no_grad())
+            foreach (var unit in units.Values)
             {
-                foreach (var (name, t) in model.state_dict())
-                {
-                    if (!f.Tensors.TryGetValue("model/" + name, out var saved))
-                        throw new CorruptStateException($"state file lacks model tensor {name}");
-                    t.copy_(saved);
-                }
+                unit.AppliedStep = trainer.Step - 1;
+                // New handles on the optimizer's moment tensors (no copy): the unit owns and disposes
+                // the handles, the optimizer keeps the tensors.
+                foreach (var (name, _) in unit.Parameters)
+                    if (trainer.Optimizer.Moments.TryGetValue(name, out var mv))
+                        unit.MomentStore[name] = (mv.M.detach(), mv.V.detach());
+                blobs.Add(unit.Export());
             }
-            foreach (var (key, m) in f.Tensors.Where(kv => kv.Key.StartsWith("adam.m/", StringComparison.Ordinal)))
-            {
-                var name = key["adam.m/".Length..];
-                // Copies, because every tensor read from the file is disposed below.
-                var device = model.parameters().First().device;
-                optimizer.SetMoments(name, m.to(device, copy: true).DetachFromDisposeScope(),
-                    f.Tensors["adam.v/" + name].to(device, copy: true).DetachFromDisposeScope());
-            }
-            optimizer.StepCount = long.Parse(f.Scalars["adam.step"], System.Globalization.CultureInfo.InvariantCulture);
-            return long.Parse(f.Scalars["step"], System.Globalization.CultureInfo.InvariantCulture);
         }
         finally
         {
-            foreach (var t in f.Tensors.Values) t.Dispose();
+            foreach (var unit in units.Values) unit.Dispose();
         }
+        var layout = new Dictionary<string, string>(StringComparer.Ordinal) { ["mode"] = "single-process", ["workers"] = "1" };
+        return store.Save(trainer.Step, RunFingerprint(trainer.Config, trainer.Sampler.Corpus.Fingerprint), Fingerprint(trainer.Config.Model), layout, blobs);
+    }
+
+    /// <summary>
+    /// Loads a verified checkpoint into a model and optimizer built from <paramref name="config"/>;
+    /// returns the step to continue at. All or nothing: the model must match and every unit's blob
+    /// must pass every import check before the first tensor changes.
+    /// </summary>
+    /// <exception cref="ConfigException">The checkpoint is of another model.</exception>
+    public static long Restore(VerifiedCheckpoint checkpoint, ElasticMoEConfig config, MoETransformer model, AdamW optimizer)
+    {
+        var fp = Fingerprint(config.Model);
+        if (checkpoint.Manifest.Model != fp)
+            throw new ConfigException($"the checkpoint's model ({checkpoint.Manifest.Model}) differs from the configured model ({fp})");
+        var units = UnitBinding.Bind(model);
+        try
+        {
+            if (!units.Keys.SequenceEqual(checkpoint.UnitBlobs.Keys))
+                throw new ConfigException($"the checkpoint {checkpoint.Directory} holds units [{string.Join(", ", checkpoint.UnitBlobs.Keys)}], the model [{string.Join(", ", units.Keys)}]");
+            try
+            {
+                foreach (var (id, unit) in units) unit.CheckImport(checkpoint.UnitBlobs[id]);
+            }
+            catch (UnitFormatException e)
+            {
+                throw new ConfigException($"the checkpoint {checkpoint.Directory} does not fit the configured model: {e.Message}");
+            }
+            foreach (var (id, unit) in units)
+            {
+                unit.Import(checkpoint.UnitBlobs[id]);
+                // The moments move from the unit to the optimizer, which owns them from here on.
+                foreach (var (name, (m, v)) in unit.MomentStore) optimizer.SetMoments(name, m, v);
+                unit.MomentStore.Clear();
+            }
+        }
+        finally
+        {
+            foreach (var unit in units.Values) unit.Dispose();
+        }
+        optimizer.StepCount = checkpoint.Step;
+        return checkpoint.Step;
     }
 
     /// <summary>
@@ -261,7 +302,7 @@ public static class TrainingState
     /// </summary>
     /// <remarks>
     /// <para>
-    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a state file fits the architecture. A
+    /// Why: <see cref="Fingerprint(ModelOptions)"/> only says whether a checkpoint fits the architecture. A
     /// node that joins a run must also agree on the batch sizes, the schedule, the optimizer, the seed and
     /// the data, or it computes different gradients with no error at all. Nodes send this when they register
     /// and the coordinator refuses a node whose string differs (<see cref="RunFingerprintDifferences"/> says where).

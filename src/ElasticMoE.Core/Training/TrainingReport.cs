@@ -108,7 +108,10 @@ public sealed class TrainingReport : IDisposable
 }
 
 /// <summary>Options of a training run that are about the process, not the model.</summary>
-public sealed record RunOptions(string? MetricsPath = null, string? SavePath = null, string? ResumePath = null, int SaveEvery = 0);
+/// <param name="SavePath">Run directory to save checkpoints into (<see cref="Checkpointing.CheckpointStore"/>).</param>
+/// <param name="ResumePath">Run directory to resume from: its newest committed checkpoint that verifies.</param>
+/// <param name="Keep">Committed checkpoints kept in <paramref name="SavePath"/>; older ones are deleted after a newer commit.</param>
+public sealed record RunOptions(string? MetricsPath = null, string? SavePath = null, string? ResumePath = null, int SaveEvery = 0, int Keep = 2);
 
 /// <summary>Drives a <see cref="Trainer"/> to the end: progress, validation, time limit, saves.</summary>
 public static class TrainingRun
@@ -127,7 +130,7 @@ public static class TrainingRun
         using var report = new TrainingReport(console, options.MetricsPath);
         if (options.ResumePath is { } resume)
         {
-            trainer.Load(resume);
+            foreach (var warning in trainer.Load(resume)) report.Info("warning: " + warning);
             report.Info($"resumed from {resume} at step {trainer.Step}");
         }
         report.Info($"training {trainer.Model.parameters().Sum(p => p.numel()):N0} parameters on {trainer.Sampler.Corpus.Name} " +
@@ -153,7 +156,7 @@ public static class TrainingRun
             report.Step(r, stepVal, t.Steps);
             if (options.SavePath is { } save && (lastStep || (options.SaveEvery > 0 && trainer.Step % options.SaveEvery == 0)))
             {
-                trainer.Save(save);
+                trainer.Save(save, options.Keep);
                 savedAt = trainer.Step;
             }
             if (timeUp)
@@ -166,7 +169,7 @@ public static class TrainingRun
         bool stopped = cancel.IsCancellationRequested && trainer.Step < t.Steps && !timedOut;
         if (stopped && options.SavePath is { } stopSave && savedAt != trainer.Step && done > 0)
         {
-            trainer.Save(stopSave);
+            trainer.Save(stopSave, options.Keep);
             report.Info($"saved {stopSave} at step {trainer.Step}");
         }
         var summary = new Summary(done, first, last, val, clock.Elapsed.TotalSeconds, stepSeconds > 0 ? tokens / stepSeconds : 0, stopped);

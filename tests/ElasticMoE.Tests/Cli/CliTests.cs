@@ -69,7 +69,7 @@ public class CliTests
     public void Save_then_resume_continues_at_the_saved_step()
     {
         var dir = TestSupport.TempDir();
-        var state = Path.Combine(dir, "s.bin");
+        var state = Path.Combine(dir, "run");
         var (code, _, err) = Run(["train", "--single-process", "--steps", "2", "--save", state, .. Tiny]);
         Assert.True(code == 0, err);
         (code, var output, err) = Run(["train", "--single-process", "--steps", "3", "--resume", state, .. Tiny]);
@@ -142,11 +142,10 @@ public class CliTests
     public void A_diverging_run_stops_with_the_step_and_leaves_no_state_behind()
     {
         var dir = TestSupport.TempDir();
-        var state = Path.Combine(dir, "s.bin");
+        var state = Path.Combine(dir, "run");
         var (code, _, err) = Run(["train", "--single-process", "--steps", "3", "--save", state, "--set", "train.lr=1e30", "--set", "train.grad-clip=0", "--set", "train.warmup-steps=0", .. Tiny]);
         Assert.Equal(Program.ExitCodes.Diverged, code);
         Assert.Matches("diverged at step \\d", err);
-        Assert.False(File.Exists(state));
-        Assert.False(File.Exists(state + ".tmp"));
+        Assert.False(Directory.Exists(state), "no checkpoint directory for a diverged run");
     }
 }

@@ -1,3 +1,4 @@
+using ElasticMoE.Checkpointing;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
 using TorchSharp;
@@ -26,7 +27,7 @@ public class TrainerTests
     public void Save_load_continue_equals_straight_training_bit_for_bit()
     {
         var dir = TestSupport.TempDir();
-        var path = Path.Combine(dir, "state.bin");
+        var path = Path.Combine(dir, "run");
         List<double> straight;
         float[] straightParams;
         using (var a = NewTrainer())
@@ -40,7 +41,7 @@ public class TrainerTests
             resumed = Enumerable.Range(0, 3).Select(_ => b.TrainStep().Loss).ToList();
             b.Save(path);
         }
-        Assert.False(File.Exists(path + ".tmp"));
+        Assert.Empty(Directory.GetFiles(path, "*.tmp", SearchOption.AllDirectories));
         using (var c = NewTrainer())
         {
             c.Load(path);
@@ -54,26 +55,29 @@ public class TrainerTests
     [Fact]
     public void A_corrupted_state_file_is_detected_and_nothing_is_loaded()
     {
-        var path = Path.Combine(TestSupport.TempDir(), "state.bin");
+        var path = Path.Combine(TestSupport.TempDir(), "run");
         using var t = NewTrainer();
         t.TrainStep();
         t.Save(path);
-        var bytes = File.ReadAllBytes(path);
+        var shard = Directory.GetFiles(path, "*.safetensors", SearchOption.AllDirectories).Single();
+        var bytes = File.ReadAllBytes(shard);
         bytes[bytes.Length / 2] ^= 0xFF;
-        File.WriteAllBytes(path, bytes);
+        File.WriteAllBytes(shard, bytes);
         using var fresh = NewTrainer();
         var before = Flatten(fresh);
-        Assert.Throws<CorruptStateException>(() => fresh.Load(path));
+        var e = Assert.Throws<CheckpointCorruptException>(() => fresh.Load(path));
+        Assert.Contains(Path.GetFileName(shard), e.Message);
         Assert.Equal(before, Flatten(fresh));
         Assert.Equal(0, fresh.Step);
-        File.WriteAllBytes(path, bytes[..100]);
-        Assert.Throws<CorruptStateException>(() => fresh.Load(path));
+        File.WriteAllBytes(shard, bytes[..100]);
+        Assert.Throws<CheckpointCorruptException>(() => fresh.Load(path));
+        Assert.Equal(before, Flatten(fresh));
     }
 
     [Fact]
     public void A_state_from_a_different_model_is_refused()
     {
-        var path = Path.Combine(TestSupport.TempDir(), "state.bin");
+        var path = Path.Combine(TestSupport.TempDir(), "run");
         using (var t = NewTrainer()) t.Save(path);
         using var other = NewTrainer(("model.moe.routed-experts", "6"));
         var ex = Assert.Throws<ElasticMoE.Configuration.ConfigException>(() => other.Load(path));
