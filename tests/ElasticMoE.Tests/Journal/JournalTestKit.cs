@@ -5,8 +5,21 @@ using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Journal;
 using ElasticMoE.State;
 using ElasticMoE.Training;
+using Microsoft.Data.Sqlite;
 
 namespace ElasticMoE.Tests.Journal;
+
+/// <summary>A run directory for one test, removed after it (SQLite's pooled connections closed first).</summary>
+internal sealed class TempRunDir : IDisposable
+{
+    public string Path { get; } = TestSupport.TempDir();
+
+    public void Dispose()
+    {
+        SqliteConnection.ClearAllPools();
+        try { Directory.Delete(Path, recursive: true); } catch (IOException) { }
+    }
+}
 
 /// <summary>Sample coordinator histories, and journals run in actor systems of their own so a test can drop one and start another.</summary>
 internal static class JournalTestKit
@@ -28,6 +41,10 @@ internal static class JournalTestKit
     /// a third node joins and a re-plan moves experts, a checkpoint, a node is lost, another re-plan, a node
     /// leaves, more steps, a second checkpoint.
     /// </summary>
+    /// <remarks>
+    /// Frozen: the stored fixture <c>Journal/fixtures/v1</c> was written from <c>History(24)</c> (and
+    /// <see cref="Slot"/>, <see cref="Plan"/>, <see cref="Step"/>), and its test expects exactly this.
+    /// </remarks>
     public static List<ICoordinatorEvent> History(int steps = 24)
     {
         var a = new[] { Slot(1, 0), Slot(1, 1) };

@@ -9,19 +9,16 @@ namespace ElasticMoE.Tests.Journal;
 /// <summary>The coordinator journal over SQLite files in a run directory: written by one actor system, recovered by another.</summary>
 public sealed class SqliteJournalTests : IDisposable
 {
-    private readonly string _runDir = TestSupport.TempDir();
+    private readonly TempRunDir _dir = new();
+    private string RunDir => _dir.Path;
 
-    public void Dispose()
-    {
-        SqliteConnection.ClearAllPools();
-        try { Directory.Delete(_runDir, recursive: true); } catch (IOException) { }
-    }
+    public void Dispose() => _dir.Dispose();
 
     [Fact]
     public async Task Events_written_by_one_system_rebuild_the_same_state_in_a_new_one()
     {
         var history = History();
-        var first = NewSystem(JournalConfig.Sqlite(_runDir));
+        var first = NewSystem(JournalConfig.Sqlite(RunDir));
         var (journal, outcome) = await Start(first, "run-1");
         var fresh = Assert.IsType<JournalRecovered>(outcome);
         Assert.Equal(0, fresh.SequenceNr);
@@ -33,10 +30,10 @@ public sealed class SqliteJournalTests : IDisposable
         // Gone without a goodbye: no snapshot, no graceful stop of the journal actor.
         await first.Terminate();
 
-        var (events, snapshots) = JournalConfig.SqliteFiles(_runDir);
+        var (events, snapshots) = JournalConfig.SqliteFiles(RunDir);
         Assert.True(File.Exists(events) && File.Exists(snapshots), "journal and snapshots live in their own files under the run dir");
 
-        var second = NewSystem(JournalConfig.Sqlite(_runDir));
+        var second = NewSystem(JournalConfig.Sqlite(RunDir));
         try
         {
             var again = await Recovered(second, "run-1");
@@ -54,16 +51,16 @@ public sealed class SqliteJournalTests : IDisposable
     public async Task Recovery_starts_from_the_newest_snapshot_and_replays_only_later_events()
     {
         var history = History();
-        var first = NewSystem(JournalConfig.Sqlite(_runDir));
+        var first = NewSystem(JournalConfig.Sqlite(RunDir));
         var (journal, _) = await Start(first, "run-2", snapshotEvery: 10);
         // Batches of 3: an atomic write of several events, and snapshots that fall between batches.
         var appended = await AppendAll(journal, history, batch: 3);
         // The snapshot is written after the reply; ask once more so its write has been issued, then give it time.
         await journal.Ask<JournalState>(GetJournalState.Instance, Patience);
-        await WaitForSnapshot(JournalConfig.SqliteFiles(_runDir).Snapshots);
+        await WaitForSnapshot(JournalConfig.SqliteFiles(RunDir).Snapshots);
         await first.Terminate();
 
-        var second = NewSystem(JournalConfig.Sqlite(_runDir));
+        var second = NewSystem(JournalConfig.Sqlite(RunDir));
         try
         {
             var again = await Recovered(second, "run-2", snapshotEvery: 10);
@@ -79,7 +76,7 @@ public sealed class SqliteJournalTests : IDisposable
     [Fact]
     public async Task Events_the_state_refuses_are_not_written()
     {
-        var system = NewSystem(JournalConfig.Sqlite(_runDir));
+        var system = NewSystem(JournalConfig.Sqlite(RunDir));
         try
         {
             var (journal, _) = await Start(system, "run-3");
@@ -107,14 +104,14 @@ public sealed class SqliteJournalTests : IDisposable
     public async Task A_corrupt_event_stops_recovery_with_a_reason_naming_the_record()
     {
         var history = History(6);
-        var first = NewSystem(JournalConfig.Sqlite(_runDir));
+        var first = NewSystem(JournalConfig.Sqlite(RunDir));
         var (journal, _) = await Start(first, "run-4");
         await AppendAll(journal, history);
         await first.Terminate();
         SqliteConnection.ClearAllPools();
 
         // Damage the stored bytes of event 5 (a StepCommitted): its msgpack array header now claims 200 elements.
-        var events = JournalConfig.SqliteFiles(_runDir).Events;
+        var events = JournalConfig.SqliteFiles(RunDir).Events;
         using (var db = new SqliteConnection($"Data Source={events}"))
         {
             db.Open();
@@ -130,7 +127,7 @@ public sealed class SqliteJournalTests : IDisposable
         }
         SqliteConnection.ClearAllPools();
 
-        var second = NewSystem(JournalConfig.Sqlite(_runDir));
+        var second = NewSystem(JournalConfig.Sqlite(RunDir));
         try
         {
             var (_, outcome) = await Start(second, "run-4");
