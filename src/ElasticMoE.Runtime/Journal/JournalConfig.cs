@@ -21,7 +21,10 @@ public static class JournalConfig
     /// <summary>The snapshots, in a file of their own so a snapshot write never contends with an event append.</summary>
     public const string SnapshotsFile = "snapshots.db";
 
-    /// <summary>The environment variable <c>hocon/postgres.conf</c> reads the connection string from.</summary>
+    /// <summary>
+    /// Where the connection string comes from when the config leaves it empty (as <c>hocon/postgres.conf</c>
+    /// does): a password need not be written into a file. Read here, since Akka's HOCON has no environment lookup.
+    /// </summary>
     public const string PostgresEnvironmentVariable = "ELASTICMOE_JOURNAL_POSTGRES";
 
     private const string JournalPath = "akka.persistence.journal.sql";
@@ -73,16 +76,13 @@ public static class JournalConfig
 
     /// <summary>
     /// The PostgreSQL journal: <c>hocon/postgres.conf</c>, with <paramref name="connectionString"/> when
-    /// given, else the one the overlay reads from <see cref="PostgresEnvironmentVariable"/>.
+    /// given, else the one in <see cref="PostgresEnvironmentVariable"/>.
     /// </summary>
     /// <exception cref="ConfigurationException">No connection string is given or set.</exception>
     public static Config Postgres(string? connectionString = null)
     {
         var overlay = PostgresOverlay;
-        if (connectionString is not null)
-            overlay = ConfigurationFactory.ParseString(
-                $"{JournalPath}.connection-string = {Quote(connectionString)}\n{SnapshotPath}.connection-string = {Quote(connectionString)}")
-                .WithFallback(overlay);
+        if (connectionString is not null) overlay = WithConnectionString(overlay, connectionString, JournalPath, SnapshotPath);
         return Checked(Complete(overlay));
     }
 
@@ -98,14 +98,21 @@ public static class JournalConfig
     private static Config Complete(Config persistence) =>
         persistence.WithFallback(ElasticMoESerialization.Config).WithFallback(SqlPersistence.DefaultConfiguration);
 
+    // Empty connection strings take the environment's; any still empty is an error naming both places.
     private static Config Checked(Config config)
     {
-        foreach (var path in new[] { JournalPath, SnapshotPath })
-            if (string.IsNullOrWhiteSpace(config.GetString($"{path}.connection-string")))
-                throw new ConfigurationException(
-                    $"{path}.connection-string is empty: set it in the overlay or in the environment variable {PostgresEnvironmentVariable}");
-        return config;
+        var empty = new[] { JournalPath, SnapshotPath }.Where(p => string.IsNullOrWhiteSpace(config.GetString($"{p}.connection-string"))).ToArray();
+        if (empty.Length == 0) return config;
+        var fromEnvironment = Environment.GetEnvironmentVariable(PostgresEnvironmentVariable);
+        if (string.IsNullOrWhiteSpace(fromEnvironment))
+            throw new ConfigurationException(
+                $"{empty[0]}.connection-string is empty: set it in the overlay or in the environment variable {PostgresEnvironmentVariable}");
+        return WithConnectionString(config, fromEnvironment, empty);
     }
+
+    private static Config WithConnectionString(Config config, string connectionString, params string[] paths) =>
+        ConfigurationFactory.ParseString(string.Join("\n", paths.Select(p => $"{p}.connection-string = {Quote(connectionString)}")))
+            .WithFallback(config);
 
     private static string SqliteConnectionString(string file) =>
         new SqliteConnectionStringBuilder { DataSource = file, Mode = SqliteOpenMode.ReadWriteCreate }.ToString();

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using Akka.Configuration;
+using Akka.Persistence;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Journal;
@@ -130,6 +131,61 @@ internal static class JournalTestKit
             last = reply as EventsAppended ?? throw new Xunit.Sdk.XunitException($"append {i} answered {reply}");
         }
         return last!;
+    }
+
+    /// <summary>
+    /// Appends <paramref name="history"/> in batches in a system of its own, waits until the last snapshot
+    /// the journal takes is stored, drops that system without stopping anything, and recovers the journal
+    /// in a new one.
+    /// </summary>
+    public static async Task<(EventsAppended Written, JournalRecovered Recovered)> WriteThenRecover(
+        Func<Config> journalConfig, string persistenceId, IReadOnlyList<ICoordinatorEvent> history, int snapshotEvery, int batch)
+    {
+        var first = NewSystem(journalConfig());
+        EventsAppended written;
+        try
+        {
+            var (journal, outcome) = await Start(first, persistenceId, snapshotEvery);
+            Assert.Equal(0, Assert.IsType<JournalRecovered>(outcome).SequenceNr);
+            written = await AppendAll(journal, history, batch);
+            long lastSnapshot = 0, since = 0;
+            for (int i = 0; i < history.Count; i += batch)
+            {
+                since += Math.Min(batch, history.Count - i);
+                if (since >= snapshotEvery) (lastSnapshot, since) = (i + Math.Min(batch, history.Count - i), 0);
+            }
+            if (lastSnapshot > 0) await WaitForSnapshot(first, persistenceId, lastSnapshot);
+        }
+        finally { await first.Terminate(); }
+
+        var second = NewSystem(journalConfig());
+        try { return (written, await Recovered(second, persistenceId, snapshotEvery)); }
+        finally { await second.Terminate(); }
+    }
+
+    /// <summary>Recovery found every written event, started from a snapshot, replayed only what followed it, and rebuilt the same state.</summary>
+    public static void AssertRecoveredFromSnapshot(IReadOnlyList<ICoordinatorEvent> history, EventsAppended written, JournalRecovered recovered)
+    {
+        Assert.Equal(history.Count, written.SequenceNr);
+        Assert.Equal(written.SequenceNr, recovered.SequenceNr);
+        Assert.True(recovered.SnapshotSequenceNr > 0, "recovered from a snapshot");
+        Assert.Equal(recovered.SequenceNr - recovered.SnapshotSequenceNr, recovered.EventsReplayed);
+        Assert.True(recovered.EventsReplayed < history.Count);
+        AssertSameState(Replay(history), recovered.State);
+    }
+
+    /// <summary>Polls the configured snapshot store (whichever plugin) until it holds the snapshot at <paramref name="sequenceNr"/>.</summary>
+    private static async Task WaitForSnapshot(ActorSystem system, string persistenceId, long sequenceNr)
+    {
+        var store = Persistence.Instance.Apply(system).SnapshotStoreFor(null);
+        var deadline = DateTime.UtcNow + Patience;
+        while (DateTime.UtcNow < deadline)
+        {
+            var result = await store.Ask<LoadSnapshotResult>(new LoadSnapshot(persistenceId, SnapshotSelectionCriteria.Latest, long.MaxValue), Patience);
+            if (result.Snapshot?.Metadata.SequenceNr >= sequenceNr) return;
+            await Task.Delay(50);
+        }
+        throw new TimeoutException($"no snapshot at sequence {sequenceNr} was stored");
     }
 
     /// <summary>The parent of the journal under test: its listener, reporting the recovery outcome.</summary>

@@ -51,26 +51,9 @@ public sealed class SqliteJournalTests : IDisposable
     public async Task Recovery_starts_from_the_newest_snapshot_and_replays_only_later_events()
     {
         var history = History();
-        var first = NewSystem(JournalConfig.Sqlite(RunDir));
-        var (journal, _) = await Start(first, "run-2", snapshotEvery: 10);
-        // Batches of 3: an atomic write of several events, and snapshots that fall between batches.
-        var appended = await AppendAll(journal, history, batch: 3);
-        // The snapshot is written after the reply; ask once more so its write has been issued, then give it time.
-        await journal.Ask<JournalState>(GetJournalState.Instance, Patience);
-        await WaitForSnapshot(JournalConfig.SqliteFiles(RunDir).Snapshots);
-        await first.Terminate();
-
-        var second = NewSystem(JournalConfig.Sqlite(RunDir));
-        try
-        {
-            var again = await Recovered(second, "run-2", snapshotEvery: 10);
-            Assert.Equal(appended.SequenceNr, again.SequenceNr);
-            Assert.True(again.SnapshotSequenceNr > 0, "recovered from a snapshot");
-            Assert.Equal(again.SequenceNr - again.SnapshotSequenceNr, again.EventsReplayed);
-            Assert.True(again.EventsReplayed < history.Count);
-            AssertSameState(Replay(history), again.State);
-        }
-        finally { await second.Terminate(); }
+        // Batches of 3: atomic writes of several events, and snapshots that fall between batches.
+        var (written, again) = await WriteThenRecover(() => JournalConfig.Sqlite(RunDir), "run-2", history, snapshotEvery: 10, batch: 3);
+        AssertRecoveredFromSnapshot(history, written, again);
     }
 
     [Fact]
@@ -136,24 +119,5 @@ public sealed class SqliteJournalTests : IDisposable
             Assert.Contains("Corrupt coordinator journal record 'j.StepCommitted'", failed.Reason);
         }
         finally { await second.Terminate(); }
-    }
-
-    private static async Task WaitForSnapshot(string file)
-    {
-        var deadline = DateTime.UtcNow + Patience;
-        while (DateTime.UtcNow < deadline)
-        {
-            try
-            {
-                using var db = new SqliteConnection($"Data Source={file};Mode=ReadOnly");
-                db.Open();
-                using var cmd = db.CreateCommand();
-                cmd.CommandText = "SELECT count(*) FROM snapshot";
-                if ((long)cmd.ExecuteScalar()! > 0) return;
-            }
-            catch (SqliteException) { }
-            await Task.Delay(50);
-        }
-        throw new TimeoutException("no snapshot was written");
     }
 }
