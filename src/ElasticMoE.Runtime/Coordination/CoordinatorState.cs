@@ -20,6 +20,24 @@ public sealed record NodeJoined(string Address, long SystemUid, IReadOnlyList<Wo
 /// <summary>A node is gone (left, lost, or stopped); its workers can no longer be planned.</summary>
 public sealed record NodeRemoved(string Address, long SystemUid, string Why) : ICoordinatorEvent;
 
+/// <summary>
+/// A node stopped answering (its process or machine died, or the network cut it off) at step <c>AtStep</c>;
+/// unlike <see cref="NodeRemoved"/> it was not asked to go, so its units are lost unless a peer holds them.
+/// </summary>
+public sealed record NodeLost(string Address, long SystemUid, string Why, long AtStep) : ICoordinatorEvent;
+
+/// <summary>One file of a committed checkpoint: its path relative to the checkpoint directory, size and SHA-256 (lower-case hex).</summary>
+public sealed record CheckpointFile(string Path, long Length, string Sha256);
+
+/// <summary>
+/// Every file of the checkpoint of step <c>Step</c> (the state after steps 0..Step-1) is durable and
+/// listed in a manifest whose SHA-256 is <c>ManifestSha256</c>: the commit point of a checkpoint.
+/// </summary>
+public sealed record CheckpointCommitted(long Step, string ManifestSha256, IReadOnlyList<CheckpointFile> Files) : ICoordinatorEvent;
+
+/// <summary>Units of plan <c>Epoch</c> that changed hands (experts moved by a re-plan or a rebalance), all verified on arrival.</summary>
+public sealed record ExpertsMoved(int Epoch, IReadOnlyList<UnitTransfer> Moves) : ICoordinatorEvent;
+
 /// <summary>A new plan took effect before step <c>AtStep</c>: its units are where it says.</summary>
 public sealed record PlanChanged(TrainingPlan Plan, long AtStep) : ICoordinatorEvent;
 
@@ -36,6 +54,9 @@ public sealed record CoordinatorState(
 {
     public static CoordinatorState Empty { get; } = new(null, 0, ImmutableList<WorkerSlot>.Empty, null, ImmutableList<StepResult>.Empty);
 
+    /// <summary>Committed checkpoints, oldest first: resume uses the newest that verifies.</summary>
+    public ImmutableList<CheckpointCommitted> Checkpoints { get; init; } = ImmutableList<CheckpointCommitted>.Empty;
+
     public int Epoch => Plan?.Epoch ?? 0;
 
     public CoordinatorState Apply(ICoordinatorEvent e) => e switch
@@ -43,6 +64,11 @@ public sealed record CoordinatorState(
         RunStarted r => this with { RunFingerprint = r.RunFingerprint, NextStep = r.StartStep },
         NodeJoined j => this with { Workers = Workers.RemoveAll(w => w.NodeAddress == j.Address).AddRange(j.Workers) },
         NodeRemoved r => this with { Workers = Workers.RemoveAll(w => w.NodeAddress == r.Address && w.Id.SystemUid == r.SystemUid) },
+        NodeLost l => this with { Workers = Workers.RemoveAll(w => w.NodeAddress == l.Address && w.Id.SystemUid == l.SystemUid) },
+        CheckpointCommitted c when c.Step > NextStep => throw new InvalidOperationException($"checkpoint of step {c.Step} committed while the next step is {NextStep}"),
+        CheckpointCommitted c => this with { Checkpoints = Checkpoints.Add(c) },
+        // The plan of that epoch already says where every unit is; the event records what travelled.
+        ExpertsMoved => this,
         PlanChanged p => this with { Plan = p.Plan },
         StepCommitted c when c.Result.Step == NextStep => this with { NextStep = NextStep + 1, Committed = Committed.Add(c.Result) },
         StepCommitted c => throw new InvalidOperationException($"step {c.Result.Step} committed while the next step is {NextStep}"),

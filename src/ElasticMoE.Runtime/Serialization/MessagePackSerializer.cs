@@ -79,7 +79,10 @@ public sealed class MessagePackSerializer : SerializerWithStringManifest
     }
 }
 
-/// <summary>The Akka configuration that routes every ElasticMoE message through <see cref="MessagePackSerializer"/>.</summary>
+/// <summary>
+/// The Akka configuration that routes every ElasticMoE message through <see cref="MessagePackSerializer"/>,
+/// and what the coordinator journals (its events and state) through <see cref="Journal.CoordinatorJournalSerializer"/>.
+/// </summary>
 public static class ElasticMoESerialization
 {
     public const string SerializerName = "elasticmoe-msgpack";
@@ -92,12 +95,16 @@ public static class ElasticMoESerialization
         akka.actor {
           serializers {
             elasticmoe-msgpack = "ElasticMoE.Runtime.Serialization.MessagePackSerializer, ElasticMoE.Runtime"
+            elasticmoe-journal = "ElasticMoE.Runtime.Journal.CoordinatorJournalSerializer, ElasticMoE.Runtime"
           }
           serialization-bindings {
             "ElasticMoE.Runtime.Protocol.IElasticMoEMessage, ElasticMoE.Runtime" = elasticmoe-msgpack
+            "ElasticMoE.Runtime.Coordination.ICoordinatorEvent, ElasticMoE.Runtime" = elasticmoe-journal
+            "ElasticMoE.Runtime.Coordination.CoordinatorState, ElasticMoE.Runtime" = elasticmoe-journal
           }
           serialization-identifiers {
             "ElasticMoE.Runtime.Serialization.MessagePackSerializer, ElasticMoE.Runtime" = 117
+            "ElasticMoE.Runtime.Journal.CoordinatorJournalSerializer, ElasticMoE.Runtime" = 118
           }
         }
         """;

@@ -1,0 +1,119 @@
+using MessagePack;
+
+namespace ElasticMoE.Runtime.Journal;
+
+// The journal's wire forms of the coordinator events and of the coordinator state (its snapshot). They
+// are what is stored, so they are the format a journal written today must still be read in: keys are
+// the format (append new ones, never renumber or reuse one), and a key added later reads as its type's
+// default (0, null) from an older journal, which CoordinatorJournalCodec maps to what the field meant
+// before it existed. A key written by a newer version is skipped by an older reader. The domain records
+// (Coordination/, Core) carry no MessagePack attributes: CoordinatorJournalCodec maps both ways.
+
+/// <summary>Stored form of <c>WorkerId</c>.</summary>
+[MessagePackObject]
+public sealed record WorkerIdWire(
+    [property: Key(0)] string NodeAddress,
+    [property: Key(1)] long SystemUid,
+    [property: Key(2)] int Device);
+
+/// <summary>Stored form of <c>WorkerSlot</c>.</summary>
+[MessagePackObject]
+public sealed record WorkerSlotWire(
+    [property: Key(0)] string NodeAddress,
+    [property: Key(1)] long SystemUid,
+    [property: Key(2)] int Device,
+    [property: Key(3)] string DataEndpoint);
+
+/// <summary>Stored form of <c>TrainingPlan</c>; stages as parallel start/end arrays.</summary>
+[MessagePackObject]
+public sealed record TrainingPlanWire(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] int Dp,
+    [property: Key(2)] int Pp,
+    [property: Key(3)] int[] StageStarts,
+    [property: Key(4)] int[] StageEnds,
+    [property: Key(5)] WorkerSlotWire[] Workers,
+    [property: Key(6)] int[][] ExpertOwner,
+    [property: Key(7)] int Redundancy);
+
+/// <summary>Stored form of <c>StepResult</c>.</summary>
+[MessagePackObject]
+public sealed record StepResultWire(
+    [property: Key(0)] long Step,
+    [property: Key(1)] double Loss,
+    [property: Key(2)] double Lr,
+    [property: Key(3)] double GradNorm,
+    [property: Key(4)] double MaxVio,
+    [property: Key(5)] long[][] ExpertCounts,
+    [property: Key(6)] long Tokens,
+    [property: Key(7)] double Seconds);
+
+/// <summary>Stored form of <c>CheckpointFile</c>.</summary>
+[MessagePackObject]
+public sealed record CheckpointFileWire(
+    [property: Key(0)] string Path,
+    [property: Key(1)] long Length,
+    [property: Key(2)] string Sha256);
+
+/// <summary>Stored form of <c>UnitTransfer</c>; the unit by its name (<c>UnitId.ToString</c>, read back by <c>UnitId.Parse</c>).</summary>
+[MessagePackObject]
+public sealed record UnitTransferWire(
+    [property: Key(0)] string Unit,
+    [property: Key(1)] WorkerIdWire From,
+    [property: Key(2)] WorkerIdWire To);
+
+[MessagePackObject]
+public sealed record RunStartedWire(
+    [property: Key(0)] string RunFingerprint,
+    [property: Key(1)] long Seed,
+    [property: Key(2)] long StartStep);
+
+[MessagePackObject]
+public sealed record NodeJoinedWire(
+    [property: Key(0)] string Address,
+    [property: Key(1)] long SystemUid,
+    [property: Key(2)] WorkerSlotWire[] Workers);
+
+[MessagePackObject]
+public sealed record NodeRemovedWire(
+    [property: Key(0)] string Address,
+    [property: Key(1)] long SystemUid,
+    [property: Key(2)] string Why);
+
+[MessagePackObject]
+public sealed record NodeLostWire(
+    [property: Key(0)] string Address,
+    [property: Key(1)] long SystemUid,
+    [property: Key(2)] string Why,
+    [property: Key(3)] long AtStep);
+
+[MessagePackObject]
+public sealed record PlanChangedWire(
+    [property: Key(0)] TrainingPlanWire Plan,
+    [property: Key(1)] long AtStep);
+
+[MessagePackObject]
+public sealed record StepCommittedWire(
+    [property: Key(0)] StepResultWire Result,
+    [property: Key(1)] int Attempts);
+
+[MessagePackObject]
+public sealed record CheckpointCommittedWire(
+    [property: Key(0)] long Step,
+    [property: Key(1)] string ManifestSha256,
+    [property: Key(2)] CheckpointFileWire[] Files);
+
+[MessagePackObject]
+public sealed record ExpertsMovedWire(
+    [property: Key(0)] int Epoch,
+    [property: Key(1)] UnitTransferWire[] Moves);
+
+/// <summary>Stored form of <c>CoordinatorState</c>: the snapshot.</summary>
+[MessagePackObject]
+public sealed record CoordinatorStateWire(
+    [property: Key(0)] string? RunFingerprint,
+    [property: Key(1)] long NextStep,
+    [property: Key(2)] WorkerSlotWire[] Workers,
+    [property: Key(3)] TrainingPlanWire? Plan,
+    [property: Key(4)] StepResultWire[] Committed,
+    [property: Key(5)] CheckpointCommittedWire[] Checkpoints);
