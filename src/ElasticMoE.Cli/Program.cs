@@ -183,6 +183,7 @@ public static class TrainCommand
         var keep = RunConfigOptions.Positive("--keep", "committed checkpoints to keep in the --save directory (default 2)");
         var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
         var resume = new Option<string?>("--resume") { Description = "continue from the newest valid checkpoint of a run directory written by --save" };
+        var runDir = new Option<string?>("--run-dir") { Description = "cluster runs: keep the coordinator's journal and checkpoints here (checkpoint.every, checkpoint.keep); an existing run directory resumes its run, on any number of nodes and layout" };
         var single = new Option<bool>("--single-process") { Description = "run the plain training loop without actors (the reference the cluster must match)" };
         var nodes = RunConfigOptions.NonNegative("--nodes", "in-process cluster nodes to start (default 1; 0 = wait for external `elasticmoe node`s)");
         var expect = RunConfigOptions.Positive("--expect-nodes", "nodes to wait for before the first step (default: --nodes)");
@@ -201,7 +202,7 @@ public static class TrainCommand
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(keep);
         cmd.Options.Add(resume);
-        foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout, runDir }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var extra = new List<KeyValuePair<string, string>>();
@@ -214,10 +215,13 @@ public static class TrainCommand
             if (!p.GetValue(single))
             {
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
-                    throw new ConfigException("--save and --resume work with --single-process for now; cluster checkpoints come with the checkpoint issue");
+                    throw new ConfigException("--save and --resume belong to --single-process; a cluster run keeps its checkpoints in --run-dir DIR");
+                config = config with { RunDirectory = p.GetValue(runDir) };
                 var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
                 return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout, stderr);
             }
+            if (p.GetValue(runDir) is not null)
+                throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             using var trainer = new Trainer(config, corpus);
             using var signals = new StopSignals(stderr, "stopping after the current step");

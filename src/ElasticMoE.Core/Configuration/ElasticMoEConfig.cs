@@ -97,6 +97,15 @@ public sealed record ClusterOptions(
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
 }
 
+/// <summary>Checkpoints of a cluster run with a run directory (<c>checkpoint.*</c>).</summary>
+/// <param name="Every">Steps between checkpoints (0 = none but the last step's).</param>
+/// <param name="EverySeconds">Also checkpoint once this many seconds passed since the last one (0 = off).</param>
+/// <param name="Keep">Committed checkpoints kept; an older one is deleted only after a newer one is committed.</param>
+public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
+{
+    public static CheckpointOptions Default { get; } = new(50, 0, 2);
+}
+
 /// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
 public sealed record ElasticMoEConfig(
     long Seed,
@@ -108,6 +117,16 @@ public sealed record ElasticMoEConfig(
     ClusterOptions Cluster,
     Akka.Configuration.Config Raw)
 {
+    /// <summary>When a cluster run with a run directory checkpoints, and how many it keeps.</summary>
+    public CheckpointOptions Checkpoint { get; init; } = CheckpointOptions.Default;
+
+    /// <summary>
+    /// The run directory of a cluster run (<c>--run-dir</c>): the coordinator's journal and the checkpoints
+    /// live there, and a coordinator started on an existing one resumes that run. Null: nothing persists.
+    /// Given on the command line, not in HOCON: it names where this run is, not how it trains.
+    /// </summary>
+    public string? RunDirectory { get; init; }
+
     /// <summary>Reads the typed settings from a HOCON tree that has an <c>elasticmoe</c> section.</summary>
     public static ElasticMoEConfig FromHocon(Akka.Configuration.Config root)
     {
@@ -134,7 +153,10 @@ public sealed record ElasticMoEConfig(
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
             r.Int("cluster.redundancy"));
-        var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root);
+        var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
+        {
+            Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
+        };
         cfg.Validate();
         return cfg;
     }
@@ -259,6 +281,9 @@ public sealed record ElasticMoEConfig(
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
+        Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
+        Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
+        Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
         Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
         Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",

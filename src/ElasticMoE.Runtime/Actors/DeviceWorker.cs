@@ -95,6 +95,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private void Ready()
     {
         Receive<InstallPlan>(BeginInstall);
+        Receive<WriteCheckpoint>(OnWriteCheckpoint);
         Receive<AbortAttempt>(m => _context.Abort(m.Fence));
     }
 
@@ -111,6 +112,36 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         Receive<TransfersDone>(OnTransfersDone);
         Receive<ChildrenReady>(OnChildrenReady);
         ReceiveAny(_ => Stash.Stash());
+    }
+
+    // At a step boundary (the coordinator starts nothing until every writer has answered CheckpointCopied):
+    // copy to host here, on this actor's thread while no stage or shard touches the units, then write in
+    // the background while training goes on.
+    private void OnWriteCheckpoint(WriteCheckpoint m)
+    {
+        var coordinator = Sender;
+        List<CheckpointIO.HostCopy> copies;
+        try
+        {
+            copies = CheckpointIO.CopyToHost(_context, m.Units.Select(UnitId.Parse));
+        }
+        catch (Exception ex)
+        {
+            coordinator.Tell(new CheckpointCopied(m.Step, m.Writer, ex.Message));
+            return;
+        }
+        coordinator.Tell(new CheckpointCopied(m.Step, m.Writer, null));
+        Task.Run(() =>
+        {
+            try
+            {
+                return CheckpointIO.WriteShard(m, copies);
+            }
+            catch (Exception ex)
+            {
+                return new CheckpointShardWritten(m.Step, m.Writer, "", 0, "", [], ex.GetBaseException().Message);
+            }
+        }).PipeTo(coordinator);
     }
 
     private void BeginInstall(InstallPlan m)
@@ -170,6 +201,9 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
             long bytes = 0;
             try
             {
+                // A resumed run's first plan: every worker's units come from the checkpoint, not the seed.
+                if (m.Resume is { } resume && previous is null && rank >= 0)
+                    CheckpointIO.Load(context, resume, next.HoldingsOf(rank, _config.Model));
                 await Task.WhenAll(sends);
                 foreach (var (unit, frameTask) in receives)
                 {

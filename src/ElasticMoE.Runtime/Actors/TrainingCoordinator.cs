@@ -48,7 +48,7 @@ public sealed record PlanRecord(int Epoch, long AtStep, int Dp, int Pp, IReadOnl
 /// everywhere and redoes the step from unchanged state (an interrupted update is rolled forward instead:
 /// units record the step they applied). Durable facts change only through <see cref="CoordinatorState.Apply"/>.
 /// </summary>
-public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
+public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWithUnboundedStash
 {
     private sealed record PhaseTimeout(Fence Fence, string Phase);
 
@@ -81,7 +81,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
-    private enum Phase { WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private enum Phase { Recovering, Checkpointing, WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
     private Phase _phase = Phase.WaitingForNodes;
     // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
     private enum AfterInstall { Step, Evaluate, Finish }
@@ -104,11 +104,14 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
     private bool _finished;
 
     public ITimerScheduler Timers { get; set; } = null!;
+    public IStash Stash { get; set; } = null!;
     // ELASTICMOE_TRACE=1 logs each step's phase timings (with akka.loglevel = INFO).
     private static readonly bool Trace = Environment.GetEnvironmentVariable("ELASTICMOE_TRACE") == "1";
     private double _tCompute, _tNorm;
 
-    public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, long startStep = 0)
+    /// <param name="runDir">The run directory (journal and checkpoints), or null for a run that persists nothing.</param>
+    public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, long startStep = 0,
+        string? runDir = null)
     {
         _config = config;
         _report = report;
@@ -116,14 +119,29 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _runFingerprint = runFingerprint;
         _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
             : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
-        Apply(new RunStarted(runFingerprint, config.Seed, startStep));
-        WaitingForNodes();
+        _runDir = runDir is null ? null : Path.GetFullPath(runDir);
+        if (_runDir is null)
+        {
+            Apply(new RunStarted(runFingerprint, config.Seed, startStep));
+            WaitingForNodes();
+        }
+        else
+        {
+            _phase = Phase.Recovering;
+            Recovering();
+        }
     }
 
-    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint)
-        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, runFingerprint, 0));
+    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, string? runDir = null)
+        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, runFingerprint, 0, runDir));
 
-    private void Apply(ICoordinatorEvent e) => _state = _state.Apply(e);
+    // Every durable fact goes through here: into the state now, and into the journal (with --run-dir),
+    // which appends in order; a restarted coordinator rebuilds the state from it.
+    private void Apply(ICoordinatorEvent e)
+    {
+        _state = _state.Apply(e);
+        Journal(e);
+    }
 
     private void Enter(Phase phase, Action behaviour)
     {
@@ -140,6 +158,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
             typeof(Akka.Cluster.ClusterEvent.MemberLeft));
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
+        if (_runDir is not null) StartJournal();
     }
 
     protected override void PostStop()
@@ -153,6 +172,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Common()
     {
+        JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
         // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
@@ -270,6 +290,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _membershipEvents.Add(new MembershipChange("node-lost", node, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
         _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying} worker(s)");
         ForgetActorsOf(node);
+        if (_phase == Phase.Checkpointing)
+        {
+            // The boundary's copy cannot complete: give the checkpoint up and carry on, which recovers first.
+            AbandonCheckpoint($"node {node} lost");
+            return;
+        }
+        if (_writing is not null) AbandonCheckpoint($"node {node} lost while its shard was being written");
         switch (_phase)
         {
             case Phase.Computing or Phase.Norms:
@@ -538,6 +565,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             transfers.Moves.Select(t => new UnitMove(t.Unit.ToString(), prevWorkers.FindIndex(w => w.Id == t.From), next.RankOf(t.To))).ToArray())
         {
             Redundancy = next.Redundancy,
+            Resume = previous is null ? _resume : null,
         };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
@@ -623,6 +651,7 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
         Apply(new PlanChanged(plan, _state.NextStep));
+        _resume = null;   // the units are in the workers now
         _gone.Clear();
         _installFailures = 0;
         foreach (var w in plan.Workers)
@@ -848,13 +877,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             Recover();
             return;
         }
-        if (eval)
+        Action next = eval ? () => StartEval(r) : () =>
         {
-            StartEval(r);
-            return;
-        }
-        _report.Step(r, null, _config.Train.Steps);
-        StartStepOrFinish();
+            _report.Step(r, null, _config.Train.Steps);
+            StartStepOrFinish();
+        };
+        if (CheckpointDue(done, last)) BeginCheckpoint(done, next);
+        else next();
     }
 
     private bool ChecksumsAgree(out string why)
@@ -930,6 +959,9 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
             case "workers" when _waitingFor is { } wanted:
                 Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {WorkersStaying} present", FailureKind.Timeout);
                 break;
+            case "checkpoint copy" when _writing is { } w && w.Step == t.Fence.Step:
+                AbandonCheckpoint($"not every writer copied its units within {_config.Cluster.StepTimeoutSeconds:F0} s");
+                break;
             case "finish" when t.Fence.Step == -2:
                 Fail($"final parameter summaries: {_summarized.Count} of {_expectedSummaries} arrived within {_config.Cluster.FinishTimeoutSeconds:F0} s", FailureKind.Timeout);
                 break;
@@ -943,6 +975,14 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void StartEval(StepResult r)
     {
+        if (_gone.Count > 0)
+        {
+            // A node was lost at the boundary (during a checkpoint's copy): recover, then evaluate.
+            _evalResult = r;
+            _afterInstall = AfterInstall.Evaluate;
+            Recover();
+            return;
+        }
         _evalResult = r;
         _evals.Clear();
         // Evaluation after step s runs under the fence of step s+1, attempt 0: past everything of step s.
@@ -1006,6 +1046,13 @@ public sealed class TrainingCoordinator : ReceiveActor, IWithTimers
 
     private void Complete()
     {
+        // The last checkpoint is still being written (or an old one deleted): the run ends once it is
+        // committed (or given up).
+        if (CheckpointWorkPending)
+        {
+            _completeWhenWritten = true;
+            return;
+        }
         _finished = true;
         Timers.CancelAll();
         var shutdown = _stopRequested is null

@@ -41,6 +41,16 @@ public sealed record ExpertsMoved(int Epoch, IReadOnlyList<UnitTransfer> Moves) 
 /// <summary>A new plan took effect before step <c>AtStep</c>: its units are where it says.</summary>
 public sealed record PlanChanged(TrainingPlan Plan, long AtStep) : ICoordinatorEvent;
 
+/// <summary>
+/// A restarted coordinator resumes the run from the checkpoint of step <c>Step</c> (0: from the seed, no
+/// checkpoint verified): steps after it are to be done again, and the nodes and plan of the previous
+/// incarnation are gone (nodes come back as new incarnations and the first plan loads the checkpoint).
+/// </summary>
+public sealed record RunResumed(long Step) : ICoordinatorEvent;
+
+/// <summary>A committed checkpoint is being deleted (retention): recorded before its files go.</summary>
+public sealed record CheckpointRetired(long Step, string ManifestSha256) : ICoordinatorEvent;
+
 /// <summary>Step <c>Result.Step</c> is applied by every unit: the commit point of a step.</summary>
 public sealed record StepCommitted(StepResult Result, int Attempts) : ICoordinatorEvent;
 
@@ -70,6 +80,13 @@ public sealed record CoordinatorState(
         // The plan of that epoch already says where every unit is; the event records what travelled.
         ExpertsMoved => this,
         PlanChanged p => this with { Plan = p.Plan },
+        RunResumed r when r.Step > NextStep => throw new InvalidOperationException($"resumed from step {r.Step} while the next step is {NextStep}"),
+        RunResumed r => this with
+        {
+            NextStep = r.Step, Plan = null, Workers = ImmutableList<WorkerSlot>.Empty,
+            Committed = Committed.RemoveAll(c => c.Step >= r.Step),
+        },
+        CheckpointRetired r => this with { Checkpoints = Checkpoints.RemoveAll(c => c.Step == r.Step && c.ManifestSha256 == r.ManifestSha256) },
         StepCommitted c when c.Result.Step == NextStep => this with { NextStep = NextStep + 1, Committed = Committed.Add(c.Result) },
         StepCommitted c => throw new InvalidOperationException($"step {c.Result.Step} committed while the next step is {NextStep}"),
         _ => throw new ArgumentException($"unknown coordinator event {e.GetType().Name}"),

@@ -43,7 +43,13 @@ public sealed class ClusterNode : IAsyncDisposable
         var roles = new List<string>();
         if (coordinator) roles.Add(CoordinatorRole);
         if (worker) roles.Add(WorkerRole);
-        System = ActorSystem.Create(SystemName, AkkaConfig(config, roles));
+        var akka = AkkaConfig(config, roles);
+        // The coordinator's journal (Akka.Persistence.Sql): SQLite files in the run directory, or what an
+        // `akka.persistence` section of the user's config says (hocon/postgres.conf).
+        if (coordinator && config.RunDirectory is { } runDir)
+            akka = config.Raw.HasPath("akka.persistence") ? akka.WithFallback(Journal.JournalConfig.WithOverlay(config.Raw, runDir))
+                : akka.WithFallback(Journal.JournalConfig.Sqlite(runDir));
+        System = ActorSystem.Create(SystemName, akka);
         if (loop is not null) ComputeLoopDispatcher.Register(System, loop);
         var cluster = Cluster.Get(System);
         Address = cluster.SelfAddress;
@@ -56,7 +62,7 @@ public sealed class ClusterNode : IAsyncDisposable
         {
             _result = new TaskCompletionSource<RunResult>(TaskCreationOptions.RunContinuationsAsynchronously);
             var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result,
-                TrainingState.RunFingerprint(config, corpus.Fingerprint));
+                TrainingState.RunFingerprint(config, corpus.Fingerprint), config.RunDirectory);
             System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
                 ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
             // The coordinator completes the result; if the system goes first (terminated by anyone, the

@@ -81,6 +81,12 @@ public sealed record NodeRemovedWire(
     [property: Key(2)] string Why);
 
 [MessagePackObject]
+public sealed record RunResumedWire([property: Key(0)] long Step);
+
+[MessagePackObject]
+public sealed record CheckpointRetiredWire([property: Key(0)] long Step, [property: Key(1)] string ManifestSha256);
+
+[MessagePackObject]
 public sealed record NodeLostWire(
     [property: Key(0)] string Address,
     [property: Key(1)] long SystemUid,

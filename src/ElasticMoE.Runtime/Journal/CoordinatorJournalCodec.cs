@@ -41,6 +41,10 @@ public static class CoordinatorJournalCodec
             e => new(ToWire(e.Result), e.Attempts),
             w => new(ToDomain(Required(w.Result, "step result")), w.Attempts)),
         Entry.Of<CheckpointCommitted, CheckpointCommittedWire>("j.CheckpointCommitted", ToWire, ToDomain),
+        Entry.Of<CheckpointRetired, CheckpointRetiredWire>("j.CheckpointRetired",
+            e => new(e.Step, e.ManifestSha256),
+            w => new(w.Step, Required(w.ManifestSha256, "manifest SHA-256"))),
+        Entry.Of<RunResumed, RunResumedWire>("j.RunResumed", e => new(e.Step), w => new(w.Step)),
         Entry.Of<ExpertsMoved, ExpertsMovedWire>("j.ExpertsMoved",
             e => new(e.Epoch, e.Moves.Select(m => new UnitTransferWire(m.Unit.ToString(), ToWire(m.From), ToWire(m.To))).ToArray()),
             w => new(w.Epoch, Array(w.Moves).Select(m => new UnitTransfer(

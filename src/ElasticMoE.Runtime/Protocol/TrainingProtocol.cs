@@ -98,6 +98,9 @@ public sealed record InstallPlan(
 {
     /// <summary>The plan's <see cref="Planning.TrainingPlan.Redundancy"/>: who mirrors what follows from it.</summary>
     [Key(10)] public int Redundancy { get; init; }
+
+    /// <summary>A resumed run's first plan: the checkpoint every worker loads its units from; null otherwise.</summary>
+    [Key(11)] public ResumeFrom? Resume { get; init; }
 }
 
 /// <summary>

@@ -1,0 +1,350 @@
+using Akka.Actor;
+using ElasticMoE.Checkpointing;
+using ElasticMoE.Runtime.Coordination;
+using ElasticMoE.Runtime.Journal;
+using ElasticMoE.Runtime.Protocol;
+using ElasticMoE.State;
+using ElasticMoE.Training;
+
+namespace ElasticMoE.Runtime.Actors;
+
+// The coordinator's durable side (with --run-dir): its events go to the journal (Akka.Persistence.Sql),
+// a restarted coordinator recovers its state from there and resumes from the newest checkpoint that
+// verifies, and checkpoints are written by the workers at step boundaries and committed by one event.
+public sealed partial class TrainingCoordinator
+{
+    /// <summary>Persistence id of the run's coordinator journal: one run per run directory (or database).</summary>
+    public const string JournalId = "elasticmoe-coordinator";
+
+    private readonly string? _runDir;
+    private IActorRef? _journal;
+    private long _journalRequests;
+    private CheckpointStore? _store;
+    private ResumeFrom? _resume;
+
+    private sealed record ResumeLoaded(ResumeFrom? From, IReadOnlyList<string> Warnings, string? Error);
+    private sealed record ManifestWritten(long Step, CheckpointCommit? Commit, string? Error);
+    private sealed record RetiredDeleted(long Step, string? Error);
+
+    /// <summary>A checkpoint being written: who writes what, what has been copied and written so far.</summary>
+    private sealed class CheckpointInFlight(long step, string directory, IReadOnlyCollection<string> writers, Action then)
+    {
+        public long Step { get; } = step;
+        public string Directory { get; } = directory;
+        public HashSet<string> Writers { get; } = writers.ToHashSet();
+        public HashSet<string> Copied { get; } = new();
+        public List<ShardInfo> Shards { get; } = new();
+        public Action? Then { get; set; } = then;
+        public System.Diagnostics.Stopwatch Clock { get; } = System.Diagnostics.Stopwatch.StartNew();
+        public double StallSeconds { get; set; }
+        public long CommitRequest { get; set; } = -1;
+    }
+
+    private CheckpointInFlight? _writing;
+    // Retired checkpoints (journaled or being journaled) until their files are deleted.
+    private readonly Dictionary<long, CheckpointCommitted> _retiring = new();
+    private readonly HashSet<long> _deleting = new();
+
+    /// <summary>A checkpoint being written or an old one being deleted: the run ends after them.</summary>
+    private bool CheckpointWorkPending => _writing is not null || _retiring.Count > 0;
+    private bool _completeWhenWritten;
+    private readonly System.Diagnostics.Stopwatch _sinceCheckpoint = System.Diagnostics.Stopwatch.StartNew();
+
+    // ---- journal -------------------------------------------------------------------------------
+
+    private void StartJournal()
+    {
+        _store = new CheckpointStore(_runDir!, new JournalCommitLog(() => _state.Checkpoints), keep: int.MaxValue);
+        _journal = Context.ActorOf(CoordinatorJournal.Props(JournalId, Self, snapshotEvery: 200), "journal");
+        Context.Watch(_journal);
+    }
+
+    private void Recovering()
+    {
+        Receive<JournalRecovered>(OnJournalRecovered);
+        Receive<ResumeLoaded>(OnResumeLoaded);
+        Receive<JournalFailed>(m => Fail($"the coordinator journal cannot be read: {m.Reason}", FailureKind.StateLost, m.Cause));
+        Receive<Terminated>(m => Fail("the coordinator journal stopped", FailureKind.StateLost));
+        ReceiveAny(_ => Stash.Stash());
+    }
+
+    private void OnJournalRecovered(JournalRecovered m)
+    {
+        _state = m.State;
+        if (_state.RunFingerprint is null)
+        {
+            Apply(new RunStarted(_runFingerprint, _config.Seed, 0));
+            _report.Info($"run directory {_runDir}: a new run (journal and checkpoints start here)");
+            BeginWaitingForNodes();
+            return;
+        }
+        if (_state.RunFingerprint != _runFingerprint)
+        {
+            Fail($"run directory {_runDir} holds another run: " + string.Join("; ", TrainingState.RunFingerprintDifferences(_runFingerprint, _state.RunFingerprint)) +
+                 "; use a new --run-dir, or the settings of that run", FailureKind.Error);
+            return;
+        }
+        _report.Info($"run directory {_runDir}: resuming a run with {_state.NextStep} committed step(s) and {_state.Checkpoints.Count} checkpoint(s) in its journal");
+        var store = _store!;
+        Task.Run(() =>
+        {
+            try
+            {
+                var load = store.LoadNewestValid();
+                var from = load.Checkpoint is { } c ? new ResumeFrom(c.Directory, c.Commit.ManifestSha256, c.Step) : null;
+                return new ResumeLoaded(from, load.Warnings, null);
+            }
+            catch (Exception ex)
+            {
+                return new ResumeLoaded(null, [], ex.Message);
+            }
+        }).PipeTo(Self);
+    }
+
+    private void OnResumeLoaded(ResumeLoaded m)
+    {
+        foreach (var w in m.Warnings) _report.Info($"warning: {w}");
+        if (m.Error is not null)
+        {
+            Fail($"cannot resume from {_runDir}: {m.Error}", FailureKind.StateLost);
+            return;
+        }
+        _resume = m.From;
+        long step = m.From?.Step ?? 0;
+        Apply(new RunResumed(step));
+        _report.Info(m.From is null
+            ? "no checkpoint was committed: the run starts again from step 0"
+            : $"resuming from checkpoint {Path.GetFileName(m.From.Directory)} (step {step}); it loads on whatever nodes join, in any layout");
+        BeginWaitingForNodes();
+    }
+
+    private void BeginWaitingForNodes()
+    {
+        Stash.UnstashAll();
+        Enter(Phase.WaitingForNodes, WaitingForNodes);
+    }
+
+    // Events the journal answered: a checkpoint's commit point, a retirement to carry out, or a refusal.
+    private void JournalReplies()
+    {
+        Receive<EventsAppended>(OnEventsAppended);
+        Receive<AppendRefused>(m => Fail($"the coordinator journal refused an event: {m.Reason}", FailureKind.StateLost));
+        Receive<JournalFailed>(m => Fail($"the coordinator journal failed: {m.Reason}", FailureKind.StateLost, m.Cause));
+        Receive<Terminated>(m => { if (m.ActorRef.Equals(_journal)) Fail("the coordinator journal stopped", FailureKind.StateLost); });
+        Receive<CheckpointShardWritten>(OnShardWritten);
+        Receive<ManifestWritten>(OnManifestWritten);
+        Receive<RetiredDeleted>(m =>
+        {
+            _retiring.Remove(m.Step);
+            if (m.Error is not null) _report.Info($"warning: could not delete retired checkpoint of step {m.Step}: {m.Error}");
+            if (_completeWhenWritten && !CheckpointWorkPending) Complete();
+        });
+    }
+
+    private long Journal(ICoordinatorEvent e)
+    {
+        if (_journal is null) return -1;
+        long id = ++_journalRequests;
+        _journal.Tell(new AppendEvents(id, [e]));
+        return id;
+    }
+
+    // ---- writing checkpoints -------------------------------------------------------------------
+
+    private bool CheckpointDue(long done, bool last)
+    {
+        if (_store is null || _gone.Count > 0) return false;
+        var c = _config.Checkpoint;
+        return last || (c.Every > 0 && done % c.Every == 0) || (c.EverySeconds > 0 && _sinceCheckpoint.Elapsed.TotalSeconds >= c.EverySeconds);
+    }
+
+    /// <summary>
+    /// At the boundary after step <paramref name="step"/>: every writer copies its share to host memory (the
+    /// only stall), then <paramref name="then"/> runs while the shards are written in the background.
+    /// </summary>
+    private void BeginCheckpoint(long step, Action then)
+    {
+        if (_writing is not null)
+        {
+            _report.Info($"checkpoint of step {step} skipped: the one of step {_writing.Step} is still being written");
+            then();
+            return;
+        }
+        string directory;
+        try
+        {
+            directory = _store!.BeginSave(step);
+        }
+        catch (Exception ex)
+        {
+            _report.Info($"warning: checkpoint of step {step} not started: {ex.Message}");
+            then();
+            return;
+        }
+        var plan = _state.Plan!;
+        var held = Enumerable.Range(0, plan.WorldSize)
+            .ToDictionary(r => $"w{r}", r => (IReadOnlyCollection<UnitId>)plan.UnitsOf(r, _config.Model).ToList());
+        var writers = CheckpointWriters.Assign(held);
+        _writing = new CheckpointInFlight(step, directory, writers.Keys.ToList(), then);
+        _sinceCheckpoint.Restart();
+        foreach (var (writer, units) in writers)
+            _workerRefs[int.Parse(writer.AsSpan(1), System.Globalization.CultureInfo.InvariantCulture)]
+                .Tell(new WriteCheckpoint(step, directory, writer, units.Select(u => u.ToString()).ToArray()));
+        Enter(Phase.Checkpointing, Checkpointing);
+        Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(_state.Epoch, step, -4), "checkpoint copy"),
+            TimeSpan.FromSeconds(_config.Cluster.StepTimeoutSeconds));
+    }
+
+    private void Checkpointing()
+    {
+        Receive<CheckpointCopied>(m =>
+        {
+            if (_writing is not { } w || m.Step != w.Step) return;
+            if (m.Error is not null)
+            {
+                AbandonCheckpoint($"writer {m.Writer} could not copy its units: {m.Error}");
+                return;
+            }
+            if (w.Copied.Add(m.Writer) && w.Copied.Count == w.Writers.Count) ContinueAfterCopy();
+        });
+        Common();
+    }
+
+    private void ContinueAfterCopy()
+    {
+        Timers.Cancel("phase");
+        var w = _writing!;
+        w.StallSeconds = w.Clock.Elapsed.TotalSeconds;
+        var then = w.Then;
+        w.Then = null;
+        then?.Invoke();
+    }
+
+    /// <summary>Gives up the checkpoint in flight (its directory stays uncommitted and is cleaned up by the next save of that step).</summary>
+    private void AbandonCheckpoint(string why)
+    {
+        if (_writing is not { } w) return;
+        _report.Info($"warning: checkpoint of step {w.Step} abandoned: {why}");
+        _writing = null;
+        if (w.Then is { } then)
+        {
+            w.Then = null;
+            Timers.Cancel("phase");
+            then();
+        }
+        else if (_completeWhenWritten && !CheckpointWorkPending) Complete();
+    }
+
+    private void OnShardWritten(CheckpointShardWritten m)
+    {
+        if (_writing is not { } w || m.Step != w.Step || !w.Writers.Contains(m.Writer)) return;
+        if (m.Error is not null)
+        {
+            AbandonCheckpoint($"writer {m.Writer} could not write its shard: {m.Error}");
+            return;
+        }
+        w.Shards.Add(new ShardInfo(m.File, m.Bytes, m.Sha256, m.Units.Select(UnitId.Parse).ToList()));
+        if (w.Shards.Count < w.Writers.Count) return;
+        var store = _store!;
+        var plan = _state.Plan!;
+        var layout = new Dictionary<string, string>
+        {
+            ["mode"] = "cluster", ["epoch"] = plan.Epoch.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["layout"] = $"{plan.Dp}x{plan.Pp}", ["workers"] = string.Join(",", plan.Workers.Select(x => x.Id.ToString())),
+        };
+        string model = TrainingState.Fingerprint(_config.Model);
+        var shards = w.Shards.ToList();
+        Task.Run(() =>
+        {
+            try
+            {
+                return new ManifestWritten(w.Step, store.Commit(w.Directory, w.Step, _runFingerprint, model, layout, shards), null);
+            }
+            catch (Exception ex)
+            {
+                return new ManifestWritten(w.Step, null, ex.Message);
+            }
+        }).PipeTo(Self);
+    }
+
+    // Every shard is durable and the manifest written: the journal event is the commit point.
+    private void OnManifestWritten(ManifestWritten m)
+    {
+        if (_writing is not { } w || m.Step != w.Step) return;
+        if (m.Error is not null)
+        {
+            AbandonCheckpoint($"manifest not written: {m.Error}");
+            return;
+        }
+        var c = m.Commit!;
+        var committed = new CheckpointCommitted(c.Step, c.ManifestSha256,
+            w.Shards.Select(s => new Coordination.CheckpointFile($"{c.Directory}/{s.File}", s.Bytes, s.Sha256)).ToList());
+        w.CommitRequest = Journal(committed);
+        _state = _state.Apply(committed);
+        if (_journal is null) OnCheckpointDurable(w);
+    }
+
+    private void OnEventsAppended(EventsAppended m)
+    {
+        if (_writing is { } w && m.RequestId == w.CommitRequest) OnCheckpointDurable(w);
+        foreach (var (step, retired) in _retiring.ToList())
+            if (!_deleting.Contains(step) && m.State.Checkpoints.All(c => c.ManifestSha256 != retired.ManifestSha256))
+            {
+                _deleting.Add(step);
+                var dir = Path.Combine(_runDir!, DirectoryOf(retired));
+                var index = new FileCommitLog(Path.Combine(_runDir!, FileCommitLog.FileName));
+                var commit = ToCommit(retired);
+                Task.Run(() =>
+                {
+                    try
+                    {
+                        index.AppendRetired(commit);
+                        if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+                        return new RetiredDeleted(step, null);
+                    }
+                    catch (Exception ex)
+                    {
+                        return new RetiredDeleted(step, ex.Message);
+                    }
+                }).PipeTo(Self);
+            }
+    }
+
+    private void OnCheckpointDurable(CheckpointInFlight w)
+    {
+        _writing = null;
+        long bytes = w.Shards.Sum(s => s.Bytes);
+        _report.Info(System.FormattableString.Invariant(
+            $"checkpoint of step {w.Step} committed: {w.Shards.Count} shard(s), {bytes / 1048576.0:F1} MiB, training paused {w.StallSeconds * 1000:F0} ms, written in {w.Clock.Elapsed.TotalSeconds:F2} s"));
+        // commits.log: an index for the `checkpoints` commands; the journal event above is the commit.
+        var index = new FileCommitLog(Path.Combine(_runDir!, FileCommitLog.FileName));
+        var commit = ToCommit(_state.Checkpoints[^1]);
+        try { index.AppendCommitted(commit); }
+        catch (Exception ex) { _report.Info($"warning: {FileCommitLog.FileName} not updated: {ex.Message}"); }
+        // Retention: older checkpoints go only now that a newer one is committed; the retirement is journaled first.
+        int extra = _state.Checkpoints.Count - _config.Checkpoint.Keep;
+        foreach (var old in _state.Checkpoints.Take(Math.Max(0, extra)).ToList())
+        {
+            Apply(new CheckpointRetired(old.Step, old.ManifestSha256));
+            _retiring[old.Step] = old;
+        }
+        if (_completeWhenWritten && !CheckpointWorkPending) Complete();
+    }
+
+    private static string DirectoryOf(CheckpointCommitted c) => c.Files.Count == 0 ? CheckpointStore.DirectoryName(c.Step) : c.Files[0].Path.Split('/')[0];
+
+    private static CheckpointCommit ToCommit(CheckpointCommitted c)
+        => new(c.Step, DirectoryOf(c), c.ManifestSha256, c.Files.Select(f => f.Path[(f.Path.IndexOf('/') + 1)..]).Order(StringComparer.Ordinal).ToList());
+
+    /// <summary>The journal's committed checkpoints as the checkpoint store's commit log (read only: the coordinator journals commits itself).</summary>
+    private sealed class JournalCommitLog(Func<IReadOnlyList<CheckpointCommitted>> committed) : ICheckpointCommitLog
+    {
+        // The coordinator appends the journal event after Commit returns; nothing to do here.
+        public void AppendCommitted(CheckpointCommit commit) { }
+
+        public void AppendRetired(CheckpointCommit commit)
+            => throw new InvalidOperationException("retention of cluster checkpoints goes through the coordinator journal");
+
+        public CommitLogContents Read() => new(committed().Select(ToCommit).ToList(), []);
+    }
+}

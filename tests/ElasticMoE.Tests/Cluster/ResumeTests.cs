@@ -1,0 +1,217 @@
+using System.Diagnostics;
+using System.Text;
+using System.Text.Json;
+using ElasticMoE.Checkpointing;
+using ElasticMoE.Tests.Journal;
+using ElasticMoE.Training;
+using Xunit.Abstractions;
+
+namespace ElasticMoE.Tests.Cluster;
+
+/// <summary>
+/// Checkpoints of a cluster run, with node processes: the whole job SIGKILLed after a committed checkpoint,
+/// then `elasticmoe train --run-dir` again on another number of nodes continues the same curve.
+/// </summary>
+[Collection("cluster")]
+public class ResumeTests(ITestOutputHelper output)
+{
+    private const int Steps = 40;
+
+    private static Dictionary<string, string> Settings() => TestSupport.SmallSettings(
+        ("seed", "1"), ("model.layers", "4"), ("model.dense-layers", "1"), ("model.moe.routed-experts", "6"),
+        ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", Steps.ToString()), ("train.eval-every", "10"),
+        ("train.eval-batches", "2"), ("cluster.checksum-every", "5"), ("checkpoint.every", "10"), ("cluster.join-settle", "0"));
+
+    private static readonly Lazy<IReadOnlyList<StepResult>> Reference =
+        new(() => SingleProcessReference.Train(TestSupport.SmallConfig(Settings().Select(kv => (kv.Key, kv.Value)).ToArray()), Steps).Steps);
+
+    private sealed record Job(Process Coordinator, Process[] Nodes, StringBuilder Text, string Metrics, Task Pump);
+
+    private static Job Start(string runDir, int nodes, string[] extra, Action<string, Job>? onLine = null)
+    {
+        TestSupport.EnsureTorch();
+        var args = TestSupport.SetArguments(Settings()).Concat(["--threads", "1"]).ToArray();
+        int port = NodeProcesses.FreePort();
+        var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
+        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(),
+            "--metrics", metrics, "--run-dir", runDir, .. args, .. extra]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var procs = Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args])).ToArray();
+        var text = new StringBuilder();
+        Job? job = null;
+        var pump = Task.Run(async () =>
+        {
+            var err = coordinator.StandardError.ReadToEndAsync();
+            string? line;
+            while ((line = await coordinator.StandardOutput.ReadLineAsync()) is not null)
+            {
+                lock (text) text.AppendLine(line);
+                while (job is null) await Task.Delay(1);
+                onLine?.Invoke(line, job);
+            }
+            var rest = await err;
+            lock (text) text.AppendLine(rest);
+        });
+        job = new Job(coordinator, procs, text, metrics, pump);
+        return job;
+    }
+
+    private static void KillAll(Job job)
+    {
+        foreach (var p in job.Nodes.Append(job.Coordinator))
+            if (!p.HasExited) p.Kill(entireProcessTree: true);
+    }
+
+    private async Task<string> Finish(Job job, TimeSpan timeout)
+    {
+        using var cts = new CancellationTokenSource(timeout);
+        try { await job.Coordinator.WaitForExitAsync(cts.Token); }
+        finally { KillAll(job); }
+        await job.Pump;
+        var text = job.Text.ToString();
+        output.WriteLine(text);
+        return text;
+    }
+
+    private static void CopyDirectory(string from, string to)
+    {
+        foreach (var dir in Directory.GetDirectories(from, "*", SearchOption.AllDirectories))
+            Directory.CreateDirectory(dir.Replace(from, to));
+        Directory.CreateDirectory(to);
+        foreach (var file in Directory.GetFiles(from, "*", SearchOption.AllDirectories))
+            File.Copy(file, file.Replace(from, to));
+    }
+
+    // Every step line of the metrics (1-based step numbers) equals the reference's step within 1e-4.
+    private static List<int> AssertStepsMatchReference(string metrics)
+    {
+        var lines = File.ReadAllLines(metrics).Select(l => JsonDocument.Parse(l).RootElement).Where(l => !l.TryGetProperty("event", out _)).ToList();
+        var steps = lines.Select(l => l.GetProperty("step").GetInt32()).ToList();
+        var reference = Reference.Value;
+        SingleProcessReference.AssertStepsMatch(metrics,
+            lines.Select(l => (l.GetProperty("loss").GetDouble(), l.GetProperty("grad_norm").GetDouble())).ToList(),
+            steps.Select(s => reference[s - 1]).ToList());
+        return steps;
+    }
+
+    /// <summary>Runs until the checkpoint of step 20 is committed, then SIGKILLs coordinator and nodes at once.</summary>
+    private async Task<string> TrainAndKillEverything(string runDir, int nodes, string[]? extra = null)
+    {
+        var committed = new TaskCompletionSource();
+        var job = Start(runDir, nodes, extra ?? [], (line, _) =>
+        {
+            if (line.StartsWith("checkpoint of step 20 committed", StringComparison.Ordinal)) committed.TrySetResult();
+        });
+        try
+        {
+            await committed.Task.WaitAsync(TimeSpan.FromMinutes(3));
+        }
+        finally
+        {
+            KillAll(job);
+        }
+        await job.Pump;
+        output.WriteLine(job.Text.ToString());
+        var store = new CheckpointStore(runDir);
+        Assert.Contains(store.List(), c => c.Step == 20);
+        return job.Text.ToString();
+    }
+
+    [Fact]
+    public async Task A_job_killed_after_a_checkpoint_resumes_on_1_2_and_4_nodes_with_the_same_curve()
+    {
+        var first = Path.Combine(TestSupport.TempDir(), "run");
+        await TrainAndKillEverything(first, 3);
+        foreach (int nodes in new[] { 1, 2, 4 })
+        {
+            var dir = Path.Combine(TestSupport.TempDir(), $"run-{nodes}");
+            CopyDirectory(first, dir);
+            var job = Start(dir, nodes, []);
+            var text = await Finish(job, TimeSpan.FromMinutes(3));
+            Assert.True(job.Coordinator.ExitCode == 0, text);
+            Assert.Contains("resuming from checkpoint", text);
+            var steps = AssertStepsMatchReference(job.Metrics);
+            // The newest committed checkpoint is step 20 or (if its write finished before the kill) 30.
+            Assert.Equal(Enumerable.Range(steps[0], Steps - steps[0] + 1), steps);
+            Assert.True(steps[0] is 21 or 31, $"resumed at step {steps[0]}");
+            // Its own checkpoints were committed and verify.
+            var store = new CheckpointStore(dir);
+            Assert.Contains(store.List(), c => c.Step == Steps);
+            Assert.Empty(store.Verify(Steps));
+            Assert.True(store.List().Count <= 2, "checkpoint.keep = 2");
+        }
+    }
+
+    [Fact]
+    public async Task A_damaged_newest_checkpoint_is_named_and_the_run_resumes_from_the_one_before()
+    {
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        var committed = new TaskCompletionSource();
+        var job = Start(dir, 2, [], (line, _) =>
+        {
+            if (line.StartsWith("checkpoint of step 30 committed", StringComparison.Ordinal)) committed.TrySetResult();
+        });
+        try { await committed.Task.WaitAsync(TimeSpan.FromMinutes(3)); }
+        finally { KillAll(job); }
+        await job.Pump;
+        var newest = new CheckpointStore(dir).List().Last();
+        var shard = Directory.GetFiles(Path.Combine(dir, newest.Directory), "*.safetensors").First();
+        var bytes = File.ReadAllBytes(shard);
+        bytes[^10] ^= 0x40;   // one bit of the last tensor
+        File.WriteAllBytes(shard, bytes);
+
+        var again = Start(dir, 2, []);
+        var text = await Finish(again, TimeSpan.FromMinutes(3));
+        Assert.True(again.Coordinator.ExitCode == 0, text);
+        Assert.Contains(Path.GetFileName(shard), text);
+        Assert.Contains("resuming from checkpoint step-000020", text);
+        Assert.Equal(21, AssertStepsMatchReference(again.Metrics)[0]);
+    }
+
+    /// <summary>For <see cref="PostgresResumeTests"/>: kill after a checkpoint and resume on 2 nodes, the coordinator journaling to PostgreSQL.</summary>
+    internal async Task RunPostgres(string runDir, string conf)
+    {
+        await TrainAndKillEverything(runDir, 2, ["--config", conf]);
+        var job = Start(runDir, 2, ["--config", conf]);
+        var text = await Finish(job, TimeSpan.FromMinutes(3));
+        Assert.True(job.Coordinator.ExitCode == 0, text);
+        Assert.Contains("resuming from checkpoint", text);
+        Assert.True(AssertStepsMatchReference(job.Metrics)[0] is 21 or 31);
+    }
+
+    [Fact]
+    public async Task A_run_directory_of_another_run_is_refused_naming_the_difference()
+    {
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        await TrainAndKillEverything(dir, 1);
+        var job = Start(dir, 1, ["--set", "train.global-batch=24"]);
+        var text = await Finish(job, TimeSpan.FromMinutes(2));
+        Assert.NotEqual(0, job.Coordinator.ExitCode);
+        Assert.Contains("holds another run", text);
+        Assert.Contains("GlobalBatch: 24 vs 12", text);
+    }
+}
+
+/// <summary>The resume of <see cref="ResumeTests"/> with the coordinator journal in a real PostgreSQL server.</summary>
+[Collection(PostgresCollection.Name)]
+public class PostgresResumeTests(PostgresServer server, ITestOutputHelper output)
+{
+    [PostgresFact]
+    public async Task A_job_journaled_in_postgresql_resumes_on_two_nodes_with_the_same_curve()
+    {
+        var database = await server.CreateDatabaseAsync();
+        // What hocon/postgres.conf sets, with this server's connection string.
+        var conf = Path.Combine(TestSupport.TempDir(), "postgres.conf");
+        File.WriteAllText(conf, $$"""
+            akka.persistence {
+              journal { plugin = "akka.persistence.journal.sql", sql { provider-name = "PostgreSQL.15", connection-string = "{{database}}" } }
+              snapshot-store { plugin = "akka.persistence.snapshot-store.sql", sql { provider-name = "PostgreSQL.15", connection-string = "{{database}}" } }
+            }
+            """);
+        var tests = new ResumeTests(output);
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        await tests.RunPostgres(dir, conf);
+        // The journal is in PostgreSQL, not in the run directory.
+        Assert.False(File.Exists(Path.Combine(dir, "journal", "events.db")));
+    }
+}
