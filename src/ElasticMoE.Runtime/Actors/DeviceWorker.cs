@@ -43,6 +43,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private WorkerContext _context = null!;
     private IActorRef _stage = ActorRefs.Nobody;
     private IActorRef _mirror = ActorRefs.Nobody;
+    private IActorRef _coordinator = ActorRefs.Nobody;
     private readonly List<IActorRef> _shards = new();
     // The install in flight: a newer plan cancels it (the coordinator re-planned, e.g. a node was lost mid-transfer).
     private CancellationTokenSource? _installCancel;
@@ -71,11 +72,15 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     /// <summary>Path of the expert shard of (worker, MoE ordinal) under a node's address.</summary>
     public static string ShardPath(string nodeAddress, int device, int ordinal) => $"{nodeAddress}/user/node/worker-{device}/shard-{ordinal}";
 
+    // A stage, shard or mirror keeper that fails (a bug, an engine left inconsistent) is re-created in
+    // place: its state is the units in this worker's context, not in it, so the new incarnation rebuilds
+    // its engine over the same units (ChildRestarted → Reconfigure). Bounded: more than
+    // cluster.worker-restarts failures of one child in a minute stop it, and this worker leaves the plan.
     protected override SupervisorStrategy SupervisorStrategy()
-        => new OneForOneStrategy(localOnlyDecider: ex =>
+        => new OneForOneStrategy(_config.Cluster.WorkerRestarts, TimeSpan.FromMinutes(1), localOnlyDecider: ex =>
         {
-            _log.Error(ex, "stage or shard of worker {0} failed outside a step; stopped (its state is not restarted blank)", _id);
-            return Directive.Stop;
+            _log.Warning("worker {0}: {1}; re-creating it in place", _id, ex.Message);
+            return Directive.Restart;
         });
 
     protected override void PreStart()
@@ -90,6 +95,29 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         for (int ordinal = 0; ordinal < _config.Model.Layers - _config.Model.DenseLayers; ordinal++)
             _shards.Add(Context.ActorOf(ExpertShardActor.Props(_context, ordinal).WithDispatcher(ComputeDispatcher), $"shard-{ordinal}"));
         _mirror = Context.ActorOf(MirrorKeeperActor.Props(_context).WithDispatcher(ComputeDispatcher), "mirror");
+        foreach (var child in _shards.Append(_stage).Append(_mirror)) Context.Watch(child);
+    }
+
+    private Props ChildProps(string name)
+        => name == "stage" ? PipelineStageActor.Props(_context, _loop).WithDispatcher(_loop is null ? ComputeDispatcher : Hosting.ComputeLoopDispatcher.Id)
+            : name == "mirror" ? MirrorKeeperActor.Props(_context).WithDispatcher(ComputeDispatcher)
+            : ExpertShardActor.Props(_context, int.Parse(name.AsSpan("shard-".Length), System.Globalization.CultureInfo.InvariantCulture)).WithDispatcher(ComputeDispatcher);
+
+    // A child that failed more often than the supervisor allows was stopped: this worker leaves the plan
+    // (the coordinator recovers its units from copies and mirrors), and a fresh, idle child takes the
+    // name so the next plan can reconfigure it like any other.
+    private void OnChildTerminated(Terminated t)
+    {
+        if (_stopping.IsCancellationRequested) return;
+        var name = t.ActorRef.Path.Name;
+        var fresh = Context.ActorOf(ChildProps(name), name);
+        Context.Watch(fresh);
+        if (name == "stage") _stage = fresh;
+        else if (name == "mirror") _mirror = fresh;
+        else _shards[_shards.IndexOf(t.ActorRef)] = fresh;
+        var reason = $"its {name} failed more than {_config.Cluster.WorkerRestarts} time(s) within a minute";
+        _log.Error("worker {0}: {1}; it leaves the plan", _id, reason);
+        _coordinator.Tell(new WorkerRetired(_info, reason));
     }
 
     private void Ready()
@@ -97,6 +125,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         Receive<InstallPlan>(BeginInstall);
         Receive<WriteCheckpoint>(OnWriteCheckpoint);
         Receive<AbortAttempt>(m => _context.Abort(m.Fence));
+        Receive<Terminated>(OnChildTerminated);
     }
 
     private void Installing()
@@ -147,6 +176,8 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private void BeginInstall(InstallPlan m)
     {
         var coordinator = Sender;
+        _coordinator = coordinator;
+        _context.Coordinator = coordinator;
         TrainingPlan next;
         TrainingPlan? previous;
         try

@@ -39,10 +39,15 @@ public sealed class ExpertShardActor : ReceiveActor
 
     private void OnReconfigure(Reconfigure m)
     {
-        _engine?.Dispose();
-        _engine = IsShared(m.Plan, m.Rank, _ordinal, _context.Config.Model.DenseLayers) ? new ShardEngine(_context, _ordinal) : null;
-        _coordinator = m.Coordinator;
+        Configure(m.Plan, m.Rank, m.Coordinator);
         Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
+    }
+
+    private void Configure(Planning.TrainingPlan plan, int rank, IActorRef coordinator)
+    {
+        _engine?.Dispose();
+        _engine = IsShared(plan, rank, _ordinal, _context.Config.Model.DenseLayers) ? new ShardEngine(_context, _ordinal) : null;
+        _coordinator = coordinator;
     }
 
     private void OnMessage(IElasticMoEMessage message)
@@ -82,17 +87,17 @@ public sealed class ExpertShardActor : ReceiveActor
         {
             work(token);
         }
-        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
-        {
-            // The node is stopping: a cancelled wait, not a failure (see PipelineStageActor).
-            _log.Info("expert shard L{0} of worker {1}: {2} abandoned, the node is stopping ({3})", _ordinal, _context.Worker, fence, ex.GetBaseException().Message);
-        }
         catch (Exception ex)
         {
-            var kind = PipelineStageActor.Classify(ex);
-            if (kind is FailureKind.Error) _log.Error(ex, "expert shard L{0} of worker {1} failed at {2}", _ordinal, _context.Worker, fence);
-            _coordinator.Tell(new WorkerFailed(fence, _context.Worker, kind, $"expert shard L{_ordinal}: {ex.GetBaseException().Message}"));
+            StepFailures.Handle(ex, _context, fence, _coordinator, _log, $"expert shard L{_ordinal}", $"expert shard L{_ordinal}: ");
         }
+    }
+
+    // Re-created after a failure: a new engine over the same units (see PipelineStageActor).
+    protected override void PostRestart(Exception reason)
+    {
+        base.PostRestart(reason);
+        if (_context.Plan is { } plan) Configure(plan, _context.Worker, _context.Coordinator);
     }
 
     protected override void PostStop() => _engine?.Dispose();

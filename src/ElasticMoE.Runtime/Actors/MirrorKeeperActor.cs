@@ -38,15 +38,20 @@ public sealed class MirrorKeeperActor : ReceiveActor
 
     private void OnReconfigure(Reconfigure m)
     {
+        Configure(m.Rank, m.Coordinator);
+        Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
+    }
+
+    private void Configure(int rank, IActorRef coordinator)
+    {
         _engine?.Dispose();
-        _engine = m.Rank < 0 ? null : new MirrorEngine(_context);
+        _engine = rank < 0 ? null : new MirrorEngine(_context);
         if (_engine is { IsEmpty: true })
         {
             _engine.Dispose();
             _engine = null;
         }
-        _coordinator = m.Coordinator;
-        Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
+        _coordinator = coordinator;
     }
 
     private void OnRunStep(RunStep m)
@@ -92,9 +97,16 @@ public sealed class MirrorKeeperActor : ReceiveActor
         }
         catch (Exception ex)
         {
-            _log.Error(ex, "mirror keeper of worker {0} failed at {1}", _context.Worker, m.Fence);
-            Sender.Tell(new WorkerFailed(m.Fence, _context.Worker, PipelineStageActor.Classify(ex), $"mirror keeper: {ex.GetBaseException().Message}"));
+            StepFailures.Handle(ex, _context, m.Fence, Sender, _log, "mirror keeper", "mirror keeper: ");
         }
+    }
+
+    // Re-created after a failure: the mirrors are units of the worker's context; only the received
+    // gradients of the attempt in flight are lost, and that attempt is redone.
+    protected override void PostRestart(Exception reason)
+    {
+        base.PostRestart(reason);
+        if (_context.Plan is not null) Configure(_context.Worker, _context.Coordinator);
     }
 
     protected override void PostStop() => _engine?.Dispose();

@@ -43,9 +43,14 @@ public sealed class PipelineStageActor : ReceiveActor
 
     private void OnReconfigure(Reconfigure m)
     {
-        _engine?.Detach();
-        _engine = m.Rank < 0 ? null : Compute(() => new StageEngine(_context, _messenger));
+        Configure(m.Rank);
         Sender.Tell(new Reconfigured(m.Plan.Epoch, _engine is not null));
+    }
+
+    private void Configure(int rank)
+    {
+        _engine?.Detach();
+        _engine = rank < 0 ? null : Compute(() => new StageEngine(_context, _messenger));
     }
 
     private void OnMessage(IElasticMoEMessage message)
@@ -62,9 +67,9 @@ public sealed class PipelineStageActor : ReceiveActor
         }
     }
 
-    // Stale attempts are ignored; failures are reported, typed, never thrown: a diverged loss or a lost
-    // peer is the run's problem, which the coordinator decides about (redo the attempt or stop), and a
-    // restart here would only lose the step's graph.
+    // Stale attempts are ignored; failures are reported, typed: a diverged loss or a lost peer is the
+    // run's problem, which the coordinator decides about (redo the attempt or stop). Only a failure of no
+    // known kind is also thrown, to have this actor re-created in place (StepFailures).
     private void Run(Fence fence, Func<CancellationToken, IElasticMoEMessage> work)
     {
         if (_engine is null)
@@ -77,19 +82,18 @@ public sealed class PipelineStageActor : ReceiveActor
         {
             Sender.Tell(Compute(() => work(token)));
         }
-        catch (Exception ex) when (_context.Stopping.IsCancellationRequested)
-        {
-            // The node is stopping (told to by its coordinator, or leaving the cluster on SIGTERM) and
-            // cancelled this attempt's waits on purpose: not a worker failure. The coordinator learns of
-            // the departure from the membership, naming the node.
-            _log.Info("stage of worker {0}: {1} abandoned, the node is stopping ({2})", _context.Worker, fence, ex.GetBaseException().Message);
-        }
         catch (Exception ex)
         {
-            var kind = Classify(ex);
-            if (kind is FailureKind.Error or FailureKind.Diverged) _log.Error(ex, "stage of worker {0} failed at {1}", _context.Worker, fence);
-            Sender.Tell(new WorkerFailed(fence, _context.Worker, kind, ex.GetBaseException().Message));
+            StepFailures.Handle(ex, _context, fence, Sender, _log, "stage");
         }
+    }
+
+    // Re-created after a failure: a new engine over the installed plan's units, which live in the worker's
+    // context, not here; built before the next message (the redo of the step) is handled.
+    protected override void PostRestart(Exception reason)
+    {
+        base.PostRestart(reason);
+        if (_context.Active) Configure(_context.Worker);
     }
 
     public static FailureKind Classify(Exception ex) => ex switch

@@ -186,6 +186,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             if (uid != 0) OnMemberLost(m.Address, uid, "is gone (its connection closed and a reconnect was refused)");
         });
         Receive<RegisterNode>(OnRegisterNode);
+        Receive<WorkerRetired>(OnWorkerRetired);
         Receive<RequestRelayout>(m =>
         {
             _requested = m;
@@ -286,10 +287,28 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             _report.Info($"node {node} {what}; it held no units");
             return;
         }
+        _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying - lost.Count(w => !_gone.Contains(w))} worker(s)");
+        LoseWorkers(lost, "node-lost", node, a => a.Path.Address.ToString() == node);
+    }
+
+    // A worker whose stage or shard kept failing leaves the plan; its node (and its other workers) stay.
+    private void OnWorkerRetired(WorkerRetired m)
+    {
+        var id = new WorkerId(m.Worker.NodeAddress, m.Worker.SystemUid, m.Worker.Device);
+        if (_finished || !_state.Workers.Any(w => w.Id == id) || !_retiredWorkers.Add(id)) return;
+        _report.Info($"worker {id} leaves the plan: {m.Reason}");
+        if (_state.Plan is null || (!_state.Plan.Workers.Any(w => w.Id == id) && !(_installing?.Workers.Any(w => w.Id == id) ?? false))) return;
+        var path = $"worker-{id.Device}";
+        LoseWorkers([id], "worker-retired", id.ToString(), a => a.Path.Address.ToString() == id.NodeAddress && a.Path.Elements.Contains(path));
+    }
+
+    /// <summary>Workers whose state is gone (their node died, or they kept failing): recover without them, by phase.</summary>
+    private void LoseWorkers(IReadOnlyCollection<WorkerId> lost, string eventKind, string who, Func<IActorRef, bool> actorsOf)
+    {
         _gone.UnionWith(lost);
-        _membershipEvents.Add(new MembershipChange("node-lost", node, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
-        _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying} worker(s)");
-        ForgetActorsOf(node);
+        _membershipEvents.Add(new MembershipChange(eventKind, who, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
+        string node = who;
+        ForgetActors(actorsOf);
         if (_phase == Phase.Checkpointing)
         {
             // The boundary's copy cannot complete: give the checkpoint up and carry on, which recovers first.
@@ -331,10 +350,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
     }
 
-    // The lost node's actors take no further part in the step in flight (their replies will never come).
-    private void ForgetActorsOf(string node)
+    // The lost workers' actors take no further part in the step in flight (their replies will never come).
+    private void ForgetActors(Func<IActorRef, bool> gone)
     {
-        bool Gone(IActorRef a) => a.Path.Address.ToString() == node;
+        bool Gone(IActorRef a) => gone(a);
         foreach (var rank in _stages.Where(kv => Gone(kv.Value)).Select(kv => kv.Key).ToList())
         {
             _stages.Remove(rank);
@@ -420,7 +439,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // Nodes that joined the running job, until a plan includes them (for their membership event).
     private readonly Dictionary<string, System.Diagnostics.Stopwatch> _joinedAt = new();
 
-    private int WorkersStaying => _state.Workers.Count(w => !_leaving.ContainsKey(w.NodeAddress));
+    private int WorkersStaying => _state.Workers.Count(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id));
+
+    // Workers that left the plan after failing too often (their nodes stay): never planned again.
+    private readonly HashSet<WorkerId> _retiredWorkers = new();
 
     private void OnRequestLeave(RequestLeave m)
     {
@@ -532,7 +554,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         try
         {
-            var available = _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress)).ToList();
+            var available = _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id)).ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
             next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);

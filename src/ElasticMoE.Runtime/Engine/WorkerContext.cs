@@ -37,6 +37,9 @@ public sealed class WorkerContext : IDisposable
     private readonly List<UnitId> _catalog;
 
     public TrainingPlan? Plan { get; private set; }
+
+    /// <summary>The coordinator of the plan installed last: where a re-created stage or shard reports.</summary>
+    public Akka.Actor.IActorRef Coordinator { get; set; } = Akka.Actor.ActorRefs.Nobody;
     /// <summary>This worker's rank in <see cref="Plan"/>, or -1 while the plan leaves it idle.</summary>
     public int Worker { get; private set; } = -1;
 
@@ -215,6 +218,8 @@ public sealed class WorkerContext : IDisposable
             Console.Error.WriteLine($"fault injection: killing this process in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
             System.Diagnostics.Process.GetCurrentProcess().Kill();
         }
+        if (f.Crash)
+            throw new InvalidOperationException($"crash injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
         throw new InjectedFaultException($"fault injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
     }
 
@@ -264,20 +269,24 @@ public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update, T
 /// phase of that attempt (attempt 0 by default, so the redo succeeds) on worker rank R (any worker reaching
 /// the phase by default), under plan epoch E when <c>epoch=E</c> is given (a re-plan after a loss redoes the
 /// step at attempt 0 of a new epoch, where another worker may hold rank R); with <c>action=kill</c> the
-/// process SIGKILLs itself there instead. Phase
+/// process SIGKILLs itself there instead, with <c>action=crash</c> the actor fails as with a bug (it is
+/// re-created in place), and <c>attempt=any</c> matches every attempt. Phase
 /// <c>transfer</c> is a re-plan's unit transfer (step = the plan's first step, the worker its rank in the
 /// plan before). For tests and benchmarks of abort-and-redo and of recovery.
 /// </summary>
-public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false, int? Epoch = null)
+public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false, int? Epoch = null, bool Crash = false)
 {
+    /// <summary>The <see cref="Attempt"/> of <c>attempt=any</c>: every attempt of the step.</summary>
+    public const int AnyAttempt = -1;
+
     public bool Matches(FaultPhase phase, Fence fence, int worker)
-        => phase == Phase && fence.Step == Step && fence.Attempt == Attempt && (Worker is null || Worker == worker)
+        => phase == Phase && fence.Step == Step && (Attempt == AnyAttempt || fence.Attempt == Attempt) && (Worker is null || Worker == worker)
            && (Epoch is null || Epoch == fence.Epoch);
 
     public static FaultInjection? Parse(string text)
     {
         if (string.IsNullOrWhiteSpace(text)) return null;
-        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false; int? epoch = null;
+        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false, crash = false; int? epoch = null;
         foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
             var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
@@ -294,20 +303,23 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
                         _ => throw new ConfigException($"cluster.fault-injection: phase '{kv[1]}' is not one of forward, dispatch, backward, all-reduce, norm, update, transfer"),
                     };
                     break;
-                case "attempt": attempt = int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number"); break;
+                case "attempt":
+                    attempt = kv[1] == "any" ? AnyAttempt
+                        : int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number or any");
+                    break;
                 case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank"); break;
                 case "epoch": epoch = int.TryParse(kv[1], out var e) && e >= 0 ? e : throw new ConfigException($"cluster.fault-injection: epoch '{kv[1]}' is not a plan epoch"); break;
                 case "action":
-                    kill = kv[1] switch
+                    (kill, crash) = kv[1] switch
                     {
-                        "kill" => true, "throw" => false,
-                        _ => throw new ConfigException($"cluster.fault-injection: action '{kv[1]}' is not throw or kill"),
+                        "kill" => (true, false), "crash" => (false, true), "throw" => (false, false),
+                        _ => throw new ConfigException($"cluster.fault-injection: action '{kv[1]}' is not throw, crash or kill"),
                     };
                     break;
                 default: throw new ConfigException($"cluster.fault-injection: unknown key '{kv[0]}' (step, phase, attempt, worker, action, epoch)");
             }
         }
         if (step is null || phase is null) throw new ConfigException("cluster.fault-injection needs step=N and phase=P");
-        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill, epoch);
+        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill, epoch, crash);
     }
 }

@@ -126,6 +126,13 @@ public sealed record PlanInstalled(
     [Key(10)] public Akka.Actor.IActorRef[] Mirrors { get; init; } = [];
 }
 
+/// <summary>
+/// Device worker → coordinator: its stage or a shard failed more often than <c>cluster.worker-restarts</c>
+/// allows in a minute (each failure re-created it in place); the worker leaves the plan, its node carries on.
+/// </summary>
+[MessagePackObject, Manifest("t.WorkerRetired")]
+public sealed record WorkerRetired([property: Key(0)] WorkerInfo Worker, [property: Key(1)] string Reason) : IElasticMoEMessage;
+
 /// <summary>Device worker → coordinator: the plan could not be installed (a unit failed to arrive or to verify).</summary>
 [MessagePackObject, Manifest("t.PlanFailed")]
 public sealed record PlanFailed([property: Key(0)] int Epoch, [property: Key(1)] WorkerInfo Worker, [property: Key(2)] string Reason) : IElasticMoEMessage;

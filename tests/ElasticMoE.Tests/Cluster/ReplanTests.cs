@@ -169,6 +169,36 @@ public class ReplanTests(ITestOutputHelper output)
 
     private static readonly Lazy<Task<RunResult>> CleanRun = new(() => Run(Config(12, ("cluster.nodes", "2"))));
 
+    [Fact]
+    public async Task A_stage_that_crashes_is_re_created_in_place_and_the_step_redone_to_the_same_bits()
+    {
+        // A crash (not an injected, typed fault): the supervisor re-creates the stage actor, which rebuilds its
+        // engine over the units in its worker's context; the plan does not change.
+        var crashing = Config(12, ("cluster.nodes", "2"), ("cluster.fault-injection", "step=5,phase=backward,worker=1,action=crash"));
+        var got = await Run(crashing);
+        Assert.Equal(1, got.RedoneAttempts);
+        Assert.Single(got.Plans);
+        AssertSameBits("stage re-created", await CleanRun.Value, got);
+    }
+
+    [Fact]
+    public async Task A_worker_that_keeps_crashing_leaves_the_plan_and_the_run_goes_on_with_the_same_curve()
+    {
+        // Worker 1's stage crashes on every attempt of step 5 under the first plan: re-created twice
+        // (cluster.worker-restarts = 2), then stopped; the worker leaves the plan, its node stays, and the
+        // run recovers its units from the mirrors and finishes on the others.
+        var cfg = Config(12, ("cluster.nodes", "3"), ("cluster.worker-restarts", "2"),
+            ("cluster.fault-injection", "step=5,phase=forward,worker=1,attempt=any,epoch=1,action=crash"));
+        var got = await Run(cfg);
+        Assert.Equal(12, got.Steps.Count);
+        Assert.Equal(2, got.Plans.Count);
+        Assert.Equal(3, got.Plans[0].Ranks.Count);
+        Assert.Equal(2, got.Plans[1].Ranks.Count);
+        Assert.DoesNotContain(got.Plans[0].Ranks[1].Worker, got.Plans[1].Ranks.Select(r => r.Worker));
+        var reference = SingleProcessReference.Train(Config(12), 12).Steps;
+        SingleProcessReference.AssertStepsMatch("worker retired", got.Steps, reference);
+    }
+
     private static void AssertSameBits(string name, RunResult a, RunResult b)
     {
         Assert.Equal(a.Steps.Count, b.Steps.Count);
