@@ -247,12 +247,16 @@ internal static class RecoveryBenchmarks
         if (dup.Count > 0) problems.Add($"steps logged twice: {string.Join(",", dup.Take(10))}");
         if (missing.Count > 0) problems.Add($"{missing.Count} steps missing (first {missing[0]})");
         double maxRel = 0; long worst = 0;
+        int compared = 0, identical = 0;
         foreach (var want in refMetrics.Steps)
         {
             if (!byStep.TryGetValue(want.Step, out var have)) continue;
+            compared++;
+            if (have[0].Loss == want.Loss) identical++;
             double rel = Math.Abs(have[0].Loss - want.Loss) / Math.Abs(want.Loss);
             if (!(rel <= maxRel)) { maxRel = rel; worst = want.Step; }
         }
+        if (compared < steps) problems.Add($"only {compared} of {steps} steps compared with the reference");
         if (!(maxRel <= 1e-4)) problems.Add(string.Create(CultureInfo.InvariantCulture, $"loss differs from the fault-free run by {maxRel:E2} relative at step {worst}"));
         var handled = r.Kills.Where(k => k.Lost is not null).ToList();
         if (handled.Count < r.Kills.Count) problems.Add($"{r.Kills.Count - handled.Count} kills without a node-lost line");
@@ -267,7 +271,7 @@ internal static class RecoveryBenchmarks
         if (totals.Count > 0)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"  kill -> next committed step: median {Median(totals):F2} s, p95 {Percentile(totals, 0.95):F2} s, max {totals.Max():F2} s; node-joined recovery median {Median(joins.Select(j => j.RecoverySeconds)):F2} s"));
-        o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  max relative loss difference from the fault-free run: {maxRel:E2} (step {worst}; limit 1e-4)"));
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  loss vs the fault-free run over {compared} steps: max relative difference {maxRel:E2}{(worst > 0 ? $" (step {worst})" : "")}, limit 1e-4; {identical} steps bit-identical"));
         o.WriteLine(problems.Count == 0 ? "  chaos: PASS" : $"  chaos: FAIL: {string.Join("; ", problems)} (logs in {dir})");
         var figures = new List<BenchFigure>
         {
