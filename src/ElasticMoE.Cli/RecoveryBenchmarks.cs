@@ -279,7 +279,7 @@ internal static class RecoveryBenchmarks
             new("chaos kill -> next step, median", Median(totals), "s"),
             new("chaos kill -> next step, p95", Percentile(totals, 0.95), "s"),
             new("chaos kill -> next step, max", totals.Count > 0 ? totals.Max() : double.NaN, "s"),
-            new("chaos max relative loss diff", maxRel, "fraction", "limit", 1e-4),
+            new("chaos max relative loss diff", maxRel * 1e6, "1e-6", "limit", 100),
         };
         return (figures, problems.Count == 0);
     }
