@@ -32,6 +32,8 @@ internal static class RecoveryBenchmarks
     public sealed record Kill(int Index, string Node, string Address, double KillUnix, long StepsDone, double IntoStep)
     {
         public MetricsTail.EventLine? Lost { get; set; }
+        /// <summary>The coordinator's state when it found the node gone (Computing, Updating, Installing, ...), from its log.</summary>
+        public string Phase { get; set; } = "?";
         public double Detection => Lost is { } e ? e.DetectedUnix - KillUnix : double.NaN;
         /// <summary>SIGKILL → next committed step.</summary>
         public double Total => Lost is { } e ? Detection + e.RecoverySeconds : double.NaN;
@@ -121,6 +123,7 @@ internal static class RecoveryBenchmarks
                 kills.Add(kill);
                 var fresh = plan.RestartAtOnce ? cluster.StartNode() : null;
                 Wait(() => (kill.Lost = m.Events.FirstOrDefault(e => e.Kind == "node-lost" && e.Node == kill.Address)) is not null, $"the node-lost line of {victim.Name}");
+                kill.Phase = PhaseOf(coordinator.Log, kill.Address);
                 log.WriteLine(Line(kill));
                 fresh ??= cluster.StartNode();
                 if (plan.WaitForJoin) Wait(() => fresh.Planned, $"{fresh.Name} to join");
@@ -147,6 +150,19 @@ internal static class RecoveryBenchmarks
         return new Outcome(dir, kills, m, coordinatorExit, nodes, problem);
     }
 
+    // "node ADDRESS is gone (...) at step N (Computing); recovering on ..."
+    private static string PhaseOf(string coordinatorLog, string address)
+    {
+        using var s = new FileStream(coordinatorLog, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        using var r = new StreamReader(s);
+        var m = Regex.Match(r.ReadToEnd(), $@"node {Regex.Escape(address)} is gone .*? at step \d+ \((\w+)\)");
+        return m.Success ? m.Groups[1].Value : "?";
+    }
+
+    /// <summary>How many kills found the coordinator in each state, e.g. "Computing 9, Updating 1".</summary>
+    public static string Phases(IEnumerable<Kill> kills) =>
+        string.Join(", ", kills.GroupBy(k => k.Phase).OrderByDescending(g => g.Count()).Select(g => $"{g.Key} {g.Count()}"));
+
     /// <summary>Fixed-length runs: one target step per kill, spread evenly over the run with a random offset inside each share.</summary>
     private static long[] SpreadTargets(KillPlan plan, Random rng)
     {
@@ -158,7 +174,7 @@ internal static class RecoveryBenchmarks
 
     private static string Line(Kill k) => k.Lost is { } e
         ? string.Create(CultureInfo.InvariantCulture,
-            $"  kill {k.Index,2}: {k.Node,-6} after step {k.StepsDone,4} (+{k.IntoStep * 1000,4:F0} ms): detected {k.Detection * 1000,5:F0} ms, re-plan {e.ReplanSeconds * 1000,5:F0} ms, install {e.InstallSeconds * 1000,5:F0} ms, redone step {e.RedoSeconds * 1000,5:F0} ms; next step {k.Total:F2} s after the kill")
+            $"  kill {k.Index,2}: {k.Node,-6} after step {k.StepsDone,4} (+{k.IntoStep * 1000,4:F0} ms, {k.Phase}): detected {k.Detection * 1000,5:F0} ms, re-plan {e.ReplanSeconds * 1000,5:F0} ms, install {e.InstallSeconds * 1000,5:F0} ms, redone step {e.RedoSeconds * 1000,5:F0} ms; next step {k.Total:F2} s after the kill")
         : $"  kill {k.Index,2}: {k.Node} after step {k.StepsDone}: no node-lost line";
 
     // ------------------------------------------------------------------ statistics
@@ -185,7 +201,7 @@ internal static class RecoveryBenchmarks
         var r = RunKills(plan, BaseArgs(configArgs), dir, o);
         var done = r.Kills.Where(k => k.Lost is not null).ToList();
         if (r.Problem is not null) o.WriteLine($"  PROBLEM: {r.Problem} (logs in {dir})");
-        o.WriteLine($"  {done.Count}/{r.Kills.Count} kills handled over {r.Metrics.LastStep} steps; coordinator exit {r.CoordinatorExit} after SIGTERM");
+        o.WriteLine($"  {done.Count}/{r.Kills.Count} kills handled over {r.Metrics.LastStep} steps (coordinator phase at detection: {Phases(r.Kills)}); coordinator exit {r.CoordinatorExit} after SIGTERM");
         var figures = new List<BenchFigure>();
         if (done.Count == 0) return (figures, false);
         double median = Median(done.Select(k => k.Total)), p95 = Percentile(done.Select(k => k.Total), 0.95);
@@ -266,7 +282,7 @@ internal static class RecoveryBenchmarks
         if (noTime.Count > 0) problems.Add($"{noTime.Count} event lines without a recovery time");
 
         var totals = handled.Select(k => k.Total).ToList();
-        o.WriteLine($"  {r.Kills.Count} kills ({handled.Count} with a node-lost line), {joins.Count} node-joined lines, {got.Count} step lines for {steps} steps, coordinator exit {r.CoordinatorExit}");
+        o.WriteLine($"  {r.Kills.Count} kills ({handled.Count} with a node-lost line; coordinator phase at detection: {Phases(r.Kills)}), {joins.Count} node-joined lines, {got.Count} step lines for {steps} steps, coordinator exit {r.CoordinatorExit}");
         o.WriteLine($"  node exits (not killed): {string.Join(", ", r.Nodes.Where(n => !n.Killed).Select(n => $"{n.Name} {n.Exit}"))}");
         if (totals.Count > 0)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture,
