@@ -13,7 +13,10 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane", "replan"];
+    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos"];
+
+    /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -22,7 +25,12 @@ public static class BenchCommand
         suite.AcceptOnlyFromAmong(Suites);
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
-        var rounds = RunConfigOptions.Positive("--rounds", "cluster suite: interleaved rounds of all modes, each mode in a fresh process (default 5)");
+        var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy suites: interleaved rounds of all modes, each mode in fresh processes (default 5 / 4)");
+        var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
+        var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300)");
+        var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
+        var peer = new Option<string?>("--peer") { Description = "recovery suite: the torchrun-recovery script (default ../shared/peers/torchrun-recovery)" };
+        var logs = new Option<string?>("--logs") { Description = "recovery, chaos, redundancy suites: folder for the processes' logs (default a new folder under /tmp)" };
         var measure = new Option<string?>("--measure") { Description = "internal: measure one cluster mode in this process", Hidden = true };
         measure.AcceptOnlyFromAmong(Enum.GetNames<ClusterBenchmarks.Mode>());
         var cmd = new Command("bench", "measure tokens/s, MFU, tensor leaks (and, with a cluster, its overheads)");
@@ -32,9 +40,10 @@ public static class BenchCommand
         cmd.Options.Add(benchSteps);
         cmd.Options.Add(rounds);
         cmd.Options.Add(measure);
+        foreach (var o in new Option[] { kills, events, torchrunReps, peer, logs }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
-            var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : Suites;
+            var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : DefaultSuites;
             var config = cfg.Build(p);
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             Training.TorchSetup.Configure(config);
@@ -109,10 +118,35 @@ public static class BenchCommand
                 foreach (var (kind, bytes) in r.UnitBytesByKind.OrderBy(kv => kv.Key))
                     figures.Add(new($"unit size: {kind}", bytes / 1024.0, "KiB"));
             }
+            bool ok = true;
+            if (chosen.Intersect(["redundancy", "recovery", "chaos"]).Any())
+            {
+                // These run elasticmoe processes of their own: the config options go to every one of them.
+                var childArgs = ConfigArgs(p.Tokens);
+                var dir = p.GetValue(logs) ?? Path.Combine(Path.GetTempPath(), $"elasticmoe-bench-{DateTime.Now:yyyyMMdd-HHmmss}");
+                if (chosen.Contains("redundancy"))
+                {
+                    var (f, good) = RecoveryBenchmarks.Redundancy(childArgs, p.GetValue(rounds) ?? 4, p.GetValue(benchSteps) ?? 50, Path.Combine(dir, "redundancy"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("recovery"))
+                {
+                    var (f, good) = RecoveryBenchmarks.Recovery(childArgs, p.GetValue(kills) ?? 10, p.GetValue(torchrunReps) ?? 3, p.GetValue(peer), Path.Combine(dir, "recovery"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("chaos"))
+                {
+                    var (f, good) = RecoveryBenchmarks.Chaos(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+            }
             Print(stdout, figures);
             if (p.GetValue(json) is { } path)
                 File.WriteAllText(path, JsonSerializer.Serialize(figures.Select(f => new { f.Name, f.Value, f.Unit, f.Baseline, f.BaselineValue, f.Ratio }), new JsonSerializerOptions { WriteIndented = true }));
-            return Program.ExitCodes.Ok;
+            return ok ? Program.ExitCodes.Ok : Program.ExitCodes.Failed;
         }));
         return cmd;
     }
@@ -122,6 +156,21 @@ public static class BenchCommand
     {
         var sorted = rounds.OrderBy(ratio).ToList();
         return sorted[(sorted.Count - 1) / 2];
+    }
+
+    /// <summary>The options of this command line that define a run (config file, --set, seed, data, threads, device), for the processes a suite starts.</summary>
+    public static List<string> ConfigArgs(IReadOnlyList<System.CommandLine.Parsing.Token> tokens)
+    {
+        string[] keep = ["--config", "-c", "--seed", "--data", "--threads", "--device", "--set"];
+        var args = new List<string>();
+        bool taking = false;
+        foreach (var t in tokens)
+        {
+            if (t.Type == System.CommandLine.Parsing.TokenType.Option) taking = keep.Contains(t.Value);
+            else if (t.Type != System.CommandLine.Parsing.TokenType.Argument) taking = false;
+            if (taking) args.Add(t.Value);
+        }
+        return args;
     }
 
     // Runs this executable again with the same arguments plus --measure, so each mode has a process to itself.

@@ -1,0 +1,232 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Net;
+using System.Net.Sockets;
+using System.Runtime.InteropServices;
+using System.Text;
+using System.Text.Json;
+
+namespace ElasticMoE.Cli;
+
+/// <summary>
+/// A coordinator (<c>elasticmoe train --nodes 0</c>) and <c>elasticmoe node</c> processes of this very
+/// executable on loopback, each logging to a file of its own, for the benchmarks that SIGKILL nodes and
+/// start fresh ones. The coordinator's metrics file is read as it grows (<see cref="Metrics"/>).
+/// </summary>
+internal sealed class ProcessCluster : IDisposable
+{
+    /// <summary>One OS process of the cluster.</summary>
+    public sealed class Child(string name, string log, Process process)
+    {
+        public string Name { get; } = name;
+        public string Log { get; } = log;
+        public Process Process { get; } = process;
+        /// <summary>Taking part in the current plan: a first node once the run has started, a later one once its node-joined line is out.</summary>
+        public bool Planned { get; set; }
+        public bool Killed { get; set; }
+        private string? _address;
+
+        /// <summary>The node's Akka address from its first log line ("node ADDRESS joining ..."), null until it is printed.</summary>
+        public string? Address
+        {
+            get
+            {
+                if (_address is null && File.Exists(Log))
+                {
+                    using var s = new FileStream(Log, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+                    using var r = new StreamReader(s);
+                    while (r.ReadLine() is { } line)
+                        if (line.StartsWith("node akka.tcp://", StringComparison.Ordinal) && line.Contains(" joining ", StringComparison.Ordinal))
+                            return _address = line.Split(' ')[1];
+                }
+                return _address;
+            }
+        }
+
+        public bool Alive => !Process.HasExited;
+    }
+
+    private readonly List<string> _configArgs;
+    private int _nodeCount;
+
+    public string Dir { get; }
+    public int Port { get; }
+    public MetricsTail Metrics { get; }
+    public Child? Coordinator { get; private set; }
+    /// <summary>Every node process started, in order, killed ones included.</summary>
+    public List<Child> Nodes { get; } = [];
+
+    /// <param name="dir">Where the logs and the metrics file go (created).</param>
+    /// <param name="configArgs">Config options every process gets alike (--set, --threads, ...): nodes must match the coordinator.</param>
+    public ProcessCluster(string dir, IEnumerable<string> configArgs)
+    {
+        Dir = dir;
+        Directory.CreateDirectory(dir);
+        _configArgs = configArgs.ToList();
+        Port = FreePort();
+        Metrics = new MetricsTail(Path.Combine(dir, "metrics.jsonl"));
+    }
+
+    /// <summary>Starts the coordinator and waits until it listens (so the nodes started next find it).</summary>
+    public Child StartCoordinator(int expectNodes, int steps, IEnumerable<string>? extra = null)
+    {
+        var args = new List<string> { "train", "--nodes", "0", "--expect-nodes", Inv(expectNodes), "--port", Inv(Port), "--steps", Inv(steps), "--metrics", Metrics.Path };
+        args.AddRange(_configArgs);
+        if (extra is not null) args.AddRange(extra);
+        Coordinator = Launch("coordinator", Path.Combine(Dir, "coordinator.log"), args);
+        // The coordinator's first line comes after libtorch is loaded (and its one-time patch written, which
+        // processes starting side by side on a fresh build would race for), its address line once it listens.
+        var sw = Stopwatch.StartNew();
+        while (!LogContains(Coordinator.Log, "coordinator at "))
+        {
+            if (!Coordinator.Alive) throw new InvalidOperationException($"the coordinator exited at start-up ({Coordinator.Process.ExitCode}); see {Coordinator.Log}");
+            if (sw.Elapsed > TimeSpan.FromSeconds(60)) throw new TimeoutException($"the coordinator did not listen within 60 s; see {Coordinator.Log}");
+            Thread.Sleep(20);
+        }
+        return Coordinator;
+    }
+
+    /// <summary>Starts a fresh <c>elasticmoe node</c> that joins the coordinator.</summary>
+    public Child StartNode()
+    {
+        var name = $"node{++_nodeCount}";
+        var args = new List<string> { "node", "--seed-node", $"akka.tcp://elasticmoe@127.0.0.1:{Inv(Port)}" };
+        args.AddRange(_configArgs);
+        var child = Launch(name, Path.Combine(Dir, name + ".log"), args);
+        Nodes.Add(child);
+        return child;
+    }
+
+    /// <summary>SIGKILLs <paramref name="child"/>; returns the wall-clock time (Unix seconds) just before the signal.</summary>
+    public static double Kill(Child child)
+    {
+        double t = UnixNow();
+        child.Killed = true;
+        try { child.Process.Kill(); } catch (InvalidOperationException) { }   // Process.Kill is SIGKILL on Unix
+        return t;
+    }
+
+    /// <summary>Sends SIGTERM (a node leaves gracefully, the coordinator stops after the step in flight).</summary>
+    public static void Terminate(Child child)
+    {
+        if (child.Alive) _ = kill(child.Process.Id, 15);
+    }
+
+    [DllImport("libc", SetLastError = true)]
+    private static extern int kill(int pid, int sig);
+
+    /// <summary>Waits for every process to end by itself for <paramref name="grace"/>, then SIGKILLs what is left.</summary>
+    public void StopAll(TimeSpan grace)
+    {
+        var all = Nodes.Append(Coordinator).OfType<Child>().ToList();
+        var sw = Stopwatch.StartNew();
+        foreach (var c in all)
+        {
+            var left = grace - sw.Elapsed;
+            if (left > TimeSpan.Zero) c.Process.WaitForExit(left);
+            if (c.Alive) Kill(c);
+            c.Process.WaitForExit();
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var c in Nodes.Append(Coordinator).OfType<Child>())
+        {
+            if (c.Alive) Kill(c);
+            c.Process.Dispose();
+        }
+    }
+
+    /// <summary>This executable with <paramref name="args"/>, its output (stdout and stderr) in <paramref name="log"/>.</summary>
+    public static Child Launch(string name, string log, IEnumerable<string> args)
+    {
+        // `sh -c 'exec ...'`: the shell redirects the output to the file and becomes the process, so the
+        // pid is elasticmoe's own (a SIGKILL hits it, not a wrapper) and nothing here has to pump its pipes.
+        var psi = new ProcessStartInfo("/bin/sh") { UseShellExecute = false };
+        psi.ArgumentList.Add("-c");
+        psi.ArgumentList.Add("exec \"$@\" >\"$ELASTICMOE_BENCH_LOG\" 2>&1 </dev/null");
+        psi.ArgumentList.Add("sh");
+        foreach (var a in SelfCommand().Concat(args)) psi.ArgumentList.Add(a);
+        psi.Environment["ELASTICMOE_BENCH_LOG"] = log;
+        return new Child(name, log, Process.Start(psi)!);
+    }
+
+    /// <summary>How to start this executable again: the apphost, or <c>dotnet elasticmoe.dll</c>.</summary>
+    public static IReadOnlyList<string> SelfCommand()
+    {
+        var entry = Environment.GetCommandLineArgs()[0];
+        return entry.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) ? [Environment.ProcessPath!, entry] : [Environment.ProcessPath!];
+    }
+
+    public static double UnixNow() => (DateTime.UtcNow - DateTime.UnixEpoch).TotalSeconds;
+
+    public static bool LogContains(string path, string text)
+    {
+        if (!File.Exists(path)) return false;
+        using var s = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite);
+        using var r = new StreamReader(s);
+        return r.ReadToEnd().Contains(text, StringComparison.Ordinal);
+    }
+
+    private static int FreePort()
+    {
+        using var l = new TcpListener(IPAddress.Loopback, 0);
+        l.Start();
+        return ((IPEndPoint)l.LocalEndpoint).Port;
+    }
+
+    private static string Inv(int v) => v.ToString(CultureInfo.InvariantCulture);
+}
+
+/// <summary>A metrics file read as the coordinator appends to it: step lines and membership event lines.</summary>
+internal sealed class MetricsTail(string path)
+{
+    /// <param name="SeenUnix">When this reader first saw the line (wall clock, Unix seconds; as fine as the polling).</param>
+    public sealed record StepLine(long Step, double Loss, double TokensPerSecond, double Seconds, double SeenUnix)
+    {
+        public double Tokens => TokensPerSecond * Seconds;
+    }
+
+    /// <summary>A node-lost / node-joined / node-left line with its recovery breakdown (NaN where the line has null).</summary>
+    public sealed record EventLine(string Kind, string Node, long Step, double RecoverySeconds, double DetectedUnix, double ReplanSeconds, double InstallSeconds, double RedoSeconds);
+
+    private long _offset;
+    private readonly StringBuilder _partial = new();
+
+    public string Path { get; } = path;
+    public List<StepLine> Steps { get; } = [];
+    public List<EventLine> Events { get; } = [];
+    public long LastStep => Steps.Count > 0 ? Steps[^1].Step : 0;
+
+    /// <summary>Reads what was appended since the last call.</summary>
+    public void Poll()
+    {
+        if (!File.Exists(Path)) return;
+        using var s = new FileStream(Path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite | FileShare.Delete);
+        if (s.Length < _offset) return;
+        s.Seek(_offset, SeekOrigin.Begin);
+        var buf = new byte[s.Length - _offset];
+        int n = s.ReadAtLeast(buf, buf.Length, throwOnEndOfStream: false);
+        _offset += n;
+        _partial.Append(Encoding.UTF8.GetString(buf, 0, n));
+        double now = ProcessCluster.UnixNow();
+        var text = _partial.ToString();
+        int end = text.LastIndexOf('\n');
+        if (end < 0) return;
+        _partial.Clear().Append(text[(end + 1)..]);
+        foreach (var line in text[..end].Split('\n', StringSplitOptions.RemoveEmptyEntries)) Parse(line, now);
+    }
+
+    private void Parse(string line, double now)
+    {
+        using var doc = JsonDocument.Parse(line);
+        var o = doc.RootElement;
+        double Num(string key) => o.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetDouble() : double.NaN;
+        if (o.TryGetProperty("event", out var kind))
+            Events.Add(new EventLine(kind.GetString()!, o.GetProperty("node").GetString()!, o.GetProperty("step").GetInt64(), Num("recovery_s"),
+                Num("detected_unix"), Num("replan_s"), Num("install_s"), Num("redo_s")));
+        else
+            Steps.Add(new StepLine(o.GetProperty("step").GetInt64(), Num("loss"), Num("tokens_per_s"), Num("seconds"), now));
+    }
+}
