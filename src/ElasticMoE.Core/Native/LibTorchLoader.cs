@@ -95,10 +95,20 @@ public static class LibTorchLoader
                 systemBytes is not null && !ContainsVersion(systemBytes, need.Version));
             if (changed.Count == 0) continue;
 
-            // Write beside and rename, so a crash never leaves a half-written library behind.
-            var tmp = path + ".patching";
-            File.WriteAllBytes(tmp, bytes);
-            File.Move(tmp, path, overwrite: true);
+            // Write beside and rename, so a crash never leaves a half-written library behind. The temporary
+            // name is this process's own: several processes started together after a fresh build all find
+            // the library unpatched, and with one shared name all but the first failed their rename. Each
+            // writes the same bytes, so whichever rename lands last leaves the same patched library.
+            var tmp = $"{path}.patching.{Environment.ProcessId}";
+            try
+            {
+                File.WriteAllBytes(tmp, bytes);
+                File.Move(tmp, path, overwrite: true);
+            }
+            finally
+            {
+                if (File.Exists(tmp)) File.Delete(tmp);
+            }
             patched.AddRange(changed);
         }
         return patched;
