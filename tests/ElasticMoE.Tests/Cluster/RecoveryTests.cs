@@ -40,8 +40,11 @@ public class RecoveryTests(ITestOutputHelper output)
         public int Redone => int.Parse(Regex.Match(Text, @"(\d+) step attempt\(s\) redone").Groups[1].Value);
     }
 
-    /// <summary>Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout line.</summary>
-    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, Process[]>? onLine = null)
+    /// <summary>
+    /// Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout
+    /// line with the nodes so far and a function that starts one more.
+    /// </summary>
+    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<Process>>? onLine = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
@@ -49,7 +52,14 @@ public class RecoveryTests(ITestOutputHelper output)
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
-        var procs = Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra])).ToArray();
+        var procs = new List<Process>();
+        Process AddNode()
+        {
+            var p = NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra]);
+            procs.Add(p);
+            return p;
+        }
+        for (int i = 0; i < nodes; i++) AddNode();
         var text = new StringBuilder();
         try
         {
@@ -59,12 +69,12 @@ public class RecoveryTests(ITestOutputHelper output)
             while ((line = await coordinator.StandardOutput.ReadLineAsync(cts.Token)) is not null)
             {
                 text.AppendLine(line);
-                onLine?.Invoke(line, procs);
+                onLine?.Invoke(line, procs, AddNode);
             }
             await coordinator.WaitForExitAsync(cts.Token);
             text.AppendLine(await stderr);
             output.WriteLine(text.ToString());
-            return new Outcome(coordinator.ExitCode, text.ToString(), metrics, procs);
+            return new Outcome(coordinator.ExitCode, text.ToString(), metrics, procs.ToArray());
         }
         catch
         {
@@ -95,7 +105,7 @@ public class RecoveryTests(ITestOutputHelper output)
         const int steps = 60;
         var reference = Reference(steps);
         Process? victim = null;
-        var r = await Run(3, Settings(steps), ["--set", "cluster.join-settle=0"], (line, nodes) =>
+        var r = await Run(3, Settings(steps), ["--set", "cluster.join-settle=0"], (line, nodes, _) =>
         {
             if (victim is null && line.StartsWith("step    20/", StringComparison.Ordinal))
             {
@@ -113,6 +123,25 @@ public class RecoveryTests(ITestOutputHelper output)
         Assert.InRange(r.Redone, 0, 1);
         Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
         await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => n != victim));
+    }
+
+    [Fact]
+    public async Task Nodes_that_join_at_steps_15_and_30_are_planned_in_and_the_curve_is_unchanged()
+    {
+        // A node process takes a few seconds to start, so the run is long enough for both to be planned
+        // in mid-run (they are started when steps 15 and 30 are printed and join when they are up).
+        const int steps = 150;
+        var r = await Run(1, Settings(steps), ["--set", "cluster.join-settle=0"], (line, _, addNode) =>
+        {
+            if (line.StartsWith("step    15/", StringComparison.Ordinal) || line.StartsWith("step    30/", StringComparison.Ordinal)) addNode();
+        });
+        Assert.True(r.Code == 0, r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        Assert.Equal(["node-joined", "node-joined"], r.Events.Select(e => e.GetProperty("event").GetString()));
+        Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
+        Assert.Contains("3 worker(s), DP 3 x PP 1", r.Text);
+        Assert.Equal(0, r.Redone);
+        Assert.Equal(3, r.Nodes.Count(n => n.WaitForExit(TimeSpan.FromSeconds(60)) && n.ExitCode == 0));
     }
 
     // A node SIGKILLs itself in one phase of step 7 (fence step 6): each phase leaves different partial
