@@ -70,6 +70,8 @@ public sealed record TrainOptions(
 /// to include it, so that nodes arriving together are planned together (one pause, not one each).</param>
 /// <param name="MaxWaitSeconds">How long a run waits for workers when the layout it needs has more workers than
 /// are present (paused, with a status line), before it fails with that reason.</param>
+/// <param name="MinNodes">Fewest nodes a run goes on with after losing some: below it, it pauses until nodes join
+/// (and fails after <c>cluster.max-wait</c>).</param>
 /// <param name="WorkerRestarts">How often a stage, shard or mirror keeper that fails is re-created in place within a
 /// minute before its worker leaves the plan (the node carries on).</param>
 /// <param name="Redundancy">Mirrors of every unit that has no copy on another node, kept on a buddy worker of
@@ -94,7 +96,8 @@ public sealed record ClusterOptions(
     double JoinSettleSeconds,
     double MaxWaitSeconds,
     int Redundancy = 1,
-    int WorkerRestarts = 3)
+    int WorkerRestarts = 3,
+    int MinNodes = 1)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -155,7 +158,7 @@ public sealed record ElasticMoEConfig(
             r.Double("cluster.plan-timeout"), r.Double("cluster.eval-timeout"), r.Double("cluster.finish-timeout"),
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
-            r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"));
+            r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
@@ -287,6 +290,7 @@ public sealed record ElasticMoEConfig(
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
+        Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");
         Require(c.WorkerRestarts >= 0, "cluster.worker-restarts", "must be zero or positive");
         Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");

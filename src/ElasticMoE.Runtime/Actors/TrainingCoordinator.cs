@@ -343,6 +343,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
                 break;
             case Phase.Installing or Phase.WaitingForWorkers:
                 _waitingFor = null;
+                _waitingForNodes = null;
                 Timers.Cancel("wait");
                 Timers.Cancel("phase");
                 Recover();
@@ -375,6 +376,17 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private void Recover()
     {
         int workers = WorkersStaying;
+        if (NodesStaying < _config.Cluster.MinNodes)
+        {
+            // Fewer nodes than the run may go on with: pause (units stay in survivors' memory and mirrors)
+            // until nodes join, and fail with that reason after cluster.max-wait.
+            _waitingForNodes = _config.Cluster.MinNodes;
+            _report.Info($"paused before step {_state.NextStep + 1}: {NodesStaying} node(s) present, cluster.min-nodes = {_config.Cluster.MinNodes}; " +
+                         $"waiting up to {_config.Cluster.MaxWaitSeconds:F0} s for nodes to join");
+            Enter(Phase.WaitingForWorkers, WaitingForWorkers);
+            Timers.StartSingleTimer("wait", new PhaseTimeout(new Fence(_state.Epoch, _state.NextStep, -3), "nodes"), TimeSpan.FromSeconds(_config.Cluster.MaxWaitSeconds));
+            return;
+        }
         if (workers == 0)
         {
             Fail($"every node holding the run's state is gone ({string.Join(", ", _gone)}); resuming needs a checkpoint", FailureKind.StateLost);
@@ -418,6 +430,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         // planned together, one pause for all).
         _report.Info($"node {m.NodeAddress} joined the running job with {m.DataEndpoints.Length} device(s); {_state.Workers.Count} worker(s) present");
         _joinedAt[m.NodeAddress] = System.Diagnostics.Stopwatch.StartNew();
+        if (_waitingForNodes is { } needed)
+        {
+            if (NodesStaying >= needed)
+            {
+                _waitingForNodes = null;
+                Timers.Cancel("wait");
+                Recover();
+            }
+            return;
+        }
         if (_waitingFor is { } wanted)
         {
             if (WorkersStaying >= wanted.Workers)
@@ -507,6 +529,11 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // A join waiting for its settle window; a layout waiting for workers (paused).
     private System.Diagnostics.Stopwatch? _joinSettle;
     private (int Workers, int Pp)? _waitingFor;
+    // After a loss left fewer nodes than cluster.min-nodes: paused until that many are present.
+    private int? _waitingForNodes;
+
+    private int NodesStaying => _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id))
+        .Select(w => w.NodeAddress).Distinct().Count();
 
     /// <summary>The pipeline degree to keep when the worker count changes: the current one if it still divides it, else the largest that does.</summary>
     private static int PipelineDegreeFor(int workers, int current)
@@ -977,6 +1004,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
                 break;
             case "evaluation" when t.Fence == _evalFence:
                 Fail($"evaluation after step {t.Fence.Step} did not complete within {_config.Cluster.EvalTimeoutSeconds:F0} s", FailureKind.Timeout);
+                break;
+            case "nodes" when _waitingForNodes is { } needed:
+                Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {needed} node(s) (cluster.min-nodes) after a loss; {NodesStaying} present", FailureKind.Timeout);
                 break;
             case "workers" when _waitingFor is { } wanted:
                 Fail($"waited {_config.Cluster.MaxWaitSeconds:F0} s for {wanted.Workers} worker(s) (layout {wanted.Workers}x{wanted.Pp}); {WorkersStaying} present", FailureKind.Timeout);

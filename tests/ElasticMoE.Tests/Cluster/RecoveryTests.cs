@@ -44,7 +44,7 @@ public class RecoveryTests(ITestOutputHelper output)
     /// Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout
     /// line with the nodes so far and a function that starts one more.
     /// </summary>
-    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<Process>>? onLine = null)
+    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<string[], Process>>? onLine = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
@@ -53,9 +53,9 @@ public class RecoveryTests(ITestOutputHelper output)
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var procs = new List<Process>();
-        Process AddNode()
+        Process AddNode(params string[] more)
         {
-            var p = NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra]);
+            var p = NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra, .. more]);
             procs.Add(p);
             return p;
         }
@@ -133,7 +133,7 @@ public class RecoveryTests(ITestOutputHelper output)
         const int steps = 150;
         var r = await Run(1, Settings(steps), ["--set", "cluster.join-settle=0"], (line, _, addNode) =>
         {
-            if (line.StartsWith("step    15/", StringComparison.Ordinal) || line.StartsWith("step    30/", StringComparison.Ordinal)) addNode();
+            if (line.StartsWith("step    15/", StringComparison.Ordinal) || line.StartsWith("step    30/", StringComparison.Ordinal)) addNode([]);
         });
         Assert.True(r.Code == 0, r.Text);
         SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
@@ -142,6 +142,47 @@ public class RecoveryTests(ITestOutputHelper output)
         Assert.Contains("3 worker(s), DP 3 x PP 1", r.Text);
         Assert.Equal(0, r.Redone);
         Assert.Equal(3, r.Nodes.Count(n => n.WaitForExit(TimeSpan.FromSeconds(60)) && n.ExitCode == 0));
+    }
+
+    [Fact]
+    public async Task A_node_with_another_run_config_is_refused_mid_run_and_the_run_goes_on()
+    {
+        // Long enough for the stranger's process to start and register while the run goes on.
+        const int steps = 150;
+        Process? stranger = null;
+        var r = await Run(1, Settings(steps), ["--set", "cluster.join-settle=0"], (line, _, addNode) =>
+        {
+            if (stranger is null && line.StartsWith("step     5/", StringComparison.Ordinal)) stranger = addNode(["--set", "train.micro-batch=4"]);
+        });
+        Assert.True(r.Code == 0, r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        Assert.NotNull(stranger);
+        var (code, text) = await NodeProcesses.Finish(stranger, TimeSpan.FromSeconds(60));
+        Assert.Equal(5, code);
+        Assert.Contains("MicroBatch", text);
+        Assert.Empty(r.Events);
+    }
+
+    [Fact]
+    public async Task Below_min_nodes_the_run_pauses_until_a_node_joins_and_keeps_the_curve()
+    {
+        const int steps = 14;
+        bool added = false;
+        var r = await Run(3, Settings(steps), ["--set", "cluster.min-nodes=3", "--set", "cluster.join-settle=0",
+            "--set", "cluster.fault-injection=step=6,phase=forward,worker=1,epoch=1,action=kill"], (line, _, addNode) =>
+        {
+            if (!added && line.Contains("cluster.min-nodes = 3", StringComparison.Ordinal))
+            {
+                added = true;
+                addNode([]);
+            }
+        });
+        Assert.True(r.Code == 0, r.Text);
+        Assert.True(added, "the run never paused");
+        Assert.Contains("paused before step 7: 2 node(s) present", r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        Assert.Equal(["node-lost", "node-joined"], r.Events.Select(e => e.GetProperty("event").GetString()));
+        Assert.Contains("3 worker(s), DP 3 x PP 1", r.Text[r.Text.IndexOf("paused", StringComparison.Ordinal)..]);
     }
 
     // A node SIGKILLs itself in one phase of step 7 (fence step 6): each phase leaves different partial
