@@ -181,9 +181,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         Receive<Akka.Remote.DisassociatedEvent>(m => ProbeNode(m.RemoteAddress));
         Receive<NodeProbed>(m =>
         {
-            if (!m.Dead) return;
-            var uid = _agents.Where(a => a.Address == m.Address.ToString()).Select(a => a.Uid).FirstOrDefault();
-            if (uid != 0) OnMemberLost(m.Address, uid, "is gone (its connection closed and a reconnect was refused)");
+            // Only the incarnation that was there when the probe started: one restarted on the same
+            // address since is another node.
+            if (m.Dead) OnMemberLost(m.Address, m.Uid, "is gone (its connection closed and a reconnect was refused)");
         });
         Receive<RegisterNode>(OnRegisterNode);
         Receive<WorkerRetired>(OnWorkerRetired);
@@ -214,7 +214,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private string? _stopRequested;
 
-    private sealed record NodeProbed(Address Address, bool Dead);
+    private sealed record NodeProbed(Address Address, long Uid, bool Dead);
 
     /// <summary>
     /// A join, leave or loss waiting for the next committed step, when its recovery time is known: from
@@ -238,7 +238,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         if (_finished || address.Host is null || address.Port is null) return;
         var node = address.ToString();
-        if (!_agents.Any(a => a.Address == node)) return;
+        var uid = _agents.Where(a => a.Address == node).Select(a => a.Uid).FirstOrDefault();
+        if (uid == 0) return;
         var self = Self;
         Task.Run(async () =>
         {
@@ -247,15 +248,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             try
             {
                 await client.ConnectAsync(address.Host, address.Port.Value, cts.Token);
-                return new NodeProbed(address, false);
+                return new NodeProbed(address, uid, false);
             }
             catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused)
             {
-                return new NodeProbed(address, true);
+                return new NodeProbed(address, uid, true);
             }
             catch (Exception)
             {
-                return new NodeProbed(address, false);
+                return new NodeProbed(address, uid, false);
             }
         }).PipeTo(self);
     }
