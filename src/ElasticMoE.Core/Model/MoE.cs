@@ -166,6 +166,15 @@ public sealed class LocalExpertExecutor : IExpertExecutor
         => layer.RunExperts(Enumerable.Range(0, counts.Length).ToArray(), tokens, counts);
 }
 
+/// <summary>How <see cref="MoELayer.RunExperts"/> computes routed experts.</summary>
+internal enum ExpertKernel
+{
+    /// <summary>One batched matmul per SwiGLU projection over every expert with tokens: the default.</summary>
+    Grouped,
+    /// <summary>One small SwiGLU call per expert: the reference the grouped path is checked against.</summary>
+    Loop,
+}
+
 /// <summary>
 /// DeepSeek-style MoE FFN: shared experts on every token plus fine-grained routed experts, top-k each.
 /// The forward pass is three separable steps — dispatch, expert FFN, combine — so that the middle one
@@ -224,6 +233,12 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>
+    /// How <see cref="RunExperts"/> computes the routed experts: grouped (the default) or the per-expert
+    /// loop it replaced, kept as the reference for the equality tests and the before/after benchmark.
+    /// </summary>
+    internal ExpertKernel Kernel { get; set; } = ExpertKernel.Grouped;
+
+    /// <summary>
     /// Runs <paramref name="experts"/>[i] on the next <paramref name="counts"/>[i] rows of
     /// <paramref name="rows"/> and concatenates the outputs in the same order. Every place that executes
     /// routed experts (in-process, in a shard, in a stage's private path) goes through here.
@@ -231,6 +246,16 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     public Tensor RunExperts(IReadOnlyList<int> experts, Tensor rows, IReadOnlyList<long> counts)
     {
         using var scope = NewDisposeScope();
+        var result = Kernel == ExpertKernel.Loop ? RunLoop(experts, rows, counts) : RunGrouped(experts, rows, counts);
+        // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
+        // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
+        // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
+        return (result ?? rows.mul(Scalars.Zero)).MoveToOuterDisposeScope();
+    }
+
+    // The reference: one SwiGLU call per expert on its narrow of the rows, outputs concatenated.
+    private Tensor? RunLoop(IReadOnlyList<int> experts, Tensor rows, IReadOnlyList<long> counts)
+    {
         var outputs = new List<Tensor>(experts.Count);
         long offset = 0;
         for (int i = 0; i < experts.Count; i++)
@@ -239,11 +264,60 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
             outputs.Add(this.experts[experts[i]].forward(rows.narrow(0, offset, counts[i])));
             offset += counts[i];
         }
-        // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
-        // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
-        // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
-        var result = outputs.Count == 0 ? rows.mul(Scalars.Zero) : cat(outputs, 0);
-        return result.MoveToOuterDisposeScope();
+        return outputs.Count == 0 ? null : cat(outputs, 0);
+    }
+
+    /// <summary>
+    /// The experts with tokens as one batched SwiGLU: rows laid out per expert in a [g, cap, d] block
+    /// (cap = the largest count, the rest of each expert's slots zero), the experts' weights stacked
+    /// per call (so gradients flow to each expert's own parameters, which stay separate units), one bmm
+    /// for the gate and up projections together and one for the down projection. Rows of padding compute
+    /// on zeros and are never read back; their gradient is zero.
+    /// </summary>
+    /// <remarks>
+    /// Deterministic: the layout is a function of the counts, bmm is a fixed sequence of GEMMs, and the
+    /// two index ops write each slot once (index_copy to distinct slots; index_select, whose backward
+    /// adds into distinct rows), so no sum depends on thread timing.
+    /// </remarks>
+    private Tensor? RunGrouped(IReadOnlyList<int> experts, Tensor rows, IReadOnlyList<long> counts)
+    {
+        var active = new List<int>(experts.Count);
+        long cap = 0, total = 0;
+        for (int i = 0; i < experts.Count; i++)
+        {
+            if (counts[i] == 0) continue;
+            active.Add(i);
+            cap = Math.Max(cap, counts[i]);
+            total += counts[i];
+        }
+        if (active.Count == 0) return null;
+        long g = active.Count, d = rows.shape[1];
+
+        // Slot of each row in the padded layout: j * cap + r for the r-th row of the j-th expert with tokens.
+        // When every expert with tokens has the same count, the rows already are that layout.
+        Tensor? slots = null;
+        Tensor block;
+        if (g * cap == total)
+            block = rows.reshape(g, cap, d);
+        else
+        {
+            var slot = new long[total];
+            long o = 0;
+            for (int j = 0; j < g; j++)
+                for (long r = 0; r < counts[active[j]]; r++)
+                    slot[o++] = j * cap + r;
+            slots = tensor(slot, device: rows.device);
+            block = zeros(g * cap, d, dtype: rows.dtype, device: rows.device).index_copy(0, slots, rows).view(g, cap, d);
+        }
+
+        var ffn = active.Select(i => this.experts[experts[i]]).ToArray();
+        long h = ffn[0].W1.shape[0];
+        var gateUp = cat([stack(ffn.Select(f => f.W1)), stack(ffn.Select(f => f.W3))], 1); // [g, 2h, d]
+        var down = stack(ffn.Select(f => f.W2));                                            // [g, d, h]
+        var up = block.bmm(gateUp.transpose(1, 2));                                         // [g, cap, 2h]
+        var hidden = nn.functional.silu(up.narrow(2, 0, h)) * up.narrow(2, h, h);
+        var y = hidden.bmm(down.transpose(1, 2)).view(g * cap, d);                          // [g * cap, d]
+        return slots is null ? y : y.index_select(0, slots);
     }
 
     /// <summary>Capacity per expert for N tokens, or null when no token is ever dropped.</summary>
