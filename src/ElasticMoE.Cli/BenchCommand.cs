@@ -64,8 +64,10 @@ public static class BenchCommand
                 stdout.WriteLine($"moe: routed experts per layer, per-expert loop vs grouped (forward + backward of one micro-batch's rows) ...");
                 foreach (var t in MoEBenchmarks.ExpertTime(config, corpus))
                 {
-                    stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  block {t.Layer}: {t.Rows} rows, largest expert {t.Capacity}: loop {t.LoopMs:F2} ms, grouped {t.GroupedMs:F2} ms"));
+                    stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"  block {t.Layer}: {t.Rows} rows, largest expert {t.Capacity}: loop {t.LoopMs:F2} ms, one padded bmm {t.PaddedMs:F2} ms, grouped {t.GroupedMs:F2} ms (groups {t.Groups})"));
                     figures.Add(new($"routed experts, block {t.Layer} (grouped)", t.GroupedMs, "ms", "per-expert loop", t.LoopMs));
+                    figures.Add(new($"routed experts, block {t.Layer} (padded)", t.PaddedMs, "ms", "per-expert loop", t.LoopMs));
                 }
                 stdout.WriteLine($"moe: tokens/s of the MoE (grouped and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), {steps} timed steps each, {n} rounds ...");
                 var perRound = MoEBenchmarks.Throughput(config, corpus, n, steps, log: stdout);

@@ -53,17 +53,26 @@ public static class MoEBenchmarks
         using var trainer = new Trainer(config, corpus);
         foreach (var layer in trainer.Model.MoELayers) layer.Kernel = kernel;
         for (int i = 0; i < warmup; i++) trainer.TrainStep();
-        var sw = Stopwatch.StartNew();
-        for (int i = 0; i < steps; i++) trainer.TrainStep();
-        return steps * trainer.TokensPerStep / sw.Elapsed.TotalSeconds;
+        // The median step, not the mean: on a shared machine a step now and then stalls behind another
+        // process, and one such stall would otherwise decide the ratio.
+        var seconds = new List<double>(steps);
+        for (int i = 0; i < steps; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            trainer.TrainStep();
+            seconds.Add(sw.Elapsed.TotalSeconds);
+        }
+        return trainer.TokensPerStep / Median(seconds);
     }
 
     /// <param name="Layer">block index of the MoE layer.</param>
     /// <param name="Rows">token-expert assignments it ran (one micro-batch × top-k).</param>
     /// <param name="Capacity">the largest count of one expert: the grouped kernel's padded length.</param>
-    /// <param name="LoopMs">forward + backward of the routed experts, per-expert loop (median over rounds).</param>
-    /// <param name="GroupedMs">the same with the grouped kernel.</param>
-    public sealed record LayerTiming(int Layer, long Rows, long Capacity, double LoopMs, double GroupedMs);
+    /// <param name="LoopMs">forward + backward of the routed experts, per-expert loop (the fastest call: others only add interference).</param>
+    /// <param name="PaddedMs">the same, every expert in one bmm padded to the largest count.</param>
+    /// <param name="GroupedMs">the same with the grouped kernel (cost-planned groups, the default).</param>
+    /// <param name="Groups">the grouped kernel's groups, as experts per group.</param>
+    public sealed record LayerTiming(int Layer, long Rows, long Capacity, double LoopMs, double PaddedMs, double GroupedMs, string Groups);
 
     /// <summary>
     /// Per MoE layer of the configured model: the routed experts' forward and backward on the rows that
@@ -95,28 +104,32 @@ public static class MoEBenchmarks
             double Time(ExpertKernel kernel)
             {
                 layer.Kernel = kernel;
-                var sw = Stopwatch.StartNew();
+                double best = double.MaxValue;
                 for (int i = 0; i < repeats; i++)
                 {
                     using var scope = NewDisposeScope();
+                    var sw = Stopwatch.StartNew();
                     var x = rows.detach().requires_grad_(true);
                     var y = layer.RunExperts(all, x, counts);
                     y.mul(weights).sum().backward();
+                    best = Math.Min(best, sw.Elapsed.TotalMilliseconds);
                 }
-                return sw.Elapsed.TotalMilliseconds / repeats;
+                return best;
             }
-            Time(ExpertKernel.Loop);
-            Time(ExpertKernel.Grouped);
-            var loop = new List<double>();
-            var grouped = new List<double>();
+            var kernels = new[] { ExpertKernel.Loop, ExpertKernel.Padded, ExpertKernel.Grouped };
+            var best = kernels.ToDictionary(k => k, _ => double.MaxValue);
+            foreach (var k in kernels) Time(k);
             for (int r = 0; r < rounds; r++)
-            {
-                if (r % 2 == 0) { loop.Add(Time(ExpertKernel.Loop)); grouped.Add(Time(ExpertKernel.Grouped)); }
-                else { grouped.Add(Time(ExpertKernel.Grouped)); loop.Add(Time(ExpertKernel.Loop)); }
-            }
+                for (int i = 0; i < kernels.Length; i++)
+                {
+                    var k = kernels[(i + r) % kernels.Length];
+                    best[k] = Math.Min(best[k], Time(k));
+                }
             layer.Kernel = ExpertKernel.Grouped;
             layer.zero_grad();
-            timings.Add(new LayerTiming(layer.LayerIndex, rows.shape[0], counts.Max(), Median(loop), Median(grouped)));
+            var groups = MoELayer.PlanGroups(counts.Where(c => c > 0).ToArray(), rows.device.type == TorchSharp.DeviceType.CUDA);
+            timings.Add(new LayerTiming(layer.LayerIndex, rows.shape[0], counts.Max(), best[ExpertKernel.Loop], best[ExpertKernel.Padded], best[ExpertKernel.Grouped],
+                                        string.Join("+", groups.Select(g => g.To - g.From))));
             rows.Dispose();
         }
         return timings;

@@ -173,11 +173,18 @@ public class MoELayerTests
         return (y.detach(), x.grad!.clone(), dw);
     }
 
-    public static TheoryData<string> Routings => new() { "random", "empty experts", "one expert takes every token", "equal counts", "a shard's subset", "single row" };
+    public static TheoryData<string, bool> Routings()
+    {
+        var data = new TheoryData<string, bool>();
+        foreach (var padded in new[] { false, true })
+            foreach (var r in new[] { "random", "empty experts", "one expert takes every token", "equal counts", "near-equal counts", "a shard's subset", "single row" })
+                data.Add(r, padded);
+        return data;
+    }
 
     [Theory]
     [MemberData(nameof(Routings))]
-    public void Grouped_experts_equal_the_per_expert_loop_within_fp32_tolerance(string routing)
+    public void Grouped_experts_equal_the_per_expert_loop_within_fp32_tolerance(string routing, bool onePaddedGroup)
     {
         using var layer = Fp32Layer();
         var rng = new Random(routing.Length * 7919);
@@ -189,6 +196,7 @@ public class MoELayerTests
             case "empty experts": experts = [.. Enumerable.Range(0, 8)]; counts = [0, 37, 0, 0, 5, 61, 0, 2]; break;
             case "one expert takes every token": experts = [.. Enumerable.Range(0, 8)]; counts = [0, 0, 0, 128, 0, 0, 0, 0]; break;
             case "equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [.. experts.Select(_ => 16L)]; break;
+            case "near-equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [40, 40, 40, 39, 40, 40, 300, 300]; break;
             case "a shard's subset": experts = [6, 1, 4]; counts = [13, 0, 40]; break;
             default: experts = [2, 5]; counts = [1, 0]; break;
         }
@@ -198,7 +206,7 @@ public class MoELayerTests
         var w = randn(new long[] { m, 32 }, generator: gen);
 
         var (yLoop, dxLoop, dwLoop) = RunWith(layer, ExpertKernel.Loop, experts, rows, counts, w);
-        var (yGrouped, dxGrouped, dwGrouped) = RunWith(layer, ExpertKernel.Grouped, experts, rows, counts, w);
+        var (yGrouped, dxGrouped, dwGrouped) = RunWith(layer, onePaddedGroup ? ExpertKernel.Padded : ExpertKernel.Grouped, experts, rows, counts, w);
 
         Assert.Equal(yLoop.shape, yGrouped.shape);
         Assert.True(allclose(yGrouped, yLoop, rtol: 1e-5, atol: 1e-6), $"outputs differ by {(yGrouped - yLoop).abs().max().item<float>():E3}");
@@ -240,5 +248,28 @@ public class MoELayerTests
         Assert.True(first.Y.eq(second.Y).all().item<bool>());
         for (int i = 0; i < first.G.Length; i++)
             Assert.True(first.G[i].eq(second.G[i]).all().item<bool>(), $"gradient {i} differs between two identical runs");
+    }
+
+    [Fact]
+    public void Expert_groups_cover_every_expert_in_order_and_follow_the_counts()
+    {
+        static void Covers(List<(int From, int To)> g, int n)
+        {
+            Assert.Equal(0, g[0].From);
+            Assert.Equal(n, g[^1].To);
+            for (int i = 1; i < g.Count; i++) Assert.Equal(g[i - 1].To, g[i].From);
+        }
+        // Equal counts: one group, no padding.
+        var equal = MoELayer.PlanGroups([256, 256, 256, 256, 256, 256, 256, 256]);
+        Assert.Equal([(0, 8)], equal);
+        // A runs of equal counts groups; a much larger expert stands alone.
+        var mixed = MoELayer.PlanGroups([64, 64, 64, 900, 64, 64]);
+        Covers(mixed, 6);
+        Assert.Contains((3, 4), mixed);
+        // On an accelerator, calls are dear: one padded group unless the padding is huge.
+        Assert.Equal([(0, 4)], MoELayer.PlanGroups([100, 90, 80, 120], accelerator: true));
+        var random = new Random(3);
+        var counts = Enumerable.Range(0, 40).Select(_ => (long)random.Next(1, 500)).ToArray();
+        Covers(MoELayer.PlanGroups(counts), 40);
     }
 }
