@@ -173,18 +173,20 @@ public class MoELayerTests
         return (y.detach(), x.grad!.clone(), dw);
     }
 
-    public static TheoryData<string, bool> Routings()
+    // "grouped": the default plan of this device (a CPU: every expert alone); "accelerator plan": groups
+    // planned as for a GPU (padded bmm groups, single experts where one is far larger); "padded": one bmm.
+    public static TheoryData<string, string> Routings()
     {
-        var data = new TheoryData<string, bool>();
-        foreach (var padded in new[] { false, true })
-            foreach (var r in new[] { "random", "empty experts", "one expert takes every token", "equal counts", "near-equal counts", "a shard's subset", "single row" })
+        var data = new TheoryData<string, string>();
+        foreach (var padded in new[] { "grouped", "accelerator plan", "padded" })
+            foreach (var r in new[] { "random", "empty experts", "one expert takes every token", "equal counts", "near-equal counts", "one expert far larger", "a shard's subset", "single row" })
                 data.Add(r, padded);
         return data;
     }
 
     [Theory]
     [MemberData(nameof(Routings))]
-    public void Grouped_experts_equal_the_per_expert_loop_within_fp32_tolerance(string routing, bool onePaddedGroup)
+    public void Grouped_experts_equal_the_per_expert_loop_within_fp32_tolerance(string routing, string kernel)
     {
         using var layer = Fp32Layer();
         var rng = new Random(routing.Length * 7919);
@@ -197,6 +199,7 @@ public class MoELayerTests
             case "one expert takes every token": experts = [.. Enumerable.Range(0, 8)]; counts = [0, 0, 0, 128, 0, 0, 0, 0]; break;
             case "equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [.. experts.Select(_ => 16L)]; break;
             case "near-equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [40, 40, 40, 39, 40, 40, 300, 300]; break;
+            case "one expert far larger": experts = [.. Enumerable.Range(0, 8)]; counts = [30, 31, 29, 30, 9000, 30, 28, 30]; break;
             case "a shard's subset": experts = [6, 1, 4]; counts = [13, 0, 40]; break;
             default: experts = [2, 5]; counts = [1, 0]; break;
         }
@@ -206,7 +209,8 @@ public class MoELayerTests
         var w = randn(new long[] { m, 32 }, generator: gen);
 
         var (yLoop, dxLoop, dwLoop) = RunWith(layer, ExpertKernel.Loop, experts, rows, counts, w);
-        var (yGrouped, dxGrouped, dwGrouped) = RunWith(layer, onePaddedGroup ? ExpertKernel.Padded : ExpertKernel.Grouped, experts, rows, counts, w);
+        layer.PlanForAccelerator = kernel == "accelerator plan";
+        var (yGrouped, dxGrouped, dwGrouped) = RunWith(layer, kernel == "padded" ? ExpertKernel.Padded : ExpertKernel.Grouped, experts, rows, counts, w);
 
         Assert.Equal(yLoop.shape, yGrouped.shape);
         Assert.True(allclose(yGrouped, yLoop, rtol: 1e-5, atol: 1e-6), $"outputs differ by {(yGrouped - yLoop).abs().max().item<float>():E3}");
@@ -259,17 +263,16 @@ public class MoELayerTests
             Assert.Equal(n, g[^1].To);
             for (int i = 1; i < g.Count; i++) Assert.Equal(g[i - 1].To, g[i].From);
         }
-        // Equal counts: one group, no padding.
-        var equal = MoELayer.PlanGroups([256, 256, 256, 256, 256, 256, 256, 256]);
-        Assert.Equal([(0, 8)], equal);
-        // A runs of equal counts groups; a much larger expert stands alone.
-        var mixed = MoELayer.PlanGroups([64, 64, 64, 900, 64, 64]);
+        // On a CPU every expert runs alone (its bits then do not depend on which experts share its call).
+        Assert.Equal([(0, 1), (1, 2), (2, 3)], MoELayer.PlanGroups([256, 256, 256]));
+        // On an accelerator: one padded group, unless one expert is so much larger that padding to it costs more than calls.
+        Assert.Equal([(0, 8)], MoELayer.PlanGroups([256, 256, 256, 256, 256, 256, 256, 256], accelerator: true));
+        Assert.Equal([(0, 4)], MoELayer.PlanGroups([100, 90, 80, 120], accelerator: true));
+        var mixed = MoELayer.PlanGroups([64, 64, 64, 20000, 64, 64], accelerator: true);
         Covers(mixed, 6);
         Assert.Contains((3, 4), mixed);
-        // On an accelerator, calls are dear: one padded group unless the padding is huge.
-        Assert.Equal([(0, 4)], MoELayer.PlanGroups([100, 90, 80, 120], accelerator: true));
         var random = new Random(3);
-        var counts = Enumerable.Range(0, 40).Select(_ => (long)random.Next(1, 500)).ToArray();
-        Covers(MoELayer.PlanGroups(counts), 40);
+        var counts = Enumerable.Range(0, 40).Select(_ => (long)random.Next(1, 50000)).ToArray();
+        Covers(MoELayer.PlanGroups(counts, accelerator: true), 40);
     }
 }
