@@ -275,4 +275,29 @@ public class MoELayerTests
         var counts = Enumerable.Range(0, 40).Select(_ => (long)random.Next(1, 50000)).ToArray();
         Covers(MoELayer.PlanGroups(counts, accelerator: true), 40);
     }
+
+    [Fact]
+    public void Grouped_kernels_leave_no_live_tensors_behind()
+    {
+        using var layer = Fp32Layer();
+        using var rows = randn(new long[] { 300, 32 });
+        int[] experts = [.. Enumerable.Range(0, 8)];
+        long[] counts = [30, 31, 29, 30, 120, 30, 0, 30];
+        void Step(ExpertKernel kernel, bool? accelerator)
+        {
+            layer.Kernel = kernel;
+            layer.PlanForAccelerator = accelerator;
+            using var scope = NewDisposeScope();
+            var x = rows.detach().requires_grad_(true);
+            layer.RunExperts(experts, x, counts).sum().backward();
+        }
+        var modes = new (ExpertKernel, bool?)[] { (ExpertKernel.Grouped, null), (ExpertKernel.Grouped, true), (ExpertKernel.Padded, null), (ExpertKernel.Loop, null) };
+        foreach (var (k, a) in modes) Step(k, a);
+        layer.zero_grad();
+        long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        for (int i = 0; i < 20; i++)
+            foreach (var (k, a) in modes) Step(k, a);
+        layer.zero_grad();
+        Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+    }
 }
