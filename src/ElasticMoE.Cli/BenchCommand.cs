@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos"];
+    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
@@ -25,7 +25,7 @@ public static class BenchCommand
         suite.AcceptOnlyFromAmong(Suites);
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
-        var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy suites: interleaved rounds of all modes, each mode in fresh processes (default 5 / 4)");
+        var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / moe suites: interleaved rounds of all modes (cluster, redundancy: each mode in fresh processes; default 5 / 4 / 3)");
         var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
         var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
@@ -65,6 +65,26 @@ public static class BenchCommand
                 figures.Add(new("tokens/s (single process)", r.TokensPerSecond, "tok/s"));
                 figures.Add(new("model FLOP/s", r.ModelFlops, "FLOP/s", "fp32 GEMM peak 1024^3", r.GemmPeakFlops));
                 figures.Add(new("MFU", r.Mfu, "fraction"));
+            }
+            if (chosen.Contains("moe"))
+            {
+                int n = p.GetValue(rounds) ?? 5;
+                var dense = MoEBenchmarks.DenseEquivalent(config).Model;
+                stdout.WriteLine($"moe: routed experts per layer, per-expert loop vs grouped (forward + backward of one micro-batch's rows) ...");
+                foreach (var t in MoEBenchmarks.ExpertTime(config, corpus))
+                {
+                    stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                        $"  block {t.Layer}: {t.Rows} rows, largest expert {t.Capacity}: loop {t.LoopMs:F2} ms, one padded bmm {t.PaddedMs:F2} ms, grouped {t.GroupedMs:F2} ms (groups {t.Groups})"));
+                    figures.Add(new($"routed experts, block {t.Layer} (grouped)", t.GroupedMs, "ms", "per-expert loop", t.LoopMs));
+                    figures.Add(new($"routed experts, block {t.Layer} (padded)", t.PaddedMs, "ms", "per-expert loop", t.LoopMs));
+                }
+                stdout.WriteLine($"moe: tokens/s of the MoE (grouped and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), {steps} timed steps each, {n} rounds ...");
+                var perRound = MoEBenchmarks.Throughput(config, corpus, n, steps, log: stdout);
+                const MoEBenchmarks.Mode grouped = MoEBenchmarks.Mode.MoEGrouped, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
+                var g = MedianRound(perRound, r => r.TokensPerSecond[grouped] / r.TokensPerSecond[dn]);
+                var l = MedianRound(perRound, r => r.TokensPerSecond[loop] / r.TokensPerSecond[dn]);
+                figures.Add(new("MoE tokens/s (grouped experts)", g.TokensPerSecond[grouped], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
+                figures.Add(new("MoE tokens/s (per-expert loop)", l.TokensPerSecond[loop], "tok/s", "dense, equal active FFN", l.TokensPerSecond[dn]));
             }
             if (chosen.Contains("leak"))
             {

@@ -38,6 +38,13 @@ public sealed class SwiGLU : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>Gate projection weight [hidden, dim].</summary>
+    public Tensor W1 => w1.weight!;
+    /// <summary>Up projection weight [hidden, dim].</summary>
+    public Tensor W3 => w3.weight!;
+    /// <summary>Down projection weight [dim, hidden].</summary>
+    public Tensor W2 => w2.weight!;
+
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();

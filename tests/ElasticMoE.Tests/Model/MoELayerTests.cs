@@ -61,10 +61,13 @@ public class MoELayerTests
         Assert.True(layer.Router.Gate.weight!.grad!.abs().sum().item<double>() > 0);
     }
 
-    [Fact]
-    public void Dispatch_expert_combine_path_equals_the_dense_fused_path()
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Dispatch_expert_combine_path_equals_the_dense_fused_path(bool grouped)
     {
         using var layer = Layer();
+        layer.Kernel = grouped ? ExpertKernel.Grouped : ExpertKernel.Loop;
         using var gen = new Generator(4);
         var x1 = randn(new long[] { 3, 7, 8 }, ScalarType.Float64, generator: gen).requires_grad_(true);
         var x2 = x1.detach().clone().requires_grad_(true);
@@ -146,5 +149,155 @@ public class MoELayerTests
         Assert.Equal(ScalarType.Float64, zero.dtype);
         using var nonZero = zero.count_nonzero();
         Assert.Equal(0L, nonZero.item<long>());
+    }
+
+    // Float32 layer of the default shape class (8 routed experts), for grouped-vs-loop comparisons.
+    private static MoELayer Fp32Layer()
+    {
+        TestSupport.EnsureTorch();
+        torch.manual_seed(21);
+        var o = new MoEOptions(SharedExperts: 1, RoutedExperts: 8, TopK: 2, ExpertHidden: 24, Scoring: RouterScoring.Sigmoid, RouteScale: 1.0,
+                               BiasUpdateRate: 0.001, SequenceAuxAlpha: 0, CapacityFactor: 0);
+        return new MoELayer(1, 32, o);
+    }
+
+    // Output, input gradient and every expert parameter's gradient of RunExperts under one kernel.
+    private static (Tensor Y, Tensor DX, Tensor[] DW) RunWith(MoELayer layer, ExpertKernel kernel, int[] experts, Tensor rows, long[] counts, Tensor w)
+    {
+        layer.Kernel = kernel;
+        layer.zero_grad();
+        var x = rows.detach().clone().requires_grad_(true);
+        var y = layer.RunExperts(experts, x, counts);
+        (y * w).sum().backward();
+        var dw = layer.Experts.parameters().Select(p => p.grad is { } g ? g.clone() : zeros_like(p)).ToArray();
+        return (y.detach(), x.grad!.clone(), dw);
+    }
+
+    // "grouped": the default plan of this device (a CPU: every expert alone); "accelerator plan": groups
+    // planned as for a GPU (padded bmm groups, single experts where one is far larger); "padded": one bmm.
+    public static TheoryData<string, string> Routings()
+    {
+        var data = new TheoryData<string, string>();
+        foreach (var padded in new[] { "grouped", "accelerator plan", "padded" })
+            foreach (var r in new[] { "random", "empty experts", "one expert takes every token", "equal counts", "near-equal counts", "one expert far larger", "a shard's subset", "single row" })
+                data.Add(r, padded);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(Routings))]
+    public void Grouped_experts_equal_the_per_expert_loop_within_fp32_tolerance(string routing, string kernel)
+    {
+        using var layer = Fp32Layer();
+        var rng = new Random(routing.Length * 7919);
+        int[] experts;
+        long[] counts;
+        switch (routing)
+        {
+            case "random": experts = [.. Enumerable.Range(0, 8)]; counts = [.. experts.Select(_ => (long)rng.Next(1, 60))]; break;
+            case "empty experts": experts = [.. Enumerable.Range(0, 8)]; counts = [0, 37, 0, 0, 5, 61, 0, 2]; break;
+            case "one expert takes every token": experts = [.. Enumerable.Range(0, 8)]; counts = [0, 0, 0, 128, 0, 0, 0, 0]; break;
+            case "equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [.. experts.Select(_ => 16L)]; break;
+            case "near-equal counts": experts = [.. Enumerable.Range(0, 8)]; counts = [40, 40, 40, 39, 40, 40, 300, 300]; break;
+            case "one expert far larger": experts = [.. Enumerable.Range(0, 8)]; counts = [30, 31, 29, 30, 9000, 30, 28, 30]; break;
+            case "a shard's subset": experts = [6, 1, 4]; counts = [13, 0, 40]; break;
+            default: experts = [2, 5]; counts = [1, 0]; break;
+        }
+        long m = counts.Sum();
+        using var gen = new Generator(99);
+        var rows = randn(new long[] { m, 32 }, generator: gen);
+        var w = randn(new long[] { m, 32 }, generator: gen);
+
+        var (yLoop, dxLoop, dwLoop) = RunWith(layer, ExpertKernel.Loop, experts, rows, counts, w);
+        layer.PlanForAccelerator = kernel == "accelerator plan";
+        var (yGrouped, dxGrouped, dwGrouped) = RunWith(layer, kernel == "padded" ? ExpertKernel.Padded : ExpertKernel.Grouped, experts, rows, counts, w);
+
+        Assert.Equal(yLoop.shape, yGrouped.shape);
+        Assert.True(allclose(yGrouped, yLoop, rtol: 1e-5, atol: 1e-6), $"outputs differ by {(yGrouped - yLoop).abs().max().item<float>():E3}");
+        Assert.True(allclose(dxGrouped, dxLoop, rtol: 1e-5, atol: 1e-6), "input gradients differ");
+        for (int i = 0; i < dwLoop.Length; i++)
+            Assert.True(allclose(dwGrouped[i], dwLoop[i], rtol: 1e-5, atol: 1e-5), $"expert parameter {i} gradient differs");
+        // Experts that got no rows get no gradient (exactly zero), in both paths.
+        var touched = experts.Where((_, i) => counts[i] > 0).ToHashSet();
+        var perExpert = layer.Experts.Select(e => e.parameters().Count()).First();
+        for (int e = 0; e < 8; e++)
+            if (!touched.Contains(e))
+                for (int j = 0; j < perExpert; j++)
+                    Assert.Equal(0.0, dwGrouped[e * perExpert + j].abs().sum().item<float>());
+    }
+
+    [Fact]
+    public void Grouped_layer_forward_and_backward_equal_the_loop_and_repeat_bit_for_bit()
+    {
+        using var layer = Fp32Layer();
+        using var gen = new Generator(5);
+        var x = randn(new long[] { 4, 16, 32 }, generator: gen);
+        var w = randn(new long[] { 4, 16, 32 }, generator: gen);
+        (Tensor Y, Tensor[] G) Run(ExpertKernel k)
+        {
+            layer.Kernel = k;
+            layer.zero_grad();
+            var xi = x.clone().requires_grad_(true);
+            var y = layer.forward(xi);
+            (y * w).sum().backward();
+            return (y.detach(), [xi.grad!.clone(), .. layer.parameters().Select(p => p.grad!.clone())]);
+        }
+        var loop = Run(ExpertKernel.Loop);
+        var first = Run(ExpertKernel.Grouped);
+        var second = Run(ExpertKernel.Grouped);
+        Assert.True(allclose(first.Y, loop.Y, rtol: 1e-5, atol: 1e-6));
+        for (int i = 0; i < loop.G.Length; i++)
+            Assert.True(allclose(first.G[i], loop.G[i], rtol: 1e-4, atol: 1e-5), $"gradient {i} differs from the loop");
+        // Determinism: the same inputs give the same bits.
+        Assert.True(first.Y.eq(second.Y).all().item<bool>());
+        for (int i = 0; i < first.G.Length; i++)
+            Assert.True(first.G[i].eq(second.G[i]).all().item<bool>(), $"gradient {i} differs between two identical runs");
+    }
+
+    [Fact]
+    public void Expert_groups_cover_every_expert_in_order_and_follow_the_counts()
+    {
+        static void Covers(List<(int From, int To)> g, int n)
+        {
+            Assert.Equal(0, g[0].From);
+            Assert.Equal(n, g[^1].To);
+            for (int i = 1; i < g.Count; i++) Assert.Equal(g[i - 1].To, g[i].From);
+        }
+        // On a CPU every expert runs alone (its bits then do not depend on which experts share its call).
+        Assert.Equal([(0, 1), (1, 2), (2, 3)], MoELayer.PlanGroups([256, 256, 256]));
+        // On an accelerator: one padded group, unless one expert is so much larger that padding to it costs more than calls.
+        Assert.Equal([(0, 8)], MoELayer.PlanGroups([256, 256, 256, 256, 256, 256, 256, 256], accelerator: true));
+        Assert.Equal([(0, 4)], MoELayer.PlanGroups([100, 90, 80, 120], accelerator: true));
+        var mixed = MoELayer.PlanGroups([64, 64, 64, 20000, 64, 64], accelerator: true);
+        Covers(mixed, 6);
+        Assert.Contains((3, 4), mixed);
+        var random = new Random(3);
+        var counts = Enumerable.Range(0, 40).Select(_ => (long)random.Next(1, 50000)).ToArray();
+        Covers(MoELayer.PlanGroups(counts, accelerator: true), 40);
+    }
+
+    [Fact]
+    public void Grouped_kernels_leave_no_live_tensors_behind()
+    {
+        using var layer = Fp32Layer();
+        using var rows = randn(new long[] { 300, 32 });
+        int[] experts = [.. Enumerable.Range(0, 8)];
+        long[] counts = [30, 31, 29, 30, 120, 30, 0, 30];
+        void Step(ExpertKernel kernel, bool? accelerator)
+        {
+            layer.Kernel = kernel;
+            layer.PlanForAccelerator = accelerator;
+            using var scope = NewDisposeScope();
+            var x = rows.detach().requires_grad_(true);
+            layer.RunExperts(experts, x, counts).sum().backward();
+        }
+        var modes = new (ExpertKernel, bool?)[] { (ExpertKernel.Grouped, null), (ExpertKernel.Grouped, true), (ExpertKernel.Padded, null), (ExpertKernel.Loop, null) };
+        foreach (var (k, a) in modes) Step(k, a);
+        layer.zero_grad();
+        long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        for (int i = 0; i < 20; i++)
+            foreach (var (k, a) in modes) Step(k, a);
+        layer.zero_grad();
+        Assert.Equal(before, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
     }
 }

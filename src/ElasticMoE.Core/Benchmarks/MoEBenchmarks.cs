@@ -1,0 +1,153 @@
+using System.Diagnostics;
+using ElasticMoE.Configuration;
+using ElasticMoE.Data;
+using ElasticMoE.Model;
+using ElasticMoE.Training;
+using static TorchSharp.torch;
+
+namespace ElasticMoE.Benchmarks;
+
+/// <summary>
+/// Is the MoE worth it: its training tokens/s against a dense model of the same active FFN width, and
+/// the routed experts' time per layer with the grouped kernel against the per-expert loop it replaced.
+/// Every figure is a ratio of two measurements of the same run, taken in alternating rounds.
+/// </summary>
+public static class MoEBenchmarks
+{
+    /// <summary>
+    /// The dense model of equal active compute: every block dense, of the width a token sees in an MoE
+    /// block (shared plus top-k experts). For the default model: dense-layers = 4, dense-hidden = 288.
+    /// </summary>
+    public static ElasticMoEConfig DenseEquivalent(ElasticMoEConfig c) =>
+        c with { Model = c.Model with { DenseLayers = c.Model.Layers, DenseHidden = c.Model.MoE.ExpertHidden * (c.Model.MoE.SharedExperts + c.Model.MoE.TopK) } };
+
+    public enum Mode { MoEGrouped, MoELoop, Dense }
+
+    public sealed record ThroughputRound(IReadOnlyDictionary<Mode, double> TokensPerSecond);
+
+    /// <summary>
+    /// <paramref name="rounds"/> rounds of the three models back to back (the order rotating each round),
+    /// each a fresh trainer with <paramref name="warmup"/> untimed and <paramref name="steps"/> timed steps.
+    /// </summary>
+    public static IReadOnlyList<ThroughputRound> Throughput(ElasticMoEConfig config, TextCorpus corpus, int rounds, int steps, int warmup = 5, TextWriter? log = null)
+    {
+        var modes = Enum.GetValues<Mode>();
+        var result = new List<ThroughputRound>();
+        for (int r = 0; r < rounds; r++)
+        {
+            var tps = new Dictionary<Mode, double>();
+            for (int i = 0; i < modes.Length; i++)
+            {
+                var mode = modes[(i + r) % modes.Length];
+                tps[mode] = TokensPerSecond(mode == Mode.Dense ? DenseEquivalent(config) : config, corpus, steps, warmup,
+                                            mode == Mode.MoELoop ? ExpertKernel.Loop : ExpertKernel.Grouped);
+            }
+            log?.WriteLine($"  round {r + 1}: {string.Join(", ", modes.Select(m => $"{m} {tps[m]:F0}"))} tok/s; MoE/dense {tps[Mode.MoEGrouped] / tps[Mode.Dense]:F3}, loop-MoE/dense {tps[Mode.MoELoop] / tps[Mode.Dense]:F3}");
+            result.Add(new ThroughputRound(tps));
+        }
+        return result;
+    }
+
+    private static double TokensPerSecond(ElasticMoEConfig config, TextCorpus corpus, int steps, int warmup, ExpertKernel kernel)
+    {
+        using var trainer = new Trainer(config, corpus);
+        foreach (var layer in trainer.Model.MoELayers) layer.Kernel = kernel;
+        for (int i = 0; i < warmup; i++) trainer.TrainStep();
+        // The median step, not the mean: on a shared machine a step now and then stalls behind another
+        // process, and one such stall would otherwise decide the ratio.
+        var seconds = new List<double>(steps);
+        for (int i = 0; i < steps; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            trainer.TrainStep();
+            seconds.Add(sw.Elapsed.TotalSeconds);
+        }
+        return trainer.TokensPerStep / Median(seconds);
+    }
+
+    /// <param name="Layer">block index of the MoE layer.</param>
+    /// <param name="Rows">token-expert assignments it ran (one micro-batch × top-k).</param>
+    /// <param name="Capacity">the largest count of one expert: the grouped kernel's padded length.</param>
+    /// <param name="LoopMs">forward + backward of the routed experts, per-expert loop (the fastest call: others only add interference).</param>
+    /// <param name="PaddedMs">the same, every expert in one bmm padded to the largest count.</param>
+    /// <param name="GroupedMs">the same with the grouped kernel (cost-planned groups, the default).</param>
+    /// <param name="Groups">the grouped kernel's groups, as experts per group.</param>
+    public sealed record LayerTiming(int Layer, long Rows, long Capacity, double LoopMs, double PaddedMs, double GroupedMs, string Groups);
+
+    /// <summary>
+    /// Per MoE layer of the configured model: the routed experts' forward and backward on the rows that
+    /// layer dispatched for one training micro-batch (after <paramref name="warmupSteps"/> training steps,
+    /// so the routing is a trained one), loop against grouped in alternating rounds.
+    /// </summary>
+    public static IReadOnlyList<LayerTiming> ExpertTime(ElasticMoEConfig config, TextCorpus corpus, int rounds = 7, int repeats = 10, int warmupSteps = 5)
+    {
+        using var trainer = new Trainer(config, corpus);
+        for (int i = 0; i < warmupSteps; i++) trainer.TrainStep();
+        var layers = trainer.Model.MoELayers.ToList();
+        var recorder = new RecordingExecutor();
+        foreach (var l in layers) l.Executor = recorder;
+        using (no_grad())
+        using (NewDisposeScope())
+        {
+            var (x, _) = trainer.Sampler.TrainBatch(trainer.Step, 0, config.Train.MicroBatch, trainer.Device);
+            trainer.Model.forward(x);
+        }
+        foreach (var l in layers) l.Executor = LocalExpertExecutor.Instance;
+        trainer.Model.TakeExpertCounts();
+
+        var timings = new List<LayerTiming>();
+        foreach (var layer in layers)
+        {
+            var (rows, counts) = recorder.Inputs[layer];
+            var all = Enumerable.Range(0, counts.Length).ToArray();
+            using var weights = randn_like(rows);
+            double Time(ExpertKernel kernel)
+            {
+                layer.Kernel = kernel;
+                double best = double.MaxValue;
+                for (int i = 0; i < repeats; i++)
+                {
+                    using var scope = NewDisposeScope();
+                    var sw = Stopwatch.StartNew();
+                    var x = rows.detach().requires_grad_(true);
+                    var y = layer.RunExperts(all, x, counts);
+                    y.mul(weights).sum().backward();
+                    best = Math.Min(best, sw.Elapsed.TotalMilliseconds);
+                }
+                return best;
+            }
+            var kernels = new[] { ExpertKernel.Loop, ExpertKernel.Padded, ExpertKernel.Grouped };
+            var best = kernels.ToDictionary(k => k, _ => double.MaxValue);
+            foreach (var k in kernels) Time(k);
+            for (int r = 0; r < rounds; r++)
+                for (int i = 0; i < kernels.Length; i++)
+                {
+                    var k = kernels[(i + r) % kernels.Length];
+                    best[k] = Math.Min(best[k], Time(k));
+                }
+            layer.Kernel = ExpertKernel.Grouped;
+            layer.zero_grad();
+            var groups = MoELayer.PlanGroups(counts.Where(c => c > 0).ToArray(), rows.device.type == TorchSharp.DeviceType.CUDA);
+            timings.Add(new LayerTiming(layer.LayerIndex, rows.shape[0], counts.Max(), best[ExpertKernel.Loop], best[ExpertKernel.Padded], best[ExpertKernel.Grouped],
+                                        string.Join("+", groups.Select(g => g.To - g.From))));
+            rows.Dispose();
+        }
+        return timings;
+    }
+
+    private static double Median(List<double> xs) => xs.Order().ElementAt(xs.Count / 2);
+
+    // Keeps a copy of what each layer sends its routed experts, then runs them locally.
+    private sealed class RecordingExecutor : IExpertExecutor
+    {
+        public Dictionary<MoELayer, (Tensor Rows, long[] Counts)> Inputs { get; } = [];
+
+        public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
+        {
+            // Out of every scope of the forward: the benchmark disposes it when done with the layer.
+            var copy = tokens.detach().clone().DetachFromDisposeScope();
+            Inputs[layer] = (copy, (long[])counts.Clone());
+            return LocalExpertExecutor.Instance.Run(layer, tokens, counts);
+        }
+    }
+}
