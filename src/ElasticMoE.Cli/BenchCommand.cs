@@ -144,7 +144,7 @@ public static class BenchCommand
                 }
                 if (chosen.Contains("checkpoint"))
                 {
-                    var (f, good) = CheckpointBenchmarks.Checkpoint(childArgs, p.GetValue(rounds) ?? 3, p.GetValue(cfg.Steps) ?? 150, Path.Combine(dir, "checkpoint"), stdout);
+                    var (f, good) = CheckpointBenchmarks.Checkpoint(config, childArgs, p.GetValue(rounds) ?? 3, p.GetValue(cfg.Steps) ?? 150, Path.Combine(dir, "checkpoint"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }

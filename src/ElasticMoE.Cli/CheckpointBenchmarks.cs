@@ -2,6 +2,9 @@ using System.Diagnostics;
 using System.Globalization;
 using System.Text.RegularExpressions;
 using ElasticMoE.Benchmarks;
+using ElasticMoE.Configuration;
+using ElasticMoE.Model;
+using ElasticMoE.State;
 
 namespace ElasticMoE.Cli;
 
@@ -50,7 +53,7 @@ internal static class CheckpointBenchmarks
 
     private sealed class BenchStop(string message) : Exception(message);
 
-    public static (List<BenchFigure> Figures, bool Ok) Checkpoint(IReadOnlyList<string> configArgs, int rounds, int steps, string dir, TextWriter o)
+    public static (List<BenchFigure> Figures, bool Ok) Checkpoint(ElasticMoEConfig config, IReadOnlyList<string> configArgs, int rounds, int steps, string dir, TextWriter o)
     {
         const int warmup = 10;
         // checkpoint.every=10 unless the user's --set says otherwise (theirs come later and win).
@@ -109,6 +112,7 @@ internal static class CheckpointBenchmarks
         double mibps = RecoveryBenchmarks.Median(lines.Select(x => x.MiBps));
         double mib = RecoveryBenchmarks.Median(lines.Select(x => x.MiB));
         double diskMiBps = DiskWriteMiBps(dir, mib);
+        var (copyMs, copyMiB) = HostCopyMs(config);
         var wall = BenchCommand.MedianRound(perRound, r => r[Mode.Checkpoints].WallTokensPerSecond(warmup) / r[Mode.Baseline].WallTokensPerSecond(warmup));
         var stepTime = BenchCommand.MedianRound(perRound, r => r[Mode.Checkpoints].StepTokensPerSecond(warmup) / r[Mode.Baseline].StepTokensPerSecond(warmup));
         var journal = BenchCommand.MedianRound(perRound, r => r[Mode.Journal].WallTokensPerSecond(warmup) / r[Mode.Baseline].WallTokensPerSecond(warmup));
@@ -117,6 +121,8 @@ internal static class CheckpointBenchmarks
         o.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"  {lines.Count} checkpoints committed ({mib:F1} MiB, {lines[0].Shards} shards each): training paused median {stallMedian:F0} ms, max {stallMax:F0} ms " +
             $"= {stallMedian / medianStepMs:P2} / {stallMax / medianStepMs:P2} of the median step ({medianStepMs:F0} ms) (target <= 1 %: {(stallMedian / medianStepMs <= 0.01 ? "met" : "NOT met")}{(stallMax / medianStepMs <= 0.01 ? "" : stallMedian / medianStepMs <= 0.01 ? ", not by the max" : "")})"));
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"  for scale: StateUnit.CopyToHost of every unit of a fresh model in this process ({copyMiB:F1} MiB of parameters, no moments yet: about one writer's share) takes {copyMs:F1} ms (median of 5)"));
         o.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"  written in median {RecoveryBenchmarks.Median(duringWriteSeconds):F2} s, max {duringWriteSeconds.Max():F2} s: {mibps:F1} MiB/s (median; a fsync'd {mib:F1} MiB file on the same disk: {diskMiBps:F1} MiB/s)"));
         o.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -131,6 +137,7 @@ internal static class CheckpointBenchmarks
         {
             new($"P5 checkpoint stall, median ({lines.Count})", stallMedian, "ms", "median step, same runs", medianStepMs),
             new($"P5 checkpoint stall, max ({lines.Count})", stallMax, "ms", "median step, same runs", medianStepMs),
+            new("  host copy, one writer's share", copyMs, "ms", "stall, median", stallMedian),
             new("checkpoint write rate, median", mibps, "MiB/s", "fsync'd file, same disk", diskMiBps),
             new("tokens/s, steps during a write", TokensPerSecond(during), "tok/s", "steps without a write", TokensPerSecond(without)),
             new($"tokens/s, checkpoint.every={every}", wall[Mode.Checkpoints].WallTokensPerSecond(warmup), "tok/s", "no --run-dir (median round)", wall[Mode.Baseline].WallTokensPerSecond(warmup)),
@@ -230,6 +237,33 @@ internal static class CheckpointBenchmarks
             child.Process.WaitForExit();
             var last = File.ReadAllLines(log).LastOrDefault(l => l.Trim().Length > 0) ?? "";
             return (child.Process.ExitCode, last.Trim());
+        }
+    }
+
+    /// <summary>
+    /// The copy alone, without messages or a busy box's scheduling: <see cref="StateUnit.CopyToHost"/> of every
+    /// unit of a fresh model of <paramref name="config"/> (parameters and buffers; moments do not exist before
+    /// a first update, so this is a third of a checkpoint, about what each of 3 writers copies). Median of 5.
+    /// </summary>
+    private static (double Ms, double MiB) HostCopyMs(ElasticMoEConfig config)
+    {
+        using var model = new MoETransformer(config.Model, config.Seed, TorchSharp.torch.CPU);
+        var units = UnitBinding.Bind(model);
+        try
+        {
+            var times = new List<double>();
+            long bytes = 0;
+            for (int rep = 0; rep < 5; rep++)
+            {
+                var sw = Stopwatch.StartNew();
+                bytes = units.Values.Sum(u => u.CopyToHost().Sum(t => (long)t.Data.Length));
+                times.Add(sw.Elapsed.TotalMilliseconds);
+            }
+            return (RecoveryBenchmarks.Median(times), bytes / 1048576.0);
+        }
+        finally
+        {
+            foreach (var u in units.Values) u.Dispose();
         }
     }
 
