@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos"];
+    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
@@ -25,12 +25,12 @@ public static class BenchCommand
         suite.AcceptOnlyFromAmong(Suites);
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
-        var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / moe suites: interleaved rounds of all modes (cluster, redundancy: each mode in fresh processes; default 5 / 4 / 3)");
+        var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / checkpoint / moe suites: interleaved rounds of all modes (all but moe: each mode in fresh processes; default 5 / 4 / 3 / 3)");
         var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
-        var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300)");
+        var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300; checkpoint suite: default 150)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
         var peer = new Option<string?>("--peer") { Description = "recovery suite: the torchrun-recovery script (default ../shared/peers/torchrun-recovery)" };
-        var logs = new Option<string?>("--logs") { Description = "recovery, chaos, redundancy suites: folder for the processes' logs (default a new folder under /tmp)" };
+        var logs = new Option<string?>("--logs") { Description = "recovery, chaos, redundancy, checkpoint suites: folder for the processes' logs (default a new folder under /tmp)" };
         var measure = new Option<string?>("--measure") { Description = "internal: measure one cluster mode in this process", Hidden = true };
         measure.AcceptOnlyFromAmong(Enum.GetNames<ClusterBenchmarks.Mode>());
         var cmd = new Command("bench", "measure tokens/s, MFU, tensor leaks (and, with a cluster, its overheads)");
@@ -139,7 +139,7 @@ public static class BenchCommand
                     figures.Add(new($"unit size: {kind}", bytes / 1024.0, "KiB"));
             }
             bool ok = true;
-            if (chosen.Intersect(["redundancy", "recovery", "chaos"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -159,6 +159,12 @@ public static class BenchCommand
                 if (chosen.Contains("chaos"))
                 {
                     var (f, good) = RecoveryBenchmarks.Chaos(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("checkpoint"))
+                {
+                    var (f, good) = CheckpointBenchmarks.Checkpoint(config, childArgs, p.GetValue(rounds) ?? 3, p.GetValue(cfg.Steps) ?? 150, Path.Combine(dir, "checkpoint"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
