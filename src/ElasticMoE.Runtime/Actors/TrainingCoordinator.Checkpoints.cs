@@ -27,15 +27,15 @@ public sealed partial class TrainingCoordinator
     private sealed record RetiredDeleted(long Step, string? Error);
 
     /// <summary>A checkpoint being written: who writes what, what has been copied and written so far.</summary>
-    private sealed class CheckpointInFlight(long step, string directory, IReadOnlyCollection<string> writers, Action then)
+    private sealed class CheckpointInFlight(long step, string directory, IReadOnlyCollection<string> writers)
     {
         public long Step { get; } = step;
         public string Directory { get; } = directory;
         public HashSet<string> Writers { get; } = writers.ToHashSet();
         public HashSet<string> Copied { get; } = new();
         public List<ShardInfo> Shards { get; } = new();
-        public Action? Then { get; set; } = then;
         public System.Diagnostics.Stopwatch Clock { get; } = System.Diagnostics.Stopwatch.StartNew();
+        /// <summary>How long an update or install waited for this checkpoint's copies (usually 0: they overlap compute).</summary>
         public double StallSeconds { get; set; }
         public long CommitRequest { get; set; } = -1;
     }
@@ -131,6 +131,7 @@ public sealed partial class TrainingCoordinator
         Receive<AppendRefused>(m => Fail($"the coordinator journal refused an event: {m.Reason}", FailureKind.StateLost));
         Receive<JournalFailed>(m => Fail($"the coordinator journal failed: {m.Reason}", FailureKind.StateLost, m.Cause));
         Receive<Terminated>(m => { if (m.ActorRef.Equals(_journal)) Fail("the coordinator journal stopped", FailureKind.StateLost); });
+        Receive<CheckpointCopied>(OnCheckpointCopied);
         Receive<CheckpointShardWritten>(OnShardWritten);
         Receive<ManifestWritten>(OnManifestWritten);
         Receive<RetiredDeleted>(m =>
@@ -159,8 +160,12 @@ public sealed partial class TrainingCoordinator
     }
 
     /// <summary>
-    /// At the boundary after step <paramref name="step"/>: every writer copies its share to host memory (the
-    /// only stall), then <paramref name="then"/> runs while the shards are written in the background.
+    /// At the boundary after step <paramref name="step"/>: every writer is told to copy its share to host
+    /// memory and write it in the background, and <paramref name="then"/> (the next step, or the evaluation)
+    /// runs at once. Nothing of the next step changes a unit before its update, so the copies only have to
+    /// be done before that (<see cref="AfterCopies"/>): a copy (2 ms here) overlaps the next step's compute
+    /// (300 ms), and the only stall is an update that would come first. Waiting for the copies before the
+    /// next step instead cost 7 % of a step here (P5: median 22 ms, the round trip to the nodes).
     /// </summary>
     private void BeginCheckpoint(long step, Action then)
     {
@@ -185,39 +190,53 @@ public sealed partial class TrainingCoordinator
         var held = Enumerable.Range(0, plan.WorldSize)
             .ToDictionary(r => $"w{r}", r => (IReadOnlyCollection<UnitId>)plan.UnitsOf(r, _config.Model).ToList());
         var writers = CheckpointWriters.Assign(held);
-        _writing = new CheckpointInFlight(step, directory, writers.Keys.ToList(), then);
+        _writing = new CheckpointInFlight(step, directory, writers.Keys.ToList());
         _sinceCheckpoint.Restart();
         foreach (var (writer, units) in writers)
             _workerRefs[int.Parse(writer.AsSpan(1), System.Globalization.CultureInfo.InvariantCulture)]
                 .Tell(new WriteCheckpoint(step, directory, writer, units.Select(u => u.ToString()).ToArray()));
-        Enter(Phase.Checkpointing, Checkpointing);
-        Timers.StartSingleTimer("phase", new PhaseTimeout(new Fence(_state.Epoch, step, -4), "checkpoint copy"),
+        Timers.StartSingleTimer("copy", new PhaseTimeout(new Fence(_state.Epoch, step, -4), "checkpoint copy"),
             TimeSpan.FromSeconds(_config.Cluster.StepTimeoutSeconds));
+        then();
     }
 
-    private void Checkpointing()
+    // What must not run before every writer has its copy: an update or an install changes units.
+    private Action? _afterCopies;
+    private System.Diagnostics.Stopwatch? _copyWait;
+
+    private bool CopiesPending => _writing is { } w && w.Copied.Count < w.Writers.Count;
+
+    /// <summary>Runs <paramref name="action"/> now, or once every writer has copied its units (true: deferred).</summary>
+    private bool AfterCopies(Action action)
     {
-        Receive<CheckpointCopied>(m =>
+        if (!CopiesPending) return false;
+        _afterCopies = action;
+        _copyWait = System.Diagnostics.Stopwatch.StartNew();
+        return true;
+    }
+
+    private void OnCheckpointCopied(CheckpointCopied m)
+    {
+        if (_writing is not { } w || m.Step != w.Step) return;
+        if (m.Error is not null)
         {
-            if (_writing is not { } w || m.Step != w.Step) return;
-            if (m.Error is not null)
-            {
-                AbandonCheckpoint($"writer {m.Writer} could not copy its units: {m.Error}");
-                return;
-            }
-            if (w.Copied.Add(m.Writer) && w.Copied.Count == w.Writers.Count) ContinueAfterCopy();
-        });
-        Common();
+            AbandonCheckpoint($"writer {m.Writer} could not copy its units: {m.Error}");
+            return;
+        }
+        if (w.Copied.Add(m.Writer) && w.Copied.Count == w.Writers.Count)
+        {
+            Timers.Cancel("copy");
+            w.StallSeconds = _copyWait?.Elapsed.TotalSeconds ?? 0;
+            RunAfterCopies();
+        }
     }
 
-    private void ContinueAfterCopy()
+    private void RunAfterCopies()
     {
-        Timers.Cancel("phase");
-        var w = _writing!;
-        w.StallSeconds = w.Clock.Elapsed.TotalSeconds;
-        var then = w.Then;
-        w.Then = null;
-        then?.Invoke();
+        var action = _afterCopies;
+        _afterCopies = null;
+        _copyWait = null;
+        action?.Invoke();
     }
 
     /// <summary>Gives up the checkpoint in flight (its directory stays uncommitted and is cleaned up by the next save of that step).</summary>
@@ -226,13 +245,9 @@ public sealed partial class TrainingCoordinator
         if (_writing is not { } w) return;
         _report.Info($"warning: checkpoint of step {w.Step} abandoned: {why}");
         _writing = null;
-        if (w.Then is { } then)
-        {
-            w.Then = null;
-            Timers.Cancel("phase");
-            then();
-        }
-        else if (_completeWhenWritten && !CheckpointWorkPending) Complete();
+        Timers.Cancel("copy");
+        RunAfterCopies();
+        if (_completeWhenWritten && !CheckpointWorkPending) Complete();
     }
 
     private void OnShardWritten(CheckpointShardWritten m)

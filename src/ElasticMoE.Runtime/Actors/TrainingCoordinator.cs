@@ -81,7 +81,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
-    private enum Phase { Recovering, Checkpointing, WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private enum Phase { Recovering, WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
     private Phase _phase = Phase.WaitingForNodes;
     // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
     private enum AfterInstall { Step, Evaluate, Finish }
@@ -310,13 +310,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _membershipEvents.Add(new MembershipChange(eventKind, who, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
         string node = who;
         ForgetActors(actorsOf);
-        if (_phase == Phase.Checkpointing)
-        {
-            // The boundary's copy cannot complete: give the checkpoint up and carry on, which recovers first.
-            AbandonCheckpoint($"node {node} lost");
-            return;
-        }
-        if (_writing is not null) AbandonCheckpoint($"node {node} lost while its shard was being written");
+        // A writer of the checkpoint in flight may be gone: give it up (what waited for its copy is dropped:
+        // the recovery below decides what runs next).
+        _afterCopies = null;
+        if (_writing is not null) AbandonCheckpoint($"{node} lost while the checkpoint of step {_writing.Step} was being written");
         switch (_phase)
         {
             case Phase.Computing or Phase.Norms:
@@ -565,6 +562,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Replan(int workers, int pp)
     {
+        // An install moves and releases units: not before the boundary's checkpoint copies are taken.
+        if (AfterCopies(() => Replan(workers, pp))) return;
         var previous = _state.Plan;
         TrainingPlan next;
         TransferPlan transfers;
@@ -820,6 +819,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void ApplyUpdate()
     {
+        // The boundary's checkpoint copies must be taken before any unit changes.
+        var fence = _fence;
+        if (AfterCopies(() => { if (_fence == fence && _phase is Phase.Computing or Phase.Norms) ApplyUpdate(); })) return;
         var plan = _state.Plan!;
         var t = _config.Train;
         int totalMicro = t.MicroBatchesPerStep;
