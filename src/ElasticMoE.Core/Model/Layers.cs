@@ -20,7 +20,9 @@ public sealed class RMSNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var rms = x.square().mean(new long[] { -1 }, keepdim: true).add_(Scalars.Of(_eps), Scalars.One).rsqrt_();
+        // x * x, not square(): TorchSharp's square() is pow(2) with an implicit Scalar that a GC on another
+        // thread can free mid-op (GcPressureTests caught it: "INTERNAL ASSERT FAILED at Scalar.h").
+        var rms = x.mul(x).mean(new long[] { -1 }, keepdim: true).add_(Scalars.Of(_eps), Scalars.One).rsqrt_();
         return (x * rms * weight).MoveToOuterDisposeScope();
     }
 }

@@ -144,7 +144,9 @@ public static class GradClip
         foreach (var p in parameters)
         {
             if (p.grad is not { } g) continue;
-            var s = g.to(ScalarType.Float64).square().sum();
+            // x * x, not square(): TorchSharp's square() is pow(2) with an implicit Scalar (see Scalars).
+            var g64 = g.to(ScalarType.Float64);
+            var s = g64.mul(g64).sum();
             total = total is null ? s : total.Plus(s);
         }
         return total is null ? 0 : total.item<double>();
