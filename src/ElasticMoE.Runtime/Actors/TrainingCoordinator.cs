@@ -261,6 +261,11 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }).PipeTo(self);
     }
 
+    private void ProbeAllNodes()
+    {
+        foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+    }
+
     private void OnMemberLost(Address address, long uid, string what)
     {
         if (_finished) return;
@@ -308,17 +313,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         _gone.UnionWith(lost);
         _membershipEvents.Add(new MembershipChange(eventKind, who, _state.NextStep + 1, System.Diagnostics.Stopwatch.StartNew()));
-        string node = who;
         ForgetActors(actorsOf);
         // A writer of the checkpoint in flight may be gone: give it up (what waited for its copy is dropped:
         // the recovery below decides what runs next).
         _afterCopies = null;
-        if (_writing is not null) AbandonCheckpoint($"{node} lost while the checkpoint of step {_writing.Step} was being written");
+        if (_writing is not null) AbandonCheckpoint($"{who} lost while the checkpoint of step {_writing.Step} was being written");
         switch (_phase)
         {
             case Phase.Computing or Phase.Norms:
                 // Nothing was applied: abort the attempt everywhere and redo the step under a plan without the node.
-                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_fence, $"node {node} lost"));
+                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_fence, $"{who} lost"));
                 _redone++;
                 Timers.Cancel("phase");
                 Recover();
@@ -326,10 +330,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             case Phase.Updating:
                 // Some units may have applied the step: finish it on the survivors (mirrors included, they hold
                 // the lost node's gradients), commit it, then re-plan (StartStepOrFinish sees _gone).
-                RollForward($"node {node} lost");
+                RollForward($"{who} lost");
                 break;
             case Phase.Evaluating:
-                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_evalFence, $"node {node} lost"));
+                foreach (var w in _allWorkers) w.Tell(new AbortAttempt(_evalFence, $"{who} lost"));
                 Timers.Cancel("phase");
                 _afterInstall = AfterInstall.Evaluate;
                 Recover();
@@ -352,19 +356,18 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // The lost workers' actors take no further part in the step in flight (their replies will never come).
     private void ForgetActors(Func<IActorRef, bool> gone)
     {
-        bool Gone(IActorRef a) => gone(a);
-        foreach (var rank in _stages.Where(kv => Gone(kv.Value)).Select(kv => kv.Key).ToList())
+        foreach (var rank in _stages.Where(kv => gone(kv.Value)).Select(kv => kv.Key).ToList())
         {
             _stages.Remove(rank);
             _workerRefs.Remove(rank);
             _computed.Remove(rank);
             _evals.Remove(rank);
         }
-        _sharedShards.RemoveAll(s => Gone(s.Shard));
-        _mirrors.RemoveAll(m => Gone(m.Keeper));
-        _allWorkers.RemoveAll(Gone);
-        foreach (var a in _applied.Keys.Where(Gone).ToList()) _applied.Remove(a);
-        foreach (var a in _summarized.Where(Gone).ToList()) _summarized.Remove(a);
+        _sharedShards.RemoveAll(s => gone(s.Shard));
+        _mirrors.RemoveAll(m => gone(m.Keeper));
+        _allWorkers.RemoveAll(a => gone(a));
+        foreach (var a in _applied.Keys.Where(gone).ToList()) _applied.Remove(a);
+        foreach (var a in _summarized.Where(gone).ToList()) _summarized.Remove(a);
     }
 
     /// <summary>
@@ -459,7 +462,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // Nodes that joined the running job, until a plan includes them (for their membership event).
     private readonly Dictionary<string, System.Diagnostics.Stopwatch> _joinedAt = new();
 
-    private int WorkersStaying => _state.Workers.Count(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id));
+    // Workers the next plan may use: not leaving, not retired after failing too often.
+    private IEnumerable<WorkerSlot> StayingWorkers => _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id));
+
+    private int WorkersStaying => StayingWorkers.Count();
 
     // Workers that left the plan after failing too often (their nodes stay): never planned again.
     private readonly HashSet<WorkerId> _retiredWorkers = new();
@@ -530,8 +536,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // After a loss left fewer nodes than cluster.min-nodes: paused until that many are present.
     private int? _waitingForNodes;
 
-    private int NodesStaying => _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id))
-        .Select(w => w.NodeAddress).Distinct().Count();
+    private int NodesStaying => StayingWorkers.Select(w => w.NodeAddress).Distinct().Count();
 
     /// <summary>The pipeline degree to keep when the worker count changes: the current one if it still divides it, else the largest that does.</summary>
     private static int PipelineDegreeFor(int workers, int current)
@@ -581,7 +586,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         try
         {
-            var available = _state.Workers.Where(w => !_leaving.ContainsKey(w.NodeAddress) && !_retiredWorkers.Contains(w.Id)).ToList();
+            var available = StayingWorkers.ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
             next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
@@ -656,7 +661,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             // plan again (with whoever is still there then). A failure that repeats stops the run.
             if (++_installFailures > MaxInstallRetries) { Fail(why, FailureKind.StateLost); return; }
             _report.Info($"{why}; planning again in 1 s ({_installFailures}/{MaxInstallRetries})");
-            foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+            ProbeAllNodes();
             _installing = null;
             Timers.Cancel("phase");
             Timers.StartSingleTimer("replan", new RetryPlan(), TimeSpan.FromSeconds(1));
@@ -972,7 +977,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         // A failure may be a peer that died and is not known lost yet (its sends fail at once): ask every
         // node, and back off from the second redo on (0.1 s, doubling: 12.7 s over all attempts, more than
         // the failure detector needs), so a dead peer is found before the attempts run out.
-        foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+        ProbeAllNodes();
         if (next.Attempt <= 1) { StartAttempt(next); return; }
         _fence = next;
         Timers.StartSingleTimer("phase", new StartAttemptLater(next), TimeSpan.FromMilliseconds(100 << (next.Attempt - 2)));
