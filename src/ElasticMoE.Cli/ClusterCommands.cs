@@ -101,17 +101,20 @@ public static class NodeCommand
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
             using var signals = new StopSignals(stderr, "leaving the cluster");
             var loop = new ComputeLoop();
-            var node = ClusterNode.Start(config, corpus, coordinator: false, worker: true, loop: loop);
-            stdout.WriteLine($"node {node.Address} joining {string.Join(", ", config.Cluster.SeedNodes)}");
+            // Incarnations: a node whose coordinator dies keeps its units and waits for the next one.
+            var host = WorkerNodeHost.Start(config, corpus, loop, line => stdout.WriteLine(line));
+            stdout.WriteLine($"node {host.Current.Address} joining {string.Join(", ", config.Cluster.SeedNodes)}");
             // On SIGTERM/SIGINT: leave gracefully, so the coordinator sees "left the cluster" at once
             // (not "unreachable" after the failure detector's seconds), then terminate.
             bool handedOver = false;
             var left = signals.First.ContinueWith(async _ =>
             {
+                host.EndAfterThisIncarnation();
+                var node = host.Current;
                 handedOver = await node.HandOverAsync(NodeHandOverTimeout).ConfigureAwait(false);
                 await node.ShutdownAsync(NodeLeaveTimeout, NodeTerminateTimeout).ConfigureAwait(false);
             }, TaskScheduler.Default).Unwrap();
-            loop.RunUntil(Task.WhenAny(node.Stopped, left));   // this thread computes for the node's first worker
+            loop.RunUntil(Task.WhenAny(host.Stopped, left));   // this thread computes for the node's first worker
             RunOutcome outcome;
             if (signals.Received is { } signal)
             {
@@ -120,8 +123,7 @@ public static class NodeCommand
             }
             else
             {
-                outcome = node.Stopped.GetAwaiter().GetResult();
-                node.DisposeAsync().AsTask().GetAwaiter().GetResult();
+                outcome = host.Stopped.GetAwaiter().GetResult();
             }
             stdout.WriteLine($"node stopped: {outcome.Message}");
             return Program.ExitCodes.For(outcome);

@@ -74,6 +74,9 @@ public sealed record TrainOptions(
 /// (and fails after <c>cluster.max-wait</c>).</param>
 /// <param name="WorkerRestarts">How often a stage, shard or mirror keeper that fails is re-created in place within a
 /// minute before its worker leaves the plan (the node carries on).</param>
+/// <param name="CoordinatorWaitSeconds">How long a node whose coordinator was lost keeps its units in memory and waits
+/// for a coordinator at its seed nodes to adopt them (a restarted <c>elasticmoe train --run-dir</c>) before it
+/// stops; 0 = stop at once.</param>
 /// <param name="Redundancy">Mirrors of every unit that has no copy on another node, kept on a buddy worker of
 /// another node at the unit's own step (1, the default), so a lost node loses nothing; 0 = none.</param>
 public sealed record ClusterOptions(
@@ -97,7 +100,8 @@ public sealed record ClusterOptions(
     double MaxWaitSeconds,
     int Redundancy = 1,
     int WorkerRestarts = 3,
-    int MinNodes = 1)
+    int MinNodes = 1,
+    double CoordinatorWaitSeconds = 60)
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
@@ -158,7 +162,8 @@ public sealed record ElasticMoEConfig(
             r.Double("cluster.plan-timeout"), r.Double("cluster.eval-timeout"), r.Double("cluster.finish-timeout"),
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
-            r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"));
+            r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"),
+            r.Double("cluster.coordinator-wait"));
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
@@ -287,6 +292,7 @@ public sealed record ElasticMoEConfig(
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
+        Require(c.CoordinatorWaitSeconds >= 0, "cluster.coordinator-wait", "must be zero or positive");
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");

@@ -35,6 +35,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
     private readonly ElasticMoEConfig _config;
     private readonly TextCorpus _corpus;
     private readonly DataPlaneNode _dataPlane;
+    private readonly Hosting.NodeResources _resources;
     private readonly WorkerInfo _info;
     private readonly WorkerId _id;
     private readonly ILoggingAdapter _log = Context.GetLogger();
@@ -51,9 +52,11 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
 
     public IStash Stash { get; set; } = null!;
 
-    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
+    public DeviceWorker(ElasticMoEConfig config, TextCorpus corpus, Hosting.NodeResources resources, string nodeAddress, int device,
         Hosting.ComputeLoop? loop = null, CancellationToken stopping = default)
     {
+        _resources = resources;
+        var dataPlane = resources.DataPlanes[device];
         _loop = loop;
         _stopping = stopping;
         _config = config;
@@ -65,9 +68,9 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         Ready();
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, DataPlaneNode dataPlane, string nodeAddress, int device,
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, Hosting.NodeResources resources, string nodeAddress, int device,
         Hosting.ComputeLoop? loop = null, CancellationToken stopping = default)
-        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, dataPlane, nodeAddress, device, loop, stopping));
+        => Akka.Actor.Props.Create(() => new DeviceWorker(config, corpus, resources, nodeAddress, device, loop, stopping));
 
     /// <summary>Path of the expert shard of (worker, MoE ordinal) under a node's address.</summary>
     public static string ShardPath(string nodeAddress, int device, int ordinal) => $"{nodeAddress}/user/node/worker-{device}/shard-{ordinal}";
@@ -89,7 +92,9 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         // here would make the compute threads' own teams crawl (libgomp throttles every team once it
         // manages more threads than there are cores).
         TorchSharp.torch.set_num_threads(1);
-        _context = new WorkerContext(_config, _corpus, _dataPlane, _id, _stopping);
+        // The node's context for this device: new, or the units an earlier incarnation of this node held
+        // (its coordinator died; the next one may adopt them).
+        _context = _resources.Context(_id.Device, _config, _corpus, _id, _stopping);
         var stageDispatcher = _loop is null ? ComputeDispatcher : Hosting.ComputeLoopDispatcher.Id;
         _stage = Context.ActorOf(PipelineStageActor.Props(_context, _loop).WithDispatcher(stageDispatcher), "stage");
         for (int ordinal = 0; ordinal < _config.Model.Layers - _config.Model.DenseLayers; ordinal++)
@@ -307,7 +312,6 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         => new(epoch, dp, pp, starts.Zip(ends, (a, b) => new StageRange(a, b)).ToArray(),
             workers.Select(w => new WorkerSlot(new WorkerId(w.NodeAddress, w.SystemUid, w.Device), w.DataEndpoint)).ToList(), owners);
 
-    protected override void PostStop() => _context?.Dispose();
 }
 
 /// <summary>Sends expert requests to shard actors, wherever they are, by their well-known paths.</summary>

@@ -2,7 +2,6 @@ using Akka.Actor;
 using Akka.Event;
 using ElasticMoE.Configuration;
 using ElasticMoE.Data;
-using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
@@ -10,12 +9,17 @@ using ElasticMoE.Training;
 namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>
-/// One per node: opens a data-plane endpoint per device, spawns and supervises the node's device
-/// workers, registers the node with the coordinator (retrying until answered) and relays the plan.
+/// One per node incarnation: spawns and supervises the node's device workers over the node's resources
+/// (data-plane endpoints and units, <see cref="NodeResources"/>), registers the node with the coordinator
+/// (retrying until answered, with the units it still holds when an earlier incarnation lost its
+/// coordinator) and relays the plan. When the coordinator is gone it stops, and the node's host decides
+/// whether a new incarnation waits for the next one (<see cref="WorkerNodeHost"/>).
 /// </summary>
 public sealed class NodeAgent : ReceiveActor, IWithTimers
 {
     private sealed record RetryRegistration;
+    private sealed record CoordinatorProbed(Akka.Actor.Address Address, bool Dead);
+    private sealed record WaitedInVain;
 
     /// <summary>Local: hand this node's units over and get the coordinator's leave; answered with <see cref="LeaveGranted"/>.</summary>
     public sealed record HandOver;
@@ -26,7 +30,10 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private readonly IActorRef _coordinator;
     private readonly TaskCompletionSource<RunOutcome> _stopped;
     private readonly ILoggingAdapter _log = Context.GetLogger();
-    private readonly List<DataPlaneNode> _dataPlanes = new();
+    private readonly NodeResources _resources;
+    // The units this node still held when the incarnation started (after losing a coordinator), sent with
+    // every registration; empty for a fresh node.
+    private readonly HeldUnits[] _held;
     private readonly List<IActorRef> _workers = new();
     private readonly string _address;
     // Cancelled as the node stops, so a stage or shard blocked on a dead peer lets go at once.
@@ -36,46 +43,71 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
 
     public ITimerScheduler Timers { get; set; } = null!;
 
-    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, Hosting.ComputeLoop? loop = null)
+    public NodeAgent(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, NodeResources resources,
+        Hosting.ComputeLoop? loop = null)
     {
+        _resources = resources;
+        resources.UseLog(_log);
+        // Read before any worker of this incarnation starts: nothing else touches the units until a plan comes.
+        _held = resources.Contexts.Select(c => c.DescribeHeld()).OfType<HeldUnits>().ToArray();
         _config = config;
         _coordinator = coordinator;
         _stopped = stopped;
         _address = Akka.Cluster.Cluster.Get(Context.System).SelfAddress.ToString();
         _runFingerprint = TrainingState.RunFingerprint(config, corpus.Fingerprint);
-        var log = _log;
+        // Only one stage per process can have the loop's thread: the first device's.
         for (int d = 0; d < config.Cluster.Devices; d++)
-        {
-            var dp = DataPlaneNode.Start(new DataPlaneOptions
-            {
-                Host = config.Cluster.Host,
-                NodeId = d,
-                MaxFrameBytes = (long)config.Cluster.MaxFrameMb << 20,
-                MaxBufferedBytesPerConnection = (long)config.Cluster.MaxFrameMb << 20,
-            }.WithAkkaLog(log));
-            _dataPlanes.Add(dp);
-            // Only one stage per process can have the loop's thread: the first device's.
-            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, dp, _address, d, d == 0 ? loop : null, _stopping.Token), $"worker-{d}"));
-        }
+            _workers.Add(Context.ActorOf(DeviceWorker.Props(config, corpus, resources, _address, d, d == 0 ? loop : null, _stopping.Token), $"worker-{d}"));
         Receive<RetryRegistration>(_ => Register());
+        Receive<WaitedInVain>(_ =>
+        {
+            if (_accepted) return;
+            var what = $"did not come back within {config.Cluster.CoordinatorWaitSeconds:F0} s (cluster.coordinator-wait)";
+            _log.Error("no coordinator accepted this node: the one lost {0}; stopping this node", what);
+            StopWith(new RunOutcome.CoordinatorLost(string.Join(", ", config.Cluster.SeedNodes), what) { WaitedInVain = true });
+        });
+        Receive<Akka.Remote.DisassociatedEvent>(m => ProbeCoordinator(m.RemoteAddress));
+        Receive<CoordinatorProbed>(m =>
+        {
+            if (!m.Dead) return;
+            var member = Akka.Cluster.Cluster.Get(Context.System).State.Members.FirstOrDefault(x => x.Address == m.Address);
+            if (member is not null) OnMemberLost(member, "is gone (its connection closed and a reconnect was refused)");
+        });
         Receive<HandOver>(_ => OnHandOver());
         Receive<IElasticMoEMessage>(OnMessage);
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member, "left the cluster"));
     }
 
-    // A node without its coordinator has nothing to do: stop rather than wait forever.
+    // A node incarnation without its coordinator has nothing to do: it stops, and its host starts the
+    // next one to wait for a coordinator with the units (cluster.coordinator-wait), or ends the process.
     private void OnMemberLost(Akka.Cluster.Member member, string what)
     {
         if (!member.HasRole(Hosting.ClusterNode.CoordinatorRole) || member.Address.ToString() == _address) return;
-        _log.Error("coordinator {0} {1}; stopping this node", member.Address, what);
-        _stopped.TrySetResult(new RunOutcome.CoordinatorLost(member.Address.ToString(), what));
+        _log.Warning("coordinator {0} {1}", member.Address, what);
+        StopWith(new RunOutcome.CoordinatorLost(member.Address.ToString(), what));
+    }
+
+    private void StopWith(RunOutcome outcome)
+    {
+        _stopped.TrySetResult(outcome);
         _stopping.Cancel();
         Context.Stop(Self);
     }
 
-    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, Hosting.ComputeLoop? loop = null)
-        => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped, loop));
+    // The coordinator's remoting connection closed: if its port now refuses connections, its process is
+    // gone (a SIGKILL), and waiting ~4.5 s for the failure detector to agree would only delay recovery.
+    private void ProbeCoordinator(Akka.Actor.Address address)
+    {
+        var cluster = Akka.Cluster.Cluster.Get(Context.System);
+        if (!cluster.State.Members.Any(m => m.Address == address && m.HasRole(Hosting.ClusterNode.CoordinatorRole))) return;
+        ConnectionProbe.RefusedAsync(address, TimeSpan.FromSeconds(1))
+            .ContinueWith(t => new CoordinatorProbed(address, t.Result), TaskContinuationOptions.ExecuteSynchronously).PipeTo(Self);
+    }
+
+    public static Props Props(ElasticMoEConfig config, TextCorpus corpus, IActorRef coordinator, TaskCompletionSource<RunOutcome> stopped, NodeResources resources,
+        Hosting.ComputeLoop? loop = null)
+        => Akka.Actor.Props.Create(() => new NodeAgent(config, corpus, coordinator, stopped, resources, loop));
 
     // A device worker holds units (parameters and moments): restarting it would bring it back blank and
     // silently lose them. Stop it instead; the coordinator sees the failed step or plan and decides
@@ -91,15 +123,22 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+        Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
         Register();
         Timers.StartPeriodicTimer("register", new RetryRegistration(), TimeSpan.FromSeconds(1));
+        if (_held.Length > 0)
+        {
+            _log.Warning("this node lost its coordinator and still holds {0} unit(s) of plan {1}: waiting up to {2:F0} s for a coordinator to adopt them",
+                _held.Sum(h => h.Units.Length), _held.Max(h => h.Epoch), _config.Cluster.CoordinatorWaitSeconds);
+            Timers.StartSingleTimer("wait", new WaitedInVain(), TimeSpan.FromSeconds(_config.Cluster.CoordinatorWaitSeconds));
+        }
     }
 
     private void Register()
     {
         if (_accepted) return;
-        _coordinator.Tell(new RegisterNode(_address, _dataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
-            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint));
+        _coordinator.Tell(new RegisterNode(_address, _resources.DataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
+            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held });
     }
 
     private void OnHandOver()
@@ -121,12 +160,12 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             case NodeAccepted:
                 _accepted = true;
                 Timers.Cancel("register");
+                Timers.Cancel("wait");
                 break;
             case NodeRefused m:
                 _log.Error("coordinator refused this node: {0}", m.Reason);
                 Timers.Cancel("register");
-                _stopped.TrySetResult(new RunOutcome.Refused(m.Reason));
-                Context.Stop(Self);
+                StopWith(new RunOutcome.Refused(m.Reason));
                 break;
             case InstallPlan m:
                 foreach (var w in _workers) w.Forward(m);
@@ -135,14 +174,12 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 foreach (var w in _workers) w.Forward(m);
                 break;
             case Shutdown m:
-                _stopped.TrySetResult(m.End switch
+                StopWith(m.End switch
                 {
                     RunEnd.Finished => new RunOutcome.Finished(),
                     RunEnd.Stopped => new RunOutcome.RunStopped(m.Reason),
                     _ => new RunOutcome.Failed(m.Reason),
                 });
-                _stopping.Cancel();
-                Context.Stop(Self);
                 break;
             default:
                 _log.Warning("node agent: unexpected {0}", message.GetType().Name);
@@ -154,7 +191,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         _stopping.Cancel();
         Akka.Cluster.Cluster.Get(Context.System).Unsubscribe(Self);
-        foreach (var dp in _dataPlanes) dp.Dispose();
+        Context.System.EventStream.Unsubscribe(Self);
         _stopped.TrySetResult(new RunOutcome.Failed("the node stopped before its coordinator ended the run"));
     }
 }

@@ -1,5 +1,6 @@
 using Akka.Actor;
 using ElasticMoE.Checkpointing;
+using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Journal;
 using ElasticMoE.Runtime.Protocol;
@@ -110,12 +111,81 @@ public sealed partial class TrainingCoordinator
             return;
         }
         _resume = m.From;
-        long step = m.From?.Step ?? 0;
-        Apply(new RunResumed(step));
-        _report.Info(m.From is null
-            ? "no checkpoint was committed: the run starts again from step 0"
-            : $"resuming from checkpoint {Path.GetFileName(m.From.Directory)} (step {step}); it loads on whatever nodes join, in any layout");
+        if (_state.Plan is { } prior)
+        {
+            // Nodes of the previous coordinator may still be running with the units of this plan in memory,
+            // newer than any checkpoint: decide when the nodes have registered (DecideReattach).
+            _priorPlan = prior;
+            _lastEpoch = Math.Max(_lastEpoch, prior.Epoch);
+            Apply(new CoordinatorRestarted(_state.NextStep));
+            _report.Info($"waiting for nodes: those that kept plan {prior.Epoch}'s units in memory are re-attached, " +
+                         $"else the run resumes from {(m.From is null ? "step 0 (no checkpoint committed)" : $"checkpoint {Path.GetFileName(m.From.Directory)} (step {m.From.Step})")}");
+        }
+        else ResumeFromCheckpoint();
         BeginWaitingForNodes();
+    }
+
+    private void ResumeFromCheckpoint()
+    {
+        long step = _resume?.Step ?? 0;
+        Apply(new RunResumed(step));
+        _report.Info(_resume is null
+            ? "no checkpoint was committed: the run starts again from step 0"
+            : $"resuming from checkpoint {Path.GetFileName(_resume.Directory)} (step {step}); it loads on whatever nodes join, in any layout");
+    }
+
+    // ---- re-attaching the nodes of a coordinator that died ----------------------------------------
+
+    // The journal's last plan when this coordinator restarted a run, until the decision; and what each
+    // registered node said it still holds.
+    private TrainingPlan? _priorPlan;
+    private readonly Dictionary<string, HeldUnits[]> _heldByNode = new();
+
+    private void NoteHeld(RegisterNode m)
+    {
+        if (m.Held.Length == 0) return;
+        _heldByNode[m.NodeAddress] = m.Held;
+        // The next plans must be newer than any attempt these workers saw, or they would drop their messages as stale.
+        _lastEpoch = Math.Max(_lastEpoch, m.Held.Max(h => h.LastEpoch));
+    }
+
+    /// <summary>
+    /// With every expected node registered: adopt the units the returning nodes hold when they agree with
+    /// the journal (<see cref="Reattachment.Decide"/>), else resume from the last committed checkpoint.
+    /// Then plan as usual (the adopted plan is the previous one: units stay where they are).
+    /// </summary>
+    private void DecideReattach()
+    {
+        var prior = _priorPlan!;
+        _priorPlan = null;
+        var held = new List<HeldWorker>();
+        foreach (var (address, list) in _heldByNode)
+            foreach (var h in list)
+            {
+                var slot = _state.Workers.FirstOrDefault(w => w.NodeAddress == address && w.Device == h.Device);
+                if (slot is null) continue;   // the node is gone again
+                held.Add(new HeldWorker(new WorkerId(h.Previous.NodeAddress, h.Previous.SystemUid, h.Previous.Device), slot, h.Epoch,
+                    h.Units.Select((u, i) => (UnitId.Parse(u), h.AppliedSteps[i], h.Checksums[i])).ToList()));
+            }
+        _heldByNode.Clear();
+        var decision = Reattachment.Decide(prior, _state.NextStep, held, _config.Model);
+        if (decision.Adopt)
+        {
+            Apply(new WorkersAdopted(decision.NextStep, decision.Plan!));
+            _gone.UnionWith(decision.Gone);
+            _resume = null;
+            _report.Info($"re-attached: {decision.Why}; training on from step {decision.NextStep} with the units in the nodes' memory");
+            int workers = WorkersStaying;
+            Replan(workers, PipelineDegreeFor(workers, decision.Plan!.Pp));
+            return;
+        }
+        // RunResumed forgets the registered workers with the old plan: record them again.
+        if (held.Count > 0) _report.Info($"warning: the nodes' units in memory are not used: {decision.Why}");
+        var registered = _state.Workers;
+        ResumeFromCheckpoint();
+        foreach (var node in registered.GroupBy(w => (w.NodeAddress, w.Id.SystemUid)))
+            Apply(new NodeJoined(node.Key.NodeAddress, node.Key.SystemUid, node.ToList()));
+        Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
     }
 
     private void BeginWaitingForNodes()

@@ -3,6 +3,8 @@ using Akka.Event;
 using ElasticMoE.Configuration;
 using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Coordination;
+using ElasticMoE.Runtime.Engine;
+using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.State;
 using ElasticMoE.Training;
@@ -117,6 +119,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _report = report;
         _done = done;
         _runFingerprint = runFingerprint;
+        _faults = FaultInjection.Parse(config.Cluster.FaultInjection);
         _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
             : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
         _runDir = runDir is null ? null : Path.GetFullPath(runDir);
@@ -240,25 +243,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var node = address.ToString();
         var uid = _agents.Where(a => a.Address == node).Select(a => a.Uid).FirstOrDefault();
         if (uid == 0) return;
-        var self = Self;
-        Task.Run(async () =>
-        {
-            using var client = new System.Net.Sockets.TcpClient();
-            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(1));
-            try
-            {
-                await client.ConnectAsync(address.Host, address.Port.Value, cts.Token);
-                return new NodeProbed(address, uid, false);
-            }
-            catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused)
-            {
-                return new NodeProbed(address, uid, true);
-            }
-            catch (Exception)
-            {
-                return new NodeProbed(address, uid, false);
-            }
-        }).PipeTo(self);
+        ConnectionProbe.RefusedAsync(address, TimeSpan.FromSeconds(1))
+            .ContinueWith(t => new NodeProbed(address, uid, t.Result), TaskContinuationOptions.ExecuteSynchronously).PipeTo(Self);
     }
 
     private void ProbeAllNodes()
@@ -417,13 +403,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             return;
         }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
+        NoteHeld(m);
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
         Sender.Tell(new NodeAccepted(m.NodeAddress));
         if (_state.Plan is null)
         {
             _report.Info($"node {m.NodeAddress} joined with {m.DataEndpoints.Length} device(s) ({_agents.Count}/{_config.Cluster.NodesToWaitFor})");
-            if (_agents.Count == _config.Cluster.NodesToWaitFor) Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
+            if (_agents.Count != _config.Cluster.NodesToWaitFor) return;
+            if (_priorPlan is not null) DecideReattach();
+            else Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
             return;
         }
         // A node joining a running job takes part from a step boundary: the one where a paused layout
@@ -783,6 +772,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var run = new RunStep(fence);
         foreach (var m in _mirrors) m.Keeper.Tell(run);
         foreach (var s in _stages.Values) s.Tell(run);
+        if (_faults?.MatchesCoordinator(FaultPhase.Forward, fence) == true) KillThisProcess("forward");
+    }
+
+    // cluster.fault-injection with worker=coordinator (coordinator fail-over tests): SIGKILL, as `kill -9`.
+    private readonly FaultInjection? _faults;
+
+    private void KillThisProcess(string phase)
+    {
+        Console.Error.WriteLine($"fault injection: killing the coordinator's process in {phase} of step {_fence.Step} attempt {_fence.Attempt}");
+        System.Diagnostics.Process.GetCurrentProcess().Kill();
     }
 
     private void StartPhaseTimer(string phase, double seconds)
@@ -860,6 +859,12 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _applied.Clear();
         Enter(Phase.Updating, Updating);
         StartPhaseTimer("update", _config.Cluster.StepTimeoutSeconds);
+        if (_faults?.MatchesCoordinator(FaultPhase.Update, _fence) == true)
+        {
+            // Only rank 0's stage gets the update; its reply kills this process (OnUpdateApplied).
+            _stages[0].Tell(update);
+            return;
+        }
         foreach (var s in _stages.Values) s.Tell(update);
         foreach (var s in _sharedShards) s.Shard.Tell(update);
         foreach (var m in _mirrors) m.Keeper.Tell(update);
@@ -894,6 +899,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private void OnUpdateApplied(UpdateApplied m)
     {
         if (m.Fence != _fence) return;
+        if (_faults?.MatchesCoordinator(FaultPhase.Update, _fence) == true) KillThisProcess("update");
         _applied[Sender] = m;
         if (_applied.Count < _stages.Count + _sharedShards.Count + _mirrors.Count) return;
         Timers.Cancel("phase");

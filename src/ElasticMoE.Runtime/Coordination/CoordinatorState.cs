@@ -48,6 +48,21 @@ public sealed record PlanChanged(TrainingPlan Plan, long AtStep) : ICoordinatorE
 /// </summary>
 public sealed record RunResumed(long Step) : ICoordinatorEvent;
 
+/// <summary>
+/// A coordinator started again on this journal: the nodes of the previous incarnation are not registered
+/// with it (they come back, if at all, as new node incarnations), and no plan is installed by it yet. What
+/// was trained stays: the next step, the committed steps, the checkpoints. The plan the journal held is
+/// the one returning nodes may still hold units of (<see cref="WorkersAdopted"/>).
+/// </summary>
+public sealed record CoordinatorRestarted(long AtStep) : ICoordinatorEvent;
+
+/// <summary>
+/// The restarted coordinator adopted the units the returning nodes held in memory instead of a checkpoint:
+/// they are where <c>Plan</c> says (the journal's last plan under the workers' new identities), every one
+/// at step <c>NextStep</c>, which may be past the journal's last committed step (commits it never wrote).
+/// </summary>
+public sealed record WorkersAdopted(long NextStep, TrainingPlan Plan) : ICoordinatorEvent;
+
 /// <summary>A committed checkpoint is being deleted (retention): recorded before its files go.</summary>
 public sealed record CheckpointRetired(long Step, string ManifestSha256) : ICoordinatorEvent;
 
@@ -86,6 +101,9 @@ public sealed record CoordinatorState(
             NextStep = r.Step, Plan = null, Workers = ImmutableList<WorkerSlot>.Empty,
             Committed = Committed.RemoveAll(c => c.Step >= r.Step),
         },
+        CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty },
+        WorkersAdopted a when a.NextStep < NextStep => throw new InvalidOperationException($"adopted units at step {a.NextStep} while the next step is {NextStep}"),
+        WorkersAdopted a => this with { NextStep = a.NextStep, Plan = a.Plan },
         CheckpointRetired r => this with { Checkpoints = Checkpoints.RemoveAll(c => c.Step == r.Step && c.ManifestSha256 == r.ManifestSha256) },
         StepCommitted c when c.Result.Step == NextStep => this with { NextStep = NextStep + 1, Committed = Committed.Add(c.Result) },
         StepCommitted c => throw new InvalidOperationException($"step {c.Result.Step} committed while the next step is {NextStep}"),

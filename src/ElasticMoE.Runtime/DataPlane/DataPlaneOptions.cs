@@ -46,10 +46,14 @@ public sealed record DataPlaneOptions
     public DataPlaneLog? Log { get; init; }
 
     /// <summary>Routes the data plane's log lines into an Akka log (the node's actor system's, typically).</summary>
-    public DataPlaneOptions WithAkkaLog(ILoggingAdapter log) => this with
+    public DataPlaneOptions WithAkkaLog(ILoggingAdapter log) => WithAkkaLog(() => log);
+
+    /// <summary>Routes the log lines into whichever Akka log <paramref name="current"/> returns then (null: dropped).</summary>
+    public DataPlaneOptions WithAkkaLog(Func<ILoggingAdapter?> current) => this with
     {
         Log = (level, message, exception) =>
         {
+            if (current() is not { } log) return;
             switch (level)
             {
                 case DataPlaneLogLevel.Debug: log.Debug(message); break;

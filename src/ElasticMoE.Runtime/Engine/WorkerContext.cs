@@ -26,7 +26,8 @@ public sealed class WorkerContext : IDisposable
     public DataPlaneNode DataPlane { get; }
     public BatchSampler Sampler { get; }
     public Device Device { get; }
-    public WorkerId Id { get; }
+    /// <summary>The worker identity of the node incarnation using this context now (see <see cref="Rebind"/>).</summary>
+    public WorkerId Id { get; private set; }
     public FaultInjection? Faults { get; }
 
     /// <summary>Every unit of the model, bound to its tensors; <see cref="Holds"/> says which are this worker's.</summary>
@@ -43,8 +44,8 @@ public sealed class WorkerContext : IDisposable
     /// <summary>This worker's rank in <see cref="Plan"/>, or -1 while the plan leaves it idle.</summary>
     public int Worker { get; private set; } = -1;
 
-    /// <summary>Cancelled when the node stops: every wait on a peer gives up at once.</summary>
-    public CancellationToken Stopping { get; }
+    /// <summary>Cancelled when the node (incarnation) stops: every wait on a peer gives up at once.</summary>
+    public CancellationToken Stopping { get; private set; }
 
     /// <summary>One timeout for every wait of a step: <c>cluster.step-timeout</c>.</summary>
     public TimeSpan StepTimeout { get; }
@@ -64,6 +65,41 @@ public sealed class WorkerContext : IDisposable
         // Until the first plan, every unit is its seed value on every worker: all are "held".
         _held = new HashSet<UnitId>(_units.Keys);
         Faults = FaultInjection.Parse(config.Cluster.FaultInjection);
+    }
+
+    /// <summary>
+    /// Hands this context to a new incarnation of its node (a new ActorSystem after the coordinator was
+    /// lost): the units, plan and attempt fences stay; identity, stop token and coordinator are the new
+    /// incarnation's. The old incarnation's actors have all stopped by then (its system terminated).
+    /// </summary>
+    public void Rebind(WorkerId id, CancellationToken stopping)
+    {
+        lock (_gate)
+        {
+            Id = id;
+            Stopping = stopping;
+            Coordinator = Akka.Actor.ActorRefs.Nobody;
+        }
+    }
+
+    /// <summary>
+    /// What this worker holds under its installed plan, for a coordinator that may adopt it: the plan's
+    /// epoch and this worker's identity in it, each held unit with its applied step and checksum, and the
+    /// newest epoch any attempt used. Null when no plan gives it units.
+    /// </summary>
+    public Protocol.HeldUnits? DescribeHeld()
+    {
+        lock (_gate)
+        {
+            if (Plan is not { } plan || Worker < 0) return null;
+            var me = plan.Workers[Worker];
+            var units = _held.Order().ToList();
+            return new Protocol.HeldUnits(Id.Device,
+                new Protocol.WorkerInfo(me.NodeAddress, me.Device, me.DataEndpoint, me.Id.SystemUid), plan.Epoch,
+                Math.Max(plan.Epoch, _current.Epoch),
+                units.Select(u => u.ToString()).ToArray(), units.Select(u => _units[u].AppliedStep).ToArray(),
+                units.Select(u => _units[u].Checksum()).ToArray());
+        }
     }
 
     /// <summary>True when this worker has the unit's current state: held, mirrored, or retired by the plan just installed.</summary>
@@ -276,17 +312,29 @@ public enum FaultPhase { Forward, Dispatch, Backward, AllReduce, Norm, Update, T
 /// </summary>
 public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, int? Worker, bool Kill = false, int? Epoch = null, bool Crash = false)
 {
+    /// <summary>
+    /// <c>worker=coordinator</c>: the coordinator's process SIGKILLs itself (with <c>action=kill</c>, the only
+    /// action it takes): in phase <c>forward</c> right after it started the step's attempt, in <c>update</c>
+    /// once one stage applied the step's update and before any other was asked to. No worker matches it.
+    /// For tests of coordinator fail-over.
+    /// </summary>
+    public bool Coordinator { get; init; }
+
+    /// <summary>True when the coordinator is to kill its process in <paramref name="phase"/> of attempt <paramref name="fence"/>.</summary>
+    public bool MatchesCoordinator(FaultPhase phase, Fence fence)
+        => Coordinator && phase == Phase && fence.Step == Step && (Attempt == AnyAttempt || fence.Attempt == Attempt);
+
     /// <summary>The <see cref="Attempt"/> of <c>attempt=any</c>: every attempt of the step.</summary>
     public const int AnyAttempt = -1;
 
     public bool Matches(FaultPhase phase, Fence fence, int worker)
-        => phase == Phase && fence.Step == Step && (Attempt == AnyAttempt || fence.Attempt == Attempt) && (Worker is null || Worker == worker)
+        => !Coordinator && phase == Phase && fence.Step == Step && (Attempt == AnyAttempt || fence.Attempt == Attempt) && (Worker is null || Worker == worker)
            && (Epoch is null || Epoch == fence.Epoch);
 
     public static FaultInjection? Parse(string text)
     {
         if (string.IsNullOrWhiteSpace(text)) return null;
-        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false, crash = false; int? epoch = null;
+        long? step = null; FaultPhase? phase = null; int attempt = 0; int? worker = null; bool kill = false, crash = false, coordinator = false; int? epoch = null;
         foreach (var part in text.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries))
         {
             var kv = part.Split('=', 2, StringSplitOptions.TrimEntries);
@@ -307,7 +355,8 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
                     attempt = kv[1] == "any" ? AnyAttempt
                         : int.TryParse(kv[1], out var a) && a >= 0 ? a : throw new ConfigException($"cluster.fault-injection: attempt '{kv[1]}' is not a number or any");
                     break;
-                case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank"); break;
+                case "worker" when kv[1] == "coordinator": coordinator = true; break;
+                case "worker": worker = int.TryParse(kv[1], out var w) && w >= 0 ? w : throw new ConfigException($"cluster.fault-injection: worker '{kv[1]}' is not a rank or coordinator"); break;
                 case "epoch": epoch = int.TryParse(kv[1], out var e) && e >= 0 ? e : throw new ConfigException($"cluster.fault-injection: epoch '{kv[1]}' is not a plan epoch"); break;
                 case "action":
                     (kill, crash) = kv[1] switch
@@ -320,6 +369,8 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
             }
         }
         if (step is null || phase is null) throw new ConfigException("cluster.fault-injection needs step=N and phase=P");
-        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill, epoch, crash);
+        if (coordinator && (!kill || phase is not (FaultPhase.Forward or FaultPhase.Update)))
+            throw new ConfigException("cluster.fault-injection: worker=coordinator takes action=kill in phase forward or update");
+        return new FaultInjection(step.Value, phase.Value, attempt, worker, kill, epoch, crash) { Coordinator = coordinator };
     }
 }

@@ -37,7 +37,8 @@ public sealed class ClusterNode : IAsyncDisposable
     /// <summary>Completes with how this node's part ended when its agent stops (worker nodes only).</summary>
     public Task<RunOutcome> Stopped => _stopped?.Task ?? throw new InvalidOperationException("this node hosts no workers");
 
-    private ClusterNode(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join, TrainingReport? report, ComputeLoop? loop)
+    private ClusterNode(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join, TrainingReport? report, ComputeLoop? loop,
+        NodeResources? resources)
     {
         TorchSetup.Configure(config);
         var roles = new List<string>();
@@ -79,17 +80,25 @@ public sealed class ClusterNode : IAsyncDisposable
             var stopped = _stopped;
             System.WhenTerminated.ContinueWith(_ => stopped.TrySetResult(
                 new RunOutcome.Failed("the node's actor system stopped before its coordinator ended the run")), TaskScheduler.Default);
+            // Resources the caller does not keep across incarnations are this node's: gone with its system.
+            if (resources is null)
+            {
+                var owned = resources = new NodeResources(config);
+                System.WhenTerminated.ContinueWith(_ => owned.Dispose(), TaskScheduler.Default);
+            }
             var proxy = System.ActorOf(ClusterSingletonProxy.Props("/user/coordinator",
                 ClusterSingletonProxySettings.Create(System).WithRole(CoordinatorRole)), "coordinator-proxy");
-            System.ActorOf(NodeAgent.Props(config, corpus, proxy, _stopped, loop), "node");
+            System.ActorOf(NodeAgent.Props(config, corpus, proxy, _stopped, resources, loop), "node");
         }
     }
 
     /// <summary>Starts a node. <paramref name="join"/>: a member to join (null = the configured seed nodes, else itself).</summary>
     /// <param name="loop">A compute loop the caller will serve (<see cref="ComputeLoop.RunUntil"/>) for the first worker's stage, or null.</param>
+    /// <param name="resources">A worker node's data planes and units when they outlive this incarnation
+    /// (<see cref="WorkerNodeHost"/>); null = the node's own, disposed when its system terminates.</param>
     public static ClusterNode Start(ElasticMoEConfig config, TextCorpus corpus, bool coordinator, bool worker, Address? join = null,
-        TrainingReport? report = null, ComputeLoop? loop = null)
-        => new(config, corpus, coordinator, worker, join, report, loop);
+        TrainingReport? report = null, ComputeLoop? loop = null, NodeResources? resources = null)
+        => new(config, corpus, coordinator, worker, join, report, loop, resources);
 
     public static Config AkkaConfig(ElasticMoEConfig config, IEnumerable<string> roles)
     {

@@ -54,6 +54,9 @@ public abstract record RunOutcome
     /// <summary>This node's coordinator became unreachable or left before it ended the run.</summary>
     public sealed record CoordinatorLost(string Coordinator, string What) : RunOutcome
     {
+        /// <summary>A node incarnation that waited for a coordinator to adopt its units and none came: the node ends.</summary>
+        public bool WaitedInVain { get; init; }
+
         public override string Message => $"coordinator {Coordinator} {What}";
     }
 

@@ -84,6 +84,12 @@ public sealed record NodeRemovedWire(
 public sealed record RunResumedWire([property: Key(0)] long Step);
 
 [MessagePackObject]
+public sealed record CoordinatorRestartedWire([property: Key(0)] long AtStep);
+
+[MessagePackObject]
+public sealed record WorkersAdoptedWire([property: Key(0)] long NextStep, [property: Key(1)] TrainingPlanWire Plan);
+
+[MessagePackObject]
 public sealed record CheckpointRetiredWire([property: Key(0)] long Step, [property: Key(1)] string ManifestSha256);
 
 [MessagePackObject]

@@ -45,6 +45,10 @@ public static class CoordinatorJournalCodec
             e => new(e.Step, e.ManifestSha256),
             w => new(w.Step, Required(w.ManifestSha256, "manifest SHA-256"))),
         Entry.Of<RunResumed, RunResumedWire>("j.RunResumed", e => new(e.Step), w => new(w.Step)),
+        Entry.Of<CoordinatorRestarted, CoordinatorRestartedWire>("j.CoordinatorRestarted", e => new(e.AtStep), w => new(w.AtStep)),
+        Entry.Of<WorkersAdopted, WorkersAdoptedWire>("j.WorkersAdopted",
+            e => new(e.NextStep, ToWire(e.Plan)),
+            w => new(w.NextStep, ToDomain(Required(w.Plan, "plan")))),
         Entry.Of<ExpertsMoved, ExpertsMovedWire>("j.ExpertsMoved",
             e => new(e.Epoch, e.Moves.Select(m => new UnitTransferWire(m.Unit.ToString(), ToWire(m.From), ToWire(m.To))).ToArray()),
             w => new(w.Epoch, Array(w.Moves).Select(m => new UnitTransfer(

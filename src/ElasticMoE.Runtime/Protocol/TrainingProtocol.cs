@@ -61,7 +61,32 @@ public sealed record RegisterNode(
     [property: Key(2)] string ModelFingerprint,
     [property: Key(3)] long Seed,
     [property: Key(4)] long SystemUid,
-    [property: Key(5)] string RunFingerprint) : IElasticMoEMessage;
+    [property: Key(5)] string RunFingerprint) : IElasticMoEMessage
+{
+    /// <summary>
+    /// A node that outlived its coordinator (a new incarnation of it): per device, the units it still holds
+    /// in memory. A restarted coordinator adopts them when they agree with its journal, instead of going
+    /// back to the last checkpoint. Empty for a fresh node.
+    /// </summary>
+    [Key(6)] public HeldUnits[] Held { get; init; } = [];
+}
+
+/// <summary>
+/// The units one worker of a re-attaching node holds: under plan <c>Epoch</c>, where it was
+/// <c>Previous</c> (its identity in the incarnation that installed that plan), each unit with its applied
+/// step (the last step it applied, -1 for none) and checksum. <c>LastEpoch</c> is the newest epoch any of
+/// its attempts used: the next coordinator's plans must be newer, or the worker would take their messages
+/// for stale ones.
+/// </summary>
+[MessagePackObject, Manifest("t.HeldUnits")]
+public sealed record HeldUnits(
+    [property: Key(0)] int Device,
+    [property: Key(1)] WorkerInfo Previous,
+    [property: Key(2)] int Epoch,
+    [property: Key(3)] int LastEpoch,
+    [property: Key(4)] string[] Units,
+    [property: Key(5)] long[] AppliedSteps,
+    [property: Key(6)] ulong[] Checksums);
 
 /// <summary>Coordinator → node agent: registration accepted; the node's workers will receive a plan.</summary>
 [MessagePackObject, Manifest("t.NodeAccepted")]

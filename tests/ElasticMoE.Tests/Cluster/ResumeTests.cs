@@ -27,16 +27,18 @@ public class ResumeTests(ITestOutputHelper output)
 
     private sealed record Job(Process Coordinator, Process[] Nodes, StringBuilder Text, string Metrics, Task Pump);
 
-    private static Job Start(string runDir, int nodes, string[] extra, Action<string, Job>? onLine = null)
+    /// <param name="port">The coordinator's port (default a free one).</param>
+    /// <param name="running">Node processes already running (joined to a coordinator on <paramref name="port"/> before): no new ones are started.</param>
+    private static Job Start(string runDir, int nodes, string[] extra, Action<string, Job>? onLine = null, int? port = null, Process[]? running = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(Settings()).Concat(["--threads", "1"]).ToArray();
-        int port = NodeProcesses.FreePort();
+        int coordinatorPort = port ?? NodeProcesses.FreePort();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
-        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(),
+        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", coordinatorPort.ToString(),
             "--metrics", metrics, "--run-dir", runDir, .. args, .. extra]);
-        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
-        var procs = Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args])).ToArray();
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{coordinatorPort}";
+        var procs = running ?? Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args])).ToArray();
         var text = new StringBuilder();
         Job? job = null;
         var pump = Task.Run(async () =>
@@ -140,6 +142,64 @@ public class ResumeTests(ITestOutputHelper output)
             Assert.Empty(store.Verify(Steps));
             Assert.True(store.List().Count <= 2, "checkpoint.keep = 2");
         }
+    }
+
+    private const string KillCoordinatorAs21Starts = "cluster.fault-injection=step=20,phase=forward,worker=coordinator,action=kill";
+
+    /// <summary>
+    /// Trains on two node processes until the coordinator's process SIGKILLs itself (<paramref name="fault"/>),
+    /// then starts the same command again on the same port while the nodes keep running, and lets it finish.
+    /// Returns the first and second coordinators' metrics and the second's output.
+    /// </summary>
+    private async Task<(string FirstMetrics, string SecondMetrics, string Text, Job Second)> KillCoordinatorAndStartAgain(string fault)
+    {
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        int port = NodeProcesses.FreePort();
+        var first = Start(dir, 2, ["--set", fault], port: port);
+        Job second;
+        try
+        {
+            await first.Coordinator.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+            await first.Pump;
+            output.WriteLine(first.Text.ToString());
+            Assert.Contains("fault injection: killing the coordinator's process", first.Text.ToString());
+            Assert.All(first.Nodes, n => Assert.False(n.HasExited, "a node ended with its coordinator"));
+            second = Start(dir, 2, [], port: port, running: first.Nodes);
+        }
+        catch
+        {
+            KillAll(first);
+            throw;
+        }
+        var text = await Finish(second, TimeSpan.FromMinutes(3));
+        Assert.True(second.Coordinator.ExitCode == 0, text);
+        return (first.Metrics, second.Metrics, text, second);
+    }
+
+    [Fact]
+    public async Task A_killed_coordinator_started_again_re_attaches_the_running_nodes_and_redoes_only_the_step_in_flight()
+    {
+        var (firstMetrics, secondMetrics, text, _) = await KillCoordinatorAndStartAgain(KillCoordinatorAs21Starts);
+        Assert.Contains("re-attached: 2 of 2 worker(s)", text);
+        Assert.DoesNotContain("resuming from checkpoint", text);
+        var before = AssertStepsMatchReference(firstMetrics);
+        var after = AssertStepsMatchReference(secondMetrics);
+        Assert.Equal(Enumerable.Range(1, 20), before);
+        // Step 21 was in flight when the coordinator died: it is the one step done again, nothing else.
+        Assert.Equal(Enumerable.Range(21, Steps - 20), after);
+    }
+
+    [Fact]
+    public async Task A_coordinator_killed_inside_an_update_leaves_units_at_two_steps_and_the_run_resumes_from_its_checkpoint()
+    {
+        var (firstMetrics, secondMetrics, text, _) = await KillCoordinatorAndStartAgain(
+            "cluster.fault-injection=step=20,phase=update,worker=coordinator,action=kill");
+        Assert.Contains("the nodes' units are at different steps (20, 21)", text);
+        Assert.Contains("resuming from checkpoint", text);
+        Assert.Equal(Enumerable.Range(1, 20), AssertStepsMatchReference(firstMetrics));
+        var after = AssertStepsMatchReference(secondMetrics);
+        Assert.True(after[0] is 11 or 21, $"resumed at step {after[0]}");
+        Assert.Equal(Enumerable.Range(after[0], Steps - after[0] + 1), after);
     }
 
     [Fact]
