@@ -189,6 +189,16 @@ public static class TrainCommand
         var expect = RunConfigOptions.Positive("--expect-nodes", "nodes to wait for before the first step (default: --nodes)");
         var pp = RunConfigOptions.Positive("--pp", "pipeline-parallel degree (data-parallel degree = workers / pp)");
         var port = RunConfigOptions.NonNegative("--port", "Akka remoting port of the coordinator (0 = any)");
+        var standby = new Option<string?>("--standby-for")
+        {
+            Description = "start a stand-by coordinator: it joins the coordinator at this address (akka.tcp://elasticmoe@HOST:PORT) and, " +
+                          "if that coordinator's node dies, takes the run over from the shared --run-dir journal and re-attaches its nodes",
+        };
+        standby.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<string?>() is { } v && (!v.StartsWith("akka.tcp://", StringComparison.Ordinal) || !v.Contains('@')))
+                r.AddError($"--standby-for must look like akka.tcp://elasticmoe@HOST:PORT, got '{v}'");
+        });
         var relayout = new Option<string?>("--relayout") { Description = "change the layout at step boundaries: STEP=WORKERSxPP[,...], e.g. 10=4x2,20=2x1 (cluster.relayout)" };
         relayout.Validators.Add(r =>
         {
@@ -202,7 +212,7 @@ public static class TrainCommand
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(keep);
         cmd.Options.Add(resume);
-        foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout, runDir }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { single, nodes, expect, pp, port, relayout, runDir, standby }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var extra = new List<KeyValuePair<string, string>>();
@@ -211,6 +221,14 @@ public static class TrainCommand
             if (p.GetValue(pp) is { } s) extra.Add(new("cluster.pipeline-stages", s.ToString(System.Globalization.CultureInfo.InvariantCulture)));
             if (p.GetValue(port) is { } po) extra.Add(new("cluster.port", po.ToString(System.Globalization.CultureInfo.InvariantCulture)));
             if (p.GetValue(relayout) is { } rl) extra.Add(new("cluster.relayout", rl));
+            if (p.GetValue(standby) is { } primary)
+            {
+                if (p.GetValue(runDir) is null || p.GetValue(single))
+                    throw new ConfigException("--standby-for needs --run-dir DIR: the journal it takes the run over from (shared with the coordinator it stands by for)");
+                if (p.GetValue(nodes) is > 0) throw new ConfigException("--standby-for starts a coordinator only: leave out --nodes");
+                extra.Add(new("cluster.seed-nodes", $"[\"{primary}\"]"));
+                extra.Add(new("cluster.nodes", "0"));
+            }
             var config = cfg.Build(p, extra);
             if (!p.GetValue(single))
             {

@@ -18,6 +18,7 @@ public sealed partial class TrainingCoordinator
     public const string JournalId = "elasticmoe-coordinator";
 
     private readonly string? _runDir;
+    private readonly bool _standby;
     private IActorRef? _journal;
     private long _journalRequests;
     private CheckpointStore? _store;
@@ -77,6 +78,15 @@ public sealed partial class TrainingCoordinator
             Apply(new RunStarted(_runFingerprint, _config.Seed, 0));
             _report.Info($"run directory {_runDir}: a new run (journal and checkpoints start here)");
             BeginWaitingForNodes();
+            return;
+        }
+        if (_standby && _state.Ended is { } how)
+        {
+            // The coordinator this one stood by for ended the run and left: nothing to take over.
+            _report.Info($"the run in {_runDir} has ended ({how}) at step {_state.NextStep}; this stand-by coordinator has nothing to take over");
+            _finished = true;
+            _done.TrySetResult(new RunResult(_state.Committed, [], 0, new Dictionary<string, (double, double)>()));
+            Enter(Phase.Done, Done);
             return;
         }
         if (_state.RunFingerprint != _runFingerprint)

@@ -5,6 +5,7 @@ using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Engine;
 using ElasticMoE.Runtime.Hosting;
+using ElasticMoE.Runtime.Journal;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.State;
 using ElasticMoE.Training;
@@ -112,9 +113,12 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private double _tCompute, _tNorm;
 
     /// <param name="runDir">The run directory (journal and checkpoints), or null for a run that persists nothing.</param>
+    /// <param name="standby">Started on a stand-by coordinator's node (it took the singleton over): a run its
+    /// journal says has ended is not resumed.</param>
     public TrainingCoordinator(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, long startStep = 0,
-        string? runDir = null)
+        string? runDir = null, bool standby = false)
     {
+        _standby = standby;
         _config = config;
         _report = report;
         _done = done;
@@ -135,8 +139,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
     }
 
-    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, string? runDir = null)
-        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, runFingerprint, 0, runDir));
+    public static Props Props(ElasticMoEConfig config, TrainingReport report, TaskCompletionSource<RunResult> done, string runFingerprint, string? runDir = null,
+        bool standby = false)
+        => Akka.Actor.Props.Create(() => new TrainingCoordinator(config, report, done, runFingerprint, 0, runDir, standby));
 
     // Every durable fact goes through here: into the state now, and into the journal (with --run-dir),
     // which appends in order; a restarted coordinator rebuilds the state from it.
@@ -1124,6 +1129,30 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var shutdown = _stopRequested is null
             ? new Shutdown("training finished", RunEnd.Finished)
             : new Shutdown($"the run was stopped: {_stopRequested}", RunEnd.Stopped);
+        if (_journal is null)
+        {
+            EndRun(shutdown);
+            return;
+        }
+        // Journaled before anyone hears of the end: a stand-by coordinator that takes the singleton over
+        // as this one's node leaves must find the run ended, not resume it.
+        long request = Journal(new RunEnded(_state.NextStep, shutdown.Reason));
+        Enter(Phase.Done, () =>
+        {
+            Receive<EventsAppended>(m => { if (m.RequestId == request) EndRun(shutdown); });
+            Receive<AppendRefused>(m =>
+            {
+                _log.Error("the end of the run was not journaled ({0}); a stand-by coordinator would resume it", m.Reason);
+                EndRun(shutdown);
+            });
+            Receive<JournalFailed>(m => EndRun(shutdown));
+            Receive<Terminated>(_ => EndRun(shutdown));
+            Receive<object>(_ => { });
+        });
+    }
+
+    private void EndRun(Shutdown shutdown)
+    {
         foreach (var (address, agent) in _leaving) agent.Tell(new LeaveGranted(address, _state.NextStep));
         foreach (var n in _agents) n.Agent.Tell(shutdown);
         _done.TrySetResult(new RunResult(_state.Committed, _validation, _runSeconds, _finalParameters, _stopRequested) { Plans = _plans, RedoneAttempts = _redone });

@@ -63,6 +63,9 @@ public sealed record CoordinatorRestarted(long AtStep) : ICoordinatorEvent;
 /// </summary>
 public sealed record WorkersAdopted(long NextStep, TrainingPlan Plan) : ICoordinatorEvent;
 
+/// <summary>The coordinator ended the run (finished, or stopped on request) before step <c>NextStep</c>: <c>How</c> says which.</summary>
+public sealed record RunEnded(long NextStep, string How) : ICoordinatorEvent;
+
 /// <summary>A committed checkpoint is being deleted (retention): recorded before its files go.</summary>
 public sealed record CheckpointRetired(long Step, string ManifestSha256) : ICoordinatorEvent;
 
@@ -81,6 +84,9 @@ public sealed record CoordinatorState(
 
     /// <summary>Committed checkpoints, oldest first: resume uses the newest that verifies.</summary>
     public ImmutableList<CheckpointCommitted> Checkpoints { get; init; } = ImmutableList<CheckpointCommitted>.Empty;
+
+    /// <summary>How the run ended when its coordinator ended it; null while it runs, and again once a coordinator restarts it.</summary>
+    public string? Ended { get; init; }
 
     public int Epoch => Plan?.Epoch ?? 0;
 
@@ -101,7 +107,8 @@ public sealed record CoordinatorState(
             NextStep = r.Step, Plan = null, Workers = ImmutableList<WorkerSlot>.Empty,
             Committed = Committed.RemoveAll(c => c.Step >= r.Step),
         },
-        CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty },
+        CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty, Ended = null },
+        RunEnded r => this with { Ended = r.How },
         WorkersAdopted a when a.NextStep < NextStep => throw new InvalidOperationException($"adopted units at step {a.NextStep} while the next step is {NextStep}"),
         WorkersAdopted a => this with { NextStep = a.NextStep, Plan = a.Plan },
         CheckpointRetired r => this with { Checkpoints = Checkpoints.RemoveAll(c => c.Step == r.Step && c.ManifestSha256 == r.ManifestSha256) },

@@ -62,8 +62,12 @@ public sealed class ClusterNode : IAsyncDisposable
         if (coordinator)
         {
             _result = new TaskCompletionSource<RunResult>(TaskCreationOptions.RunContinuationsAsynchronously);
+            // A coordinator host that joins an existing cluster is a stand-by: the singleton runs on the
+            // oldest coordinator-role node, and moves here when that node is gone.
+            bool standby = !worker && join is null && config.Cluster.SeedNodes.Count > 0;
             var coordinatorProps = TrainingCoordinator.Props(config, report ?? new TrainingReport(TextWriter.Null, null), _result,
-                TrainingState.RunFingerprint(config, corpus.Fingerprint), config.RunDirectory);
+                TrainingState.RunFingerprint(config, corpus.Fingerprint), config.RunDirectory, standby);
+            if (standby) System.ActorOf(Props.Create<StandbyWatch>(), "standby-watch");
             System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
                 ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
             // The coordinator completes the result; if the system goes first (terminated by anyone, the
@@ -290,7 +294,14 @@ public static class LocalCluster
             var peerConfig = config with { Cluster = config.Cluster with { Port = 0 } };
             for (int i = 1; i < nodes; i++)
                 members.Add(ClusterNode.Start(peerConfig, corpus, coordinator: false, worker: true, join: first.Address));
-            if (nodes == 0) report.Info($"coordinator at {first.Address}; waiting for {config.Cluster.NodesToWaitFor} node(s)");
+            if (nodes == 0 && config.Cluster.SeedNodes.Count > 0)
+            {
+                var seeds = string.Join(", ", config.Cluster.SeedNodes);
+                report.Info($"stand-by coordinator at {first.Address}, joining {seeds}");
+                Cluster.Get(first.System).RegisterOnMemberUp(() =>
+                    report.Info($"stand-by coordinator is up in the cluster of {seeds}: it takes the run over if that coordinator's node dies"));
+            }
+            else if (nodes == 0) report.Info($"coordinator at {first.Address}; waiting for {config.Cluster.NodesToWaitFor} node(s)");
             var result = first.Result;
             if (stopRequested is not null && await Task.WhenAny(result, stopRequested).ConfigureAwait(false) != result)
             {

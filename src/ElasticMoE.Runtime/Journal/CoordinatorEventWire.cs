@@ -90,6 +90,9 @@ public sealed record CoordinatorRestartedWire([property: Key(0)] long AtStep);
 public sealed record WorkersAdoptedWire([property: Key(0)] long NextStep, [property: Key(1)] TrainingPlanWire Plan);
 
 [MessagePackObject]
+public sealed record RunEndedWire([property: Key(0)] long NextStep, [property: Key(1)] string How);
+
+[MessagePackObject]
 public sealed record CheckpointRetiredWire([property: Key(0)] long Step, [property: Key(1)] string ManifestSha256);
 
 [MessagePackObject]
@@ -128,4 +131,8 @@ public sealed record CoordinatorStateWire(
     [property: Key(2)] WorkerSlotWire[] Workers,
     [property: Key(3)] TrainingPlanWire? Plan,
     [property: Key(4)] StepResultWire[] Committed,
-    [property: Key(5)] CheckpointCommittedWire[] Checkpoints);
+    [property: Key(5)] CheckpointCommittedWire[] Checkpoints)
+{
+    /// <summary>Added after v1: absent (null) in older snapshots, which were all of running runs.</summary>
+    [Key(6)] public string? Ended { get; init; }
+}

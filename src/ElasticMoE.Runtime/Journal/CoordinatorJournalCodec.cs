@@ -45,6 +45,7 @@ public static class CoordinatorJournalCodec
             e => new(e.Step, e.ManifestSha256),
             w => new(w.Step, Required(w.ManifestSha256, "manifest SHA-256"))),
         Entry.Of<RunResumed, RunResumedWire>("j.RunResumed", e => new(e.Step), w => new(w.Step)),
+        Entry.Of<RunEnded, RunEndedWire>("j.RunEnded", e => new(e.NextStep, e.How), w => new(w.NextStep, w.How ?? "")),
         Entry.Of<CoordinatorRestarted, CoordinatorRestartedWire>("j.CoordinatorRestarted", e => new(e.AtStep), w => new(w.AtStep)),
         Entry.Of<WorkersAdopted, WorkersAdoptedWire>("j.WorkersAdopted",
             e => new(e.NextStep, ToWire(e.Plan)),
@@ -55,11 +56,12 @@ public static class CoordinatorJournalCodec
                 UnitId.Parse(Required(m.Unit, "unit")), ToDomain(Required(m.From, "move source")), ToDomain(Required(m.To, "move target")))).ToArray())),
         Entry.Of<CoordinatorState, CoordinatorStateWire>("j.CoordinatorState",
             s => new(s.RunFingerprint, s.NextStep, s.Workers.Select(ToWire).ToArray(), s.Plan is null ? null : ToWire(s.Plan),
-                s.Committed.Select(ToWire).ToArray(), s.Checkpoints.Select(ToWire).ToArray()),
+                s.Committed.Select(ToWire).ToArray(), s.Checkpoints.Select(ToWire).ToArray()) { Ended = s.Ended },
             w => new CoordinatorState(w.RunFingerprint, w.NextStep, Array(w.Workers).Select(ToDomain).ToImmutableList(),
                 w.Plan is null ? null : ToDomain(w.Plan), Array(w.Committed).Select(ToDomain).ToImmutableList())
             {
                 Checkpoints = Array(w.Checkpoints).Select(ToDomain).ToImmutableList(),
+                Ended = w.Ended,
             }),
     ];
 

@@ -32,13 +32,13 @@ public class ResumeTests(ITestOutputHelper output)
     private static Job Start(string runDir, int nodes, string[] extra, Action<string, Job>? onLine = null, int? port = null, Process[]? running = null)
     {
         TestSupport.EnsureTorch();
-        var args = TestSupport.SetArguments(Settings()).Concat(["--threads", "1"]).ToArray();
+        var args = RunArguments();
         int coordinatorPort = port ?? NodeProcesses.FreePort();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", coordinatorPort.ToString(),
             "--metrics", metrics, "--run-dir", runDir, .. args, .. extra]);
-        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{coordinatorPort}";
-        var procs = running ?? Enumerable.Range(0, nodes).Select(_ => NodeProcesses.Start(["node", "--seed-node", seed, .. args])).ToArray();
+        var seed = Address(coordinatorPort);
+        var procs = running ?? Enumerable.Range(0, nodes).Select(_ => StartNode(seed)).ToArray();
         var text = new StringBuilder();
         Job? job = null;
         var pump = Task.Run(async () =>
@@ -57,6 +57,13 @@ public class ResumeTests(ITestOutputHelper output)
         job = new Job(coordinator, procs, text, metrics, pump);
         return job;
     }
+
+    private static string[] RunArguments() => TestSupport.SetArguments(Settings()).Concat(["--threads", "1"]).ToArray();
+
+    private static Process StartNode(params string[] seeds)
+        => NodeProcesses.Start(["node", .. seeds.SelectMany(s => new[] { "--seed-node", s }), .. RunArguments()]);
+
+    private static string Address(int port) => $"akka.tcp://elasticmoe@127.0.0.1:{port}";
 
     private static void KillAll(Job job)
     {
@@ -187,6 +194,69 @@ public class ResumeTests(ITestOutputHelper output)
         Assert.Equal(Enumerable.Range(1, 20), before);
         // Step 21 was in flight when the coordinator died: it is the one step done again, nothing else.
         Assert.Equal(Enumerable.Range(21, Steps - 20), after);
+    }
+
+    [Fact]
+    public async Task A_stand_by_coordinator_takes_the_run_over_when_the_coordinators_process_is_killed()
+    {
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        int primaryPort = NodeProcesses.FreePort(), standbyPort = NodeProcesses.FreePort();
+        // No nodes yet: the coordinator waits for two, and they start only once the stand-by is up in its
+        // cluster, so the stand-by is there before step 21, whatever the machine's speed.
+        var primary = Start(dir, 2, ["--set", KillCoordinatorAs21Starts], port: primaryPort, running: []);
+        var up = new TaskCompletionSource();
+        var standby = Start(dir, 2, ["--standby-for", Address(primaryPort)], (line, _) =>
+        {
+            if (line.StartsWith("stand-by coordinator is up", StringComparison.Ordinal)) up.TrySetResult();
+        }, port: standbyPort, running: []);
+        Process[] nodes = [];
+        try
+        {
+            await up.Task.WaitAsync(TimeSpan.FromMinutes(1));
+            nodes = [StartNode(Address(primaryPort), Address(standbyPort)), StartNode(Address(primaryPort), Address(standbyPort))];
+            await primary.Coordinator.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+            await primary.Pump;
+            output.WriteLine(primary.Text.ToString());
+            Assert.Contains("fault injection: killing the coordinator's process", primary.Text.ToString());
+            var text = await Finish(standby with { Nodes = nodes }, TimeSpan.FromMinutes(3));
+            Assert.True(standby.Coordinator.ExitCode == 0, text);
+            Assert.Contains("re-attached: 2 of 2 worker(s)", text);
+            Assert.Equal(Enumerable.Range(1, 20), AssertStepsMatchReference(primary.Metrics));
+            Assert.Equal(Enumerable.Range(21, Steps - 20), AssertStepsMatchReference(standby.Metrics));
+        }
+        finally
+        {
+            KillAll(primary with { Nodes = nodes });
+            KillAll(standby);
+        }
+    }
+
+    [Fact]
+    public async Task A_stand_by_coordinator_ends_with_the_run_it_stood_by_for()
+    {
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        int primaryPort = NodeProcesses.FreePort();
+        var primary = Start(dir, 1, ["--set", "train.steps=5"], port: primaryPort, running: []);
+        var up = new TaskCompletionSource();
+        var standby = Start(dir, 1, ["--standby-for", Address(primaryPort), "--set", "train.steps=5"], (line, _) =>
+        {
+            if (line.StartsWith("stand-by coordinator is up", StringComparison.Ordinal)) up.TrySetResult();
+        }, running: []);
+        try
+        {
+            await up.Task.WaitAsync(TimeSpan.FromMinutes(1));
+            var node = StartNode(Address(primaryPort));
+            var first = await Finish(primary with { Nodes = [node] }, TimeSpan.FromMinutes(2));
+            Assert.True(primary.Coordinator.ExitCode == 0, first);
+            var text = await Finish(standby, TimeSpan.FromMinutes(1));
+            Assert.True(standby.Coordinator.ExitCode == 0, text);
+            Assert.Contains("has ended (training finished) at step 5; this stand-by coordinator has nothing to take over", text);
+        }
+        finally
+        {
+            KillAll(primary);
+            KillAll(standby);
+        }
     }
 
     [Fact]

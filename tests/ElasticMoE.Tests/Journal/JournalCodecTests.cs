@@ -19,7 +19,7 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
     public void Every_event_kind_and_the_state_round_trip_through_the_akka_binding()
     {
         // The frozen history, then the events added since its fixture was written: a checkpoint retired,
-        // a restarted coordinator resuming from the newest one, and one re-attaching nodes.
+        // a restarted coordinator resuming from the newest one, one re-attaching nodes, and the run's end.
         var history = History();
         var first = history.OfType<CheckpointCommitted>().First();
         history.Add(new CheckpointRetired(first.Step, first.ManifestSha256));
@@ -29,6 +29,8 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
         long next = history.OfType<StepCommitted>().Max(c => c.Result.Step) + 1;
         history.Add(new CoordinatorRestarted(next));
         history.Add(new WorkersAdopted(next + 1, lastPlan with { Workers = lastPlan.Workers.Select(w => w with { Id = w.Id with { SystemUid = w.Id.SystemUid + 100 } }).ToList() }));
+        history.Add(new RunEnded(next + 1, "the run was stopped: SIGTERM"));
+        Assert.Equal("the run was stopped: SIGTERM", Replay(history).Ended);
         Assert.Equal(CoordinatorJournalCodec.WireTypes.Count - 1, history.Select(e => e.GetType()).Distinct().Count());
         foreach (var value in history.Cast<object>().Append(Replay(history)))
         {

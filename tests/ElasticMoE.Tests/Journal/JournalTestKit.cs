@@ -98,6 +98,7 @@ internal static class JournalTestKit
         Assert.Equal(expected.Epoch, actual.Epoch);
         Assert.Equal(expected.Committed.Count, actual.Committed.Count);
         Assert.Equal(expected.Checkpoints.Count, actual.Checkpoints.Count);
+        Assert.Equal(expected.Ended, actual.Ended);
         Assert.Equal(CoordinatorJournalSerializer.Encode(expected).Bytes, CoordinatorJournalSerializer.Encode(actual).Bytes);
     }
 
