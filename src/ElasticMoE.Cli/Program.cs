@@ -56,6 +56,7 @@ public static class Program
         root.Subcommands.Add(NodeCommand.Create(stdout, stderr));
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
+        root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
         var parse = root.Parse(args);
         // No ProcessTerminationTimeout: our commands handle SIGINT/SIGTERM themselves (StopSignals).
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, ProcessTerminationTimeout = null });
@@ -179,6 +180,8 @@ public static class TrainCommand
     {
         var cfg = new RunConfigOptions();
         var metrics = new Option<string?>("--metrics") { Description = "write one JSON line per step to this file" };
+        var plots = new Option<string?>("--plots") { Description = "when the run ends, write PNGs of its metrics into this folder (as `elasticmoe plot`; a temporary metrics file without --metrics)" };
+        var plotSize = new PlotSizeOptions("--plot-width", "--plot-height");
         var save = new Option<string?>("--save") { Description = "save checkpoints of the full training state into this run directory (at the end and every --save-every steps)" };
         var keep = RunConfigOptions.Positive("--keep", "committed checkpoints to keep in the --save directory (default 2)");
         var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
@@ -198,6 +201,8 @@ public static class TrainCommand
         var cmd = new Command("train", "train the MoE model (embedded corpus unless --data is given)");
         cfg.AddTo(cmd);
         cmd.Options.Add(metrics);
+        cmd.Options.Add(plots);
+        plotSize.AddTo(cmd);
         cmd.Options.Add(save);
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(keep);
@@ -218,18 +223,22 @@ public static class TrainCommand
                     throw new ConfigException("--save and --resume belong to --single-process; a cluster run keeps its checkpoints in --run-dir DIR");
                 config = config with { RunDirectory = p.GetValue(runDir) };
                 var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-                return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout, stderr);
+                return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr,
+                    metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr));
             }
             if (p.GetValue(runDir) is not null)
                 throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-            using var trainer = new Trainer(config, corpus);
-            using var signals = new StopSignals(stderr, "stopping after the current step");
-            var summary = TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2), stdout, signals.Token);
-            // The metrics file is closed by now. A signal that came during the last step changes nothing.
-            return summary.Stopped && signals.Received is { } signal
-                ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
-                : Program.ExitCodes.Ok;
+            return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr, metricsPath =>
+            {
+                using var trainer = new Trainer(config, corpus);
+                using var signals = new StopSignals(stderr, "stopping after the current step");
+                var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2), stdout, signals.Token);
+                // The metrics file is closed by now. A signal that came during the last step changes nothing.
+                return summary.Stopped && signals.Received is { } signal
+                    ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
+                    : Program.ExitCodes.Ok;
+            });
         }));
         return cmd;
     }
