@@ -4,6 +4,7 @@ using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
 using ElasticMoE.Runtime.Hosting;
+using ElasticMoE.Runtime.Observability;
 
 namespace ElasticMoE.Cli;
 
@@ -83,6 +84,17 @@ public static class Program
             // The kind, not the wording: a worker that saw a NaN reports FailureKind.Diverged.
             return Report(stderr, ex.Kind == Runtime.Protocol.FailureKind.Diverged ? new RunOutcome.Diverged(ex.Message) : new RunOutcome.Failed(ex.Message));
         }
+    }
+
+    /// <summary>
+    /// Starts this process's Prometheus endpoint if <c>metrics.prometheus.port</c> is set (null otherwise) and
+    /// says where it is; disposing it stops it.
+    /// </summary>
+    public static MetricsEndpoint? StartMetrics(ElasticMoEConfig config, TextWriter stdout)
+    {
+        var endpoint = MetricsEndpoint.Start(config.Prometheus);
+        if (endpoint is not null) stdout.WriteLine($"metrics endpoint {endpoint.Url}");
+        return endpoint;
     }
 
     /// <summary>Prints how a run ended (errors to stderr, the rest to stdout) and returns its exit code.</summary>
@@ -217,6 +229,8 @@ public static class TrainCommand
             if (p.GetValue(port) is { } po) extra.Add(new("cluster.port", po.ToString(System.Globalization.CultureInfo.InvariantCulture)));
             if (p.GetValue(relayout) is { } rl) extra.Add(new("cluster.relayout", rl));
             var config = cfg.Build(p, extra);
+            using var endpoint = Program.StartMetrics(config, stdout);
+            var observer = endpoint is null ? null : RunMetrics.Observer;
             if (!p.GetValue(single))
             {
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
@@ -224,7 +238,7 @@ public static class TrainCommand
                 config = config with { RunDirectory = p.GetValue(runDir) };
                 var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
                 return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr,
-                    metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr));
+                    metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr, observer));
             }
             if (p.GetValue(runDir) is not null)
                 throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
@@ -233,7 +247,7 @@ public static class TrainCommand
             {
                 using var trainer = new Trainer(config, corpus);
                 using var signals = new StopSignals(stderr, "stopping after the current step");
-                var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2), stdout, signals.Token);
+                var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2, observer), stdout, signals.Token);
                 // The metrics file is closed by now. A signal that came during the last step changes nothing.
                 return summary.Stopped && signals.Received is { } signal
                     ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
