@@ -18,12 +18,13 @@ public static class ClusterTrain
     /// signal here. If the run fails once a stop signal has arrived (the same shutdown often stops the
     /// nodes too), the signal still decides the exit code.
     /// </remarks>
-    public static int Run(ElasticMoEConfig config, TextCorpus corpus, string? metrics, TextWriter stdout, TextWriter stderr)
+    /// <param name="observer">Also sees each step and membership change (the Prometheus metrics, when served).</param>
+    public static int Run(ElasticMoEConfig config, TextCorpus corpus, string? metrics, TextWriter stdout, TextWriter stderr, ITrainingObserver? observer)
     {
         TorchSetup.Configure(config);
         using var signals = new StopSignals(stderr, "stopping after the current step");
         RunOutcome outcome;
-        using (var report = new TrainingReport(stdout, metrics))
+        using (var report = new TrainingReport(stdout, metrics, observer))
         {
             report.Info($"ElasticMoE cluster: {config.Cluster.Nodes} in-process node(s) x {config.Cluster.Devices} device(s), " +
                         $"waiting for {config.Cluster.NodesToWaitFor} node(s), data {corpus.Name}, {TorchSharp.torch.get_num_threads()} threads");
@@ -99,6 +100,7 @@ public static class NodeCommand
             if (config.Cluster.SeedNodes.Count == 0)
                 throw new ConfigException("elasticmoe node needs the coordinator's address: --seed-node akka.tcp://elasticmoe@HOST:PORT");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+            using var endpoint = Program.StartMetrics(config, stdout);   // data-plane bytes and the process's own figures
             using var signals = new StopSignals(stderr, "leaving the cluster");
             var loop = new ComputeLoop();
             // Incarnations: a node whose coordinator dies keeps its units and waits for the next one.

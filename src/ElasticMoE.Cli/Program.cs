@@ -4,6 +4,7 @@ using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Training;
 using ElasticMoE.Runtime.Hosting;
+using ElasticMoE.Runtime.Observability;
 
 namespace ElasticMoE.Cli;
 
@@ -56,6 +57,7 @@ public static class Program
         root.Subcommands.Add(NodeCommand.Create(stdout, stderr));
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
+        root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
         var parse = root.Parse(args);
         // No ProcessTerminationTimeout: our commands handle SIGINT/SIGTERM themselves (StopSignals).
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, ProcessTerminationTimeout = null });
@@ -82,6 +84,17 @@ public static class Program
             // The kind, not the wording: a worker that saw a NaN reports FailureKind.Diverged.
             return Report(stderr, ex.Kind == Runtime.Protocol.FailureKind.Diverged ? new RunOutcome.Diverged(ex.Message) : new RunOutcome.Failed(ex.Message));
         }
+    }
+
+    /// <summary>
+    /// Starts this process's Prometheus endpoint if <c>metrics.prometheus.port</c> is set (null otherwise) and
+    /// says where it is; disposing it stops it.
+    /// </summary>
+    public static MetricsEndpoint? StartMetrics(ElasticMoEConfig config, TextWriter stdout)
+    {
+        var endpoint = MetricsEndpoint.Start(config.Prometheus);
+        if (endpoint is not null) stdout.WriteLine($"metrics endpoint {endpoint.Url}");
+        return endpoint;
     }
 
     /// <summary>Prints how a run ended (errors to stderr, the rest to stdout) and returns its exit code.</summary>
@@ -179,6 +192,8 @@ public static class TrainCommand
     {
         var cfg = new RunConfigOptions();
         var metrics = new Option<string?>("--metrics") { Description = "write one JSON line per step to this file" };
+        var plots = new Option<string?>("--plots") { Description = "when the run ends, write PNGs of its metrics into this folder (as `elasticmoe plot`; a temporary metrics file without --metrics)" };
+        var plotSize = new PlotSizeOptions("--plot-width", "--plot-height");
         var save = new Option<string?>("--save") { Description = "save checkpoints of the full training state into this run directory (at the end and every --save-every steps)" };
         var keep = RunConfigOptions.Positive("--keep", "committed checkpoints to keep in the --save directory (default 2)");
         var saveEvery = RunConfigOptions.NonNegative("--save-every", "save every N steps (0 = only at the end)");
@@ -208,6 +223,8 @@ public static class TrainCommand
         var cmd = new Command("train", "train the MoE model (embedded corpus unless --data is given)");
         cfg.AddTo(cmd);
         cmd.Options.Add(metrics);
+        cmd.Options.Add(plots);
+        plotSize.AddTo(cmd);
         cmd.Options.Add(save);
         cmd.Options.Add(saveEvery);
         cmd.Options.Add(keep);
@@ -230,24 +247,30 @@ public static class TrainCommand
                 extra.Add(new("cluster.nodes", "0"));
             }
             var config = cfg.Build(p, extra);
+            using var endpoint = Program.StartMetrics(config, stdout);
+            var observer = endpoint is null ? null : RunMetrics.Observer;
             if (!p.GetValue(single))
             {
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
                     throw new ConfigException("--save and --resume belong to --single-process; a cluster run keeps its checkpoints in --run-dir DIR");
                 config = config with { RunDirectory = p.GetValue(runDir) };
                 var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-                return ClusterTrain.Run(config, data, p.GetValue(metrics), stdout, stderr);
+                return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr,
+                    metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr, observer));
             }
             if (p.GetValue(runDir) is not null)
                 throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
             var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
-            using var trainer = new Trainer(config, corpus);
-            using var signals = new StopSignals(stderr, "stopping after the current step");
-            var summary = TrainingRun.Run(trainer, new RunOptions(p.GetValue(metrics), p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2), stdout, signals.Token);
-            // The metrics file is closed by now. A signal that came during the last step changes nothing.
-            return summary.Stopped && signals.Received is { } signal
-                ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
-                : Program.ExitCodes.Ok;
+            return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr, metricsPath =>
+            {
+                using var trainer = new Trainer(config, corpus);
+                using var signals = new StopSignals(stderr, "stopping after the current step");
+                var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2, observer), stdout, signals.Token);
+                // The metrics file is closed by now. A signal that came during the last step changes nothing.
+                return summary.Stopped && signals.Received is { } signal
+                    ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
+                    : Program.ExitCodes.Ok;
+            });
         }));
         return cmd;
     }

@@ -116,6 +116,15 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
     public static CheckpointOptions Default { get; } = new(50, 0, 2);
 }
 
+/// <summary>The per-process Prometheus endpoint (<c>metrics.prometheus.*</c>): <c>http://HOST:PORT/metrics</c>.</summary>
+/// <param name="Port">0 = no endpoint (the default): nothing listens.</param>
+/// <param name="Host">What it listens on: loopback by default, so a run exposes nothing beyond this machine unless
+/// told to; <c>0.0.0.0</c> (or <c>::</c>) = every interface.</param>
+public sealed record PrometheusOptions(int Port, string Host)
+{
+    public static PrometheusOptions Default { get; } = new(0, "127.0.0.1");
+}
+
 /// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
 public sealed record ElasticMoEConfig(
     long Seed,
@@ -129,6 +138,9 @@ public sealed record ElasticMoEConfig(
 {
     /// <summary>When a cluster run with a run directory checkpoints, and how many it keeps.</summary>
     public CheckpointOptions Checkpoint { get; init; } = CheckpointOptions.Default;
+
+    /// <summary>Where this process serves its metrics to Prometheus, if anywhere.</summary>
+    public PrometheusOptions Prometheus { get; init; } = PrometheusOptions.Default;
 
     /// <summary>
     /// The run directory of a cluster run (<c>--run-dir</c>): the coordinator's journal and the checkpoints
@@ -167,6 +179,7 @@ public sealed record ElasticMoEConfig(
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
+            Prometheus = new PrometheusOptions(r.Int("metrics.prometheus.port"), r.String("metrics.prometheus.host")),
         };
         cfg.Validate();
         return cfg;
@@ -299,6 +312,9 @@ public sealed record ElasticMoEConfig(
         Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");
         Require(c.WorkerRestarts >= 0, "cluster.worker-restarts", "must be zero or positive");
         Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
+        Require(Prometheus.Port is >= 0 and <= 65535, "metrics.prometheus.port", "must be a TCP port (0 = no endpoint)");
+        Require(Uri.CheckHostName(Prometheus.Host) != UriHostNameType.Unknown, "metrics.prometheus.host",
+            $"must be a host name or IP address (\"127.0.0.1\" = this machine only, \"0.0.0.0\" = every interface), got \"{Prometheus.Host}\"");
         Require(Threads >= 0, "threads", "must be zero (all cores) or positive");
         Require(Device is "cpu" or "cuda" || System.Text.RegularExpressions.Regex.IsMatch(Device, "^cuda:[0-9]{1,9}$"), "device",
             $"must be \"cpu\", \"cuda\" (worker i of a node on cuda:i) or \"cuda:N\" (worker i on cuda:N+i), got \"{Device}\"");

@@ -4,6 +4,20 @@ using System.Text;
 namespace ElasticMoE.Training;
 
 /// <summary>
+/// Sees what a <see cref="TrainingReport"/> reports, as values rather than lines: the Prometheus metrics
+/// (ElasticMoE.Runtime's <c>RunMetrics.Observer</c>) hook in here, so the single-process loop and the
+/// coordinator feed them without knowing of them.
+/// </summary>
+/// <remarks>Called under the report's lock, in report order, so it must be quick and must not throw.</remarks>
+public interface ITrainingObserver
+{
+    void Step(StepResult step, double? valLoss);
+
+    /// <param name="recoverySeconds">From the change to the next committed step (NaN when unknown).</param>
+    void MembershipEvent(string kind, string node, long step, double recoverySeconds);
+}
+
+/// <summary>
 /// Where a run's progress goes: one human line per step on the console and, optionally, one JSON line
 /// per step in a metrics file. Shared by the single-process loop and the distributed coordinator.
 /// </summary>
@@ -18,12 +32,14 @@ public sealed class TrainingReport : IDisposable
 
     private readonly TextWriter _console;
     private readonly FileStream? _metrics;
+    private readonly ITrainingObserver? _observer;
     private readonly object _gate = new();
     private bool _disposed;
 
-    public TrainingReport(TextWriter console, string? metricsPath)
+    public TrainingReport(TextWriter console, string? metricsPath, ITrainingObserver? observer = null)
     {
         _console = console;
+        _observer = observer;
         if (!string.IsNullOrEmpty(metricsPath))
         {
             var dir = Path.GetDirectoryName(Path.GetFullPath(metricsPath));
@@ -49,6 +65,7 @@ public sealed class TrainingReport : IDisposable
         lock (_gate)
         {
             WriteStep(r, valLoss, totalSteps);
+            _observer?.Step(r, valLoss);
             _lastStep = r.Step + 1;
         }
         StepReported?.Invoke(r);
@@ -82,6 +99,7 @@ public sealed class TrainingReport : IDisposable
         lock (_gate)
         {
             _console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{kind} {node} at step {step}: training again {recoverySeconds:F2} s later"));
+            _observer?.MembershipEvent(kind, node, step, recoverySeconds);
             if (_metrics is null || _disposed) return;
             var json = System.Text.Json.JsonSerializer.Serialize(node);
             var extra = breakdown is null ? "" : string.Concat(breakdown.Select(kv => $",\"{kv.Key}\":{Num(kv.Value)}"));
@@ -111,7 +129,9 @@ public sealed class TrainingReport : IDisposable
 /// <param name="SavePath">Run directory to save checkpoints into (<see cref="Checkpointing.CheckpointStore"/>).</param>
 /// <param name="ResumePath">Run directory to resume from: its newest committed checkpoint that verifies.</param>
 /// <param name="Keep">Committed checkpoints kept in <paramref name="SavePath"/>; older ones are deleted after a newer commit.</param>
-public sealed record RunOptions(string? MetricsPath = null, string? SavePath = null, string? ResumePath = null, int SaveEvery = 0, int Keep = 2);
+/// <param name="Observer">Also given each step (the Prometheus metrics, when this process serves them).</param>
+public sealed record RunOptions(string? MetricsPath = null, string? SavePath = null, string? ResumePath = null, int SaveEvery = 0, int Keep = 2,
+    ITrainingObserver? Observer = null);
 
 /// <summary>Drives a <see cref="Trainer"/> to the end: progress, validation, time limit, saves.</summary>
 public static class TrainingRun
@@ -127,7 +147,7 @@ public static class TrainingRun
     public static Summary Run(Trainer trainer, RunOptions options, TextWriter console, CancellationToken cancel = default)
     {
         var t = trainer.Config.Train;
-        using var report = new TrainingReport(console, options.MetricsPath);
+        using var report = new TrainingReport(console, options.MetricsPath, options.Observer);
         if (options.ResumePath is { } resume)
         {
             foreach (var warning in trainer.Load(resume)) report.Info("warning: " + warning);

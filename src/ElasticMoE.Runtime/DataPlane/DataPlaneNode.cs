@@ -41,6 +41,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     private readonly ConcurrentDictionary<Socket, Task> _incoming = new();
     private readonly Task _acceptLoop;
     private long _protocolErrors;
+    private long _bytesSent, _bytesReceived;
     private int _disposed;
 
     private DataPlaneNode(DataPlaneOptions options)
@@ -91,6 +92,12 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
 
     public int OutgoingConnectionCount =>
         _outgoing.Values.Count(l => l.IsValueCreated && l.Value.IsCompletedSuccessfully && !l.Value.Result.IsClosed);
+
+    /// <summary>Bytes of whole frames (header and payload as on the wire) this node sent; <see cref="DataPlaneTraffic"/> sums every node's.</summary>
+    public long BytesSent => Interlocked.Read(ref _bytesSent);
+
+    /// <summary>Bytes of whole frames (header and payload as on the wire) this node received.</summary>
+    public long BytesReceived => Interlocked.Read(ref _bytesReceived);
 
     /// <summary>Connections closed because their peer broke the framing protocol.</summary>
     public long ProtocolErrorCount => Interlocked.Read(ref _protocolErrors);
@@ -265,6 +272,9 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     {
         var connection = await GetConnectionAsync(peerEndpoint, cancellationToken).ConfigureAwait(false);
         await connection.SendAsync(header, payload, cancellationToken).ConfigureAwait(false);
+        long bytes = FrameHeader.Size + payload.Length;
+        Interlocked.Add(ref _bytesSent, bytes);
+        DataPlaneTraffic.Sent(bytes);
     }
 
     private async Task<OutgoingConnection> GetConnectionAsync(string peerEndpoint, CancellationToken cancellationToken)
@@ -407,6 +417,9 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
                             $"Data plane {Endpoint}: connection from {remote} closed after {read} of {wire.Length} payload bytes of tag {h.Tag}.", null);
                         return;
                     }
+                    long bytes = FrameHeader.Size + h.PayloadLength;
+                    Interlocked.Add(ref _bytesReceived, bytes);
+                    DataPlaneTraffic.Received(bytes);
                     if (h.Compression == Compression.BFloat16) BFloat16.DecompressInPlace(buffer.AsSpan(0, decoded), (int)h.ElementCount);
                     var frame = new Frame(h.Tag, h.Source, h.ElementType, h.Shape, buffer, decoded, h.Compression != Compression.None, _frames);
                     delivered = true;

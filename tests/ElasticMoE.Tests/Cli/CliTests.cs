@@ -5,7 +5,8 @@ namespace ElasticMoE.Tests.Cli;
 /// <summary>The executable's entry point, run in-process with captured output.</summary>
 public class CliTests
 {
-    private static (int Code, string Out, string Err) Run(params string[] args)
+    /// <summary>Runs the CLI in this process; shared by the other CLI test classes.</summary>
+    internal static (int Code, string Out, string Err) Run(params string[] args)
     {
         TestSupport.EnsureTorch();
         var o = new StringWriter();
