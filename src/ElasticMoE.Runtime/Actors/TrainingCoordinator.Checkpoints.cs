@@ -409,6 +409,7 @@ public sealed partial class TrainingCoordinator
     {
         _writing = null;
         long bytes = w.Shards.Sum(s => s.Bytes);
+        Observability.RunMetrics.CheckpointStall(w.StallSeconds);
         _report.Info(System.FormattableString.Invariant(
             $"checkpoint of step {w.Step} committed: {w.Shards.Count} shard(s), {bytes / 1048576.0:F1} MiB, training paused {w.StallSeconds * 1000:F0} ms, written in {w.Clock.Elapsed.TotalSeconds:F2} s"));
         // commits.log: an index for the `checkpoints` commands; the journal event above is the commit.

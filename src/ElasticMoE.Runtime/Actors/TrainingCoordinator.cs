@@ -696,6 +696,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _sharedShards.Sort((a, b) => (a.Rank, a.Ordinal).CompareTo((b.Rank, b.Ordinal)));
         long bytes = _installed.Values.Sum(p => p.BytesReceived);
         double seconds = _installClock.Elapsed.TotalSeconds;
+        Observability.RunMetrics.PlanInstalled(plan.Epoch, seconds);
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
         Apply(new PlanChanged(plan, _state.NextStep));
