@@ -112,6 +112,45 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
     public static CheckpointOptions Default { get; } = new(50, 0, 2);
 }
 
+/// <summary>
+/// Load-based expert rebalancing (<c>rebalance.*</c>): when to re-place routed experts by their token loads, and how
+/// many copies a placement may have and move.
+/// </summary>
+/// <param name="Every">Steps between rebalances; 0 = none on a schedule (the default).</param>
+/// <param name="RedundantSlots">Copies a worker may hold per MoE layer beyond its even share: a worker has
+/// <see cref="SlotsPerWorker"/> = ⌊experts / workers⌋ + this many slots per layer, used for redundant copies of hot
+/// experts (and for the ⌈E/W⌉-th expert where W does not divide E). 64 experts on 8 workers with 2 give 10 slots, 25 % spare.</param>
+/// <param name="ChurnBudget">Most copies one rebalance may move (a copy is moved when a worker gets an expert it did not
+/// hold): below 1 a fraction of the copies in place (rounded down, at least 1), from 1 up a whole number of copies.</param>
+/// <param name="Window">Steps of load history a rebalance plans for: the tokens each expert got over the last
+/// <c>window</c> steps, summed (a sliding window, not an EMA: a step's counts weigh the same until they drop out).</param>
+/// <param name="Threshold">Worker max/mean load over the window above which a rebalance is triggered.</param>
+/// <param name="Hysteresis">After a triggered rebalance, the next trigger waits until max/mean has been at or below
+/// threshold − hysteresis, so a rebalance that cannot get below the threshold does not repeat every step.</param>
+public sealed record RebalanceOptions(int Every, int RedundantSlots, double ChurnBudget, int Window, double Threshold, double Hysteresis)
+{
+    public static RebalanceOptions Default { get; } = new(0, 1, 0.1, 20, 1.10, 0.05);
+
+    /// <summary>Copies a worker may hold per MoE layer, with <paramref name="experts"/> routed experts on <paramref name="workers"/> workers.</summary>
+    public int SlotsPerWorker(int experts, int workers) => experts / workers + RedundantSlots;
+
+    /// <summary><see cref="ChurnBudget"/> as a number of copies, when <paramref name="copies"/> copies are in place.</summary>
+    public int CopiesPerRebalance(int copies) => ChurnBudget < 1 ? Math.Max(1, (int)(ChurnBudget * copies)) : (int)ChurnBudget;
+
+    /// <summary>
+    /// Checks that a layout of <paramref name="experts"/> experts per layer on <paramref name="workers"/> workers has a slot
+    /// for every expert; the runtime calls it when it knows the layout (the config alone does not).
+    /// </summary>
+    /// <exception cref="ConfigException">Too few slots, naming <c>rebalance.redundant-slots</c>.</exception>
+    public void Validate(int experts, int workers)
+    {
+        if ((long)SlotsPerWorker(experts, workers) * workers < experts)
+            throw new ConfigException(
+                $"elasticmoe.rebalance.redundant-slots: {experts} experts per layer on {workers} workers need at least " +
+                $"{(experts % workers + workers - 1) / workers} redundant slot(s) per worker ({experts / workers} + redundant-slots each), got {RedundantSlots}");
+    }
+}
+
 /// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
 public sealed record ElasticMoEConfig(
     long Seed,
@@ -125,6 +164,9 @@ public sealed record ElasticMoEConfig(
 {
     /// <summary>When a cluster run with a run directory checkpoints, and how many it keeps.</summary>
     public CheckpointOptions Checkpoint { get; init; } = CheckpointOptions.Default;
+
+    /// <summary>When and how routed experts are re-placed by load.</summary>
+    public RebalanceOptions Rebalance { get; init; } = RebalanceOptions.Default;
 
     /// <summary>
     /// The run directory of a cluster run (<c>--run-dir</c>): the coordinator's journal and the checkpoints
@@ -162,6 +204,8 @@ public sealed record ElasticMoEConfig(
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
+            Rebalance = new RebalanceOptions(r.Int("rebalance.every"), r.Int("rebalance.redundant-slots"), r.Double("rebalance.churn-budget"),
+                r.Int("rebalance.window"), r.Double("rebalance.threshold"), r.Double("rebalance.hysteresis")),
         };
         cfg.Validate();
         return cfg;
@@ -290,6 +334,17 @@ public sealed record ElasticMoEConfig(
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
+        var rb = Rebalance;
+        Require(rb.Every >= 0, "rebalance.every", "must be zero (off) or positive");
+        Require(rb.RedundantSlots >= 0, "rebalance.redundant-slots", "must be zero or positive");
+        Require(rb.ChurnBudget > 0 && (rb.ChurnBudget < 1 || rb.ChurnBudget == Math.Floor(rb.ChurnBudget)), "rebalance.churn-budget",
+            $"must be a fraction in (0, 1) or a whole number of copies, got {rb.ChurnBudget.ToString(System.Globalization.CultureInfo.InvariantCulture)}");
+        Require(rb.Window >= 1, "rebalance.window", "must be at least 1 step");
+        Require(rb.Threshold >= 1, "rebalance.threshold", "must be at least 1 (max/mean is never below 1)");
+        Require(rb.Hysteresis >= 0 && rb.Threshold - rb.Hysteresis >= 1, "rebalance.hysteresis",
+            "must be zero or positive and leave threshold - hysteresis at least 1 (max/mean never falls below 1)");
+        // The layout the run starts with; the runtime checks later ones (nodes lost or joined) with RebalanceOptions.Validate.
+        rb.Validate(m.MoE.RoutedExperts, c.NodesToWaitFor * c.Devices);
         Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");
         Require(c.WorkerRestarts >= 0, "cluster.worker-restarts", "must be zero or positive");
         Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
