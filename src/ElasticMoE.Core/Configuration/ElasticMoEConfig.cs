@@ -116,7 +116,8 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
 /// Load-based expert rebalancing (<c>rebalance.*</c>): when to re-place routed experts by their token loads, and how
 /// many copies a placement may have and move.
 /// </summary>
-/// <param name="Every">Steps between rebalances; 0 = none on a schedule (the default).</param>
+/// <param name="Every">Steps between checks of the load window (a rebalance runs at a check that finds max/mean above the
+/// threshold); 0 = no automatic rebalances (the default), only requested ones.</param>
 /// <param name="RedundantSlots">Copies a worker may hold per MoE layer beyond its even share: a worker has
 /// <see cref="SlotsPerWorker"/> = ⌊experts / workers⌋ + this many slots per layer, used for redundant copies of hot
 /// experts (and for the ⌈E/W⌉-th expert where W does not divide E). 64 experts on 8 workers with 2 give 10 slots, 25 % spare.</param>
@@ -125,8 +126,9 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
 /// <param name="Window">Steps of load history a rebalance plans for: the tokens each expert got over the last
 /// <c>window</c> steps, summed (a sliding window, not an EMA: a step's counts weigh the same until they drop out).</param>
 /// <param name="Threshold">Worker max/mean load over the window above which a rebalance is triggered.</param>
-/// <param name="Hysteresis">After a triggered rebalance, the next trigger waits until max/mean has been at or below
-/// threshold − hysteresis, so a rebalance that cannot get below the threshold does not repeat every step.</param>
+/// <param name="Hysteresis">A rebalance that could not get max/mean below the threshold raises the bar for the next one to
+/// what it left plus this, so it is not repeated at every check; the bar drops back once max/mean is at or below
+/// threshold − hysteresis (see <c>Planning.RebalanceTrigger</c>).</param>
 public sealed record RebalanceOptions(int Every, int RedundantSlots, double ChurnBudget, int Window, double Threshold, double Hysteresis)
 {
     public static RebalanceOptions Default { get; } = new(0, 1, 0.1, 20, 1.10, 0.05);
@@ -341,8 +343,7 @@ public sealed record ElasticMoEConfig(
             $"must be a fraction in (0, 1) or a whole number of copies, got {rb.ChurnBudget.ToString(System.Globalization.CultureInfo.InvariantCulture)}");
         Require(rb.Window >= 1, "rebalance.window", "must be at least 1 step");
         Require(rb.Threshold >= 1, "rebalance.threshold", "must be at least 1 (max/mean is never below 1)");
-        Require(rb.Hysteresis >= 0 && rb.Threshold - rb.Hysteresis >= 1, "rebalance.hysteresis",
-            "must be zero or positive and leave threshold - hysteresis at least 1 (max/mean never falls below 1)");
+        Require(rb.Hysteresis >= 0, "rebalance.hysteresis", "must be zero or positive");
         // The layout the run starts with; the runtime checks later ones (nodes lost or joined) with RebalanceOptions.Validate.
         rb.Validate(m.MoE.RoutedExperts, c.NodesToWaitFor * c.Devices);
         Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");

@@ -23,7 +23,6 @@ public class RebalanceConfigPlacementTests
     [InlineData("rebalance.window", "0")]
     [InlineData("rebalance.threshold", "0.9")]
     [InlineData("rebalance.hysteresis", "-0.01")]
-    [InlineData("rebalance.hysteresis", "0.2")]
     [InlineData("rebalance.every", "often")]
     public void An_impossible_setting_names_its_key(string key, string value)
     {
