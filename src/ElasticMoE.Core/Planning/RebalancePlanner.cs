@@ -22,7 +22,8 @@ public sealed record RebalanceResult(ExpertPlacement Placement, double MaxOverMe
 /// <para>Each step, in the layer with the highest max/mean, takes load off its busiest worker by one of: drop
 /// a redundant copy there (moves nothing), move a copy to another worker, add a copy elsewhere (the expert's
 /// tokens are then split over one more copy), either of those after evicting a redundant copy from a full
-/// worker, or swap a copy with a lighter one of another worker (two moves). Of the steps that leave every
+/// worker or followed by the receiver dropping or passing on one of its own copies (two moves), or swap a copy
+/// with a lighter one of another worker (two moves). Of the steps that leave every
 /// worker they touch at least <see cref="MinGain"/> × the mean below the busiest load, it takes the one
 /// with the lowest resulting layer max, then the fewest moves, then the lowest sum of squared loads, then
 /// the first in a fixed order (experts ascending, workers by <see cref="WorkerId"/>). Each step strictly
