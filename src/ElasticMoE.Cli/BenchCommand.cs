@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint"];
+    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
@@ -138,6 +138,8 @@ public static class BenchCommand
                 foreach (var (kind, bytes) in r.UnitBytesByKind.OrderBy(kv => kv.Key))
                     figures.Add(new($"unit size: {kind}", bytes / 1024.0, "KiB"));
             }
+            if (chosen.Contains("placement"))
+                figures.AddRange(Placement(stdout));
             bool ok = true;
             if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint"]).Any())
             {
@@ -175,6 +177,37 @@ public static class BenchCommand
             return ok ? Program.ExitCodes.Ok : Program.ExitCodes.Failed;
         }));
         return cmd;
+    }
+
+    /// <summary>P6: the expert placement planners alone (pure code: no model, no cluster), one table and its figures.</summary>
+    private static IEnumerable<BenchFigure> Placement(TextWriter o)
+    {
+        var setup = new PlacementBenchmarks.Setup();
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"placement: Zipf s={setup.ZipfS} loads, {setup.Layers} MoE layers x {setup.Experts} experts on {setup.Workers} workers, {setup.Slots} slots each " +
+            $"({setup.RedundantSlots} redundant: {100.0 * setup.RedundantSlots * setup.Workers / setup.Experts:F0} % spare); then {setup.Rebalances} rebalances, " +
+            $"loads drifting ±{100 * setup.Drift:F0} % between them; ours with churn-budget {setup.ChurnBudget} ..."));
+        var result = PlacementBenchmarks.Run(setup);
+        o.WriteLine($"  {"",-20} {"Zipf",9} | {"drift: max/mean",-30} | {"copies moved/rebalance",-22} | {"copies",6} {"planner",9}");
+        o.WriteLine($"  {"policy",-20} {"max/mean",9} | {"kept",8} {"worst",8} {"before",12} | {"mean",10} {"worst",11} | {"",6} {"ms/rebal",9}");
+        foreach (var r in result)
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"  {r.Policy,-20} {r.ZipfMaxOverMean,9:F3} | {r.DriftMaxOverMean,8:F3} {r.DriftWorstMaxOverMean,8:F3} {r.DriftBeforeMaxOverMean,12:F3} | {100 * r.MovedFraction,9:F1}% {100 * r.MaxMovedFraction,10:F1}% | {r.Copies,6} {r.MsPerRebalance,9:F3}"));
+        var start = PlacementBenchmarks.FromRoundRobin(setup, 5);
+        var steps = string.Join(" -> ", start.Select(r => string.Create(CultureInfo.InvariantCulture, $"{r.MaxOverMeanAfter:F3} ({r.CopiesMoved})")));
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"  ours from static round-robin on the Zipf loads, max/mean (copies moved) after each rebalance: {start[0].MaxOverMeanBefore:F3} -> {steps}"));
+        var (static_, eplb, eplbHere, ours) = (result[0], result[1], result[2], result[3]);
+        return
+        [
+            new("P6 max/mean, Zipf (ours)", ours.ZipfMaxOverMean, "ratio", "static round-robin", static_.ZipfMaxOverMean),
+            new("P6 max/mean, Zipf (EPLB)", eplb.ZipfMaxOverMean, "ratio", "static round-robin", static_.ZipfMaxOverMean),
+            new("P6 max/mean, Zipf (EPLB here)", eplbHere.ZipfMaxOverMean, "ratio", "static round-robin", static_.ZipfMaxOverMean),
+            new("P6 max/mean kept, drift (ours)", ours.DriftMaxOverMean, "ratio", "EPLB", eplb.DriftMaxOverMean),
+            new("P6 copies moved/rebalance (ours)", ours.MovedFraction, "fraction", "EPLB", eplb.MovedFraction),
+            new("P6 most moved in one (ours)", ours.MaxMovedFraction, "fraction", "EPLB", eplb.MaxMovedFraction),
+            new("P6 planner time (ours)", ours.MsPerRebalance, "ms", "EPLB", eplb.MsPerRebalance),
+        ];
     }
 
     /// <summary>The round whose <paramref name="ratio"/> is the median (the lower one of an even count; NaN sorts first).</summary>

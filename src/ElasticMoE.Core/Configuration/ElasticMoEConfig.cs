@@ -125,6 +125,47 @@ public sealed record PrometheusOptions(int Port, string Host)
     public static PrometheusOptions Default { get; } = new(0, "127.0.0.1");
 }
 
+/// <summary>
+/// Load-based expert rebalancing (<c>rebalance.*</c>): when to re-place routed experts by their token loads, and how
+/// many copies a placement may have and move.
+/// </summary>
+/// <param name="Every">Steps between checks of the load window (a rebalance runs at a check that finds max/mean above the
+/// threshold); 0 = no automatic rebalances (the default), only requested ones.</param>
+/// <param name="RedundantSlots">Copies a worker may hold per MoE layer beyond its even share: a worker has
+/// <see cref="SlotsPerWorker"/> = ⌊experts / workers⌋ + this many slots per layer, used for redundant copies of hot
+/// experts (and for the ⌈E/W⌉-th expert where W does not divide E). 64 experts on 8 workers with 2 give 10 slots, 25 % spare.</param>
+/// <param name="ChurnBudget">Most copies one rebalance may move (a copy is moved when a worker gets an expert it did not
+/// hold): below 1 a fraction of the copies in place (rounded down, at least 1), from 1 up a whole number of copies.</param>
+/// <param name="Window">Steps of load history a rebalance plans for: the tokens each expert got over the last
+/// <c>window</c> steps, summed (a sliding window, not an EMA: a step's counts weigh the same until they drop out).</param>
+/// <param name="Threshold">Worker max/mean load over the window above which a rebalance is triggered.</param>
+/// <param name="Hysteresis">A rebalance that could not get max/mean below the threshold raises the bar for the next one to
+/// what it left plus this, so it is not repeated at every check; the bar drops back once max/mean is at or below
+/// threshold − hysteresis (see <c>Planning.RebalanceTrigger</c>).</param>
+public sealed record RebalanceOptions(int Every, int RedundantSlots, double ChurnBudget, int Window, double Threshold, double Hysteresis)
+{
+    public static RebalanceOptions Default { get; } = new(0, 1, 0.1, 20, 1.10, 0.05);
+
+    /// <summary>Copies a worker may hold per MoE layer, with <paramref name="experts"/> routed experts on <paramref name="workers"/> workers.</summary>
+    public int SlotsPerWorker(int experts, int workers) => experts / workers + RedundantSlots;
+
+    /// <summary><see cref="ChurnBudget"/> as a number of copies, when <paramref name="copies"/> copies are in place.</summary>
+    public int CopiesPerRebalance(int copies) => ChurnBudget < 1 ? Math.Max(1, (int)(ChurnBudget * copies)) : (int)ChurnBudget;
+
+    /// <summary>
+    /// Checks that a layout of <paramref name="experts"/> experts per layer on <paramref name="workers"/> workers has a slot
+    /// for every expert; the runtime calls it when it knows the layout (the config alone does not).
+    /// </summary>
+    /// <exception cref="ConfigException">Too few slots, naming <c>rebalance.redundant-slots</c>.</exception>
+    public void Validate(int experts, int workers)
+    {
+        if ((long)SlotsPerWorker(experts, workers) * workers < experts)
+            throw new ConfigException(
+                $"elasticmoe.rebalance.redundant-slots: {experts} experts per layer on {workers} workers need at least " +
+                $"{(experts % workers + workers - 1) / workers} redundant slot(s) per worker ({experts / workers} + redundant-slots each), got {RedundantSlots}");
+    }
+}
+
 /// <summary>The whole typed configuration of a run. With the seed it defines the run.</summary>
 public sealed record ElasticMoEConfig(
     long Seed,
@@ -141,6 +182,9 @@ public sealed record ElasticMoEConfig(
 
     /// <summary>Where this process serves its metrics to Prometheus, if anywhere.</summary>
     public PrometheusOptions Prometheus { get; init; } = PrometheusOptions.Default;
+
+    /// <summary>When and how routed experts are re-placed by load.</summary>
+    public RebalanceOptions Rebalance { get; init; } = RebalanceOptions.Default;
 
     /// <summary>
     /// The run directory of a cluster run (<c>--run-dir</c>): the coordinator's journal and the checkpoints
@@ -180,6 +224,8 @@ public sealed record ElasticMoEConfig(
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
             Prometheus = new PrometheusOptions(r.Int("metrics.prometheus.port"), r.String("metrics.prometheus.host")),
+            Rebalance = new RebalanceOptions(r.Int("rebalance.every"), r.Int("rebalance.redundant-slots"), r.Double("rebalance.churn-budget"),
+                r.Int("rebalance.window"), r.Double("rebalance.threshold"), r.Double("rebalance.hysteresis")),
         };
         cfg.Validate();
         return cfg;
@@ -309,6 +355,16 @@ public sealed record ElasticMoEConfig(
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
+        var rb = Rebalance;
+        Require(rb.Every >= 0, "rebalance.every", "must be zero (off) or positive");
+        Require(rb.RedundantSlots >= 0, "rebalance.redundant-slots", "must be zero or positive");
+        Require(rb.ChurnBudget > 0 && (rb.ChurnBudget < 1 || rb.ChurnBudget == Math.Floor(rb.ChurnBudget)), "rebalance.churn-budget",
+            $"must be a fraction in (0, 1) or a whole number of copies, got {rb.ChurnBudget.ToString(System.Globalization.CultureInfo.InvariantCulture)}");
+        Require(rb.Window >= 1, "rebalance.window", "must be at least 1 step");
+        Require(rb.Threshold >= 1, "rebalance.threshold", "must be at least 1 (max/mean is never below 1)");
+        Require(rb.Hysteresis >= 0, "rebalance.hysteresis", "must be zero or positive");
+        // The layout the run starts with; the runtime checks later ones (nodes lost or joined) with RebalanceOptions.Validate.
+        rb.Validate(m.MoE.RoutedExperts, c.NodesToWaitFor * c.Devices);
         Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");
         Require(c.WorkerRestarts >= 0, "cluster.worker-restarts", "must be zero or positive");
         Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");

@@ -38,6 +38,20 @@ public class CliTests
     }
 
     [Fact]
+    public void Bench_Placement_suite_prints_its_table_and_writes_its_figures()
+    {
+        var json = Path.Combine(TestSupport.TempDir(), "bench.json");
+        var (code, output, err) = Run(["bench", "--suite", "placement", "--json", json, .. Tiny]);
+        Assert.True(code == 0, err);
+        Assert.Contains("EPLB, own count", output);
+        Assert.Contains("ours from static round-robin", output);
+        using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(json));
+        var moved = doc.RootElement.EnumerateArray().Single(f => f.GetProperty("Name").GetString() == "P6 copies moved/rebalance (ours)");
+        Assert.InRange(moved.GetProperty("Value").GetDouble(), 0, 0.10);
+        Assert.True(moved.GetProperty("BaselineValue").GetDouble() > 0.5, "EPLB's churn on the same drift, same run");
+    }
+
+    [Fact]
     public void Bench_cluster_figure_is_the_round_with_the_median_ratio()
     {
         // (single, 1 node) per round: ratios 0.5, 1.2, 0.9 → the third round, whatever the absolute speeds.

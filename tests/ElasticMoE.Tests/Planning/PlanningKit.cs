@@ -13,6 +13,9 @@ internal static class PlanningKit
     /// <summary>Named like <see cref="LayoutPlannerTests"/>'s workers: node0, node1, … (one device each).</summary>
     public static List<WorkerSlot> Workers(int n) => Enumerable.Range(0, n).Select(i => Slot($"node{i}")).ToList();
 
+    /// <summary>The identities of <see cref="Workers"/>.</summary>
+    public static WorkerId[] Ids(int n) => Workers(n).Select(s => s.Id).ToArray();
+
     /// <summary>4 layers (1 dense, 3 MoE) of 8 routed experts unless told otherwise.</summary>
     public static ModelOptions SmallModel(int layers = 4, int experts = 8)
         => TestSupport.SmallConfig(("model.layers", layers.ToString()), ("model.moe.routed-experts", experts.ToString())).Model;
