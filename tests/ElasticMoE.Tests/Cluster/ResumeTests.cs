@@ -197,15 +197,18 @@ public class ResumeTests(ITestOutputHelper output)
     }
 
     [Fact]
-    public async Task A_stand_by_coordinator_takes_the_run_over_when_the_coordinators_process_is_killed()
+    public Task A_stand_by_coordinator_takes_the_run_over_when_the_coordinators_process_is_killed()
+        => StandbyTakesOver(Path.Combine(TestSupport.TempDir(), "run"), []);
+
+    /// <summary>A coordinator and its stand-by (both with <paramref name="extra"/>) on one run directory; the coordinator SIGKILLs itself as step 21 starts.</summary>
+    internal async Task StandbyTakesOver(string dir, string[] extra)
     {
-        var dir = Path.Combine(TestSupport.TempDir(), "run");
         int primaryPort = NodeProcesses.FreePort(), standbyPort = NodeProcesses.FreePort();
         // No nodes yet: the coordinator waits for two, and they start only once the stand-by is up in its
         // cluster, so the stand-by is there before step 21, whatever the machine's speed.
-        var primary = Start(dir, 2, ["--set", KillCoordinatorAs21Starts], port: primaryPort, running: []);
+        var primary = Start(dir, 2, ["--set", KillCoordinatorAs21Starts, .. extra], port: primaryPort, running: []);
         var up = new TaskCompletionSource();
-        var standby = Start(dir, 2, ["--standby-for", Address(primaryPort)], (line, _) =>
+        var standby = Start(dir, 2, ["--standby-for", Address(primaryPort), .. extra], (line, _) =>
         {
             if (line.StartsWith("stand-by coordinator is up", StringComparison.Ordinal)) up.TrySetResult();
         }, port: standbyPort, running: []);
@@ -326,11 +329,10 @@ public class ResumeTests(ITestOutputHelper output)
 [Collection(PostgresCollection.Name)]
 public class PostgresResumeTests(PostgresServer server, ITestOutputHelper output)
 {
-    [PostgresFact]
-    public async Task A_job_journaled_in_postgresql_resumes_on_two_nodes_with_the_same_curve()
+    // What hocon/postgres.conf sets, with a new database of this server.
+    private async Task<string> WriteConfig()
     {
         var database = await server.CreateDatabaseAsync();
-        // What hocon/postgres.conf sets, with this server's connection string.
         var conf = Path.Combine(TestSupport.TempDir(), "postgres.conf");
         File.WriteAllText(conf, $$"""
             akka.persistence {
@@ -338,10 +340,26 @@ public class PostgresResumeTests(PostgresServer server, ITestOutputHelper output
               snapshot-store { plugin = "akka.persistence.snapshot-store.sql", sql { provider-name = "PostgreSQL.15", connection-string = "{{database}}" } }
             }
             """);
+        return conf;
+    }
+
+    [PostgresFact]
+    public async Task A_job_journaled_in_postgresql_resumes_on_two_nodes_with_the_same_curve()
+    {
+        var conf = await WriteConfig();
         var tests = new ResumeTests(output);
         var dir = Path.Combine(TestSupport.TempDir(), "run");
         await tests.RunPostgres(dir, conf);
         // The journal is in PostgreSQL, not in the run directory.
+        Assert.False(File.Exists(Path.Combine(dir, "journal", "events.db")));
+    }
+
+    [PostgresFact]
+    public async Task A_stand_by_coordinator_takes_a_run_journaled_in_postgresql_over()
+    {
+        var conf = await WriteConfig();
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        await new ResumeTests(output).StandbyTakesOver(dir, ["--config", conf]);
         Assert.False(File.Exists(Path.Combine(dir, "journal", "events.db")));
     }
 }
