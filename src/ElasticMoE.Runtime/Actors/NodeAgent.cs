@@ -84,7 +84,12 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private void OnMemberLost(Akka.Cluster.Member member, string what)
     {
         if (!member.HasRole(Hosting.ClusterNode.CoordinatorRole) || member.Address.ToString() == _address) return;
+        // A re-attaching incarnation not yet accepted is waiting for a coordinator anyway (bounded by
+        // cluster.coordinator-wait): the dead one it may still see in a stand-by's cluster is not news.
+        if (!_accepted && _held.Length > 0) return;
         _log.Warning("coordinator {0} {1}", member.Address, what);
+        // Downed, so the members left (the other nodes, a stand-by coordinator) converge without it.
+        Akka.Cluster.Cluster.Get(Context.System).Down(member.Address);
         StopWith(new RunOutcome.CoordinatorLost(member.Address.ToString(), what));
     }
 

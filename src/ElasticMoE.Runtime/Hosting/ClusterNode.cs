@@ -147,6 +147,12 @@ public sealed class ClusterNode : IAsyncDisposable
                 # A SIGKILLed node does not wait for this: the coordinator sees its connection close,
                 # confirms with a refused reconnect and downs it itself (see TrainingCoordinator).
                 downing-provider-class = "Akka.Cluster.SBR.SplitBrainResolverProvider, Akka.Cluster"
+                # How long the coordinator singleton waits after its node was removed before starting on a
+                # stand-by (Akka's default: stable-after, 5 s, for a downed side that may still run its own
+                # singleton). Only a coordinator node whose process is confirmed gone is ever downed here
+                # (StandbyWatch: refused reconnect; keep-oldest never downs the oldest's side), so nothing can
+                # still be running: measured, the stand-by then took over in ~1 s instead of ~6 s more.
+                down-removal-margin = 500ms
                 split-brain-resolver {
                   active-strategy = keep-oldest
                   stable-after = 5s

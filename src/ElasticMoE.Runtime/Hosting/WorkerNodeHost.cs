@@ -66,6 +66,13 @@ public sealed class WorkerNodeHost
                 }
                 _say($"{outcome.Message}; this node keeps its units and joins {string.Join(", ", _config.Cluster.SeedNodes)} again " +
                      $"(waiting up to {_config.Cluster.CoordinatorWaitSeconds:F0} s for a coordinator)");
+                // Down, not leave: leaving needs a convergence the dead coordinator blocks (measured: the old
+                // incarnation then lingered ~10 s through coordinated shutdown's cluster phases, and a stand-by
+                // coordinator could not take the singleton over until the failure detector and the split-brain
+                // resolver removed it). A member that downs itself tells the others at the next gossip and
+                // shuts down at once.
+                var cluster = Akka.Cluster.Cluster.Get(node.System);
+                cluster.Down(cluster.SelfAddress);
                 // Every actor of the old incarnation has stopped once its system has terminated: only then
                 // may the next one use the units.
                 await node.ShutdownAsync(TimeSpan.Zero, IncarnationTerminateTimeout).ConfigureAwait(false);
