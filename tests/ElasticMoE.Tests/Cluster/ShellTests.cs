@@ -340,4 +340,47 @@ public class ShellTests
         Assert.Equal(2, exit);
         Assert.Contains("no ElasticMoE coordinator answered", text);
     }
+
+    [Fact]
+    public async Task Shell_repl_in_a_pseudo_terminal_completes_runs_suggests_and_exits()
+    {
+        // util-linux `script` gives the shell a terminal (so its line editor runs, not plain piped lines).
+        Assert.True(File.Exists("/usr/bin/script"), "this test needs util-linux script(1) for a pseudo-terminal");
+        var cfg = Config(("train.steps", "100000"));
+        await using var run = new Run(cfg);
+        await run.Console.WaitFor("step     2/", Long);
+        var psi = new System.Diagnostics.ProcessStartInfo("/usr/bin/script")
+        {
+            RedirectStandardInput = true, RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false,
+        };
+        foreach (var a in new[] { "-qfc", $"dotnet {Path.Combine(AppContext.BaseDirectory, "elasticmoe.dll")} shell --connect 127.0.0.1:{run.Port}", "/dev/null" })
+            psi.ArgumentList.Add(a);
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        var output = new System.Text.StringBuilder();
+        p.OutputDataReceived += (_, e) => { lock (output) output.AppendLine(e.Data); };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        string Text() { lock (output) return output.ToString(); }
+        try
+        {
+            // "clus" + TAB completes to the one command it starts ("cluster show "), which then runs.
+            p.StandardInput.Write("clus\t\n");
+            p.StandardInput.Flush();
+            await WaitUntil(() => Text().Contains("coordinator,worker"), run);
+            Assert.Contains("elasticmoe> cluster show", Text());
+            p.StandardInput.Write("wokers\n");
+            p.StandardInput.Flush();
+            await WaitUntil(() => Text().Contains("did you mean 'workers'?"), run);
+            p.StandardInput.Write("exit\n");
+            p.StandardInput.Flush();
+            using var cts = new CancellationTokenSource(Long);
+            await p.WaitForExitAsync(cts.Token);
+            Assert.Equal(0, p.ExitCode);
+        }
+        finally
+        {
+            if (!p.HasExited) p.Kill(entireProcessTree: true);
+        }
+        Assert.False(run.Coordinator.Result.IsCompleted);
+    }
 }
