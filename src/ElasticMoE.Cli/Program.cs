@@ -58,7 +58,15 @@ public static class Program
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
         root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
+        var shell = ShellCommand.Create(stdout, stderr);
+        root.Subcommands.Add(shell);
         var parse = root.Parse(args);
+        if (parse.Errors.Count > 0 && parse.CommandResult.Command == shell)
+        {
+            // The shell's codes are for scripts: 1 = a command failed, 2 = the shell could not be used.
+            foreach (var e in parse.Errors) stderr.WriteLine($"error: {e.Message}");
+            return ShellCommand.Unusable;
+        }
         // No ProcessTerminationTimeout: our commands handle SIGINT/SIGTERM themselves (StopSignals).
         return parse.Invoke(new InvocationConfiguration { Output = stdout, Error = stderr, ProcessTerminationTimeout = null });
     }

@@ -180,6 +180,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Common()
     {
+        ShellQueries();
         JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
@@ -762,6 +763,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
             return;
         }
+        if (HoldAtBoundary()) return;
         _stepClock = System.Diagnostics.Stopwatch.StartNew();
         StartAttempt(new Fence(_state.Epoch, step, 0));
     }

@@ -70,6 +70,8 @@ public sealed class ClusterNode : IAsyncDisposable
             if (standby) System.ActorOf(Props.Create<StandbyWatch>(), "standby-watch");
             System.ActorOf(ClusterSingletonManager.Props(coordinatorProps, PoisonPill.Instance,
                 ClusterSingletonManagerSettings.Create(System).WithRole(CoordinatorRole)), "coordinator");
+            // What `elasticmoe shell` talks to, on every coordinator-role node (stand-bys say where the coordinator runs).
+            System.ActorOf(ShellEndpoint.Props(), ShellEndpoint.Name);
             // The coordinator completes the result; if the system goes first (terminated by anyone, the
             // coordinator stopped with it), say so rather than leave the caller waiting forever. This
             // was half of why SIGTERM left `elasticmoe train` running: Akka's own SIGTERM hook
