@@ -153,7 +153,13 @@ public class ShellTests
         Assert.Equal(2, status.GetProperty("workers").GetInt32());
 
         // cluster show: both members up and reachable, with their roles; the coordinator's node hosts it.
+        // A node registers (and trains) as soon as it joins, so the leader may not have moved it to Up by
+        // the time the run is paused: ask again until it has (Akka's membership, not ours, sets the pace).
         var cluster = Json(run.Port, "cluster show");
+        for (var wait = System.Diagnostics.Stopwatch.StartNew();
+             cluster.GetProperty("members").EnumerateArray().Any(m => m.GetProperty("status").GetString() != "Up") && wait.Elapsed < TimeSpan.FromSeconds(30);
+             cluster = Json(run.Port, "cluster show"))
+            await Task.Delay(100);
         var coordinatorAddress = run.Coordinator.Address.ToString();
         var secondAddress = run.Second!.Address.ToString();
         Assert.Equal(coordinatorAddress, cluster.GetProperty("self").GetString());
