@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement"];
+    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
@@ -141,7 +141,7 @@ public static class BenchCommand
             if (chosen.Contains("placement"))
                 figures.AddRange(Placement(stdout));
             bool ok = true;
-            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -161,6 +161,12 @@ public static class BenchCommand
                 if (chosen.Contains("chaos"))
                 {
                     var (f, good) = RecoveryBenchmarks.Chaos(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("shell"))
+                {
+                    var (f, good) = ShellBenchmarks.Latency(childArgs, p.GetValue(cfg.Steps) ?? 100000, Path.Combine(dir, "shell"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
