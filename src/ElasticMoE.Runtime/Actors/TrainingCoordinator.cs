@@ -615,6 +615,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         {
             Redundancy = next.Redundancy,
             Resume = previous is null ? _resume : null,
+            ExpertCopies = next.Copies,
         };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
