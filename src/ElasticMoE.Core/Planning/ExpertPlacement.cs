@@ -52,8 +52,12 @@ public sealed record ExpertPlacement
     public static ExpertPlacement FromOwners(int[][] owner, IReadOnlyList<WorkerId> ranks)
         => new(ranks, owner.Select(row => row.Select(rank => new[] { ranks[rank] })));
 
-    /// <summary>The experts of a plan, one copy each, where its <see cref="TrainingPlan.ExpertOwner"/> puts them.</summary>
-    public static ExpertPlacement Of(TrainingPlan plan) => FromOwners(plan.ExpertOwner, plan.Workers.Select(w => w.Id).ToArray());
+    /// <summary>The experts of a plan where its <see cref="TrainingPlan.CopiesOf"/> puts them (one copy each unless it replicates them).</summary>
+    public static ExpertPlacement Of(TrainingPlan plan)
+    {
+        var ranks = plan.Workers.Select(w => w.Id).ToArray();
+        return new(ranks, plan.ExpertOwner.Select((row, o) => row.Select((_, e) => plan.CopiesOf(o, e).Select(r => ranks[r]))));
+    }
 
     /// <summary>Every worker of the placement, ascending, whether it holds anything or not.</summary>
     public IReadOnlyList<WorkerId> Workers { get; }

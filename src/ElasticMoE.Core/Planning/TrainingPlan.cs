@@ -43,7 +43,7 @@ public sealed record StageRange(int First, int End)
 /// </summary>
 /// <param name="Epoch">Generation of the plan; bumps whenever the plan changes, and scopes data-plane tags.</param>
 /// <param name="Stages">Block range of each pipeline stage (Pp entries).</param>
-/// <param name="ExpertOwner">[moe layer ordinal][expert] → worker index hosting that expert.</param>
+/// <param name="ExpertOwner">[moe layer ordinal][expert] → worker index hosting that expert (its first copy when <see cref="Copies"/> replicates it).</param>
 public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<StageRange> Stages, IReadOnlyList<WorkerSlot> Workers, int[][] ExpertOwner)
 {
     public int WorldSize => Workers.Count;
@@ -55,14 +55,60 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
         return -1;
     }
 
-    /// <summary>Units held by the worker of rank <paramref name="rank"/>: its stage's slice and the experts it hosts.</summary>
+    // ---- replicated experts ---------------------------------------------------------------------
+
+    /// <summary>
+    /// [moe layer ordinal][expert] → ranks holding a copy of that expert, in copy order (copy i takes the
+    /// i-th of r equal parts of the expert's rows, see <see cref="CopyRows"/>); null = one copy of every
+    /// expert, on its <see cref="ExpertOwner"/>. When set, <c>Copies[o][e][0] == ExpertOwner[o][e]</c>: code
+    /// that only needs "a holder" keeps reading the owner table. Copies of one expert are bit-identical:
+    /// their holders sum their partial gradients in copy order before every update.
+    /// </summary>
+    public int[][][]? Copies { get; init; }
+
+    /// <summary>Ranks holding a copy of the expert, in copy order (at least one: the owner).</summary>
+    public int[] CopiesOf(int moeOrdinal, int expert) => Copies?[moeOrdinal][expert] ?? [ExpertOwner[moeOrdinal][expert]];
+
+    /// <summary>True when some expert of the layer has more than one copy.</summary>
+    public bool IsReplicated(int moeOrdinal) => Copies is { } c && c[moeOrdinal].Any(h => h.Length > 1);
+
+    /// <summary>
+    /// The rows [start, end) of an expert's <paramref name="n"/> rows (counted from its first row) that copy
+    /// <paramref name="copy"/> of <paramref name="copies"/> computes: [i·n/r, (i+1)·n/r) in integer division.
+    /// Deterministic and a partition of the rows, so the sum of the copies' work is the single copy's.
+    /// </summary>
+    public static (long Start, long End) CopyRows(long n, int copy, int copies) => (copy * n / copies, (copy + 1) * n / copies);
+
+    /// <summary>
+    /// This plan with its experts where <paramref name="placement"/> puts them (workers matched by identity;
+    /// every holder must be a worker of this plan). Copies keep the placement's order; an expert with one
+    /// copy is as an <see cref="ExpertOwner"/> entry, and a placement without replicas leaves <see cref="Copies"/> null.
+    /// </summary>
+    public TrainingPlan WithPlacement(ExpertPlacement placement)
+    {
+        if (placement.Layers != ExpertOwner.Length)
+            throw new ArgumentException($"the placement has {placement.Layers} MoE layers, the plan {ExpertOwner.Length}", nameof(placement));
+        var copies = new int[placement.Layers][][];
+        for (int o = 0; o < placement.Layers; o++)
+        {
+            copies[o] = new int[placement.ExpertCount(o)][];
+            for (int e = 0; e < copies[o].Length; e++)
+                copies[o][e] = placement.CopiesOf(o, e).Select(w => RankOf(w) is var r and >= 0 ? r
+                    : throw new ArgumentException($"layer {o} expert {e} is placed on {w}, which is not a worker of plan {Epoch}", nameof(placement))).ToArray();
+        }
+        var owner = copies.Select(layer => layer.Select(c => c[0]).ToArray()).ToArray();
+        bool replicated = copies.Any(layer => layer.Any(c => c.Length > 1));
+        return this with { ExpertOwner = owner, Copies = replicated ? copies : null };
+    }
+
+    /// <summary>Units held by the worker of rank <paramref name="rank"/>: its stage's slice and the expert copies it hosts.</summary>
     public IEnumerable<UnitId> UnitsOf(int rank, ModelOptions model)
     {
         var stage = Stages[StageOf(rank)];
         foreach (var u in UnitCatalog.StageUnits(model, stage.First, stage.End)) yield return u;
         for (int o = 0; o < ExpertOwner.Length; o++)
             for (int e = 0; e < ExpertOwner[o].Length; e++)
-                if (ExpertOwner[o][e] == rank) yield return UnitId.OfExpert(o + model.DenseLayers, e);
+                if (Array.IndexOf(CopiesOf(o, e), rank) >= 0) yield return UnitId.OfExpert(o + model.DenseLayers, e);
     }
 
     /// <summary>Every unit with the ranks that hold it (several for dense units when DP &gt; 1).</summary>
@@ -87,7 +133,9 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
            && Stages.SequenceEqual(other.Stages)
            && Workers.SequenceEqual(other.Workers) && Redundancy == other.Redundancy
            && ExpertOwner.Length == other.ExpertOwner.Length
-           && ExpertOwner.Zip(other.ExpertOwner).All(t => t.First.SequenceEqual(t.Second));
+           && ExpertOwner.Zip(other.ExpertOwner).All(t => t.First.SequenceEqual(t.Second))
+           && Enumerable.Range(0, ExpertOwner.Length).All(o => Enumerable.Range(0, ExpertOwner[o].Length)
+               .All(e => CopiesOf(o, e).SequenceEqual(other.CopiesOf(o, e))));
 
     // ---- redundancy: buddy mirrors -------------------------------------------------------------
 
@@ -155,14 +203,15 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
 
     /// <summary>Experts of MoE layer <paramref name="moeOrdinal"/> hosted by <paramref name="worker"/>, ascending.</summary>
     public int[] ExpertsOn(int moeOrdinal, int worker)
-        => ExpertOwner[moeOrdinal].Select((w, e) => (w, e)).Where(t => t.w == worker).Select(t => t.e).ToArray();
+        => Enumerable.Range(0, ExpertOwner[moeOrdinal].Length).Where(e => Array.IndexOf(CopiesOf(moeOrdinal, e), worker) >= 0).ToArray();
 
     /// <summary>
     /// True when only <paramref name="worker"/> ever sends tokens to its own experts of this layer: then the
-    /// experts can run inside that worker's autograd graph with no request/reply at all.
+    /// experts can run inside that worker's autograd graph with no request/reply at all. Never for a layer
+    /// with replicated experts: their copies exchange gradients shard to shard, so they live in shards.
     /// </summary>
     public bool ExpertsPrivateTo(int moeOrdinal, int worker, int block)
-        => Dp == 1 && StageOf(worker) == StageOfBlock(block);
+        => Dp == 1 && StageOf(worker) == StageOfBlock(block) && !IsReplicated(moeOrdinal);
 
     /// <summary>
     /// <see cref="ExpertsPrivateTo"/> for the shard of MoE layer <paramref name="moeOrdinal"/> on

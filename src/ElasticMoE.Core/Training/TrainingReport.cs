@@ -108,6 +108,22 @@ public sealed class TrainingReport : IDisposable
         }
     }
 
+    /// <summary>
+    /// An expert rebalance installed before step <paramref name="step"/>: the window's worker max/mean load
+    /// before and as planned after, and the expert copies it moved.
+    /// </summary>
+    public void RebalanceEvent(long step, double maxOverMeanBefore, double maxOverMeanAfter, int copiesMoved)
+    {
+        lock (_gate)
+        {
+            _console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"rebalance at step {step}: max/mean {maxOverMeanBefore:F3} -> {maxOverMeanAfter:F3}, {copiesMoved} cop{(copiesMoved == 1 ? "y" : "ies")} moved"));
+            if (_metrics is null || _disposed) return;
+            _metrics.Write(Utf8.GetBytes(string.Create(CultureInfo.InvariantCulture,
+                $"{{\"event\":\"rebalance\",\"step\":{step},\"max_over_mean_before\":{Num(maxOverMeanBefore)},\"after\":{Num(maxOverMeanAfter)},\"copies_moved\":{copiesMoved}}}\n")));
+        }
+    }
+
     public void Info(string message)
     {
         lock (_gate) _console.WriteLine(message);

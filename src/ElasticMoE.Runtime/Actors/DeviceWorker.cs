@@ -187,7 +187,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         TrainingPlan? previous;
         try
         {
-            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner) with { Redundancy = m.Redundancy };
+            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner) with { Redundancy = m.Redundancy, Copies = m.ExpertCopies };
             previous = m.Previous.Length == 0 ? null : ToPlan(m.Epoch - 1, 1, 1, [], [], m.Previous, []);
         }
         catch (Exception ex)

@@ -62,9 +62,9 @@ public sealed class ExpertShardActor : ReceiveActor
                 break;
             case ApplyUpdate m:
                 var replyTo = Sender;
-                Run(m.Fence, _ =>
+                Run(m.Fence, token =>
                 {
-                    var (applied, already) = _engine!.Apply(m);
+                    var (applied, already) = _engine!.Apply(m, token);
                     replyTo.Tell(new UpdateApplied(m.Fence, _context.Worker, 0, applied, already));
                 });
                 break;

@@ -133,7 +133,7 @@ public sealed partial class TrainingCoordinator
             if (plan is null || rank < 0)
                 return new ShellWorker(w.NodeAddress, w.Id.SystemUid, w.Device, w.DataEndpoint, -1, -1, -1, "", 0, 0, _leaving.ContainsKey(w.NodeAddress));
             var stage = plan.Stages[plan.StageOf(rank)];
-            int experts = plan.ExpertOwner.Sum(layer => layer.Count(o => o == rank));
+            int experts = Enumerable.Range(0, plan.ExpertOwner.Length).Sum(o => plan.ExpertsOn(o, rank).Length);
             return new ShellWorker(w.NodeAddress, w.Id.SystemUid, w.Device, w.DataEndpoint, rank, plan.StageOf(rank), plan.ReplicaOf(rank),
                 $"[{stage.First},{stage.End})", experts, plan.UnitsOf(rank, _config.Model).Count(), _leaving.ContainsKey(w.NodeAddress));
         }).OrderBy(w => w.Rank < 0).ThenBy(w => w.Rank).ThenBy(w => w.Node, StringComparer.Ordinal).ThenBy(w => w.Device).ToArray();

@@ -560,10 +560,11 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly System.Diagnostics.Stopwatch _sinceCommit = new();
     private bool _firstStepOfPlan;
 
-    private void Replan(int workers, int pp)
+    /// <param name="placement">Where the experts go (a rebalance); null: where the planner keeps them.</param>
+    private void Replan(int workers, int pp, ExpertPlacement? placement = null)
     {
         // An install moves and releases units: not before the boundary's checkpoint copies are taken.
-        if (AfterCopies(() => Replan(workers, pp))) return;
+        if (AfterCopies(() => Replan(workers, pp, placement))) return;
         var previous = _state.Plan;
         TrainingPlan next;
         TransferPlan transfers;
@@ -585,6 +586,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
             next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
+            if (placement is not null) next = next.WithPlacement(placement);
             transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model, _gone);
             _lastEpoch = epoch;
         }
@@ -615,10 +617,13 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         {
             Redundancy = next.Redundancy,
             Resume = previous is null ? _resume : null,
+            ExpertCopies = next.Copies,
         };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
-                     $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s), {transfers.Moves.Count} unit(s) to move" +
+                     $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s)" +
+                     (next.Copies is { } copies ? $" with {copies.Sum(l => l.Sum(c => c.Length - 1))} extra cop(ies) of hot experts" : "") +
+                     $", {transfers.Moves.Count} unit(s) to move" +
                      (next.Redundancy > 0 && next.BuddyOf(0) >= 0 ? ", mirrored on buddies" : ""));
         _installClock = System.Diagnostics.Stopwatch.StartNew();
         foreach (var a in _agents) a.Agent.Tell(msg);
@@ -751,6 +756,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Replan(r.Workers, r.Pp);
             return;
         }
+        if (RebalanceIfDue(step)) return;
         if (_schedule.TryPeek(out var point) && point.Step <= step)
         {
             _schedule.Dequeue();
@@ -915,6 +921,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
         if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _fence.Step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
         Apply(new StepCommitted(r, _fence.Attempt + 1));
+        RecordLoads(r);
         if (_firstStepOfPlan)
         {
             _firstStepOfPlan = false;
@@ -1111,8 +1118,14 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         Receive<ParameterSummary>(m =>
         {
-            // Replicas agree (checked by checksum); keep the first answer for each name.
-            for (int i = 0; i < m.Names.Length; i++) _finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i]));
+            // Replicas agree (checked by checksum); keep the first answer for each name. Only copies of a
+            // replicated expert answer for the same name twice, and they must be the same bits.
+            for (int i = 0; i < m.Names.Length; i++)
+                if (!_finalParameters.TryAdd(m.Names[i], (m.Sums[i], m.Norms[i])) && _finalParameters[m.Names[i]] != (m.Sums[i], m.Norms[i]))
+                {
+                    Fail($"the copies of replicated parameter {m.Names[i]} differ at the end of the run: sums {_finalParameters[m.Names[i]].Item1:R} and {m.Sums[i]:R}", FailureKind.StateLost);
+                    return;
+                }
             if (_summarized.Add(Sender) && _summarized.Count == _expectedSummaries) Complete();
         });
         Common();

@@ -1,4 +1,5 @@
 using ElasticMoE.Model;
+using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Protocol;
 using TorchSharp;
@@ -49,13 +50,20 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
         var offsets = new long[counts.Length + 1];
         for (int e = 0; e < counts.Length; e++) offsets[e + 1] = offsets[e] + counts[e];
 
-        // Rows of each owner, in ascending expert order: exactly what its shard expects.
+        // Rows of each holder, in ascending expert order: exactly what its shard expects. An expert with r
+        // copies has its rows split in r consecutive parts (TrainingPlan.CopyRows), copy i taking part i: each
+        // row is still computed once, by a bit-identical copy, so the maths is the single copy's.
         var byOwner = new SortedDictionary<int, (List<long> Rows, List<long> Counts)>();
         for (int e = 0; e < counts.Length; e++)
         {
-            if (!byOwner.TryGetValue(owners[e], out var entry)) byOwner[owners[e]] = entry = (new List<long>(), new List<long>());
-            for (long r = offsets[e]; r < offsets[e + 1]; r++) entry.Rows.Add(r);
-            entry.Counts.Add(counts[e]);
+            var copies = plan.CopiesOf(ordinal, e);
+            for (int i = 0; i < copies.Length; i++)
+            {
+                if (!byOwner.TryGetValue(copies[i], out var entry)) byOwner[copies[i]] = entry = (new List<long>(), new List<long>());
+                var (start, end) = TrainingPlan.CopyRows(counts[e], i, copies.Length);
+                for (long r = offsets[e] + start; r < offsets[e] + end; r++) entry.Rows.Add(r);
+                entry.Counts.Add(end - start);
+            }
         }
 
         var result = zeros_like(tokens);

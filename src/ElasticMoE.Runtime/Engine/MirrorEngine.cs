@@ -74,9 +74,23 @@ public static class MirrorParts
     public static void Unpack(Tensor packed, IReadOnlyList<StateUnit> units)
     {
         var parameters = units.SelectMany(u => u.Parameters).ToList();
+        var grads = UnpackGradients(packed, units);
+        for (int i = 0; i < parameters.Count; i++) parameters[i].Param.grad = grads[i];
+        // The parameters hold their own references.
+        foreach (var g in grads) g?.Dispose();
+    }
+
+    /// <summary>
+    /// The gradients of a <see cref="Pack"/>ed tensor made of <paramref name="units"/>, one per parameter in
+    /// their order (null where it had none), shaped, typed and placed like the parameter; the caller owns them.
+    /// </summary>
+    public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<StateUnit> units)
+    {
+        var parameters = units.SelectMany(u => u.Parameters).ToList();
         long expected = parameters.Sum(p => p.Param.numel()) + parameters.Count;
         if (packed.numel() != expected)
-            throw new InvalidOperationException($"mirror gradients hold {packed.numel()} values, the units {string.Join(", ", units.Select(u => u.Id))} need {expected}");
+            throw new InvalidOperationException($"packed gradients hold {packed.numel()} values, the units {string.Join(", ", units.Select(u => u.Id))} need {expected}");
+        var result = new Tensor?[parameters.Count];
         using var scope = NewDisposeScope();
         var flags = packed.narrow(0, expected - parameters.Count, parameters.Count).data<float>().ToArray();
         long offset = 0;
@@ -85,13 +99,10 @@ public static class MirrorParts
             var p = parameters[i].Param;
             long n = p.numel();
             if (flags[i] != 0f)
-            {
-                var g = packed.narrow(0, offset, n).reshape(p.shape).to(p.dtype, p.device).clone();
-                p.grad = g;
-            }
-            else p.grad = null;
+                result[i] = packed.narrow(0, offset, n).reshape(p.shape).to(p.dtype, p.device).clone().DetachFromDisposeScope();
             offset += n;
         }
+        return result;
     }
 }
 

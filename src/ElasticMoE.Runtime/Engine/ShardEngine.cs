@@ -17,6 +17,14 @@ namespace ElasticMoE.Runtime.Engine;
 /// delivers them, and float sums depend on order. So each backward's parameter gradients are kept apart,
 /// per micro-batch, and summed in ascending micro-batch order (the single-process loop's order) only when
 /// every contribution is in — before the norm or the update. Same seed, config and layout → same bits.
+/// <para>
+/// Replicated experts (<see cref="TrainingPlan.Copies"/>): each copy computed its part of the expert's rows,
+/// so its gradient is partial. Once this shard's own sum is done, the holders of each replicated expert swap
+/// their partial gradients over the data plane (one frame per pair of holders, fenced by the attempt) and
+/// each sums them in copy order (copy 0 + copy 1 + …, a copy that got no row adding nothing): the same
+/// floats in the same order everywhere, so every copy applies the same AdamW update and stays bit-identical.
+/// The gradient norm counts such an expert once: only its copy 0's shard includes it.
+/// </para>
 /// </remarks>
 public sealed class ShardEngine : IDisposable
 {
@@ -33,6 +41,14 @@ public sealed class ShardEngine : IDisposable
     private readonly SortedDictionary<int, Tensor?[]> _contributions = new();
     private Fence _computeFence = new(-1, -1, -1);
     private bool _accumulated;
+    // Replicated experts held here: index into _units, the ranks of its copies, and which copy this is.
+    private readonly List<(int Local, int[] Copies, int Mine)> _replicated = new();
+    // Every other holder of a copy of something held here: rank → local indices of those experts, ascending.
+    private readonly SortedDictionary<int, List<int>> _peers = new();
+    // First index in _params of each unit's parameters (and one past the last).
+    private readonly int[] _paramStart;
+    // Parameters the norm counts: all but those of replicated experts whose copy 0 is elsewhere.
+    private readonly List<Tensor> _normParams;
 
     public ShardEngine(WorkerContext ctx, int moeOrdinal)
     {
@@ -46,6 +62,25 @@ public sealed class ShardEngine : IDisposable
         _mirrored = MirrorParts.Of(ctx.ActivePlan, ctx.Worker, ctx.Config.Model).GetValueOrDefault(1 + moeOrdinal, []).Select(u => ctx.Units[u]).ToList();
         var t = ctx.Config.Train;
         _optimizer = new AdamW(t.Beta1, t.Beta2, t.AdamEps, t.WeightDecay);
+        _paramStart = new int[_units.Count + 1];
+        for (int k = 0; k < _units.Count; k++) _paramStart[k + 1] = _paramStart[k] + _units[k].Parameters.Count();
+        var plan = ctx.ActivePlan;
+        var notCounted = new HashSet<int>();
+        for (int k = 0; k < _experts.Length; k++)
+        {
+            var copies = plan.CopiesOf(moeOrdinal, _experts[k]);
+            if (copies.Length < 2) continue;
+            int mine = Array.IndexOf(copies, ctx.Worker);
+            _replicated.Add((k, copies, mine));
+            if (mine != 0)
+                for (int i = _paramStart[k]; i < _paramStart[k + 1]; i++) notCounted.Add(i);
+            foreach (var peer in copies.Where(r => r != ctx.Worker))
+            {
+                if (!_peers.TryGetValue(peer, out var list)) _peers[peer] = list = new List<int>();
+                list.Add(k);
+            }
+        }
+        _normParams = _params.Where((_, i) => !notCounted.Contains(i)).Select(p => p.Param).ToList();
     }
 
     public int MoEOrdinal { get; }
@@ -108,16 +143,16 @@ public sealed class ShardEngine : IDisposable
     public double GradSumSq(Fence fence, CancellationToken token)
     {
         _ctx.MaybeInject(FaultPhase.Norm, fence);
-        Accumulate(fence);
+        Accumulate(fence, token);
         // The gradients are final now: the buddy gets them before the norm is reported (see MirrorParts).
         MirrorSender.Send(_ctx, fence, token, 1 + MoEOrdinal, _mirrored);
-        return GradClip.SumOfSquares(_params.Select(p => p.Param));
+        return GradClip.SumOfSquares(_normParams);
     }
 
     /// <summary>Applies the step to every unit that has not yet; returns (applied now, applied before).</summary>
-    public (int Applied, int Already) Apply(ApplyUpdate u)
+    public (int Applied, int Already) Apply(ApplyUpdate u, CancellationToken token)
     {
-        Accumulate(u.Fence with { Attempt = u.ComputeAttempt });
+        Accumulate(u.Fence with { Attempt = u.ComputeAttempt }, token);
         using var scope = NewDisposeScope();
         int applied = 0, already = 0;
         foreach (var unit in _units)
@@ -143,32 +178,90 @@ public sealed class ShardEngine : IDisposable
         _accumulated = false;
     }
 
-    // Sums the contributions of compute attempt `fence` into .grad, in ascending micro-batch order. A
-    // shard that got no token in that attempt (or only in another one) has no gradient.
-    private void Accumulate(Fence fence)
+    // Sums the contributions of compute attempt `fence` into .grad, in ascending micro-batch order, then
+    // completes replicated experts' gradients with their other copies' (see the class remarks). A shard that
+    // got no token in that attempt (or only in another one) has no gradient of its own, but still swaps: the
+    // other copies wait for its frame.
+    private void Accumulate(Fence fence, CancellationToken token)
     {
-        if (fence != _computeFence)
-        {
-            EnterCompute(fence);
-            _accumulated = true;
-            return;
-        }
-        if (_accumulated) return;
+        if (fence != _computeFence) EnterCompute(fence);
+        else if (_accumulated) return;
         _accumulated = true;
-        using var _ = no_grad();
-        for (int i = 0; i < _params.Count; i++)
+        using (var _ = no_grad())
         {
-            Tensor? sum = null;
-            foreach (var parts in _contributions.Values)
+            for (int i = 0; i < _params.Count; i++)
             {
-                if (parts[i] is not { } g) continue;
-                if (sum is null) sum = g.clone();
-                else sum.add_(g, Scalars.One);
+                Tensor? sum = null;
+                foreach (var parts in _contributions.Values)
+                {
+                    if (parts[i] is not { } g) continue;
+                    if (sum is null) sum = g.clone();
+                    else sum.add_(g, Scalars.One);
+                }
+                _params[i].Param.grad = sum;
+                sum?.Dispose();   // the parameter holds its own reference
             }
-            _params[i].Param.grad = sum;
-            sum?.Dispose();   // the parameter holds its own reference
         }
         ClearContributions();
+        ExchangeReplicaGradients(fence, token);
+    }
+
+    private void ExchangeReplicaGradients(Fence fence, CancellationToken token)
+    {
+        if (_peers.Count == 0) return;
+        var plan = _ctx.ActivePlan;
+        var what = $"shard L{MoEOrdinal}@{_ctx.Worker}: replica gradients of {fence}";
+        var receives = _peers.Keys.ToDictionary(peer => peer,
+            peer => _ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.ReplicaGradients, fence, MoEOrdinal, 0, peer, _ctx.Worker), token));
+        var packs = new List<Tensor>();
+        var theirs = new Dictionary<(int Peer, int Local), Tensor?[]>();
+        try
+        {
+            var sends = new List<Task>();
+            foreach (var (peer, locals) in _peers)
+            {
+                var packed = MirrorParts.Pack(locals.Select(k => _units[k]).ToList());
+                packs.Add(packed);
+                sends.Add(_ctx.DataPlane.SendAsync(plan.Workers[peer].DataEndpoint,
+                    StepTags.Make(StepTags.Kind.ReplicaGradients, fence, MoEOrdinal, 0, _ctx.Worker, peer), packed));
+            }
+            _ctx.Wait(Task.WhenAll(sends), token, what + ": send");
+            _ctx.Wait(Task.WhenAll(receives.Values), token, what + ": receive");
+            foreach (var (peer, locals) in _peers)
+            {
+                using var frame = receives[peer].Result;
+                using var packed = frame.ToTensor();
+                var grads = MirrorParts.UnpackGradients(packed, locals.Select(k => _units[k]).ToList());
+                int offset = 0;
+                foreach (int k in locals)
+                {
+                    int n = _paramStart[k + 1] - _paramStart[k];
+                    theirs[(peer, k)] = grads[offset..(offset + n)];
+                    offset += n;
+                }
+            }
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            foreach (var (k, copies, mine) in _replicated)
+                for (int j = 0; j < _paramStart[k + 1] - _paramStart[k]; j++)
+                {
+                    var param = _params[_paramStart[k] + j].Param;
+                    Tensor? sum = null;
+                    for (int c = 0; c < copies.Length; c++)
+                    {
+                        var g = c == mine ? param.grad : theirs[(copies[c], k)][j];
+                        if (g is null) continue;
+                        if (sum is null) sum = g.clone();
+                        else sum.add_(g, Scalars.One);
+                    }
+                    param.grad = sum;
+                }
+        }
+        finally
+        {
+            foreach (var p in packs) p.Dispose();
+            foreach (var grads in theirs.Values) Dispose(grads);
+        }
     }
 
     private void ClearContributions()

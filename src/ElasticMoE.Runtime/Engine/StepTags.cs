@@ -38,6 +38,8 @@ public static class StepTags
         Unit = 10,
         MirrorGradients = 11,
         MirrorAck = 12,
+        /// <summary>A replicated expert's partial gradients, from one copy's holder to another's (see <c>ReplicaExchange</c>).</summary>
+        ReplicaGradients = 13,
     }
 
     public const int MaxWorkers = 128, MaxMicroBatches = 256, MaxLayers = 256;

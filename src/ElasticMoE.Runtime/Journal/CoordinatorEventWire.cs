@@ -34,7 +34,11 @@ public sealed record TrainingPlanWire(
     [property: Key(4)] int[] StageEnds,
     [property: Key(5)] WorkerSlotWire[] Workers,
     [property: Key(6)] int[][] ExpertOwner,
-    [property: Key(7)] int Redundancy);
+    [property: Key(7)] int Redundancy)
+{
+    /// <summary>Replicated experts (<c>TrainingPlan.Copies</c>); absent in journals written before replicas, and null = one copy each.</summary>
+    [Key(8)] public int[][][]? Copies { get; init; }
+}
 
 /// <summary>Stored form of <c>StepResult</c>.</summary>
 [MessagePackObject]

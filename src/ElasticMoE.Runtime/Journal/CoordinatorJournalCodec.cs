@@ -112,7 +112,7 @@ public static class CoordinatorJournalCodec
         p.Stages.Select(s => s.First).ToArray(), p.Stages.Select(s => s.End).ToArray(),
         p.Workers.Select(ToWire).ToArray(),
         p.ExpertOwner.Select(o => o.ToArray()).ToArray(),
-        p.Redundancy);
+        p.Redundancy) { Copies = p.Copies };
 
     private static TrainingPlan ToDomain(TrainingPlanWire w)
     {
@@ -124,7 +124,7 @@ public static class CoordinatorJournalCodec
             starts.Zip(ends, (s, e) => new StageRange(s, e)).ToArray(),
             Array(w.Workers).Select(ToDomain).ToArray(),
             Array(w.ExpertOwner).Select(o => Array(o)).ToArray());
-        return plan with { Redundancy = w.Redundancy };
+        return plan with { Redundancy = w.Redundancy, Copies = w.Copies is null ? null : Array(w.Copies).Select(l => Array(l).Select(c => Array(c)).ToArray()).ToArray() };
     }
 
     private static StepResultWire ToWire(StepResult r) =>

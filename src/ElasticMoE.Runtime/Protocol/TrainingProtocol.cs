@@ -126,6 +126,9 @@ public sealed record InstallPlan(
 
     /// <summary>A resumed run's first plan: the checkpoint every worker loads its units from; null otherwise.</summary>
     [Key(11)] public ResumeFrom? Resume { get; init; }
+
+    /// <summary>The plan's <see cref="Planning.TrainingPlan.Copies"/> (replicated experts); null = one copy each, on its owner.</summary>
+    [Key(12)] public int[][][]? ExpertCopies { get; init; }
 }
 
 /// <summary>

@@ -66,6 +66,23 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void A_plan_keeps_its_replicated_experts()
+    {
+        var plan = Plan(5, [Slot(1, 0), Slot(1, 1), Slot(2, 0), Slot(2, 1)], 1);
+        var copies = plan.ExpertOwner.Select(layer => layer.Select(o => new[] { o }).ToArray()).ToArray();
+        copies[0][0] = [copies[0][0][0], (copies[0][0][0] + 1) % plan.WorldSize];
+        plan = plan with { Copies = copies };
+        var back = ((PlanChanged)CoordinatorJournalSerializer.Decode(CoordinatorJournalSerializer.Encode(new PlanChanged(plan, 17)).Bytes, "j.PlanChanged")).Plan;
+        Assert.True(plan.SameLayout(back));
+        Assert.Equal(copies[0][0], back.CopiesOf(0, 0));
+        // A plan stored before replicas (no key 8) reads as one copy per expert.
+        var wire = (PlanChangedWire)CoordinatorJournalCodec.ToWire(new PlanChanged(plan with { Copies = null }, 17)).Wire;
+        Assert.Null(wire.Plan.Copies);
+        var old = ((PlanChanged)CoordinatorJournalSerializer.Decode(MessagePackSerializer.Serialize(wire), "j.PlanChanged")).Plan;
+        Assert.Null(old.Copies);
+    }
+
+    [Fact]
     public void Damaged_bytes_fail_with_the_record_and_its_size_named()
     {
         var (manifest, bytes) = CoordinatorJournalSerializer.Encode(new StepCommitted(Step(3), 1));
