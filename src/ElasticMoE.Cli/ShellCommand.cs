@@ -74,6 +74,7 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         new("train pause", "train pause", "finish the step in flight, then start no new one until resumed (token)", a => Control("pause", a, token)),
         new("train resume", "train resume", "continue a paused run (token)", a => Control("resume", a, token)),
         new("train stop", "train stop", "end the run after the step in flight, as a SIGTERM does (token)", a => Control("stop", a, token)),
+        new("rebalance now", "rebalance now [--dry-run] [--token T]", "re-place experts by load at the next step boundary (token); --dry-run: what it would do", Rebalance(token)),
         new("checkpoint now", "checkpoint now", "checkpoint at the next step boundary; runs with --run-dir (token)", a => Control("checkpoint", a, token)),
     ];
 
@@ -164,6 +165,7 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         {
             case ShellError e: return Fail(e.Message);
             case ShellAck { Ok: false } a: return Fail(a.Message);
+            case ShellRebalancePreview { Possible: false } r: return Fail($"no rebalance possible: {r.Message}");
         }
         if (json) stdout.WriteLine(JsonSerializer.Serialize(reply, reply.GetType(), Json));
         else ShellText.Print(stdout, reply);
@@ -229,6 +231,12 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         ["--layer", var l] when int.TryParse(l, NumberStyles.None, CultureInfo.InvariantCulture, out int layer) => new ShellExpertLoadsQuery(layer),
         ["--layer", var l] => throw new UsageException($"--layer expects a block number, got '{l}'"),
         _ => throw new UsageException($"unexpected argument '{string.Join(' ', args)}'"),
+    };
+
+    private static Func<string[], IElasticMoEMessage> Rebalance(string token) => args => args switch
+    {
+        ["--dry-run"] => new ShellRebalanceQuery(),
+        _ => Control("rebalance", args, token),
     };
 
     private static IElasticMoEMessage Control(string action, string[] args, string token)

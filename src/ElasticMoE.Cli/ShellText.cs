@@ -61,6 +61,12 @@ internal static class ShellText
             case ShellAck a:
                 o.WriteLine(a.Message);
                 break;
+            case ShellRebalancePreview { Possible: false } r:
+                o.WriteLine($"no rebalance possible: {r.Message}");
+                break;
+            case ShellRebalancePreview r:
+                o.WriteLine(string.Create(Inv, $"dry run over the last {r.WindowSteps} step(s): worker max/mean load {r.MaxOverMeanBefore:F3} -> {r.MaxOverMeanAfter:F3}, {r.CopiesMoved} expert cop(ies) moved ({r.Message})"));
+                break;
             default:
                 o.WriteLine(reply.ToString());
                 break;

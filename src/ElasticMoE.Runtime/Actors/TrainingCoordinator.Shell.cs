@@ -32,6 +32,7 @@ public sealed partial class TrainingCoordinator
         Receive<ShellCheckpointsQuery>(_ => Sender.Tell(new ShellCheckpoints(
             _state.Checkpoints.Select(c => new ShellCheckpoint(c.Step, c.ManifestSha256, c.Files.Count, c.Files.Sum(f => f.Length))).ToArray(), _runDir)));
         Receive<ShellControl>(m => Sender.Tell(OnShellControl(m)));
+        Receive<ShellRebalanceQuery>(_ => Sender.Tell(RebalancePreview()));
         // A stop while held at a boundary: Common's StopRun waits for a step in flight, and none is coming.
         Receive<StopRun>(m =>
         {
@@ -98,6 +99,20 @@ public sealed partial class TrainingCoordinator
                 }
                 _checkpointAsked = true;
                 return new ShellAck(true, $"checkpoint at the next step boundary (after step {_state.NextStep + 1}); `checkpoints list` shows it once committed");
+            case "rebalance":
+                if (RebalanceRefusal() is { } why) return new ShellAck(false, $"cannot rebalance now: {why}");
+                _report.Info("rebalance requested from the shell");
+                if (_holding)
+                {
+                    // Paused at a boundary: re-plan now; the run holds again once the plan is installed.
+                    _holding = false;
+                    _rebalanceAsked = true;
+                    if (!RebalanceIfDue(_state.NextStep)) HoldAtBoundary();
+                    return new ShellAck(true, "rebalance carried out at this boundary (paused)");
+                }
+                if (_rebalanceAsked) return new ShellAck(true, "a rebalance is already requested for the next step boundary");
+                _rebalanceAsked = true;
+                return new ShellAck(true, $"rebalance at the next step boundary (after step {_state.NextStep + 1}); a metrics line and `plan` show it");
             default:
                 return new ShellAck(false, $"unknown control command '{m.Action}'");
         }

@@ -66,6 +66,13 @@ public sealed record WorkersAdopted(long NextStep, TrainingPlan Plan) : ICoordin
 /// <summary>The coordinator ended the run (finished, or stopped on request) before step <c>NextStep</c>: <c>How</c> says which.</summary>
 public sealed record RunEnded(long NextStep, string How) : ICoordinatorEvent;
 
+/// <summary>
+/// A rebalance was decided before step <c>Step</c> (on the trigger, or requested): worker max/mean load over the
+/// window before and as planned after, and the expert copies it moves. The placement itself is the next
+/// <see cref="PlanChanged"/>'s.
+/// </summary>
+public sealed record ExpertsRebalanced(long Step, double MaxOverMeanBefore, double MaxOverMeanAfter, int CopiesMoved, bool Requested) : ICoordinatorEvent;
+
 /// <summary>A committed checkpoint is being deleted (retention): recorded before its files go.</summary>
 public sealed record CheckpointRetired(long Step, string ManifestSha256) : ICoordinatorEvent;
 
@@ -109,6 +116,7 @@ public sealed record CoordinatorState(
         },
         CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty, Ended = null },
         RunEnded r => this with { Ended = r.How },
+        ExpertsRebalanced => this,
         WorkersAdopted a when a.NextStep < NextStep => throw new InvalidOperationException($"adopted units at step {a.NextStep} while the next step is {NextStep}"),
         WorkersAdopted a => this with { NextStep = a.NextStep, Plan = a.Plan },
         CheckpointRetired r => this with { Checkpoints = Checkpoints.RemoveAll(c => c.Step == r.Step && c.ManifestSha256 == r.ManifestSha256) },

@@ -94,6 +94,14 @@ public sealed record CoordinatorRestartedWire([property: Key(0)] long AtStep);
 public sealed record WorkersAdoptedWire([property: Key(0)] long NextStep, [property: Key(1)] TrainingPlanWire Plan);
 
 [MessagePackObject]
+public sealed record ExpertsRebalancedWire(
+    [property: Key(0)] long Step,
+    [property: Key(1)] double MaxOverMeanBefore,
+    [property: Key(2)] double MaxOverMeanAfter,
+    [property: Key(3)] int CopiesMoved,
+    [property: Key(4)] bool Requested);
+
+[MessagePackObject]
 public sealed record RunEndedWire([property: Key(0)] long NextStep, [property: Key(1)] string How);
 
 [MessagePackObject]

@@ -136,6 +136,23 @@ public sealed record ShellCheckpoints([property: Key(0)] ShellCheckpoint[] Check
 [MessagePackObject, Manifest("s.Control")]
 public sealed record ShellControl([property: Key(0)] string Action, [property: Key(1)] string Token) : IShellRunRequest;
 
+/// <summary>Shell → coordinator: what a rebalance now would do (`rebalance now --dry-run`): nothing is applied, no token needed.</summary>
+[MessagePackObject, Manifest("s.RebalanceQuery")]
+public sealed record ShellRebalanceQuery : IShellRunRequest;
+
+/// <summary>
+/// A rebalance's prediction on the current load window: worker max/mean load before and after, and the expert copies it
+/// would move; <c>Possible</c> false (with the reason in <c>Message</c>) when none can be planned now.
+/// </summary>
+[MessagePackObject, Manifest("s.RebalancePreview")]
+public sealed record ShellRebalancePreview(
+    [property: Key(0)] bool Possible,
+    [property: Key(1)] string Message,
+    [property: Key(2)] double MaxOverMeanBefore,
+    [property: Key(3)] double MaxOverMeanAfter,
+    [property: Key(4)] int CopiesMoved,
+    [property: Key(5)] long WindowSteps) : IElasticMoEMessage;
+
 /// <summary>Whether a control command was done (or refused, and why).</summary>
 [MessagePackObject, Manifest("s.Ack")]
 public sealed record ShellAck([property: Key(0)] bool Ok, [property: Key(1)] string Message) : IElasticMoEMessage;

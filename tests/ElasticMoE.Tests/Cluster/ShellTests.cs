@@ -300,6 +300,44 @@ public class ShellTests
     }
 
     [Fact]
+    public async Task Shell_rebalance_now_predicts_with_a_dry_run_and_re_places_experts_at_the_boundary_without_changing_the_curve()
+    {
+        // PP 1 (rebalancing places experts over every worker) and no bias updates, so the loads stay skewed.
+        var cfg = Config(("shell.token", Token), ("cluster.pipeline-stages", "1"), ("model.moe.bias-update-rate", "0"),
+            ("seed", "1"), ("model.layers", "4"), ("model.moe.routed-experts", "6"), ("train.global-batch", "12"),
+            ("train.steps", "16"), ("train.eval-every", "1000"));
+        await using var run = new Run(cfg, startSecond: false);
+        await using var client = await PausedAfter(run, 5);
+
+        // A dry run needs no token and changes nothing; asked twice, it predicts the same (nothing moved).
+        var preview = Json(run.Port, "rebalance now --dry-run");
+        Assert.True(preview.GetProperty("possible").GetBoolean(), preview.ToString());
+        double before = preview.GetProperty("maxOverMeanBefore").GetDouble(), after = preview.GetProperty("maxOverMeanAfter").GetDouble();
+        int copies = preview.GetProperty("copiesMoved").GetInt32();
+        Assert.True(after <= before, preview.ToString());
+        Assert.True(copies > 0, "this seed and config keep the loads skewed enough to move a copy: " + preview);
+        Assert.Equal(preview.ToString(), Json(run.Port, "rebalance now --dry-run").ToString());
+        Assert.Equal(1, Json(run.Port, "plan").GetProperty("epoch").GetInt32());
+
+        // The real one needs the token; with it, it is carried out at this boundary (the run is paused here).
+        var (code, _, error) = Shell(run.Port, "-c", "rebalance now");
+        Assert.Equal(1, code);
+        Assert.Contains("control commands need the shell token", error);
+        Assert.True(Json(run.Port, "rebalance now", "--token", Token).GetProperty("ok").GetBoolean());
+        await WaitPaused(client);
+        Assert.Equal(copies > 0 ? 2 : 1, Json(run.Port, "plan").GetProperty("epoch").GetInt32());
+
+        Json(run.Port, "train resume", "--token", Token);
+        var result = await run.Coordinator.Result.WaitAsync(Long);
+        Assert.Equal(copies > 0 ? 2 : 1, result.Plans.Count);
+        // The same run never rebalanced: the curve does not notice the move (copies split rows, sum gradients).
+        using var quiet = new TrainingReport(TextWriter.Null, null);
+        var reference = await LocalCluster.RunAsync(cfg with { Cluster = cfg.Cluster with { Nodes = 2 } },
+            TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context), quiet).WaitAsync(Long);
+        SingleProcessReference.AssertStepsMatch("rebalanced from the shell vs never rebalanced", result.Steps, reference.Steps.ToList());
+    }
+
+    [Fact]
     public async Task Shell_unknown_commands_and_wrong_arguments_fail_with_a_suggestion_and_change_nothing()
     {
         var cfg = Config(("train.steps", "100000"), ("shell.token", Token));

@@ -29,6 +29,7 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
         long next = history.OfType<StepCommitted>().Max(c => c.Result.Step) + 1;
         history.Add(new CoordinatorRestarted(next));
         history.Add(new WorkersAdopted(next + 1, lastPlan with { Workers = lastPlan.Workers.Select(w => w with { Id = w.Id with { SystemUid = w.Id.SystemUid + 100 } }).ToList() }));
+        history.Add(new ExpertsRebalanced(next + 1, 1.75, 1.37, 1, Requested: false));
         history.Add(new RunEnded(next + 1, "the run was stopped: SIGTERM"));
         Assert.Equal("the run was stopped: SIGTERM", Replay(history).Ended);
         Assert.Equal(CoordinatorJournalCodec.WireTypes.Count - 1, history.Select(e => e.GetType()).Distinct().Count());
