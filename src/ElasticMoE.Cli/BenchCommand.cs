@@ -13,7 +13,7 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell"];
+    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
@@ -140,6 +140,8 @@ public static class BenchCommand
             }
             if (chosen.Contains("placement"))
                 figures.AddRange(Placement(stdout));
+            if (chosen.Contains("rebalance"))
+                figures.AddRange(RebalanceBenchmarks.Run(config, corpus, p.GetValue(cfg.Steps) ?? 60, stdout));
             bool ok = true;
             if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell"]).Any())
             {

@@ -41,6 +41,9 @@ public sealed record PlanRecord(int Epoch, long AtStep, int Dp, int Pp, IReadOnl
 {
     public int UnitsMoved => MovedUnits.Count;
     public double GapSeconds { get; init; } = double.NaN;
+
+    /// <summary>The plan itself (layout, expert copies), for figures computed from it afterwards.</summary>
+    public TrainingPlan? Plan { get; init; }
 }
 
 /// <summary>
@@ -704,7 +707,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         double seconds = _installClock.Elapsed.TotalSeconds;
         Observability.RunMetrics.PlanInstalled(plan.Epoch, seconds);
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
-            Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()));
+            Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()) { Plan = plan });
         Apply(new PlanChanged(plan, _state.NextStep));
         _resume = null;   // the units are in the workers now
         _gone.Clear();

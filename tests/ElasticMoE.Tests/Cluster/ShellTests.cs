@@ -338,6 +338,37 @@ public class ShellTests
     }
 
     [Fact]
+    public async Task Shell_rebalance_requested_while_a_step_is_aborted_and_redone_happens_once_at_the_next_boundary()
+    {
+        // Step 7 (index 6) fails in its backward on rank 1 and is redone; the request arrives as that step starts.
+        var cfg = Config(("shell.token", Token), ("cluster.pipeline-stages", "1"), ("model.moe.bias-update-rate", "0"),
+            ("seed", "1"), ("model.layers", "4"), ("model.moe.routed-experts", "6"), ("train.global-batch", "12"),
+            ("train.steps", "12"), ("train.eval-every", "1000"), ("cluster.fault-injection", "step=6,phase=backward,worker=1"));
+        await using var run = new Run(cfg, startSecond: false);
+        var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(30));
+        await using (client)
+        {
+            Task<IElasticMoEMessage>? request = null;
+            run.OnStep = r =>
+            {
+                if (r.Step == 5) request = client.AskAsync(new ShellControl("rebalance", Token));
+            };
+            run.StartSecond();
+            var result = await run.Coordinator.Result.WaitAsync(Long);
+            Assert.True(Ack(await request!).Ok);
+            Assert.True(result.RedoneAttempts >= 1, "the injected fault made step 7 be redone");
+            // Deferred to the boundary after the aborted step, not lost, and carried out once: one re-plan.
+            Assert.Equal(2, result.Plans.Count);
+            Assert.Equal(7, result.Plans[1].AtStep);
+            Assert.Contains("rebalance requested from the shell", run.Console.Text);
+            using var quiet = new TrainingReport(TextWriter.Null, null);
+            var plain = cfg with { Cluster = cfg.Cluster with { Nodes = 2, FaultInjection = "" } };
+            var reference = await LocalCluster.RunAsync(plain, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context), quiet).WaitAsync(Long);
+            SingleProcessReference.AssertStepsMatch("rebalanced after a redo vs neither", result.Steps, reference.Steps.ToList());
+        }
+    }
+
+    [Fact]
     public async Task Shell_unknown_commands_and_wrong_arguments_fail_with_a_suggestion_and_change_nothing()
     {
         var cfg = Config(("train.steps", "100000"), ("shell.token", Token));
