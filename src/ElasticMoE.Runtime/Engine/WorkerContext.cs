@@ -91,7 +91,8 @@ public sealed class WorkerContext : IDisposable
     {
         lock (_gate)
         {
-            if (Plan is not { } plan || Worker < 0) return null;
+            if (!Active) return null;
+            var plan = Plan!;
             var me = plan.Workers[Worker];
             var units = _held.Order().ToList();
             return new Protocol.HeldUnits(Id.Device,

@@ -58,7 +58,7 @@ public sealed class WorkerNodeHost
                 var node = _current;
                 var outcome = await node.Stopped.ConfigureAwait(false);
                 bool again = outcome is RunOutcome.CoordinatorLost { WaitedInVain: false } && _config.Cluster.CoordinatorWaitSeconds > 0 && !_ending
-                             && _resources.Contexts.Any(c => c.DescribeHeld() is not null);
+                             && _resources.Contexts.Any(c => c.Active);
                 if (!again)
                 {
                     await node.DisposeAsync().ConfigureAwait(false);
