@@ -73,6 +73,7 @@ public sealed partial class TrainingCoordinator
     private void OnJournalRecovered(JournalRecovered m)
     {
         _state = m.State;
+        SeedRebalancer();
         if (_state.RunFingerprint is null)
         {
             Apply(new RunStarted(_runFingerprint, _config.Seed, 0));

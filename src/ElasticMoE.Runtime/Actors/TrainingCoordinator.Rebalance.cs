@@ -1,5 +1,4 @@
-using ElasticMoE.Configuration;
-using ElasticMoE.Planning;
+using Akka.Actor;
 using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
@@ -7,46 +6,65 @@ using ElasticMoE.Training;
 namespace ElasticMoE.Runtime.Actors;
 
 /// <summary>
-/// Load-based expert rebalancing (<c>rebalance.*</c>): the coordinator keeps the expert loads of the last
-/// committed steps and, at a step boundary where <see cref="RebalanceTrigger"/> fires, plans a placement with
-/// replicated hot experts (<see cref="RebalancePlanner"/>) and installs it as a re-plan: units (parameters,
-/// AdamW moments, applied step) move with the re-plan's transfer and no step is lost or redone.
+/// Load-based expert rebalancing (<c>rebalance.*</c>), the coordinator's side: it feeds its child
+/// <see cref="Rebalancer"/> every committed step's expert loads, asks it at the step boundaries where a rebalance
+/// may be due (every <c>rebalance.every</c> steps, or requested from the shell), waits for its answer in
+/// <see cref="Phase.Rebalancing"/>, and installs the placement it planned as a re-plan: units (parameters, AdamW
+/// moments, applied step) move with the re-plan's transfer and no step is lost or redone.
 /// </summary>
 /// <remarks>
-/// Decided in <c>StartStepOrFinish</c>, so it waits naturally while a loss is recovered or an attempt is redone:
-/// those never reach a step boundary. Only with PP = 1: every worker is then expert-eligible and every shard
-/// is shared, so replicas need no stage-private special case; with pipeline stages it says so and does nothing.
+/// Asked from <c>StartStepOrFinish</c>, so a request waits naturally while a loss is recovered or an attempt is
+/// redone: those never reach a step boundary. A loss while the rebalancer is deciding abandons the decision and
+/// keeps a request for the next boundary (not lost, not applied twice: a decision is taken at most once per
+/// request, and a stale answer is fenced out by its id). Only with PP = 1: every worker is then expert-eligible and
+/// every shard is shared, so replicas need no stage-private special case; with pipeline stages it says so and does
+/// nothing.
 /// </remarks>
 public sealed partial class TrainingCoordinator
 {
-    private ExpertLoadWindow? _loadWindow;
-    private RebalanceTrigger? _rebalanceTrigger;
+    private IActorRef _rebalancer = ActorRefs.Nobody;
     private bool _rebalanceRefusedSaid;
     // `rebalance now` from the shell: carried out at the next step boundary (a loss being recovered or an
     // attempt being redone reaches none, so the request waits for them), once, then cleared.
     private bool _rebalanceAsked;
+    // The decision being waited for (Phase.Rebalancing), and the boundary (step) already decided, so that coming
+    // back to StartStepOrFinish after it (or after the re-plan it led to) does not ask again.
+    private Rebalancer.Decide? _deciding;
+    private long _rebalanceIds;
+    private long _rebalanceDecidedAt = -1;
 
-    // Every committed step's expert counts go into the window: a few longs per expert, kept even with
-    // rebalance.every = 0 so that a requested rebalance and a dry run have loads to plan for.
-    private void RecordLoads(StepResult r)
+    private void StartRebalancer()
     {
-        var o = _config.Rebalance;
-        _loadWindow ??= new ExpertLoadWindow(o.Window);
-        _rebalanceTrigger ??= new RebalanceTrigger(o);
-        _loadWindow.Add(r.Step, r.ExpertCounts);
+        _rebalancer = Context.ActorOf(Rebalancer.Props(_config), "rebalancer");
+        SeedRebalancer();
     }
 
+    // The window from the committed steps (after a journal recovery, or the rebalancer's restart): the same
+    // window a coordinator that never stopped would hold, so it takes the same decisions.
+    private void SeedRebalancer()
+    {
+        foreach (var m in Rebalancer.SeedFrom(_state.Committed, _config.Rebalance.Window)) _rebalancer.Tell(m);
+    }
+
+    // Every committed step's expert counts go to the window, kept even with rebalance.every = 0 so that a
+    // requested rebalance and a dry run have loads to plan for.
+    private void RecordLoads(StepResult r) => _rebalancer.Tell(new Rebalancer.LoadsCommitted(r.Step, r.ExpertCounts));
+
+    private string? RebalanceRefusal() => Rebalancer.Refusal(_state.Plan, _state.Committed.Count > 0);
+
     /// <summary>
-    /// At the boundary before <paramref name="step"/>: true when a rebalance re-plan was started (the step
-    /// starts once it is installed). Automatic only with <c>rebalance.every</c> &gt; 0; a request from the shell
-    /// is carried out here whatever the trigger says.
+    /// At the boundary before <paramref name="step"/>: true when the rebalancer was asked (the coordinator waits for
+    /// its answer; the step starts after it, or after the re-plan it leads to). Automatic only with
+    /// <c>rebalance.every</c> &gt; 0; a request from the shell is planned here whatever the trigger says.
     /// </summary>
     private bool RebalanceIfDue(long step)
     {
+        var plan = _state.Plan!;
         bool asked = _rebalanceAsked;
-        _rebalanceAsked = false;
-        bool automatic = _config.Rebalance.Every > 0 && step % _config.Rebalance.Every == 0;
+        bool automatic = _config.Rebalance.Every > 0 && step % _config.Rebalance.Every == 0 && _rebalanceDecidedAt != step;
         if (!asked && !automatic) return false;
+        _rebalanceAsked = false;
+        _rebalanceDecidedAt = step;
         if (RebalanceRefusal() is { } why)
         {
             if (asked) _report.Info($"rebalance requested but not possible at step {step}: {why}");
@@ -54,66 +72,67 @@ public sealed partial class TrainingCoordinator
             _rebalanceRefusedSaid |= !asked;
             return false;
         }
-        var plan = _state.Plan!;
-        var loads = _loadWindow!.Loads()!;
-        var today = ExpertPlacement.Of(plan);
-        double before = today.MaxOverMean(loads);
-        if (!asked && !_rebalanceTrigger!.Check(step, before)) return false;
-        RebalanceResult result;
-        try
-        {
-            result = PlanRebalance(plan, loads, today);
-        }
-        catch (ConfigException ex)
-        {
-            Fail(ex.Message);
-            return true;
-        }
-        _rebalanceTrigger!.Rebalanced(result.MaxOverMeanAfter);
-        if (result.CopiesMoved == 0)
-        {
-            _report.Info($"rebalance at step {step}: max/mean {before:F3}, no better placement within the churn budget");
-            return false;
-        }
-        Apply(new ExpertsRebalanced(step, result.MaxOverMeanBefore, result.MaxOverMeanAfter, result.CopiesMoved, asked));
-        _report.RebalanceEvent(step, result.MaxOverMeanBefore, result.MaxOverMeanAfter, result.CopiesMoved);
-        Replan(plan.WorldSize, plan.Pp, result.Placement);
+        _deciding = new Rebalancer.Decide(++_rebalanceIds, step, plan, asked);
+        _rebalancer.Tell(_deciding);
+        Enter(Phase.Rebalancing, Rebalancing);
         return true;
     }
 
-    // Why no rebalance can be planned now, or null.
-    private string? RebalanceRefusal()
+    private void Rebalancing()
     {
-        if (_state.Plan is not { } plan) return "no plan is installed yet";
-        if (plan.Pp != 1) return $"expert rebalancing needs PP = 1 (the plan has PP {plan.Pp})";
-        if (_loadWindow?.Loads() is null) return "no step committed yet: no expert loads to plan for";
-        return null;
+        Receive<Rebalancer.Decided>(OnRebalanceDecided);
+        Common();
     }
 
-    /// <summary>`rebalance now --dry-run`: what a rebalance would do now, planned on the current window; nothing is applied.</summary>
-    private ShellRebalancePreview RebalancePreview()
+    private void RebalanceReplies()
     {
-        if (RebalanceRefusal() is { } why) return new ShellRebalancePreview(false, why, double.NaN, double.NaN, 0, 0);
-        var plan = _state.Plan!;
-        var loads = _loadWindow!.Loads()!;
-        try
+        Receive<ShellRebalanceQuery>(_ => _rebalancer.Forward(new Rebalancer.Preview(_state.Plan)));
+        Receive<Rebalancer.Restarted>(m =>
         {
-            var r = PlanRebalance(plan, loads, ExpertPlacement.Of(plan));
-            return new ShellRebalancePreview(true, r.CopiesMoved == 0 ? "no better placement within the churn budget" : $"would move {r.CopiesMoved} expert cop(ies)",
-                r.MaxOverMeanBefore, r.MaxOverMeanAfter, r.CopiesMoved, _loadWindow.Count);
-        }
-        catch (ConfigException ex)
-        {
-            return new ShellRebalancePreview(false, ex.Message, double.NaN, double.NaN, 0, 0);
-        }
+            _report.Info($"the rebalancer failed and was restarted ({m.Reason}); its load window is rebuilt from the committed steps");
+            SeedRebalancer();
+            if (_deciding is not { } d) return;
+            // Its answer is lost with it: this boundary goes on without a rebalance (a request is not retried, it
+            // would fail the same way).
+            _deciding = null;
+            _report.Info($"no rebalance at step {d.Step}: the rebalancer failed while deciding");
+            if (_phase == Phase.Rebalancing) StartStepOrFinish();
+        });
+        Receive<Rebalancer.Decided>(_ => { /* abandoned by a loss (the request was kept), or fenced out */ });
     }
 
-    // The planner over the plan's workers (all expert-eligible with PP = 1), with rebalance.* validated for this layout.
-    private RebalanceResult PlanRebalance(TrainingPlan plan, double[][] loads, ExpertPlacement today)
+    private void OnRebalanceDecided(Rebalancer.Decided m)
     {
-        var o = _config.Rebalance;
-        int experts = _config.Model.MoE.RoutedExperts;
-        o.Validate(experts, plan.WorldSize);
-        return RebalancePlanner.Plan(loads, today.Workers, o.SlotsPerWorker(experts, plan.WorldSize), today, o.CopiesPerRebalance(today.TotalCopies));
+        if (_deciding?.Id != m.Id) return;
+        _deciding = null;
+        if (m.Error is { } error)
+        {
+            Fail(error);
+            return;
+        }
+        if (m.Refusal is { } why) _report.Info($"rebalance requested but not possible at step {m.Step}: {why}");
+        else if (m.Result is { CopiesMoved: 0 }) _report.Info($"rebalance at step {m.Step}: max/mean {m.MaxOverMeanBefore:F3}, no better placement within the churn budget");
+        if (m.Result is not { CopiesMoved: > 0 } result)
+        {
+            StartStepOrFinish();
+            return;
+        }
+        Apply(new ExpertsRebalanced(m.Step, result.MaxOverMeanBefore, result.MaxOverMeanAfter, result.CopiesMoved, m.Requested));
+        _report.RebalanceEvent(m.Step, result.MaxOverMeanBefore, result.MaxOverMeanAfter, result.CopiesMoved);
+        Replan(_state.Plan!.WorldSize, _state.Plan.Pp, result.Placement);
+    }
+
+    // A loss while the rebalancer decides: no step is in flight; the decision is dropped (the plan it was for is
+    // about to change) and a request waits for the boundary after the recovery.
+    private void AbandonRebalanceDecision()
+    {
+        if (_deciding is not { } d) return;
+        _deciding = null;
+        _rebalanceDecidedAt = -1;
+        if (d.Requested)
+        {
+            _rebalanceAsked = true;
+            _report.Info($"rebalance deferred: a worker was lost while it was being planned for step {d.Step}; it is carried out at the next step boundary");
+        }
     }
 }

@@ -32,7 +32,6 @@ public sealed partial class TrainingCoordinator
         Receive<ShellCheckpointsQuery>(_ => Sender.Tell(new ShellCheckpoints(
             _state.Checkpoints.Select(c => new ShellCheckpoint(c.Step, c.ManifestSha256, c.Files.Count, c.Files.Sum(f => f.Length))).ToArray(), _runDir)));
         Receive<ShellControl>(m => Sender.Tell(OnShellControl(m)));
-        Receive<ShellRebalanceQuery>(_ => Sender.Tell(RebalancePreview()));
         // A stop while held at a boundary: Common's StopRun waits for a step in flight, and none is coming.
         Receive<StopRun>(m =>
         {
@@ -107,7 +106,7 @@ public sealed partial class TrainingCoordinator
                     // Paused at a boundary: re-plan now; the run holds again once the plan is installed.
                     _holding = false;
                     _rebalanceAsked = true;
-                    if (!RebalanceIfDue(_state.NextStep)) HoldAtBoundary();
+                    StartStepOrFinish();
                     return new ShellAck(true, "rebalance carried out at this boundary (paused)");
                 }
                 if (_rebalanceAsked) return new ShellAck(true, "a rebalance is already requested for the next step boundary");

@@ -87,7 +87,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
-    private enum Phase { Recovering, WaitingForNodes, Installing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private enum Phase { Recovering, WaitingForNodes, Installing, Rebalancing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
     private Phase _phase = Phase.WaitingForNodes;
     // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
     private enum AfterInstall { Step, Evaluate, Finish }
@@ -169,6 +169,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
             typeof(Akka.Cluster.ClusterEvent.MemberLeft));
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
+        StartRebalancer();
         if (_runDir is not null) StartJournal();
     }
 
@@ -184,6 +185,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private void Common()
     {
         ShellQueries();
+        RebalanceReplies();
         JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
@@ -280,6 +282,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         // come back: a node restarted on the same address is a new one.
         if (what != "left the cluster") Akka.Cluster.Cluster.Get(Context.System).Down(address);
         _agents.RemoveAll(a => a.Address == node && a.Uid == uid);
+        // Counted before the removal takes its workers out of the state.
+        int survivors = WorkersStaying - lost.Count(w => !_gone.Contains(w));
         Apply(new NodeRemoved(node, uid, what));
         bool leaving = _leaving.Remove(node);
         bool holdsState = _state.Plan.Workers.Any(w => lost.Contains(w.Id)) || (_installing?.Workers.Any(w => lost.Contains(w.Id)) ?? false);
@@ -288,7 +292,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             _report.Info($"node {node} {what}; it held no units");
             return;
         }
-        _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {WorkersStaying - lost.Count(w => !_gone.Contains(w))} worker(s)");
+        _report.Info($"node {node} {what}{(leaving ? " while leaving" : "")} at step {_state.NextStep + 1} ({_phase}); recovering on {survivors} worker(s)");
         LoseWorkers(lost, "node-lost", node, a => a.Path.Address.ToString() == node);
     }
 
@@ -338,7 +342,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
                 _afterInstall = AfterInstall.Finish;
                 Recover();
                 break;
-            case Phase.Installing or Phase.WaitingForWorkers:
+            case Phase.Installing or Phase.WaitingForWorkers or Phase.Rebalancing:
+                AbandonRebalanceDecision();
                 _waitingFor = null;
                 _waitingForNodes = null;
                 Timers.Cancel("wait");

@@ -45,15 +45,17 @@ public class RecoveryTests(ITestOutputHelper output)
     /// Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout
     /// line with the nodes so far and a function that starts one more.
     /// </summary>
-    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<string[], Process>>? onLine = null)
+    private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<string[], Process>>? onLine = null,
+        int? coordinatorPort = null, Func<Task>? beforeNodes = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
-        int port = NodeProcesses.FreePort();
+        int port = coordinatorPort ?? NodeProcesses.FreePort();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var procs = new List<Process>();
+        if (beforeNodes is not null) await beforeNodes();
         Process AddNode(params string[] more)
         {
             var p = NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra, .. more]);
@@ -261,5 +263,66 @@ public class RecoveryTests(ITestOutputHelper output)
         Assert.Equal(4, r.Code);
         Assert.Matches(@"unit\(s\) needed by the next plan have no holder left: expert\.", r.Text);
         Assert.Contains("resume", r.Text, StringComparison.OrdinalIgnoreCase);
+    }
+
+    [Fact]
+    public async Task A_rebalance_requested_while_a_node_is_being_lost_is_carried_out_once_after_the_recovery()
+    {
+        // PP 1 and no bias updates (loads stay skewed). Rank 1's node SIGKILLs itself as step 7 starts; the shell asks
+        // for a rebalance as step 6 is reported, so the request lands while step 7 runs or while the loss is recovered
+        // (or, on a slow machine, later): in every case it is carried out once, at a boundary after the loss, on the
+        // survivors' plan, and the curve does not notice either.
+        const int steps = 14;
+        const string token = "t0k-recovery";
+        var settings = Settings(steps);
+        settings["model.moe.bias-update-rate"] = "0";
+        int port = NodeProcesses.FreePort();
+        ElasticMoE.Runtime.Hosting.ShellClient? client = null;
+        Task<ElasticMoE.Runtime.Protocol.IElasticMoEMessage>? request = null;
+        try
+        {
+            var r = await Run(3, settings, ["--set", $"shell.token={token}", "--set", "cluster.fault-injection=step=6,phase=forward,worker=1,epoch=1,action=kill"],
+                (line, _, _) =>
+                {
+                    if (line.StartsWith("step     6/", StringComparison.Ordinal))
+                        request = client!.AskAsync(new ElasticMoE.Runtime.Protocol.ShellControl("rebalance", token));
+                }, port,
+                // Connected before any node starts, so the request goes out as soon as step 6 is reported.
+                async () => client = await ConnectShell(port));
+            Assert.True(r.Code == 0, r.Text);
+            var ack = Assert.IsType<ElasticMoE.Runtime.Protocol.ShellAck>(await request!);
+            Assert.True(ack.Ok, ack.Message);
+            var reference = SingleProcessReference.Train(TestSupport.SmallConfig(settings.Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
+            SingleProcessReference.AssertMetricsMatch(r.Metrics, reference);
+            Assert.Equal("node-lost", Assert.Single(r.Events, e => e.GetProperty("event").GetString() == "node-lost").GetProperty("event").GetString());
+            // One decision (moved copies or not), taken after the loss was handled, at or after the redone step.
+            var decided = Regex.Matches(r.Text, @"rebalance at step (\d+): max/mean");
+            var single = Assert.Single(decided);
+            Assert.InRange(long.Parse(single.Groups[1].Value), 6, steps - 1);
+            int recovering = r.Text.IndexOf("recovering on 2 worker(s)", StringComparison.Ordinal);
+            Assert.True(recovering >= 0 && recovering < single.Index, r.Text);
+            Assert.True(r.Events.Count(e => e.GetProperty("event").GetString() == "rebalance") <= 1);
+        }
+        finally
+        {
+            if (client is not null) await client.DisposeAsync();
+        }
+    }
+
+    // The coordinator's process is starting: a refused connection is answered at once, so try until it listens.
+    private static async Task<ElasticMoE.Runtime.Hosting.ShellClient> ConnectShell(int port)
+    {
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(60);
+        while (true)
+        {
+            try
+            {
+                return await ElasticMoE.Runtime.Hosting.ShellClient.ConnectAsync($"127.0.0.1:{port}", TimeSpan.FromSeconds(5));
+            }
+            catch (ElasticMoE.Runtime.Hosting.ShellUnreachableException) when (DateTime.UtcNow < deadline)
+            {
+                await Task.Delay(200);
+            }
+        }
     }
 }
