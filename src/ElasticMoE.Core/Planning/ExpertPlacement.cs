@@ -133,6 +133,34 @@ public sealed record ExpertPlacement
         return moves;
     }
 
+    /// <summary>
+    /// This placement plus the copies <paramref name="previous"/> had on workers that are still here, where such a
+    /// worker has a free slot (fewer than <paramref name="slots"/> copies in the layer): what a membership re-plan
+    /// keeps of a rebalance. The re-plan places one copy of each expert by its own rule; without this, every
+    /// extra copy of a hot expert would be dropped at each join or loss and the load skewed until the next
+    /// rebalance. A kept copy costs no transfer: its holder has it. Deterministic: by layer, expert, then holder.
+    /// </summary>
+    /// <exception cref="ArgumentException">The placements are of different models.</exception>
+    public ExpertPlacement KeepingCopiesOf(ExpertPlacement previous, int slots)
+    {
+        if (previous.Layers != Layers || Enumerable.Range(0, Layers).Any(l => previous.ExpertCount(l) != ExpertCount(l)))
+            throw new ArgumentException("the placements are of different models (layers or experts differ)", nameof(previous));
+        var here = Workers.ToHashSet();
+        var result = holders.Select(layer => layer.Select(h => h.ToList()).ToArray()).ToArray();
+        for (int l = 0; l < Layers; l++)
+        {
+            var used = Workers.ToDictionary(w => w, w => ExpertsOf(l, w).Length);
+            for (int e = 0; e < result[l].Length; e++)
+                foreach (var w in previous.holders[l][e])
+                    if (here.Contains(w) && !result[l][e].Contains(w) && used[w] < slots)
+                    {
+                        result[l][e].Add(w);
+                        used[w]++;
+                    }
+        }
+        return new ExpertPlacement(Workers, result.Select(layer => layer.Select(h => (IEnumerable<WorkerId>)h)));
+    }
+
     /// <summary>How many copies <see cref="MovesFrom"/> lists: the churn of going from <paramref name="previous"/> to this.</summary>
     public int CopiesMovedFrom(ExpertPlacement previous) => MovesFrom(previous).Count;
 

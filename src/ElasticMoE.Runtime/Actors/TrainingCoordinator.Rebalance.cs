@@ -61,7 +61,7 @@ public sealed partial class TrainingCoordinator
     {
         var plan = _state.Plan!;
         bool asked = _rebalanceAsked;
-        bool automatic = _config.Rebalance.Every > 0 && step % _config.Rebalance.Every == 0 && _rebalanceDecidedAt != step;
+        bool automatic = _config.Rebalance.Every > 0 && step > 0 && step % _config.Rebalance.Every == 0 && _rebalanceDecidedAt != step;
         if (!asked && !automatic) return false;
         _rebalanceAsked = false;
         _rebalanceDecidedAt = step;

@@ -595,6 +595,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
             next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
             if (placement is not null) next = next.WithPlacement(placement);
+            else if (previous?.Copies is not null && previous.Pp == 1 && next.Pp == 1)
+                // A join or a loss after a rebalance: keep the surviving extra copies of hot experts (PP 1, as rebalancing).
+                next = next.WithPlacement(ExpertPlacement.Of(next).KeepingCopiesOf(ExpertPlacement.Of(previous),
+                    _config.Rebalance.SlotsPerWorker(_config.Model.MoE.RoutedExperts, next.WorldSize)));
             transfers = previous is null ? new TransferPlan([], new Dictionary<WorkerId, UnitId[]>()) : TransferPlanner.Between(previous, next, _config.Model, _gone);
             _lastEpoch = epoch;
         }

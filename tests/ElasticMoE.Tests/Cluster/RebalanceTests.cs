@@ -68,4 +68,39 @@ public class RebalanceTests(ITestOutputHelper output)
         output.WriteLine($"worst relative loss difference: {worstRef:E2} vs single process, {worstPlain:E2} vs the run without rebalancing; " +
                          $"{events.Count} rebalance(s), {rebalanced.Seconds:F1} s vs {plain.Seconds:F1} s");
     }
+
+    [Fact]
+    public async Task Re_plans_for_a_layout_change_keep_the_extra_copies_whose_holders_stay()
+    {
+        // Rebalanced at step 5 (2 redundant slots: hot experts get copies); at step 8 the run shrinks to 2 workers
+        // and at 12 grows back to 3, by the elastic planner (as for a loss and a join). Each of those re-plans
+        // places one copy of each expert by its own rule and keeps the extra copies whose holders are still in the
+        // plan (KeepingCopiesOf) instead of dropping them until the next rebalance; the curve does not notice.
+        const int steps = 16;
+        var cfg = Config(("train.steps", steps.ToString()), ("rebalance.every", "5"), ("rebalance.redundant-slots", "2"), ("rebalance.churn-budget", "0.5"),
+            ("rebalance.threshold", "1.0"), ("cluster.relayout", "8=2x1,12=3x1"));
+        var run = await Run(cfg);
+        var (reference, _) = SingleProcessReference.Train(Config(("train.steps", steps.ToString())), steps);
+        SingleProcessReference.AssertStepsMatch("rebalanced and re-laid out vs single process", run.Steps, reference);
+        var byStep = run.Plans.ToDictionary(p => p.AtStep, p => p.Plan!);
+        foreach (var p in run.Plans) output.WriteLine($"plan {p.Epoch} at {p.AtStep}: {p.Plan!.WorldSize} workers, copies {(p.Plan.Copies is null ? "none" : "yes")}");
+        Assert.NotNull(byStep[5].Copies);
+        Assert.NotNull(byStep[10].Copies);
+        // Growing back to 3 workers, every holder of plan 10's copies stays: they are kept. (Shrinking at step 8
+        // dropped the worker that held this seed's copies, so what it kept there is checked only below.)
+        Assert.NotNull(byStep[12].Copies);
+        foreach (var (at, before) in new[] { (8L, 5L), (12L, 10L) })
+        {
+            var plan = byStep[at];
+            // Nothing invented: every extra copy (beyond the one the planner placed) was held by that worker before.
+            var previous = byStep[before];
+            for (int o = 0; o < plan.ExpertOwner.Length; o++)
+                for (int e = 0; e < plan.ExpertOwner[o].Length; e++)
+                {
+                    var held = previous.CopiesOf(o, e).Select(r => previous.Workers[r].Id).ToHashSet();
+                    var extra = plan.CopiesOf(o, e).Select(r => plan.Workers[r].Id).ToList();
+                    Assert.True(extra.Count(w => !held.Contains(w)) <= 1, $"layer {o} expert {e}: copies on {string.Join(", ", extra)}, held before by {string.Join(", ", held)}");
+                }
+        }
+    }
 }

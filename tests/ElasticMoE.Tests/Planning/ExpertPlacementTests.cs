@@ -80,4 +80,24 @@ public class ExpertPlacementTests
         foreach (var slot in plan.Workers)
             Assert.Equal(plan.ExpertsOn(1, plan.RankOf(slot.Id)), p.ExpertsOf(1, slot.Id));
     }
+
+    [Fact]
+    public void A_membership_re_plan_keeps_the_surviving_extra_copies_where_slots_allow()
+    {
+        var D = new WorkerId("d", 1, 0);
+        // Before: A, B, C; expert 0 hot with copies on A, B, C; expert 1 on B and C; expert 2 on C.
+        var before = new ExpertPlacement([A, B, C], [[[A, B, C], [B, C], [C]]]);
+        // C is lost; the re-plan puts one copy of each on A, B and the newcomer D.
+        var replanned = new ExpertPlacement([A, B, D], [[[A], [B], [D]]]);
+        var kept = replanned.KeepingCopiesOf(before, slots: 2);
+        // Expert 0 keeps B's copy (A already holds it), expert 1 keeps nothing new (B has it, C is gone).
+        Assert.Equal(new ExpertPlacement([A, B, D], [[[A, B], [B], [D]]]), kept);
+        // A slot limit of 1: nothing can be added.
+        Assert.Equal(replanned, replanned.KeepingCopiesOf(before, slots: 1));
+        // Deterministic and never beyond the slots, every expert still held.
+        Assert.Equal(kept, replanned.KeepingCopiesOf(before, slots: 2));
+        foreach (var w in kept.Workers) Assert.True(kept.ExpertsOf(0, w).Length <= 2);
+        Assert.All(Enumerable.Range(0, 3), e => Assert.NotEmpty(kept.CopiesOf(0, e)));
+        Assert.Throws<ArgumentException>(() => replanned.KeepingCopiesOf(new ExpertPlacement([A], [[[A], [A]]]), 2));
+    }
 }
