@@ -91,11 +91,11 @@ internal sealed partial class ShellSession(TextWriter stdout, TextWriter stderr,
         new("experts heatmap", "experts heatmap [--png FILE]", "tokens per expert per step over the load window, layers x experts, coloured; --png FILE writes it as a PNG",
             HeatmapArgs) { Verdict = WriteHeatmap },
         new("checkpoints verify", "checkpoints verify [STEP]", "check the committed checkpoints' files (sizes, SHA-256) against their manifests; fails naming each bad file",
-            VerifyArgs) { Verdict = (_, r, _) => r is ShellCheckpointsVerified { Ok: false } ? ShellCommand.Failed : 0 },
+            VerifyArgs) { Verdict = (s, r, _) => r is ShellCheckpointsVerified { Ok: false } v ? s.Failing($"{v.Checkpoints.Count(c => !c.Ok)} checkpoint(s) do not verify") : 0 },
         new("events", "events [--since STEP]", "the run's journaled events (joins, losses, plans, rebalances, checkpoints, restarts) with sequence numbers", EventsArgs),
         new("actors tree", "actors tree [PATH] [--node ADDRESS]", "the actor hierarchy under PATH (default /user) of every node, or of one", ActorsTreeArgs),
         new("diagnose", "diagnose", "per node pass/slow/fail: membership, reachability, registration, data plane; the run's progress",
-            NoArgs(new ShellDiagnoseQuery())) { Verdict = (_, r, _) => r is ShellDiagnosis { Ok: false } ? ShellCommand.Failed : 0 },
+            NoArgs(new ShellDiagnoseQuery())) { Verdict = (s, r, _) => r is ShellDiagnosis { Ok: false } ? s.Failing("not every node passes") : 0 },
     ];
 
     private static readonly string[] SessionWords = ["help", "exit", "quit"];

@@ -41,6 +41,13 @@ internal sealed partial class ShellSession
         double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out double v) && v > 0 && double.IsFinite(v)
             ? v : throw new UsageException($"{what} expects a positive number of seconds, got '{text}'");
 
+    /// <summary>A command whose reply (already printed, JSON included) says it failed: the reason on stderr, exit 1.</summary>
+    private int Failing(string message)
+    {
+        stderr.WriteLine($"error: {message}");
+        return ShellCommand.Failed;
+    }
+
     private static IElasticMoEMessage WatchArgs(string[] args)
     {
         var (o, _) = Parse(args, ["--steps", "--seconds", "--interval"], 0);

@@ -95,6 +95,7 @@ public partial class ShellTests
         (code, output, error) = Shell(run.Port, "-c", "checkpoints verify");
         Assert.Equal(1, code);
         Assert.Contains($"bad: step {step}: {CheckpointStore.DirectoryName(step)}/{Path.GetFileName(victim)}", output);
+        Assert.Contains("1 checkpoint(s) do not verify", error);
         var bad = JsonLines(run.Port, 1, "checkpoints verify").Single();
         Assert.False(bad.GetProperty("ok").GetBoolean());
         Fails(run.Port, "checkpoints verify 999", "no committed checkpoint of step 999");
@@ -174,10 +175,11 @@ public partial class ShellTests
         Assert.Contains(refused.GetProperty("reasons").EnumerateArray(), r => r.GetString()!.Contains("no worker registered with the run"));
         Assert.Equal("pass", nodes[run.Coordinator.Address.ToString()].GetProperty("verdict").GetString());
         Assert.Equal("pass", nodes[run.Second!.Address.ToString()].GetProperty("verdict").GetString());
-        var (code, output, _) = Shell(run.Port, "-c", "diagnose");
+        var (code, output, error) = Shell(run.Port, "-c", "diagnose");
         Assert.Equal(1, code);
         Assert.Contains("FAIL", output);
         Assert.Contains("not all pass", output);
+        Assert.Contains("not every node passes", error);
         Json(run.Port, "train stop", "--token", Token);
         await run.Coordinator.Result.WaitAsync(Long);
     }
