@@ -157,21 +157,31 @@ public static class PlotCommand
         {
             var plot = multiplot.GetPlot(l);
             var h = heatmaps[l];
-            var map = plot.Add.Heatmap(h.Load);
-            map.Rectangle = new CoordinateRect(h.FirstStep - 0.5, h.FirstStep - 0.5 + h.Columns * h.StepsPerColumn, -0.5, h.Experts - 0.5);
-            map.FlipVertically = true;   // row 0 (expert 0) at the bottom, where the y axis says 0
-            map.ManualRange = new ScottPlot.Range(0, top);
-            map.Colormap = new ScottPlot.Colormaps.Viridis();
-            map.NaNCellColor = Colors.Transparent;   // steps the file has no line for
-            var bar = plot.Add.ColorBar(map);
-            bar.Label = "load / mean";
-            plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true };
+            AddLoadHeatmap(plot, h.Load, new CoordinateRect(h.FirstStep - 0.5, h.FirstStep - 0.5 + h.Columns * h.StepsPerColumn, -0.5, h.Experts - 0.5), top);
             plot.Title(string.Create(CultureInfo.InvariantCulture,
                 $"MoE layer {l}: tokens per expert / mean (1 = balanced){(h.StepsPerColumn > 1 ? $", {h.StepsPerColumn} steps a column" : "")}"));
             plot.XLabel("step");
             plot.YLabel("expert");
         }
         return multiplot;
+    }
+
+    /// <summary>
+    /// A heatmap of loads relative to an even split (<paramref name="load"/>[row, column], row 0 at the bottom of
+    /// <paramref name="rect"/>) on the colour scale [0, <paramref name="top"/>], with its colour bar and integer row ticks:
+    /// the expert-load picture of <c>plot</c> and of the shell's <c>experts heatmap --png</c>.
+    /// </summary>
+    public static void AddLoadHeatmap(Plot plot, double[,] load, CoordinateRect rect, double top)
+    {
+        var map = plot.Add.Heatmap(load);
+        map.Rectangle = rect;
+        map.FlipVertically = true;   // row 0 at the bottom, where the y axis says 0
+        map.ManualRange = new ScottPlot.Range(0, top);
+        map.Colormap = new ScottPlot.Colormaps.Viridis();
+        map.NaNCellColor = Colors.Transparent;   // cells with nothing to show (steps the file has no line for)
+        var bar = plot.Add.ColorBar(map);
+        bar.Label = "load / mean";
+        plot.Axes.Left.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true };
     }
 
     /// <summary>One layer's heatmap: rows are experts, columns runs of steps, each cell the expert's share of

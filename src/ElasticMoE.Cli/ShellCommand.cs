@@ -27,7 +27,8 @@ public static class ShellCommand
         var token = new Option<string?>("--token") { Description = $"the shell token control commands need (default: ${TokenVariable})" };
         var timeout = new Option<double?>("--timeout") { Description = "seconds to wait for the address and for each reply (default 10)" };
         var bind = new Option<string?>("--bind") { Description = "address this shell binds and is answered on (default 127.0.0.1)" };
-        var cmd = new Command("shell", "query and steer a running cluster: cluster show, workers, plan, train status|pause|resume|stop, experts loads, checkpoints list, checkpoint now");
+        var cmd = new Command("shell", "query and steer a running cluster: cluster show, workers, plan, train status|watch|pause|resume|stop, " +
+            "experts loads|heatmap, checkpoints list|verify, events, actors tree, diagnose, rebalance now, checkpoint now");
         foreach (var o in new Option[] { connect, commands, json, token, timeout, bind }) cmd.Options.Add(o);
         cmd.SetAction(p =>
         {
@@ -50,9 +51,16 @@ public static class ShellCommand
 }
 
 /// <summary>One shell session: the command table, parsing a line, printing a reply as text or JSON.</summary>
-internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool json, string token)
+internal sealed partial class ShellSession(TextWriter stdout, TextWriter stderr, bool json, string token)
 {
-    private sealed record Verb(string Name, string Usage, string Help, Func<string[], IElasticMoEMessage> Request);
+    private sealed record Verb(string Name, string Usage, string Help, Func<string[], IElasticMoEMessage> Request)
+    {
+        /// <summary>After the reply is printed: the command's exit code from it and the arguments (none: 0).</summary>
+        public Func<ShellSession, IElasticMoEMessage, string[], int>? Verdict { get; init; }
+
+        /// <summary>A command that talks to the endpoint itself (its Request only checks the arguments).</summary>
+        public Func<ShellSession, ShellClient, string[], int>? Run { get; init; }
+    }
 
     /// <summary>A command line a verb cannot use: printed with its usage, the command fails.</summary>
     private sealed class UsageException(string message) : Exception(message);
@@ -76,6 +84,18 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         new("train stop", "train stop", "end the run after the step in flight, as a SIGTERM does (token)", a => Control("stop", a, token)),
         new("rebalance now", "rebalance now [--dry-run] [--token T]", "re-place experts by load at the next step boundary (token); --dry-run: what it would do", Rebalance(token)),
         new("checkpoint now", "checkpoint now", "checkpoint at the next step boundary; runs with --run-dir (token)", a => Control("checkpoint", a, token)),
+        // Read commands of ShellSession.Read.cs.
+        new("train watch", "train watch [--steps N] [--seconds S] [--interval S]",
+            $"train status as it changes, until a key, N more steps, S seconds or the run's end (no terminal: at most {DefaultWatchSeconds} s unless bounded)",
+            WatchArgs) { Run = Watch },
+        new("experts heatmap", "experts heatmap [--png FILE]", "tokens per expert per step over the load window, layers x experts, coloured; --png FILE writes it as a PNG",
+            HeatmapArgs) { Verdict = WriteHeatmap },
+        new("checkpoints verify", "checkpoints verify [STEP]", "check the committed checkpoints' files (sizes, SHA-256) against their manifests; fails naming each bad file",
+            VerifyArgs) { Verdict = (s, r, _) => r is ShellCheckpointsVerified { Ok: false } v ? s.Failing($"{v.Checkpoints.Count(c => !c.Ok)} checkpoint(s) do not verify") : 0 },
+        new("events", "events [--since STEP]", "the run's journaled events (joins, losses, plans, rebalances, checkpoints, restarts) with sequence numbers", EventsArgs),
+        new("actors tree", "actors tree [PATH] [--node ADDRESS]", "the actor hierarchy under PATH (default /user) of every node, or of one", ActorsTreeArgs),
+        new("diagnose", "diagnose", "per node pass/slow/fail: membership, reachability, registration, data plane; the run's progress",
+            NoArgs(new ShellDiagnoseQuery())) { Verdict = (s, r, _) => r is ShellDiagnosis { Ok: false } ? s.Failing("not every node passes") : 0 },
     ];
 
     private static readonly string[] SessionWords = ["help", "exit", "quit"];
@@ -116,7 +136,8 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
 
     private int Repl(ShellClient client)
     {
-        var editor = new LineEditor(Names.ToArray());
+        LearnNodes(client);
+        var editor = new LineEditor(typed => ShellCompleter.Candidates(typed, Names, _nodes));
         if (!json) stdout.WriteLine($"connected to {client.Target}; 'help' lists the commands, 'exit' leaves");
         int last = 0;
         while (editor.ReadLine("elasticmoe> ") is { } line)
@@ -143,14 +164,16 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         var verb = _verbs.Where(v => Matches(v.Name, words)).MaxBy(v => v.Name.Length);
         if (verb is null) return Fail($"unknown command '{line}'{Suggestion(words)}");
         IElasticMoEMessage request;
+        var args = words[verb.Name.Split(' ').Length..];
         try
         {
-            request = verb.Request(words[verb.Name.Split(' ').Length..]);
+            request = verb.Request(args);
         }
         catch (UsageException ex)
         {
             return Fail($"{ex.Message}; usage: {verb.Usage}");
         }
+        if (verb.Run is { } run) return run(this, client, args);
         IElasticMoEMessage reply;
         try
         {
@@ -167,9 +190,15 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
             case ShellAck { Ok: false } a: return Fail(a.Message);
             case ShellRebalancePreview { Possible: false } r: return Fail($"no rebalance possible: {r.Message}");
         }
+        Show(reply);
+        return verb.Verdict?.Invoke(this, reply, args) ?? 0;
+    }
+
+    private void Show(IElasticMoEMessage reply)
+    {
+        Learn(reply);
         if (json) stdout.WriteLine(JsonSerializer.Serialize(reply, reply.GetType(), Json));
         else ShellText.Print(stdout, reply);
-        return 0;
     }
 
     private int Fail(string message)
@@ -181,7 +210,8 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
 
     private void PrintHelp()
     {
-        foreach (var v in _verbs) stdout.WriteLine($"  {v.Usage,-28} {v.Help}");
+        foreach (var v in _verbs)
+            stdout.WriteLine(v.Usage.Length <= 28 ? $"  {v.Usage,-28} {v.Help}" : $"  {v.Usage}\n  {"",-28} {v.Help}");
         stdout.WriteLine($"  {"help",-28} this list");
         stdout.WriteLine($"  {"exit, quit",-28} leave the shell");
         stdout.WriteLine("control commands need the coordinator's shell token: --token T or $" + ShellCommand.TokenVariable);

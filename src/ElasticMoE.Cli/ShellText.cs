@@ -67,6 +67,8 @@ internal static class ShellText
             case ShellRebalancePreview r:
                 o.WriteLine(string.Create(Inv, $"dry run over the last {r.WindowSteps} step(s): worker max/mean load {r.MaxOverMeanBefore:F3} -> {r.MaxOverMeanAfter:F3}, {r.CopiesMoved} expert cop(ies) moved ({r.Message})"));
                 break;
+            case var r when ShellReadText.TryPrint(o, r):
+                break;
             default:
                 o.WriteLine(reply.ToString());
                 break;
@@ -77,7 +79,7 @@ internal static class ShellText
 
     private static string Opt(double? v, string format) => v is { } x ? x.ToString(format, Inv) : "-";
 
-    private static void Table(TextWriter o, string[] header, IEnumerable<string[]> rows)
+    internal static void Table(TextWriter o, string[] header, IEnumerable<string[]> rows)
     {
         var all = rows.Prepend(header).ToList();
         var widths = header.Select((_, i) => all.Max(r => r[i].Length)).ToArray();
@@ -87,9 +89,9 @@ internal static class ShellText
 
 /// <summary>
 /// The REPL's input: on a terminal, a line editor with history (up/down arrows) and tab completion of
-/// command names; otherwise (piped input) plain lines.
+/// command names and node addresses (<see cref="ShellCompleter"/>); otherwise (piped input) plain lines.
 /// </summary>
-internal sealed class LineEditor(string[] names)
+internal sealed class LineEditor(Func<string, IReadOnlyList<string>> complete)
 {
     private readonly List<string> _history = new();
 
@@ -145,11 +147,11 @@ internal sealed class LineEditor(string[] names)
         Console.Write(text);
     }
 
-    // The longest common prefix of the names that start with what was typed; all of them when that adds nothing.
+    // The longest common prefix of the lines that complete what was typed; all of them when that adds nothing.
     private void Complete(string prompt, System.Text.StringBuilder line)
     {
         var typed = line.ToString();
-        var matches = names.Where(n => n.StartsWith(typed, StringComparison.Ordinal)).ToList();
+        var matches = complete(typed);
         if (matches.Count == 0) return;
         var prefix = matches.Aggregate((a, b) => a[..Enumerable.Range(0, Math.Min(a.Length, b.Length)).TakeWhile(i => a[i] == b[i]).Count()]);
         if (matches.Count == 1) prefix += " ";
@@ -160,7 +162,9 @@ internal sealed class LineEditor(string[] names)
             return;
         }
         Console.WriteLine();
-        Console.WriteLine(string.Join("  ", matches));
+        // Only what differs: the last word of each (a node's address after --node, a command's name otherwise).
+        int from = typed.LastIndexOf(' ') is var space and > 0 && matches.All(m => m.Length > space && m[..(space + 1)] == typed[..(space + 1)]) ? space + 1 : 0;
+        Console.WriteLine(string.Join("  ", matches.Select(m => m[from..])));
         Console.Write(prompt + typed);
     }
 }

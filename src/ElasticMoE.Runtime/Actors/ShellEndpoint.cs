@@ -28,6 +28,11 @@ public sealed class ShellEndpoint : ReceiveActor
     {
         var cluster = Cluster.Get(Context.System);
         Receive<ShellClusterQuery>(_ => Sender.Tell(ClusterState(cluster)));
+        Receive<ShellActorTreeQuery>(m =>
+        {
+            var replyTo = Sender;
+            ActorTrees(cluster, m).PipeTo(replyTo);
+        });
         Receive<IShellRunRequest>(m =>
         {
             var replyTo = Sender;
@@ -53,12 +58,40 @@ public sealed class ShellEndpoint : ReceiveActor
         }
         try
         {
-            return await coordinator.Ask<IElasticMoEMessage>(request, CoordinatorTimeout).ConfigureAwait(false);
+            var wait = request is IShellLongRequest ? IShellLongRequest.LongTimeout : CoordinatorTimeout;
+            return await coordinator.Ask<IElasticMoEMessage>(request, wait).ConfigureAwait(false);
         }
         catch (Exception ex) when (ex is AskTimeoutException or TaskCanceledException or TimeoutException)
         {
             return new ShellError($"the coordinator did not answer within {CoordinatorTimeout.TotalSeconds:F0} s (busy recovering its journal, or the run is ending)");
         }
+    }
+
+    /// <summary>How long <c>actors tree</c> waits for each node's <see cref="ActorTreeProbe"/>.</summary>
+    public static readonly TimeSpan ProbeTimeout = TimeSpan.FromSeconds(3);
+
+    // `actors tree`: every member's (or the one named) probe, asked at once; a node that does not answer says so.
+    private async Task<IElasticMoEMessage> ActorTrees(Cluster cluster, ShellActorTreeQuery query)
+    {
+        if (!query.Path.StartsWith('/')) return new ShellError($"an actor path starts with '/', got '{query.Path}'");
+        var members = cluster.State.Members.Where(m => m.Status != MemberStatus.Removed).Select(m => m.Address).ToList();
+        if (query.Node.Length > 0)
+        {
+            members = members.Where(a => a.ToString() == query.Node || a.ToString().EndsWith("@" + query.Node, StringComparison.Ordinal)).ToList();
+            if (members.Count == 0) return new ShellError($"no cluster member {query.Node} (`cluster show` lists them)");
+        }
+        var trees = await Task.WhenAll(members.Select(async a =>
+        {
+            try
+            {
+                return await _system.ActorSelection(a + ActorTreeProbe.Path).Ask<ShellNodeTree>(new ActorTreeRequest(query.Path), ProbeTimeout).ConfigureAwait(false);
+            }
+            catch (Exception ex) when (ex is AskTimeoutException or TaskCanceledException or TimeoutException)
+            {
+                return new ShellNodeTree(a.ToString(), false, $"no answer within {ProbeTimeout.TotalSeconds:F0} s", []);
+            }
+        })).ConfigureAwait(false);
+        return new ShellActorTrees(trees.OrderBy(t => t.Node, StringComparer.Ordinal).ToArray());
     }
 
     private static Address? OldestCoordinatorNode(Cluster cluster)

@@ -186,6 +186,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         ShellQueries();
         RebalanceReplies();
+        ShellReadQueries();
         JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));

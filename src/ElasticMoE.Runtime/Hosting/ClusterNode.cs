@@ -54,6 +54,8 @@ public sealed class ClusterNode : IAsyncDisposable
         if (loop is not null) ComputeLoopDispatcher.Register(System, loop);
         var cluster = Cluster.Get(System);
         Address = cluster.SelfAddress;
+        // `actors tree` in the shell: every node answers for its own actors.
+        System.ActorOf(ActorTreeProbe.Props(), ActorTreeProbe.Name);
         if (join is null && config.Cluster.SeedNodes.Count > 0)
             cluster.JoinSeedNodes(config.Cluster.SeedNodes.Select(Address.Parse));
         else

@@ -69,17 +69,21 @@ public sealed class ShellClient : IAsyncDisposable
         }
     }
 
-    /// <summary>Sends <paramref name="request"/> and waits for the reply (a <see cref="ShellError"/> when the endpoint could not get one).</summary>
+    /// <summary>
+    /// Sends <paramref name="request"/> and waits for the reply (a <see cref="ShellError"/> when the endpoint could not get one):
+    /// the timeout, or for an <see cref="IShellLongRequest"/> as long as the endpoint waits for it.
+    /// </summary>
     /// <exception cref="ShellUnreachableException">No reply within the timeout.</exception>
     public async Task<IElasticMoEMessage> AskAsync(IElasticMoEMessage request)
     {
+        var timeout = request is IShellLongRequest ? IShellLongRequest.LongTimeout + _timeout : _timeout;
         try
         {
-            return await _endpoint.Ask<IElasticMoEMessage>(request, _timeout).ConfigureAwait(false);
+            return await _endpoint.Ask<IElasticMoEMessage>(request, timeout).ConfigureAwait(false);
         }
         catch (Exception ex) when (ex is AskTimeoutException or TaskCanceledException or TimeoutException)
         {
-            throw new ShellUnreachableException($"{Target} did not answer within {_timeout.TotalSeconds:0.#} s");
+            throw new ShellUnreachableException($"{Target} did not answer within {timeout.TotalSeconds:0.#} s");
         }
     }
 

@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Event;
 using Akka.Persistence;
 using ElasticMoE.Runtime.Coordination;
+using ElasticMoE.Runtime.Protocol;
 
 namespace ElasticMoE.Runtime.Journal;
 
@@ -29,6 +30,12 @@ public sealed record GetJournalState
 {
     public static GetJournalState Instance { get; } = new();
 }
+
+/// <summary>
+/// Asks for the events held in memory (every kind but <see cref="StepCommitted"/>) recorded at step <c>Since</c> or
+/// later: answered with a <see cref="Protocol.ShellEvents"/> (the shell's <c>events</c>).
+/// </summary>
+public sealed record GetJournalEvents(long Since);
 
 /// <summary>The journal's state and the sequence number of its last event.</summary>
 public sealed record JournalState(CoordinatorState State, long SequenceNr);
@@ -76,6 +83,13 @@ public sealed class CoordinatorJournal : ReceivePersistentActor
     private long _replayed;
     private int _sinceSnapshot;
     private long _previousSnapshotSequenceNr;
+    // The events `events` shows, as replayed and written, the newest EventsKept (one line each).
+    private readonly LinkedList<ShellEvent> _events = new();
+    // The first sequence number _events covers: 1, or past the snapshot recovered from, or past what dropped out.
+    private long _eventsFrom = 1;
+
+    /// <summary>How many events <see cref="GetJournalEvents"/> can return (the oldest drop out).</summary>
+    public const int EventsKept = 10_000;
 
     public CoordinatorJournal(string persistenceId, IActorRef? listener, int snapshotEvery)
     {
@@ -89,9 +103,11 @@ public sealed class CoordinatorJournal : ReceivePersistentActor
         {
             _state = (CoordinatorState)offer.Snapshot;
             _snapshotSequenceNr = offer.Metadata.SequenceNr;
+            _eventsFrom = _snapshotSequenceNr + 1;
         });
         Recover<ICoordinatorEvent>(e =>
         {
+            Remember(e);
             _state = _state.Apply(e);
             _replayed++;
             _sinceSnapshot++;
@@ -105,6 +121,8 @@ public sealed class CoordinatorJournal : ReceivePersistentActor
 
         Command<AppendEvents>(Append);
         Command<GetJournalState>(_ => Sender.Tell(new JournalState(_state, LastSequenceNr)));
+        Command<GetJournalEvents>(m => Sender.Tell(new ShellEvents(LastSequenceNr, _eventsFrom,
+            _events.Where(x => x.AtStep >= m.Since).ToArray())));
         Command<SaveSnapshotSuccess>(ok =>
         {
             // Keep the newest two: the older one is there should the newest be unreadable.
@@ -155,10 +173,21 @@ public sealed class CoordinatorJournal : ReceivePersistentActor
         _pending.Enqueue(new Pending(request.RequestId, Sender, events.Count));
         PersistAll(events, e =>
         {
+            Remember(e);
             _state = _state.Apply(e);
             _sinceSnapshot++;
             Settle(rejected: null);
         });
+    }
+
+    // Called before the event is applied (AtStep: the steps committed when it was recorded), with LastSequenceNr its own.
+    private void Remember(ICoordinatorEvent e)
+    {
+        if (e is StepCommitted) return;   // one a step: `train status` and the metrics file have those
+        _events.AddLast(new ShellEvent(LastSequenceNr, _state.NextStep, CoordinatorEventText.KindOf(e), CoordinatorEventText.Describe(e)));
+        if (_events.Count <= EventsKept) return;
+        _eventsFrom = _events.First!.Value.SequenceNr + 1;
+        _events.RemoveFirst();
     }
 
     // One event of the oldest pending append is written or rejected; answer once all of its events are.

@@ -14,7 +14,7 @@ namespace ElasticMoE.Tests.Cluster;
 /// The run is paused at a known point (a step boundary) before anything is read, so nothing races.
 /// </summary>
 [Collection("cluster")]
-public class ShellTests
+public partial class ShellTests
 {
     private const string Token = "t0k-shell";
     private static readonly TimeSpan Long = TimeSpan.FromSeconds(90);
