@@ -18,11 +18,13 @@ internal static class ShellText
                     c.Members.Select(m => new[] { m.Address, m.Status, string.Join(",", m.Roles), m.Reachable ? "yes" : "NO", m.Coordinator ? "yes" : "" }));
                 break;
             case ShellWorkers w:
-                Table(o, ["node", "device", "rank", "stage", "replica", "blocks", "experts", "units", ""],
+                Table(o, ["node", "device", "rank", "stage", "replica", "blocks", "experts", "units", "compute s", "memory MiB", "threads", ""],
                     w.Workers.Select(x => new[]
                     {
                         x.Node, Num(x.Device), x.Rank < 0 ? "-" : Num(x.Rank), x.Rank < 0 ? "-" : Num(x.Stage), x.Rank < 0 ? "-" : Num(x.Replica),
-                        x.Blocks, Num(x.Experts), Num(x.Units), x.Leaving ? "leaving" : "",
+                        x.Blocks, Num(x.Experts), Num(x.Units), Opt(x.ComputeSeconds, "F3"),
+                        x.StatsStep < 0 ? "-" : (x.WorkingSetBytes / (1024.0 * 1024)).ToString("F0", Inv), x.StatsStep < 0 ? "-" : Num(x.Threads),
+                        x.Leaving ? "leaving" : "",
                     }));
                 o.WriteLine($"last step took {w.LastStepSeconds.ToString("F3", Inv)} s");
                 break;

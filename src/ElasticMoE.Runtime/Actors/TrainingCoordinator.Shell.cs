@@ -141,7 +141,11 @@ public sealed partial class TrainingCoordinator
     private ShellWorkers ShellWorkersReply()
     {
         var plan = _state.Plan;
-        var rows = _state.Workers.Select(w =>
+        var rows = _state.Workers.Select(w => WithStats(w.Id, Row(w))).OrderBy(w => w.Rank < 0).ThenBy(w => w.Rank)
+            .ThenBy(w => w.Node, StringComparer.Ordinal).ThenBy(w => w.Device).ToArray();
+        return new ShellWorkers(rows, _state.Committed.Count > 0 ? _state.Committed[^1].Seconds : 0);
+
+        ShellWorker Row(Planning.WorkerSlot w)
         {
             int rank = plan?.RankOf(w.Id) ?? -1;
             if (plan is null || rank < 0)
@@ -150,8 +154,7 @@ public sealed partial class TrainingCoordinator
             int experts = Enumerable.Range(0, plan.ExpertOwner.Length).Sum(o => plan.ExpertsOn(o, rank).Length);
             return new ShellWorker(w.NodeAddress, w.Id.SystemUid, w.Device, w.DataEndpoint, rank, plan.StageOf(rank), plan.ReplicaOf(rank),
                 $"[{stage.First},{stage.End})", experts, plan.UnitsOf(rank, _config.Model).Count(), _leaving.ContainsKey(w.NodeAddress));
-        }).OrderBy(w => w.Rank < 0).ThenBy(w => w.Rank).ThenBy(w => w.Node, StringComparer.Ordinal).ThenBy(w => w.Device).ToArray();
-        return new ShellWorkers(rows, _state.Committed.Count > 0 ? _state.Committed[^1].Seconds : 0);
+        }
     }
 
     private ShellPlan ShellPlanReply()

@@ -1,5 +1,7 @@
 using Akka.Actor;
 using Akka.Cluster;
+using ElasticMoE.Planning;
+using ElasticMoE.Runtime.Coordination;
 using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Journal;
 using ElasticMoE.Runtime.Protocol;
@@ -15,6 +17,19 @@ public sealed partial class TrainingCoordinator
     /// <summary>Diagnose calls a step in flight slow past this many median step times (and <see cref="SlowStepFloorSeconds"/>).</summary>
     private const double SlowStepFactor = 10;
     private const double SlowStepFloorSeconds = 30;
+
+    // Each worker's own figures from its last StepComputed: compute time, process memory, thread budget.
+    private readonly Dictionary<WorkerId, (long Step, double ComputeSeconds, long WorkingSet, int Threads)> _workerStats = new();
+
+    private void NoteWorkerStats(StepComputed m)
+    {
+        if (_state.Plan is { } plan && m.Worker >= 0 && m.Worker < plan.WorldSize)
+            _workerStats[plan.Workers[m.Worker].Id] = (m.Fence.Step, m.ComputeSeconds, m.WorkingSetBytes, m.Threads);
+    }
+
+    private ShellWorker WithStats(WorkerId id, ShellWorker row) => _workerStats.TryGetValue(id, out var s)
+        ? row with { ComputeSeconds = s.ComputeSeconds, WorkingSetBytes = s.WorkingSet, Threads = s.Threads, StatsStep = s.Step }
+        : row;
 
     private void ShellReadQueries()
     {
@@ -68,6 +83,9 @@ public sealed partial class TrainingCoordinator
         }).PipeTo(Sender);
     }
 
+    private Dictionary<WorkerId, string> SlowWorkers(HashSet<WorkerId> planned) => StepOutliers.Find(
+        _workerStats.Where(kv => planned.Contains(kv.Key)).Select(kv => (kv.Key, kv.Value.Step, kv.Value.ComputeSeconds)).ToList());
+
     private ShellDiagnosis ShellDiagnosisReply()
     {
         var cluster = Cluster.Get(Context.System).State;
@@ -76,6 +94,7 @@ public sealed partial class TrainingCoordinator
         var workers = _state.Workers.Where(w => !_gone.Contains(w.Id)).ToList();
         var planned = _state.Plan?.Workers.Select(w => w.Id).ToHashSet() ?? [];
         var nodes = members.Keys.Concat(workers.Select(w => w.NodeAddress)).Distinct().Order(StringComparer.Ordinal);
+        var outliers = SlowWorkers(planned);
         var health = nodes.Select(node =>
         {
             var fail = new List<string>();
@@ -95,6 +114,8 @@ public sealed partial class TrainingCoordinator
             }
             if (data < mine.Count) fail.Add($"{mine.Count - data} worker(s) without a data-plane endpoint");
             if (_state.Plan is not null && inPlan < mine.Count) slow.Add($"{mine.Count - inPlan} worker(s) not in the plan yet");
+            foreach (var w in mine)
+                if (outliers.TryGetValue(w.Id, out var why)) slow.Add(why);
             string verdict = fail.Count > 0 ? "fail" : slow.Count > 0 ? "slow" : "pass";
             return new ShellNodeHealth(node, verdict, member?.Status.ToString() ?? "absent",
                 member?.Roles.Order(StringComparer.Ordinal).ToArray() ?? [], member is not null && !unreachable.Contains(node),

@@ -827,6 +827,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         if (m.Fence != _fence) return;
         _computed[m.Worker] = m;
+        NoteWorkerStats(m);
         if (_computed.Count < _stages.Count) return;
         _tCompute = _stepClock.Elapsed.TotalMilliseconds;
         if (_sharedShards.Count == 0) { _tNorm = _tCompute; ApplyUpdate(); return; }

@@ -67,6 +67,7 @@ public sealed class StageEngine
         int totalMicro = t.MicroBatchesPerStep;
         var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, plan.Dp, totalMicro);
         using var scope = NewDisposeScope();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
         ctx.Model.train();
         // As Module.zero_grad() does; a redone attempt starts from here too, so nothing of an aborted
         // attempt's partial accumulation survives.
@@ -124,13 +125,19 @@ public sealed class StageEngine
         }
 
         _executor.ThrowIfBackwardFailed();
+        double computeSeconds = clock.Elapsed.TotalSeconds;
         AllReduceDenseGradients(fence, token);
         double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExpertParams).Select(d => d.Param));
         // Before the step counts as computed, the buddy holds its gradients (see MirrorParts).
         MirrorSender.Send(ctx, fence, token, 0, _mirrored);
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();
         return new StepComputed(fence, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
-            _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts);
+            _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts)
+        {
+            ComputeSeconds = computeSeconds,
+            WorkingSetBytes = Environment.WorkingSet,
+            Threads = get_num_threads(),
+        };
     }
 
     /// <summary>

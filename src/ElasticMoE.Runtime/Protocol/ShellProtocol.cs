@@ -52,7 +52,20 @@ public sealed record ShellWorker(
     [property: Key(7)] string Blocks,
     [property: Key(8)] int Experts,
     [property: Key(9)] int Units,
-    [property: Key(10)] bool Leaving);
+    [property: Key(10)] bool Leaving)
+{
+    /// <summary>Its forwards and backwards of the last step it computed, seconds (null before its first).</summary>
+    [Key(11)] public double? ComputeSeconds { get; init; }
+
+    /// <summary>Its process's working set then, bytes (0 before its first step).</summary>
+    [Key(12)] public long WorkingSetBytes { get; init; }
+
+    /// <summary>Its process's thread budget (0 before its first step).</summary>
+    [Key(13)] public int Threads { get; init; }
+
+    /// <summary>The step those figures are of (-1: none yet).</summary>
+    [Key(14)] public long StatsStep { get; init; } = -1;
+}
 
 [MessagePackObject, Manifest("s.Workers")]
 public sealed record ShellWorkers([property: Key(0)] ShellWorker[] Workers, [property: Key(1)] double LastStepSeconds) : IElasticMoEMessage;

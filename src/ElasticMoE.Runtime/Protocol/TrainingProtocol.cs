@@ -200,7 +200,17 @@ public sealed record StepComputed(
     [property: Key(3)] int MicroBatches,
     [property: Key(4)] double GradSumSq,
     [property: Key(5)] int[] MoELayers,
-    [property: Key(6)] long[][] ExpertCounts) : IElasticMoEMessage;
+    [property: Key(6)] long[][] ExpertCounts) : IElasticMoEMessage
+{
+    /// <summary>Seconds of this worker's forwards and backwards (its micro-batches, up to the dense all-reduce, which waits for the others).</summary>
+    [Key(7)] public double ComputeSeconds { get; init; }
+
+    /// <summary>The worker process's working set, bytes (what `workers` shows as memory; shared by the workers of one process).</summary>
+    [Key(8)] public long WorkingSetBytes { get; init; }
+
+    /// <summary>The worker process's intra-op thread budget (torch threads).</summary>
+    [Key(9)] public int Threads { get; init; }
+}
 
 /// <summary>Coordinator → shard taking requests from other workers: every contribution of the step has arrived; report your gradient norm.</summary>
 [MessagePackObject, Manifest("t.QueryExpertNorm")]

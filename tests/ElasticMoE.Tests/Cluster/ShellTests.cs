@@ -194,6 +194,17 @@ public partial class ShellTests
         var ranks = plan.GetProperty("ranks").EnumerateArray().Select(r => r.GetString()!).ToList();
         for (int r = 0; r < 2; r++) Assert.StartsWith(workers[r].GetProperty("node").GetString()! + "#", ranks[r]);
         Assert.Equal(new[] { coordinatorAddress, secondAddress }.Order(), workers.Select(w => w.GetProperty("node").GetString()!).Order());
+        // Each worker's own figures, from its last step computed (the one before the pause): compute time, memory, threads.
+        Assert.All(workers, w =>
+        {
+            Assert.Equal(steps[^1].Step, w.GetProperty("statsStep").GetInt64());
+            Assert.InRange(w.GetProperty("computeSeconds").GetDouble(), 1e-6, 60);
+            Assert.InRange(w.GetProperty("workingSetBytes").GetInt64(), 1L << 20, long.MaxValue);
+            Assert.Equal(TorchSharp.torch.get_num_threads(), w.GetProperty("threads").GetInt32());
+        });
+        var workersText = Shell(run.Port, "-c", "workers");
+        Assert.Contains("compute s", workersText.Out);
+        Assert.Contains("memory MiB", workersText.Out);
 
         // experts loads: the last committed step's counts, per MoE layer and for one layer.
         var loads = Json(run.Port, "experts loads");
