@@ -715,9 +715,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         foreach (var w in plan.Workers)
             if (_joinedAt.Remove(w.NodeAddress, out var since))
                 _membershipEvents.Add(new MembershipChange("node-joined", w.NodeAddress, _state.NextStep + 1, since));
+        // Before the install times are noted: a leave granted here is one of the changes this plan took into account.
+        if (_leaving.Count > 0) GrantLeaves();
         foreach (var e in _membershipEvents.Where(e => e.Installed is null))
             e.Installed = (e.Since.Elapsed.TotalSeconds - seconds, seconds, e.Since.Elapsed.TotalSeconds);
-        if (_leaving.Count > 0) GrantLeaves();
         if (_plans.Count > 1)
             _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
         _firstStepOfPlan = _plans.Count > 1;
