@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 
@@ -27,7 +28,8 @@ public static class ShellCommand
         var token = new Option<string?>("--token") { Description = $"the shell token control commands need (default: ${TokenVariable})" };
         var timeout = new Option<double?>("--timeout") { Description = "seconds to wait for the address and for each reply (default 10)" };
         var bind = new Option<string?>("--bind") { Description = "address this shell binds and is answered on (default 127.0.0.1)" };
-        var cmd = new Command("shell", "query and steer a running cluster: cluster show, workers, plan, train status|pause|resume|stop, experts loads, checkpoints list, checkpoint now");
+        var cmd = new Command("shell", "query and steer a running cluster: cluster show, workers, plan, train status|pause|resume|stop, experts loads, checkpoints list, " +
+            "checkpoint now, rebalance now, relayout WxP, node leave|down ADDRESS, fault kill-worker ADDRESS");
         foreach (var o in new Option[] { connect, commands, json, token, timeout, bind }) cmd.Options.Add(o);
         cmd.SetAction(p =>
         {
@@ -76,6 +78,15 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         new("train stop", "train stop", "end the run after the step in flight, as a SIGTERM does (token)", a => Control("stop", a, token)),
         new("rebalance now", "rebalance now [--dry-run] [--token T]", "re-place experts by load at the next step boundary (token); --dry-run: what it would do", Rebalance(token)),
         new("checkpoint now", "checkpoint now", "checkpoint at the next step boundary; runs with --run-dir (token)", a => Control("checkpoint", a, token)),
+        // Control commands with an argument: carried out at a step boundary, journaled like the others.
+        new("relayout", "relayout WORKERSxPP", "re-plan to WORKERS workers as DP x PP at the next step boundary, e.g. relayout 2x1 (token)",
+            ControlWith("relayout", "a layout WORKERSxPP", Layout, token)),
+        new("node leave", "node leave ADDRESS", "the node hands its units over at the next step boundary and leaves, as on its SIGTERM (token)",
+            ControlWith("node-leave", "a node address (host:port)", a => [a], token)),
+        new("node down", "node down ADDRESS", "down the node at the next step boundary: the run recovers as from a lost node (token)",
+            ControlWith("node-down", "a node address (host:port)", a => [a], token)),
+        new("fault kill-worker", "fault kill-worker ADDRESS", "recovery drill: the node process SIGKILLs itself at the next step boundary (token)",
+            ControlWith("fault-kill-worker", "a node address (host:port)", a => [a], token)),
     ];
 
     private static readonly string[] SessionWords = ["help", "exit", "quit"];
@@ -238,6 +249,33 @@ internal sealed class ShellSession(TextWriter stdout, TextWriter stderr, bool js
         ["--dry-run"] => new ShellRebalanceQuery(),
         _ => Control("rebalance", args, token),
     };
+
+    /// <summary>A control command with one argument (<paramref name="what"/>), turned into the request's arguments by <paramref name="parse"/>.</summary>
+    private static Func<string[], IElasticMoEMessage> ControlWith(string action, string what, Func<string, string[]> parse, string token) => args =>
+    {
+        var (value, given) = args switch
+        {
+            [var v] when !v.StartsWith("--", StringComparison.Ordinal) => (v, token),
+            [var v, "--token", var t] when !v.StartsWith("--", StringComparison.Ordinal) => (v, t),
+            ["--token", var t, var v] => (v, t),
+            [] or ["--token", _] => throw new UsageException($"missing {what}"),
+            _ => throw new UsageException($"unexpected argument '{string.Join(' ', args)}'"),
+        };
+        return new ShellControlCommand(action, parse(value), given);
+    };
+
+    private static string[] Layout(string text)
+    {
+        try
+        {
+            var (workers, pp) = RelayoutSchedule.ParseLayout(text);
+            return [workers.ToString(CultureInfo.InvariantCulture), pp.ToString(CultureInfo.InvariantCulture)];
+        }
+        catch (FormatException ex)
+        {
+            throw new UsageException(ex.Message);
+        }
+    }
 
     private static IElasticMoEMessage Control(string action, string[] args, string token)
     {

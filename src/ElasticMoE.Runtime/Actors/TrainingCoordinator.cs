@@ -184,6 +184,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private void Common()
     {
         ShellQueries();
+        ShellControls();
         JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
@@ -412,6 +413,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             return;
         }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
+        _processOf[m.NodeAddress] = m.ProcessId;
         NoteHeld(m);
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
@@ -498,6 +500,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Timers.Cancel("wait");
             ReplanWithoutLeavers();
         }
+        else if (_holding) ReplanWithoutLeavers();   // held at a boundary (train pause): hand over now, hold again after
     }
 
     private void ReplanWithoutLeavers()
@@ -566,6 +569,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     /// <param name="placement">Where the experts go (a rebalance); null: where the planner keeps them.</param>
     private void Replan(int workers, int pp, ExpertPlacement? placement = null)
     {
+        // Held at a boundary (train pause): the re-plan runs now, and the boundary reached once it is installed holds again.
+        _holding = false;
         // An install moves and releases units: not before the boundary's checkpoint copies are taken.
         if (AfterCopies(() => Replan(workers, pp, placement))) return;
         var previous = _state.Plan;
@@ -749,6 +754,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Finish();
             return;
         }
+        if (ShellControlsDue()) return;
         if (_leaving.Count > 0)
         {
             ReplanWithoutLeavers();
@@ -798,8 +804,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void KillThisProcess(string phase)
     {
-        Console.Error.WriteLine($"fault injection: killing the coordinator's process in {phase} of step {_fence.Step} attempt {_fence.Attempt}");
-        System.Diagnostics.Process.GetCurrentProcess().Kill();
+        FaultInjection.KillThisProcess($"fault injection: killing the coordinator's process in {phase} of step {_fence.Step} attempt {_fence.Attempt}");
     }
 
     private void StartPhaseTimer(string phase, double seconds)
