@@ -146,6 +146,58 @@ public class ShellControlTests(ITestOutputHelper output)
         SingleProcessReference.AssertStepsMatch("a node downed from the shell vs never", result.Steps, await NeverCommanded(cfg));
     }
 
+    [Fact]
+    public async Task Shell_node_down_sent_while_a_step_runs_waits_for_the_next_boundary_and_no_step_is_redone()
+    {
+        // Not paused: the command reaches the coordinator while the step after step 4 is in flight (it is
+        // sent as step 4 is reported, and the coordinator has started the next one by then).
+        var cfg = Config(("shell.token", Token), ("cluster.pipeline-stages", "1"), ("train.steps", "16"), ("train.eval-every", "8"));
+        await using var run = new Run(cfg, startSecond: false);
+        var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(30));
+        await using (client)
+        {
+            Task<IElasticMoEMessage>? down = null;
+            run.OnStep = r =>
+            {
+                if (r.Step == 3) down = client.AskAsync(new ShellControlCommand("node-down", [HostPort(run.Second!.Address)], Token));
+            };
+            run.StartSecond();
+            var result = await run.Coordinator.Result.WaitAsync(Long);
+            var ack = Ack(await down!);
+            Assert.True(ack.Ok, ack.Message);
+            Assert.Contains("is downed at the next step boundary", ack.Message);
+            // Carried out once, between two steps: one more plan, on the node that stays, and no attempt redone.
+            Assert.Equal(2, result.Plans.Count);
+            Assert.Equal(1, result.Plans[1].Dp * result.Plans[1].Pp);
+            Assert.InRange(result.Plans[1].AtStep, 5, 15);
+            Assert.Equal(0, result.RedoneAttempts);
+            SingleProcessReference.AssertStepsMatch("a node downed mid-step from the shell vs never", result.Steps, await NeverCommanded(cfg));
+        }
+    }
+
+    [Fact]
+    public async Task Shell_commands_sent_back_to_back_while_a_re_plan_installs_are_each_carried_out_once()
+    {
+        // `relayout` re-plans at the paused boundary; `node down`, sent right after it, finds that re-plan being
+        // installed (then it waits for the boundary after it) or done (then it is carried out at once): either
+        // way each is carried out exactly once, at the same step, and the run holds again after both.
+        var cfg = Config(("shell.token", Token), ("train.steps", "16"), ("train.eval-every", "8"));
+        await using var run = new Run(cfg, startSecond: false);
+        await using var client = await PausedAfter(run, 4);
+        long step = run.Steps().Count;
+        var (code, text, error) = Shell(run.Port, "--token", Token, "-c", $"relayout 2x1; node down {HostPort(run.Second!.Address)}");
+        Assert.True(code == 0, text + error);
+        await WaitPaused(client);
+        var plan = Json(run.Port, "plan");
+        Assert.Equal((3, 1, 1), (plan.GetProperty("epoch").GetInt32(), plan.GetProperty("worldSize").GetInt32(), plan.GetProperty("pp").GetInt32()));
+        Json(run.Port, "train resume", "--token", Token);
+        var result = await run.Coordinator.Result.WaitAsync(Long);
+        Assert.Equal([(1, 2), (2, 1), (1, 1)], result.Plans.Select(p => (p.Dp, p.Pp)).ToArray());
+        Assert.All(result.Plans.Skip(1), p => Assert.Equal(step, p.AtStep));
+        Assert.Equal(0, result.RedoneAttempts);
+        SingleProcessReference.AssertStepsMatch("re-laid out and a node downed vs neither", result.Steps, await NeverCommanded(cfg));
+    }
+
     // ---- node processes --------------------------------------------------------------------------
 
     private const int ProcessSteps = 20;
@@ -322,5 +374,26 @@ public class ShellControlTests(ITestOutputHelper output)
 
         // The recovery is counted as a lost node's.
         await ResumeToTheEnd(run, client, "node-lost");
+    }
+
+    [Fact]
+    public async Task Shell_fault_kill_worker_sent_while_steps_run_kills_the_node_at_the_next_boundary_and_the_run_recovers()
+    {
+        await using var run = await Processes.Start();
+        await using var client = await HoldAfterAFewSteps(run);
+        var (victim, address) = run.Nodes[1];
+        // Resumed first: the kill arrives while a step runs (many are left), so it waits for the next boundary;
+        // the node dies under the step that follows it, which is recovered as from any SIGKILL.
+        Assert.True(Ack(await client.AskAsync(new ShellControl("resume", Token))).Ok);
+        var ack = Ack(await client.AskAsync(new ShellControlCommand("fault-kill-worker", [address], Token)));
+        Assert.True(ack.Ok, ack.Message);
+        Assert.Contains("at the next step boundary", ack.Message);
+        var (exit, all) = await run.Finish();
+        output.WriteLine(all);
+        Assert.True(exit == 0, all);
+        Assert.Equal(137, (await NodeProcesses.Finish(victim, Long)).Code);
+        SingleProcessReference.AssertMetricsMatch(run.Metrics, ProcessReference.Value);
+        Assert.Contains(File.ReadAllLines(run.Metrics), l => l.Contains("\"event\":\"node-lost\"", StringComparison.Ordinal));
+        Assert.True((await NodeProcesses.Finish(run.Nodes[0].Process, Long)).Code == 0);
     }
 }
