@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using ElasticMoE.Planning;
 using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 
@@ -28,7 +29,8 @@ public static class ShellCommand
         var timeout = new Option<double?>("--timeout") { Description = "seconds to wait for the address and for each reply (default 10)" };
         var bind = new Option<string?>("--bind") { Description = "address this shell binds and is answered on (default 127.0.0.1)" };
         var cmd = new Command("shell", "query and steer a running cluster: cluster show, workers, plan, train status|watch|pause|resume|stop, " +
-            "experts loads|heatmap, checkpoints list|verify, events, actors tree, diagnose, rebalance now, checkpoint now");
+            "experts loads|heatmap, checkpoints list|verify, events, actors tree, diagnose, rebalance now, checkpoint now, relayout WxP, " +
+            "node leave|down ADDRESS, fault kill-worker ADDRESS");
         foreach (var o in new Option[] { connect, commands, json, token, timeout, bind }) cmd.Options.Add(o);
         cmd.SetAction(p =>
         {
@@ -96,6 +98,15 @@ internal sealed partial class ShellSession(TextWriter stdout, TextWriter stderr,
         new("actors tree", "actors tree [PATH] [--node ADDRESS]", "the actor hierarchy under PATH (default /user) of every node, or of one", ActorsTreeArgs),
         new("diagnose", "diagnose", "per node pass/slow/fail: membership, reachability, registration, data plane; the run's progress",
             NoArgs(new ShellDiagnoseQuery())) { Verdict = (s, r, _) => r is ShellDiagnosis { Ok: false } ? s.Failing("not every node passes") : 0 },
+        // Control commands with an argument: carried out at a step boundary, journaled like the others.
+        new("relayout", "relayout WORKERSxPP", "re-plan to WORKERS workers as DP x PP at the next step boundary, e.g. relayout 2x1 (token)",
+            ControlWith("relayout", "a layout WORKERSxPP", Layout, token)),
+        new("node leave", "node leave ADDRESS", "the node hands its units over at the next step boundary and leaves, as on its SIGTERM (token)",
+            ControlWith("node-leave", "a node address (host:port)", a => [a], token)),
+        new("node down", "node down ADDRESS", "down the node at the next step boundary: the run recovers as from a lost node (token)",
+            ControlWith("node-down", "a node address (host:port)", a => [a], token)),
+        new("fault kill-worker", "fault kill-worker ADDRESS", "recovery drill: the node process SIGKILLs itself at the next step boundary (token)",
+            ControlWith("fault-kill-worker", "a node address (host:port)", a => [a], token)),
     ];
 
     private static readonly string[] SessionWords = ["help", "exit", "quit"];
@@ -268,6 +279,33 @@ internal sealed partial class ShellSession(TextWriter stdout, TextWriter stderr,
         ["--dry-run"] => new ShellRebalanceQuery(),
         _ => Control("rebalance", args, token),
     };
+
+    /// <summary>A control command with one argument (<paramref name="what"/>), turned into the request's arguments by <paramref name="parse"/>.</summary>
+    private static Func<string[], IElasticMoEMessage> ControlWith(string action, string what, Func<string, string[]> parse, string token) => args =>
+    {
+        var (value, given) = args switch
+        {
+            [var v] when !v.StartsWith("--", StringComparison.Ordinal) => (v, token),
+            [var v, "--token", var t] when !v.StartsWith("--", StringComparison.Ordinal) => (v, t),
+            ["--token", var t, var v] => (v, t),
+            [] or ["--token", _] => throw new UsageException($"missing {what}"),
+            _ => throw new UsageException($"unexpected argument '{string.Join(' ', args)}'"),
+        };
+        return new ShellControlCommand(action, parse(value), given);
+    };
+
+    private static string[] Layout(string text)
+    {
+        try
+        {
+            var (workers, pp) = RelayoutSchedule.ParseLayout(text);
+            return [workers.ToString(CultureInfo.InvariantCulture), pp.ToString(CultureInfo.InvariantCulture)];
+        }
+        catch (FormatException ex)
+        {
+            throw new UsageException(ex.Message);
+        }
+    }
 
     private static IElasticMoEMessage Control(string action, string[] args, string token)
     {

@@ -49,20 +49,28 @@ public static class ElasticPlanner
         return new TrainingPlan(epoch, workers / pp, pp, stages, slots, owner) { Redundancy = redundancy };
     }
 
+    /// <summary>
+    /// Why <paramref name="workers"/> workers with pipeline degree <paramref name="pp"/> cannot be laid out with
+    /// <paramref name="available"/> workers present, or null when they can: the checks <see cref="Next"/> makes on
+    /// the layout itself, for a caller that must refuse a request before it is planned (the shell's relayout).
+    /// </summary>
+    public static string? LayoutRefusal(int workers, int pp, int available, ModelOptions model)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        if (workers < 1) return $"a plan needs at least one worker, asked for {workers}";
+        if (workers > MaxWorkers) return $"a plan has at most {MaxWorkers} workers (data-plane tags carry a 7-bit rank), asked for {workers}";
+        if (workers > available) return $"asked for {workers} workers but only {available} are available";
+        if (pp < 1 || workers % pp != 0) return $"pipeline degree {pp} must divide the number of workers ({workers})";
+        if (pp > model.Layers) return $"pipeline degree {pp} exceeds the number of layers ({model.Layers})";
+        return null;
+    }
+
     private static void Validate(TrainingPlan? previous, IReadOnlyList<WorkerSlot> available, int workers, int pp, ModelOptions model)
     {
         ArgumentNullException.ThrowIfNull(available);
         ArgumentNullException.ThrowIfNull(model);
-        if (workers < 1)
-            throw new ArgumentException($"a plan needs at least one worker, asked for {workers}", nameof(workers));
-        if (workers > MaxWorkers)
-            throw new ArgumentException($"a plan has at most {MaxWorkers} workers (data-plane tags carry a 7-bit rank), asked for {workers}", nameof(workers));
-        if (workers > available.Count)
-            throw new ArgumentException($"asked for {workers} workers but only {available.Count} are available", nameof(workers));
-        if (pp < 1 || workers % pp != 0)
-            throw new ArgumentException($"pipeline degree {pp} must divide the number of workers ({workers})", nameof(pp));
-        if (pp > model.Layers)
-            throw new ArgumentException($"pipeline degree {pp} exceeds the number of layers ({model.Layers})", nameof(pp));
+        if (LayoutRefusal(workers, pp, available.Count, model) is { } why)
+            throw new ArgumentException(why, workers < 1 || workers > MaxWorkers || workers > available.Count ? nameof(workers) : nameof(pp));
         var seen = new HashSet<WorkerId>();
         foreach (var slot in available)
         {

@@ -39,32 +39,50 @@ public static class RelayoutSchedule
             if (entry.Length == 0) throw new FormatException($"--relayout '{text}': empty entry; {Syntax}");
             var eq = entry.Split('=');
             if (eq.Length != 2) throw new FormatException($"--relayout entry '{entry}': {Syntax}");
-            var layout = eq[1].Trim().Split('x', 'X');
-            if (layout.Length != 2) throw new FormatException($"--relayout entry '{entry}': layout must be WORKERSxPP; {Syntax}");
-
             long step = Number(eq[0], entry, "step");
-            long workers = Number(layout[0], entry, "workers");
-            long pp = Number(layout[1], entry, "pp");
+            var (workers, pp) = Layout(eq[1], $"--relayout entry '{entry}'", Syntax);
             if (step < 1) throw new FormatException($"--relayout entry '{entry}': step must be at least 1");
-            if (workers < 1) throw new FormatException($"--relayout entry '{entry}': workers must be at least 1");
-            if (workers > ElasticPlanner.MaxWorkers)
-                throw new FormatException($"--relayout entry '{entry}': at most {ElasticPlanner.MaxWorkers} workers (data-plane tags carry a 7-bit rank)");
-            if (pp < 1) throw new FormatException($"--relayout entry '{entry}': pp must be at least 1");
-            if (workers % pp != 0) throw new FormatException($"--relayout entry '{entry}': pp {pp} must divide workers {workers}");
             if (points.Count > 0 && step <= points[^1].Step)
                 throw new FormatException($"--relayout entry '{entry}': steps must be strictly increasing (previous entry is at step {points[^1].Step})");
-            points.Add(new RelayoutPoint(step, (int)workers, (int)pp));
+            points.Add(new RelayoutPoint(step, workers, pp));
         }
         return points;
     }
 
-    private static long Number(string s, string entry, string what)
+    /// <summary>
+    /// One layout, <c>WORKERSxPP</c> (the shell's <c>relayout 2x1</c>): the same checks as a schedule entry's layout.
+    /// What depends on the model or the cluster is left to <see cref="ElasticPlanner.LayoutRefusal"/>.
+    /// </summary>
+    /// <exception cref="FormatException">The text is not a valid layout; the message says why.</exception>
+    public static (int Workers, int Pp) ParseLayout(string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        return Layout(text, $"layout '{text.Trim()}'", "expected WORKERSxPP, e.g. 2x1 or 4x2");
+    }
+
+    private static (int Workers, int Pp) Layout(string text, string what, string syntax)
+    {
+        var layout = text.Trim().Split('x', 'X');
+        if (layout.Length != 2) throw new FormatException($"{what}: layout must be WORKERSxPP; {syntax}");
+        long workers = Number(layout[0], what, "workers", syntax);
+        long pp = Number(layout[1], what, "pp", syntax);
+        if (workers < 1) throw new FormatException($"{what}: workers must be at least 1");
+        if (workers > ElasticPlanner.MaxWorkers)
+            throw new FormatException($"{what}: at most {ElasticPlanner.MaxWorkers} workers (data-plane tags carry a 7-bit rank)");
+        if (pp < 1) throw new FormatException($"{what}: pp must be at least 1");
+        if (workers % pp != 0) throw new FormatException($"{what}: pp {pp} must divide workers {workers}");
+        return ((int)workers, (int)pp);
+    }
+
+    private static long Number(string s, string entry, string what) => Number(s, $"--relayout entry '{entry}'", what, Syntax);
+
+    private static long Number(string s, string where, string what, string syntax)
     {
         var t = s.Trim();
         if (t.StartsWith('-') && long.TryParse(t, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out var negative))
             return negative;   // a well-formed negative number: let the range checks name the problem
         if (!long.TryParse(t, NumberStyles.None, CultureInfo.InvariantCulture, out var v))
-            throw new FormatException($"--relayout entry '{entry}': {what} '{t}' is not a whole number; {Syntax}");
+            throw new FormatException($"{where}: {what} '{t}' is not a whole number; {syntax}");
         return v;   // workers and pp fit an int once the range checks pass (pp ≤ workers ≤ MaxWorkers)
     }
 }

@@ -2,6 +2,7 @@ using Akka.Actor;
 using Akka.Event;
 using ElasticMoE.Configuration;
 using ElasticMoE.Data;
+using ElasticMoE.Runtime.Engine;
 using ElasticMoE.Runtime.Hosting;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.Training;
@@ -143,15 +144,19 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         if (_accepted) return;
         _coordinator.Tell(new RegisterNode(_address, _resources.DataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
-            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held });
+            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held, ProcessId = Environment.ProcessId });
     }
 
     private void OnHandOver()
     {
         _handOverWaiters.Add(Sender);
-        if (_handOverWaiters.Count == 1)
-            _coordinator.Tell(new RequestLeave(_address, Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
+        if (_handOverWaiters.Count == 1 && _leaveOrdered is null) RequestLeave();
     }
+
+    private void RequestLeave() => _coordinator.Tell(new RequestLeave(_address, Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
+
+    // `node leave` from the shell: the reason, once the coordinator ordered it; the node then stops when the leave is granted.
+    private string? _leaveOrdered;
 
     private void OnMessage(IElasticMoEMessage message)
     {
@@ -161,6 +166,16 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
                 _log.Info("coordinator granted the leave after step {0}: this node's units are handed over", m.Step);
                 foreach (var w in _handOverWaiters) w.Tell(m);
                 _handOverWaiters.Clear();
+                // Ordered to leave (the shell's `node leave`): stop, so that the node's host leaves the cluster and ends.
+                if (_leaveOrdered is { } why) StopWith(new RunOutcome.RunStopped($"left the run after step {m.Step}: {why}; its units were handed over"));
+                break;
+            case NodeLeaveOrder m:
+                _log.Info("the coordinator asks this node to leave: {0}", m.Reason);
+                if (_leaveOrdered is null && _handOverWaiters.Count == 0) RequestLeave();
+                _leaveOrdered ??= m.Reason;
+                break;
+            case NodeKillOrder m:
+                FaultInjection.KillThisProcess($"{m.Reason}: killing this node's process (SIGKILL)");
                 break;
             case NodeAccepted:
                 _accepted = true;

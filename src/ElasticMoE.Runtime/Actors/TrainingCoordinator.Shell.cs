@@ -31,7 +31,7 @@ public sealed partial class TrainingCoordinator
         Receive<ShellExpertLoadsQuery>(m => Sender.Tell(ShellLoadsReply(m.Layer)));
         Receive<ShellCheckpointsQuery>(_ => Sender.Tell(new ShellCheckpoints(
             _state.Checkpoints.Select(c => new ShellCheckpoint(c.Step, c.ManifestSha256, c.Files.Count, c.Files.Sum(f => f.Length))).ToArray(), _runDir)));
-        Receive<ShellControl>(m => Sender.Tell(OnShellControl(m)));
+        Receive<ShellControl>(m => Sender.Tell(Journaled(m.Action, [], OnShellControl(m))));
         // A stop while held at a boundary: Common's StopRun waits for a step in flight, and none is coming.
         Receive<StopRun>(m =>
         {

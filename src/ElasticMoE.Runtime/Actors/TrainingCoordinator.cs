@@ -187,6 +187,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         ShellQueries();
         RebalanceReplies();
         ShellReadQueries();
+        ShellControls();
         JournalReplies();
         Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
         Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
@@ -418,6 +419,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             return;
         }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
+        _processOf[m.NodeAddress] = m.ProcessId;
         NoteHeld(m);
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
@@ -504,6 +506,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Timers.Cancel("wait");
             ReplanWithoutLeavers();
         }
+        else if (_holding) ReplanWithoutLeavers();   // held at a boundary (train pause): hand over now, hold again after
     }
 
     private void ReplanWithoutLeavers()
@@ -572,6 +575,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     /// <param name="placement">Where the experts go (a rebalance); null: where the planner keeps them.</param>
     private void Replan(int workers, int pp, ExpertPlacement? placement = null)
     {
+        // Held at a boundary (train pause): the re-plan runs now, and the boundary reached once it is installed holds again.
+        _holding = false;
         // An install moves and releases units: not before the boundary's checkpoint copies are taken.
         if (AfterCopies(() => Replan(workers, pp, placement))) return;
         var previous = _state.Plan;
@@ -725,9 +730,10 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         foreach (var w in plan.Workers)
             if (_joinedAt.Remove(w.NodeAddress, out var since))
                 _membershipEvents.Add(new MembershipChange("node-joined", w.NodeAddress, _state.NextStep + 1, since));
+        // Before the install times are noted: a leave granted here is one of the changes this plan took into account.
+        if (_leaving.Count > 0) GrantLeaves();
         foreach (var e in _membershipEvents.Where(e => e.Installed is null))
             e.Installed = (e.Since.Elapsed.TotalSeconds - seconds, seconds, e.Since.Elapsed.TotalSeconds);
-        if (_leaving.Count > 0) GrantLeaves();
         if (_plans.Count > 1)
             _report.Info($"plan {plan.Epoch} installed in {seconds * 1000:F0} ms: {_unitsMoving.Count} unit(s), {bytes / 1024.0:F0} KiB moved");
         _firstStepOfPlan = _plans.Count > 1;
@@ -758,6 +764,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Finish();
             return;
         }
+        if (ShellControlsDue()) return;
         if (_leaving.Count > 0)
         {
             ReplanWithoutLeavers();
@@ -807,8 +814,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void KillThisProcess(string phase)
     {
-        Console.Error.WriteLine($"fault injection: killing the coordinator's process in {phase} of step {_fence.Step} attempt {_fence.Attempt}");
-        System.Diagnostics.Process.GetCurrentProcess().Kill();
+        FaultInjection.KillThisProcess($"fault injection: killing the coordinator's process in {phase} of step {_fence.Step} attempt {_fence.Attempt}");
     }
 
     private void StartPhaseTimer(string phase, double seconds)

@@ -73,6 +73,13 @@ public sealed record RunEnded(long NextStep, string How) : ICoordinatorEvent;
 /// </summary>
 public sealed record ExpertsRebalanced(long Step, double MaxOverMeanBefore, double MaxOverMeanAfter, int CopiesMoved, bool Requested) : ICoordinatorEvent;
 
+/// <summary>
+/// A control command of the actor shell was accepted (the token was right) before step <c>Step</c>: its name
+/// ("pause", "relayout", "node-leave", ...) and arguments as the coordinator took them. Recorded when accepted;
+/// what it then did shows in the events that follow (a <see cref="PlanChanged"/>, a <see cref="NodeRemoved"/>).
+/// </summary>
+public sealed record ShellCommandIssued(long Step, string Command, string[] Args) : ICoordinatorEvent;
+
 /// <summary>A committed checkpoint is being deleted (retention): recorded before its files go.</summary>
 public sealed record CheckpointRetired(long Step, string ManifestSha256) : ICoordinatorEvent;
 
@@ -94,6 +101,9 @@ public sealed record CoordinatorState(
 
     /// <summary>How the run ended when its coordinator ended it; null while it runs, and again once a coordinator restarts it.</summary>
     public string? Ended { get; init; }
+
+    /// <summary>The shell's accepted control commands, oldest first (the run's audit trail of operator actions).</summary>
+    public ImmutableList<ShellCommandIssued> ShellCommands { get; init; } = ImmutableList<ShellCommandIssued>.Empty;
 
     public int Epoch => Plan?.Epoch ?? 0;
 
@@ -117,6 +127,7 @@ public sealed record CoordinatorState(
         CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty, Ended = null },
         RunEnded r => this with { Ended = r.How },
         ExpertsRebalanced => this,
+        ShellCommandIssued c => this with { ShellCommands = ShellCommands.Add(c) },
         WorkersAdopted a when a.NextStep < NextStep => throw new InvalidOperationException($"adopted units at step {a.NextStep} while the next step is {NextStep}"),
         WorkersAdopted a => this with { NextStep = a.NextStep, Plan = a.Plan },
         CheckpointRetired r => this with { Checkpoints = Checkpoints.RemoveAll(c => c.Step == r.Step && c.ManifestSha256 == r.ManifestSha256) },

@@ -250,10 +250,7 @@ public sealed class WorkerContext : IDisposable
         if (Faults is not { } f || !f.Matches(phase, fence, Worker)) return;
         if (f.Kill)
         {
-            // The whole process dies at once, as with `kill -9` (this is SIGKILL on Linux): no goodbye,
-            // no flush, sockets closed by the kernel. For fault tests with node processes only.
-            Console.Error.WriteLine($"fault injection: killing this process in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
-            System.Diagnostics.Process.GetCurrentProcess().Kill();
+            FaultInjection.KillThisProcess($"fault injection: killing this process in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
         }
         if (f.Crash)
             throw new InvalidOperationException($"crash injected in {phase.ToString().ToLowerInvariant()} of step {fence.Step} attempt {fence.Attempt} on worker {Worker}");
@@ -331,6 +328,17 @@ public sealed record FaultInjection(long Step, FaultPhase Phase, int Attempt, in
     public bool Matches(FaultPhase phase, Fence fence, int worker)
         => !Coordinator && phase == Phase && fence.Step == Step && (Attempt == AnyAttempt || fence.Attempt == Attempt) && (Worker is null || Worker == worker)
            && (Epoch is null || Epoch == fence.Epoch);
+
+    /// <summary>
+    /// The kill action: the whole process dies at once, as with `kill -9` (this is SIGKILL on Linux): no goodbye,
+    /// no flush, sockets closed by the kernel. <paramref name="why"/> goes to stderr first. For fault tests and
+    /// drills with node processes only.
+    /// </summary>
+    public static void KillThisProcess(string why)
+    {
+        Console.Error.WriteLine(why);
+        System.Diagnostics.Process.GetCurrentProcess().Kill();
+    }
 
     public static FaultInjection? Parse(string text)
     {

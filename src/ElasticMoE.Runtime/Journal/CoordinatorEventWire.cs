@@ -102,6 +102,9 @@ public sealed record ExpertsRebalancedWire(
     [property: Key(4)] bool Requested);
 
 [MessagePackObject]
+public sealed record ShellCommandIssuedWire([property: Key(0)] long Step, [property: Key(1)] string Command, [property: Key(2)] string[] Args);
+
+[MessagePackObject]
 public sealed record RunEndedWire([property: Key(0)] long NextStep, [property: Key(1)] string How);
 
 [MessagePackObject]
@@ -147,4 +150,7 @@ public sealed record CoordinatorStateWire(
 {
     /// <summary>Added after v1: absent (null) in older snapshots, which were all of running runs.</summary>
     [Key(6)] public string? Ended { get; init; }
+
+    /// <summary>Added with the shell's control commands: absent (null) in older snapshots, which had none.</summary>
+    [Key(7)] public ShellCommandIssuedWire[]? ShellCommands { get; init; }
 }

@@ -48,6 +48,7 @@ public static class CoordinatorJournalCodec
         Entry.Of<ExpertsRebalanced, ExpertsRebalancedWire>("j.ExpertsRebalanced",
             e => new(e.Step, e.MaxOverMeanBefore, e.MaxOverMeanAfter, e.CopiesMoved, e.Requested),
             w => new(w.Step, w.MaxOverMeanBefore, w.MaxOverMeanAfter, w.CopiesMoved, w.Requested)),
+        Entry.Of<ShellCommandIssued, ShellCommandIssuedWire>("j.ShellCommandIssued", ToWire, ToDomain),
         Entry.Of<RunEnded, RunEndedWire>("j.RunEnded", e => new(e.NextStep, e.How), w => new(w.NextStep, w.How ?? "")),
         Entry.Of<CoordinatorRestarted, CoordinatorRestartedWire>("j.CoordinatorRestarted", e => new(e.AtStep), w => new(w.AtStep)),
         Entry.Of<WorkersAdopted, WorkersAdoptedWire>("j.WorkersAdopted",
@@ -59,12 +60,17 @@ public static class CoordinatorJournalCodec
                 UnitId.Parse(Required(m.Unit, "unit")), ToDomain(Required(m.From, "move source")), ToDomain(Required(m.To, "move target")))).ToArray())),
         Entry.Of<CoordinatorState, CoordinatorStateWire>("j.CoordinatorState",
             s => new(s.RunFingerprint, s.NextStep, s.Workers.Select(ToWire).ToArray(), s.Plan is null ? null : ToWire(s.Plan),
-                s.Committed.Select(ToWire).ToArray(), s.Checkpoints.Select(ToWire).ToArray()) { Ended = s.Ended },
+                s.Committed.Select(ToWire).ToArray(), s.Checkpoints.Select(ToWire).ToArray())
+            {
+                Ended = s.Ended,
+                ShellCommands = s.ShellCommands.Count == 0 ? null : s.ShellCommands.Select(ToWire).ToArray(),
+            },
             w => new CoordinatorState(w.RunFingerprint, w.NextStep, Array(w.Workers).Select(ToDomain).ToImmutableList(),
                 w.Plan is null ? null : ToDomain(w.Plan), Array(w.Committed).Select(ToDomain).ToImmutableList())
             {
                 Checkpoints = Array(w.Checkpoints).Select(ToDomain).ToImmutableList(),
                 Ended = w.Ended,
+                ShellCommands = Array(w.ShellCommands).Select(ToDomain).ToImmutableList(),
             }),
     ];
 
@@ -142,6 +148,10 @@ public static class CoordinatorJournalCodec
     private static CheckpointCommitted ToDomain(CheckpointCommittedWire w) =>
         new(w.Step, Required(w.ManifestSha256, "manifest SHA-256"),
             Array(w.Files).Select(f => new CheckpointFile(Required(f.Path, "file path"), f.Length, Required(f.Sha256, "file SHA-256"))).ToArray());
+
+    private static ShellCommandIssuedWire ToWire(ShellCommandIssued c) => new(c.Step, c.Command, c.Args);
+
+    private static ShellCommandIssued ToDomain(ShellCommandIssuedWire w) => new(w.Step, Required(w.Command, "shell command"), Array(w.Args));
 
     private static T Required<T>(T? value, string what) where T : class =>
         value ?? throw new InvalidDataException($"the stored coordinator record has no {what}");

@@ -69,6 +69,9 @@ public sealed record RegisterNode(
     /// back to the last checkpoint. Empty for a fresh node.
     /// </summary>
     [Key(6)] public HeldUnits[] Held { get; init; } = [];
+
+    /// <summary>The node's process id (0 from an older node): the shell's kill-worker drill refuses a node in the coordinator's own process.</summary>
+    [Key(7)] public int ProcessId { get; init; }
 }
 
 /// <summary>

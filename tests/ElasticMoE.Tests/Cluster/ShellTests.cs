@@ -16,11 +16,11 @@ namespace ElasticMoE.Tests.Cluster;
 [Collection("cluster")]
 public partial class ShellTests
 {
-    private const string Token = "t0k-shell";
-    private static readonly TimeSpan Long = TimeSpan.FromSeconds(90);
+    internal const string Token = "t0k-shell";
+    internal static readonly TimeSpan Long = TimeSpan.FromSeconds(90);
 
     /// <summary>A cluster: a coordinator node with a worker, and (once started) a second worker node; steps as reported.</summary>
-    private sealed class Run : IAsyncDisposable
+    internal sealed class Run : IAsyncDisposable
     {
         private readonly TextCorpus _corpus;
 
@@ -70,7 +70,7 @@ public partial class ShellTests
     /// step 1), resumed with a pause sent as step <paramref name="afterStep"/> is reported, then waited for
     /// until the coordinator says it holds. Returns the shell client that did it (connected to the run).
     /// </summary>
-    private static async Task<ShellClient> PausedAfter(Run run, long afterStep)
+    internal static async Task<ShellClient> PausedAfter(Run run, long afterStep)
     {
         var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(30));
         Assert.True(Ack(await client.AskAsync(new ShellControl("pause", Token))).Ok);
@@ -87,9 +87,9 @@ public partial class ShellTests
         return client;
     }
 
-    private static ShellAck Ack(IElasticMoEMessage reply) => Assert.IsType<ShellAck>(reply);
+    internal static ShellAck Ack(IElasticMoEMessage reply) => Assert.IsType<ShellAck>(reply);
 
-    private static async Task WaitPaused(ShellClient client)
+    internal static async Task WaitPaused(ShellClient client)
     {
         var deadline = DateTime.UtcNow + Long;
         while (Assert.IsType<ShellTrainStatus>(await client.AskAsync(new ShellTrainStatusQuery())).Phase != "paused")
@@ -99,7 +99,7 @@ public partial class ShellTests
         }
     }
 
-    private static async Task WaitUntil(Func<bool> condition, Run run)
+    internal static async Task WaitUntil(Func<bool> condition, Run run)
     {
         var deadline = DateTime.UtcNow + Long;
         while (!condition())
@@ -109,13 +109,13 @@ public partial class ShellTests
         }
     }
 
-    private static ElasticMoEConfig Config(params (string, string)[] extra) => TestSupport.SmallConfig(
+    internal static ElasticMoEConfig Config(params (string, string)[] extra) => TestSupport.SmallConfig(
     [
         ("cluster.nodes", "0"), ("cluster.expected-nodes", "2"), ("cluster.pipeline-stages", "2"),
         ("train.steps", "60"), ("train.eval-every", "20"), .. extra,
     ]);
 
-    private static (int Code, string Out, string Err) Shell(int port, params string[] args)
+    internal static (int Code, string Out, string Err) Shell(int port, params string[] args)
     {
         var stdout = new StringWriter();
         var stderr = new StringWriter();
@@ -124,7 +124,7 @@ public partial class ShellTests
     }
 
     /// <summary>One command with --json: it must succeed and print one JSON object.</summary>
-    private static JsonElement Json(int port, string command, params string[] extra)
+    internal static JsonElement Json(int port, string command, params string[] extra)
     {
         var (code, output, error) = Shell(port, ["--json", "-c", command, .. extra]);
         Assert.True(code == 0, $"'{command}' exited {code}: {output}{error}");

@@ -30,8 +30,16 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
         history.Add(new CoordinatorRestarted(next));
         history.Add(new WorkersAdopted(next + 1, lastPlan with { Workers = lastPlan.Workers.Select(w => w with { Id = w.Id with { SystemUid = w.Id.SystemUid + 100 } }).ToList() }));
         history.Add(new ExpertsRebalanced(next + 1, 1.75, 1.37, 1, Requested: false));
+        history.Add(new ShellCommandIssued(next + 1, "relayout", ["2", "1"]));
+        history.Add(new ShellCommandIssued(next + 1, "node-leave", ["akka.tcp://elasticmoe@127.0.0.1:4054"]));
         history.Add(new RunEnded(next + 1, "the run was stopped: SIGTERM"));
         Assert.Equal("the run was stopped: SIGTERM", Replay(history).Ended);
+        // The accepted shell commands are part of the state (and of its snapshot), in order.
+        Assert.Equal(["relayout 2 1", "node-leave akka.tcp://elasticmoe@127.0.0.1:4054"],
+            Replay(history).ShellCommands.Select(c => string.Join(' ', [c.Command, .. c.Args])).ToArray());
+        var snapshot = (CoordinatorState)CoordinatorJournalSerializer.Decode(CoordinatorJournalSerializer.Encode(Replay(history)).Bytes, "j.CoordinatorState");
+        Assert.Equal(Replay(history).ShellCommands.Select(c => (c.Step, c.Command, string.Join(' ', c.Args))),
+            snapshot.ShellCommands.Select(c => (c.Step, c.Command, string.Join(' ', c.Args))));
         Assert.Equal(CoordinatorJournalCodec.WireTypes.Count - 1, history.Select(e => e.GetType()).Distinct().Count());
         foreach (var value in history.Cast<object>().Append(Replay(history)))
         {

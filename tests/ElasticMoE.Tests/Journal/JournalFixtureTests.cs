@@ -170,4 +170,4 @@ public sealed record CoordinatorStateV2(
     [property: Key(4)] StepResultWire[] Committed,
     [property: Key(5)] CheckpointCommittedWire[] Checkpoints,
     [property: Key(6)] string? Ended,
-    [property: Key(7)] string[]? Standby);
+    [property: Key(8)] string[]? Standby);   // a key this version does not know (7 is the shell commands since)

@@ -54,6 +54,23 @@ public sealed class MessagePackSerializerTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void The_shell_control_messages_round_trip_under_their_manifests()
+    {
+        var command = new ShellControlCommand("relayout", ["2", "1"], "t0k");
+        Assert.Equal("s.ControlCommand", Serializer.Manifest(command));
+        var back = RoundTrip(command);
+        Assert.Equal((command.Action, command.Token), (back.Action, back.Token));
+        Assert.Equal(command.Args, back.Args);
+        Assert.Equal("s.NodeLeaveOrder", Serializer.Manifest(new NodeLeaveOrder("x")));
+        Assert.Equal(new NodeLeaveOrder("asked to leave"), RoundTrip(new NodeLeaveOrder("asked to leave")));
+        Assert.Equal("s.NodeKillOrder", Serializer.Manifest(new NodeKillOrder("x")));
+        Assert.Equal(new NodeKillOrder("drill"), RoundTrip(new NodeKillOrder("drill")));
+        // A node's process id travels with its registration (kill-worker refuses a node in the coordinator's process).
+        var register = new RegisterNode("akka.tcp://elasticmoe@127.0.0.1:4054", ["127.0.0.1:5000"], "m", 1, 7, "fp") { ProcessId = 4242 };
+        Assert.Equal(4242, RoundTrip(register).ProcessId);
+    }
+
+    [Fact]
     public void Uses_the_manifest_attribute_and_falls_back_to_the_full_name()
     {
         Assert.Equal("test.ping", Serializer.Manifest(new TestPing("x", 1, null)));
