@@ -76,7 +76,7 @@ public sealed partial class TrainingCoordinator
                 if (_paused) return new ShellAck(true, _holding ? $"already paused before step {_state.NextStep + 1}" : "already pausing after the step in flight");
                 _paused = true;
                 _report.Info("pause requested from the shell");
-                if (_phase is Phase.Computing or Phase.Norms or Phase.Updating or Phase.Evaluating or Phase.Installing)
+                if (_phase is Phase.Retrying or Phase.Computing or Phase.Norms or Phase.Updating or Phase.Evaluating or Phase.Installing)
                     return new ShellAck(true, $"pausing after step {_state.NextStep + 1} (in flight)");
                 return new ShellAck(true, $"paused before step {_state.NextStep + 1}");
             case "resume":

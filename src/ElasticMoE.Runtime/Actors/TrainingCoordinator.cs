@@ -87,7 +87,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
-    private enum Phase { Recovering, WaitingForNodes, Installing, Rebalancing, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private enum Phase { Recovering, WaitingForNodes, Installing, Rebalancing, Retrying, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
     private Phase _phase = Phase.WaitingForNodes;
     // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
     private enum AfterInstall { Step, Evaluate, Finish }
@@ -195,12 +195,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         // cancelled step could be reported as a worker failure under a misleading reason.
         Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
         Receive<Akka.Remote.DisassociatedEvent>(m => ProbeNode(m.RemoteAddress));
-        Receive<NodeProbed>(m =>
-        {
-            // Only the incarnation that was there when the probe started: one restarted on the same
-            // address since is another node.
-            if (m.Dead) OnMemberLost(m.Address, m.Uid, "is gone (its connection closed and a reconnect was refused)");
-        });
+        Receive<NodeProbed>(OnNodeProbed);
         Receive<RegisterNode>(OnRegisterNode);
         Receive<WorkerRetired>(OnWorkerRetired);
         Receive<RequestRelayout>(m =>
@@ -250,19 +245,28 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     // A closed remoting connection is a hint, not a verdict (a connection can drop and come back): the
     // node counts as lost only if a fresh TCP connection to it is refused, which for a killed process on
     // a reachable host takes a millisecond. A timeout proves nothing; the failure detector decides then.
-    private void ProbeNode(Address address)
+    // True when a probe was started (its NodeProbed will come, within the probe's timeout).
+    private bool ProbeNode(Address address)
     {
-        if (_finished || address.Host is null || address.Port is null) return;
+        if (_finished || address.Host is null || address.Port is null) return false;
         var node = address.ToString();
         var uid = _agents.Where(a => a.Address == node).Select(a => a.Uid).FirstOrDefault();
-        if (uid == 0) return;
-        ConnectionProbe.RefusedAsync(address, TimeSpan.FromSeconds(1))
+        if (uid == 0) return false;
+        ConnectionProbe.RefusedAsync(address, ProbeTimeout)
             .ContinueWith(t => new NodeProbed(address, uid, t.Result), TaskContinuationOptions.ExecuteSynchronously).PipeTo(Self);
+        return true;
     }
 
-    private void ProbeAllNodes()
+    private static readonly TimeSpan ProbeTimeout = TimeSpan.FromSeconds(1);
+
+    /// <summary>Probes every registered node; returns how many probes were started.</summary>
+    private int ProbeAllNodes() => _agents.ToList().Count(a => ProbeNode(Address.Parse(a.Address)));
+
+    private void OnNodeProbed(NodeProbed m)
     {
-        foreach (var a in _agents.ToList()) ProbeNode(Address.Parse(a.Address));
+        // Only the incarnation that was there when the probe started: one restarted on the same
+        // address since is another node.
+        if (m.Dead) OnMemberLost(m.Address, m.Uid, "is gone (its connection closed and a reconnect was refused)");
     }
 
     private void OnMemberLost(Address address, long uid, string what)
@@ -342,6 +346,12 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             case Phase.Finishing:
                 Timers.Cancel("phase");
                 _afterInstall = AfterInstall.Finish;
+                Recover();
+                break;
+            case Phase.Retrying:
+                // The failed attempt was aborted already and the next one has not started: recover instead.
+                Timers.Cancel("phase");
+                Timers.Cancel("retry");
                 Recover();
                 break;
             case Phase.Installing or Phase.WaitingForWorkers or Phase.Rebalancing:
@@ -822,7 +832,6 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Computing()
     {
-        Receive<StartAttemptLater>(m => { if (m.Fence == _fence) StartAttempt(m.Fence); });
         Receive<StepComputed>(OnStepComputed);
         Receive<WorkerFailed>(OnWorkerFailed);
         Receive<RequestAbort>(m => Redo($"abort requested: {m.Reason}"));
@@ -843,7 +852,6 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Norms()
     {
-        Receive<StartAttemptLater>(m => { if (m.Fence == _fence) StartAttempt(m.Fence); });
         Receive<ExpertNorm>(m =>
         {
             if (m.Fence != _fence) return;
@@ -1015,16 +1023,59 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         if (!NextAttempt(why, out var next)) return;
         _report.Info($"step {_fence.Step + 1}: attempt {_fence.Attempt} aborted ({why}); redoing as attempt {next.Attempt}");
-        // A failure may be a peer that died and is not known lost yet (its sends fail at once): ask every
-        // node, and back off from the second redo on (0.1 s, doubling: 12.7 s over all attempts, more than
-        // the failure detector needs), so a dead peer is found before the attempts run out.
-        ProbeAllNodes();
-        if (next.Attempt <= 1) { StartAttempt(next); return; }
+        // A failure may be a peer that died and is not known lost yet (its sends fail at once: the data plane
+        // sees a SIGKILL before anything else): ask every node, and start the next attempt only once they all
+        // answered (a refused connection answers in a millisecond, a hung host within the probe's timeout).
+        // Otherwise the probe's verdict would come while the attempt runs and abort it too, and whether a kill
+        // costs one attempt or two would be decided by timing. From the second redo on it also backs off (0.1 s,
+        // doubling: 12.7 s over all attempts, more than the failure detector needs).
         _fence = next;
-        Timers.StartSingleTimer("phase", new StartAttemptLater(next), TimeSpan.FromMilliseconds(100 << (next.Attempt - 2)));
+        Timers.Cancel("phase");
+        Enter(Phase.Retrying, Retrying);
+        _retryProbes = ProbeAllNodes();
+        // A probe always answers within its timeout; this only makes sure a lost answer cannot hold the step.
+        if (_retryProbes > 0) Timers.StartSingleTimer("retry", new RetryProbesDone(next), ProbeTimeout + TimeSpan.FromSeconds(1));
+        _retryBackedOff = next.Attempt <= 1;
+        if (!_retryBackedOff) Timers.StartSingleTimer("phase", new StartAttemptLater(next), TimeSpan.FromMilliseconds(100 << (next.Attempt - 2)));
+        StartRetryWhenReady();
     }
 
     private sealed record StartAttemptLater(Fence Fence);
+    private sealed record RetryProbesDone(Fence Fence);
+
+    // Phase.Retrying: probes not answered yet, and whether the back-off has passed.
+    private int _retryProbes;
+    private bool _retryBackedOff;
+
+    private void Retrying()
+    {
+        Receive<StartAttemptLater>(m =>
+        {
+            if (m.Fence != _fence) return;
+            _retryBackedOff = true;
+            StartRetryWhenReady();
+        });
+        Receive<RetryProbesDone>(m =>
+        {
+            if (m.Fence != _fence) return;
+            _retryProbes = 0;
+            StartRetryWhenReady();
+        });
+        Receive<NodeProbed>(m =>
+        {
+            if (_retryProbes > 0) _retryProbes--;
+            OnNodeProbed(m);   // a dead node: LoseWorkers recovers instead (the phase changes)
+            StartRetryWhenReady();
+        });
+        Common();
+    }
+
+    private void StartRetryWhenReady()
+    {
+        if (_phase != Phase.Retrying || !_retryBackedOff || _retryProbes > 0) return;
+        Timers.Cancel("retry");
+        StartAttempt(_fence);
+    }
 
     private bool NextAttempt(string why, out Fence next)
     {
