@@ -201,14 +201,20 @@ internal sealed partial class ShellSession
     }
 }
 
-/// <summary>What tab completes in the REPL: command names, and after <c>--node</c> a node's address (or its HOST:PORT).</summary>
+/// <summary>
+/// What tab completes in the REPL: command names, and a node's address (or its HOST:PORT) where one is expected:
+/// after <c>--node</c>, and as the argument of <c>node leave|down</c> and <c>fault kill-worker</c>.
+/// </summary>
 public static class ShellCompleter
 {
+    private static readonly string[] AddressVerbs = ["node leave", "node down", "fault kill-worker"];
+
     /// <summary>Every full line that completes <paramref name="typed"/>.</summary>
     public static IReadOnlyList<string> Candidates(string typed, IEnumerable<string> commands, IEnumerable<string> nodes)
     {
         int last = typed.LastIndexOf(' ');
-        if (last > 0 && typed[..last].TrimEnd().EndsWith(" --node", StringComparison.Ordinal))
+        var before = last > 0 ? typed[..last].TrimEnd() : "";
+        if (last > 0 && (before.EndsWith(" --node", StringComparison.Ordinal) || AddressVerbs.Contains(before.TrimStart())))
         {
             var head = typed[..(last + 1)];
             var word = typed[(last + 1)..];

@@ -198,5 +198,9 @@ public partial class ShellTests
             ShellCompleter.Candidates("actors tree /user --node 127", commands, nodes));
         Assert.Equal(["actors tree --node 10.0.0.7:4001"], ShellCompleter.Candidates("actors tree --node 10.", commands, nodes));
         Assert.Empty(ShellCompleter.Candidates("actors tree --node 9", commands, nodes));
+        // The argument of the node control commands is a node address too.
+        Assert.Equal(["node leave 127.0.0.1:4001", "node leave 127.0.0.1:4002"], ShellCompleter.Candidates("node leave 127", commands, nodes));
+        Assert.Equal(["fault kill-worker 10.0.0.7:4001"], ShellCompleter.Candidates("fault kill-worker 10", commands, nodes));
+        Assert.Equal(["node down akka.tcp://elasticmoe@10.0.0.7:4001"], ShellCompleter.Candidates("node down akka.tcp://elasticmoe@10", commands, nodes));
     }
 }
