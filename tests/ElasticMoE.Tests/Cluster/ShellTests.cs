@@ -73,7 +73,16 @@ public partial class ShellTests
     internal static async Task<ShellClient> PausedAfter(Run run, long afterStep)
     {
         var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(30));
-        Assert.True(Ack(await client.AskAsync(new ShellControl("pause", Token))).Ok);
+        // The endpoint is up before the coordinator singleton is (it starts once its node is Up): until then
+        // the endpoint answers that the run has not started, and the pause is asked again.
+        var deadline = DateTime.UtcNow + Long;
+        IElasticMoEMessage reply;
+        while ((reply = await client.AskAsync(new ShellControl("pause", Token))) is ShellError e)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"the coordinator never answered: {e.Message}");
+            await Task.Delay(50);
+        }
+        Assert.True(Ack(reply).Ok);
         run.StartSecond();
         await WaitPaused(client);
         Assert.Empty(run.Steps());
