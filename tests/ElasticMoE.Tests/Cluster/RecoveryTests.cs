@@ -55,17 +55,18 @@ public class RecoveryTests(ITestOutputHelper output)
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var procs = new List<Process>();
-        if (beforeNodes is not null) await beforeNodes();
         Process AddNode(params string[] more)
         {
             var p = NodeProcesses.Start(["node", "--seed-node", seed, .. args, .. extra, .. more]);
             procs.Add(p);
             return p;
         }
-        for (int i = 0; i < nodes; i++) AddNode();
         var text = new StringBuilder();
         try
         {
+            // Inside the try: a failure here must not leave the coordinator's process running.
+            if (beforeNodes is not null) await beforeNodes();
+            for (int i = 0; i < nodes; i++) AddNode();
             var stderr = coordinator.StandardError.ReadToEndAsync();
             string? line;
             using var cts = new CancellationTokenSource(TimeSpan.FromMinutes(3));
