@@ -119,8 +119,7 @@ public sealed record ExpertPlacement
     /// <exception cref="ArgumentException">The placements are of different models.</exception>
     public IReadOnlyList<ExpertCopyMove> MovesFrom(ExpertPlacement previous)
     {
-        if (previous.Layers != Layers || Enumerable.Range(0, Layers).Any(l => previous.ExpertCount(l) != ExpertCount(l)))
-            throw new ArgumentException("the placements are of different models (layers or experts differ)", nameof(previous));
+        RequireSameModel(previous);
         var moves = new List<ExpertCopyMove>();
         for (int l = 0; l < Layers; l++)
             for (int e = 0; e < holders[l].Length; e++)
@@ -143,8 +142,7 @@ public sealed record ExpertPlacement
     /// <exception cref="ArgumentException">The placements are of different models.</exception>
     public ExpertPlacement KeepingCopiesOf(ExpertPlacement previous, int slots)
     {
-        if (previous.Layers != Layers || Enumerable.Range(0, Layers).Any(l => previous.ExpertCount(l) != ExpertCount(l)))
-            throw new ArgumentException("the placements are of different models (layers or experts differ)", nameof(previous));
+        RequireSameModel(previous);
         var here = Workers.ToHashSet();
         var result = holders.Select(layer => layer.Select(h => h.ToList()).ToArray()).ToArray();
         for (int l = 0; l < Layers; l++)
@@ -159,6 +157,12 @@ public sealed record ExpertPlacement
                     }
         }
         return new ExpertPlacement(Workers, result.Select(layer => layer.Select(h => (IEnumerable<WorkerId>)h)));
+    }
+
+    private void RequireSameModel(ExpertPlacement previous)
+    {
+        if (previous.Layers != Layers || Enumerable.Range(0, Layers).Any(l => previous.ExpertCount(l) != ExpertCount(l)))
+            throw new ArgumentException("the placements are of different models (layers or experts differ)", nameof(previous));
     }
 
     /// <summary>How many copies <see cref="MovesFrom"/> lists: the churn of going from <paramref name="previous"/> to this.</summary>

@@ -274,13 +274,8 @@ public class ShellControlTests(ITestOutputHelper output)
     private static async Task<ShellClient> HoldAfterAFewSteps(Processes run)
     {
         var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(60));
+        await PauseOnceStarted(client, () => run.Text);
         var deadline = DateTime.UtcNow + Long;
-        // The coordinator singleton may not be up yet: the endpoint then says so (a ShellError), and the pause is asked again.
-        while (await client.AskAsync(new ShellControl("pause", Token)) is not ShellAck { Ok: true })
-        {
-            Assert.True(DateTime.UtcNow < deadline, "the coordinator never took the pause:\n" + run.Text);
-            await Task.Delay(100);
-        }
         while (Assert.IsType<ShellPlan>(await client.AskAsync(new ShellPlanQuery())).Epoch == 0 || await Phase(client) != "paused")
         {
             Assert.True(DateTime.UtcNow < deadline, "the run never held before step 1:\n" + run.Text);

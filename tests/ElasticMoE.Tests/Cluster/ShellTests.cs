@@ -66,6 +66,22 @@ public partial class ShellTests
     }
 
     /// <summary>
+    /// Pauses a run whose coordinator may not have started yet: the endpoint is up before the coordinator singleton
+    /// (which starts once its node is Up) and until then answers that the run has not started, so the pause is asked again.
+    /// </summary>
+    internal static async Task PauseOnceStarted(ShellClient client, Func<string> said)
+    {
+        var deadline = DateTime.UtcNow + Long;
+        IElasticMoEMessage reply;
+        while ((reply = await client.AskAsync(new ShellControl("pause", Token))) is ShellError e)
+        {
+            Assert.True(DateTime.UtcNow < deadline, $"the coordinator never answered: {e.Message}\n{said()}");
+            await Task.Delay(50);
+        }
+        Assert.True(Ack(reply).Ok);
+    }
+
+    /// <summary>
     /// A run held at a known step boundary, with no race: paused before its second node exists (so before
     /// step 1), resumed with a pause sent as step <paramref name="afterStep"/> is reported, then waited for
     /// until the coordinator says it holds. Returns the shell client that did it (connected to the run).
@@ -73,16 +89,7 @@ public partial class ShellTests
     internal static async Task<ShellClient> PausedAfter(Run run, long afterStep)
     {
         var client = await ShellClient.ConnectAsync($"127.0.0.1:{run.Port}", TimeSpan.FromSeconds(30));
-        // The endpoint is up before the coordinator singleton is (it starts once its node is Up): until then
-        // the endpoint answers that the run has not started, and the pause is asked again.
-        var deadline = DateTime.UtcNow + Long;
-        IElasticMoEMessage reply;
-        while ((reply = await client.AskAsync(new ShellControl("pause", Token))) is ShellError e)
-        {
-            Assert.True(DateTime.UtcNow < deadline, $"the coordinator never answered: {e.Message}");
-            await Task.Delay(50);
-        }
-        Assert.True(Ack(reply).Ok);
+        await PauseOnceStarted(client, () => run.Console.Text);
         run.StartSecond();
         await WaitPaused(client);
         Assert.Empty(run.Steps());
