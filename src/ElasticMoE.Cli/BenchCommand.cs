@@ -74,16 +74,17 @@ public static class BenchCommand
                 foreach (var t in MoEBenchmarks.ExpertTime(config, corpus))
                 {
                     stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"  block {t.Layer}: {t.Rows} rows, largest expert {t.Capacity}: loop {t.LoopMs:F2} ms, one padded bmm {t.PaddedMs:F2} ms, grouped {t.GroupedMs:F2} ms (groups {t.Groups})"));
+                        $"  block {t.Layer}: {t.Rows} rows, largest expert {t.Capacity}: loop {t.LoopMs:F2} ms, one padded bmm {t.PaddedMs:F2} ms, grouped {t.GroupedMs:F2} ms (groups {t.Groups}), chunked {t.ChunkedMs:F2} ms"));
+                    figures.Add(new($"routed experts, block {t.Layer} (chunked)", t.ChunkedMs, "ms", "per-expert loop", t.LoopMs));
                     figures.Add(new($"routed experts, block {t.Layer} (grouped)", t.GroupedMs, "ms", "per-expert loop", t.LoopMs));
                     figures.Add(new($"routed experts, block {t.Layer} (padded)", t.PaddedMs, "ms", "per-expert loop", t.LoopMs));
                 }
-                stdout.WriteLine($"moe: tokens/s of the MoE (grouped and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), {steps} timed steps each, {n} rounds ...");
+                stdout.WriteLine($"moe: tokens/s of the MoE (default and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), {steps} timed steps each, {n} rounds ...");
                 var perRound = MoEBenchmarks.Throughput(config, corpus, n, steps, log: stdout);
-                const MoEBenchmarks.Mode grouped = MoEBenchmarks.Mode.MoEGrouped, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
+                const MoEBenchmarks.Mode grouped = MoEBenchmarks.Mode.MoE, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
                 var g = MedianRound(perRound, r => r.TokensPerSecond[grouped] / r.TokensPerSecond[dn]);
                 var l = MedianRound(perRound, r => r.TokensPerSecond[loop] / r.TokensPerSecond[dn]);
-                figures.Add(new("MoE tokens/s (grouped experts)", g.TokensPerSecond[grouped], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
+                figures.Add(new("MoE tokens/s (default kernel)", g.TokensPerSecond[grouped], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
                 figures.Add(new("MoE tokens/s (per-expert loop)", l.TokensPerSecond[loop], "tok/s", "dense, equal active FFN", l.TokensPerSecond[dn]));
             }
             if (chosen.Contains("leak"))

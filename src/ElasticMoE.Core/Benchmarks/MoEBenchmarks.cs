@@ -21,7 +21,7 @@ public static class MoEBenchmarks
     public static ElasticMoEConfig DenseEquivalent(ElasticMoEConfig c) =>
         c with { Model = c.Model with { DenseLayers = c.Model.Layers, DenseHidden = c.Model.MoE.ExpertHidden * (c.Model.MoE.SharedExperts + c.Model.MoE.TopK) } };
 
-    public enum Mode { MoEGrouped, MoELoop, Dense }
+    public enum Mode { MoE, MoELoop, Dense }
 
     public sealed record ThroughputRound(IReadOnlyDictionary<Mode, double> TokensPerSecond);
 
@@ -40,9 +40,9 @@ public static class MoEBenchmarks
             {
                 var mode = modes[(i + r) % modes.Length];
                 tps[mode] = TokensPerSecond(mode == Mode.Dense ? DenseEquivalent(config) : config, corpus, steps, warmup,
-                                            mode == Mode.MoELoop ? ExpertKernel.Loop : ExpertKernel.Grouped);
+                                            mode == Mode.MoELoop ? ExpertKernel.Loop : ExpertKernel.Chunked);
             }
-            log?.WriteLine($"  round {r + 1}: {string.Join(", ", modes.Select(m => $"{m} {tps[m]:F0}"))} tok/s; MoE/dense {tps[Mode.MoEGrouped] / tps[Mode.Dense]:F3}, loop-MoE/dense {tps[Mode.MoELoop] / tps[Mode.Dense]:F3}");
+            log?.WriteLine($"  round {r + 1}: {string.Join(", ", modes.Select(m => $"{m} {tps[m]:F0}"))} tok/s; MoE/dense {tps[Mode.MoE] / tps[Mode.Dense]:F3}, loop-MoE/dense {tps[Mode.MoELoop] / tps[Mode.Dense]:F3}");
             result.Add(new ThroughputRound(tps));
         }
         return result;
@@ -72,7 +72,8 @@ public static class MoEBenchmarks
     /// <param name="PaddedMs">the same, every expert in one bmm padded to the largest count.</param>
     /// <param name="GroupedMs">the same with the grouped kernel (cost-planned groups, the default).</param>
     /// <param name="Groups">the grouped kernel's groups, as experts per group.</param>
-    public sealed record LayerTiming(int Layer, long Rows, long Capacity, double LoopMs, double PaddedMs, double GroupedMs, string Groups);
+    /// <param name="ChunkedMs">the same with the chunked CPU kernel (the default on a CPU).</param>
+    public sealed record LayerTiming(int Layer, long Rows, long Capacity, double LoopMs, double PaddedMs, double GroupedMs, double ChunkedMs, string Groups);
 
     /// <summary>
     /// Per MoE layer of the configured model: the routed experts' forward and backward on the rows that
@@ -116,7 +117,7 @@ public static class MoEBenchmarks
                 }
                 return best;
             }
-            var kernels = new[] { ExpertKernel.Loop, ExpertKernel.Padded, ExpertKernel.Grouped };
+            var kernels = new[] { ExpertKernel.Loop, ExpertKernel.Padded, ExpertKernel.Grouped, ExpertKernel.Chunked };
             var best = kernels.ToDictionary(k => k, _ => double.MaxValue);
             foreach (var k in kernels) Time(k);
             for (int r = 0; r < rounds; r++)
@@ -125,10 +126,10 @@ public static class MoEBenchmarks
                     var k = kernels[(i + r) % kernels.Length];
                     best[k] = Math.Min(best[k], Time(k));
                 }
-            layer.Kernel = ExpertKernel.Grouped;
+            layer.Kernel = ExpertKernel.Chunked;
             layer.zero_grad();
             var groups = MoELayer.PlanGroups(counts.Where(c => c > 0).ToArray(), rows.device.type == TorchSharp.DeviceType.CUDA);
-            timings.Add(new LayerTiming(layer.LayerIndex, rows.shape[0], counts.Max(), best[ExpertKernel.Loop], best[ExpertKernel.Padded], best[ExpertKernel.Grouped],
+            timings.Add(new LayerTiming(layer.LayerIndex, rows.shape[0], counts.Max(), best[ExpertKernel.Loop], best[ExpertKernel.Padded], best[ExpertKernel.Grouped], best[ExpertKernel.Chunked],
                                         string.Join("+", groups.Select(g => g.To - g.From))));
             rows.Dispose();
         }

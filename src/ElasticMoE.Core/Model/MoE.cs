@@ -169,6 +169,11 @@ public sealed class LocalExpertExecutor : IExpertExecutor
 /// <summary>How <see cref="MoELayer.RunExperts"/> computes routed experts.</summary>
 internal enum ExpertKernel
 {
+    /// <summary>
+    /// The default: on a CPU, every expert's rows in chunks computed side by side on single-threaded workers
+    /// (<see cref="SwiGLUChunks"/>), the shared expert among them; on an accelerator, <see cref="Grouped"/>.
+    /// </summary>
+    Chunked,
     /// <summary>Batched matmuls over groups of experts chosen by a cost model (<see cref="MoELayer.PlanGroups"/>): the default.</summary>
     Grouped,
     /// <summary>One batched matmul per projection over every expert with tokens, padded to the largest count.</summary>
@@ -238,7 +243,10 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     /// How <see cref="RunExperts"/> computes the routed experts: grouped (the default) or the per-expert
     /// loop it replaced, kept as the reference for the equality tests and the before/after benchmark.
     /// </summary>
-    internal ExpertKernel Kernel { get; set; } = ExpertKernel.Grouped;
+    internal ExpertKernel Kernel { get; set; } = ExpertKernel.Chunked;
+
+    // The chunked kernel is a CPU kernel: on an accelerator one launch per chunk would waste it.
+    private bool Chunked(Tensor rows) => Kernel == ExpertKernel.Chunked && rows.device.type == DeviceType.CPU;
 
     /// <summary>
     /// Runs <paramref name="experts"/>[i] on the next <paramref name="counts"/>[i] rows of
@@ -248,11 +256,43 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     public Tensor RunExperts(IReadOnlyList<int> experts, Tensor rows, IReadOnlyList<long> counts)
     {
         using var scope = NewDisposeScope();
-        var result = Kernel == ExpertKernel.Loop ? RunLoop(experts, rows, counts) : RunGrouped(experts, rows, counts, onePaddedGroup: Kernel == ExpertKernel.Padded);
+        var result = Chunked(rows) ? RunChunked(experts, rows, counts, null)[0]
+            : Kernel == ExpertKernel.Loop ? RunLoop(experts, rows, counts)
+            : RunGrouped(experts, rows, counts, onePaddedGroup: Kernel == ExpertKernel.Padded);
         // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
         // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
         // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
         return (result ?? rows.mul(Scalars.Zero)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// The chunked kernel on routed rows, and with <paramref name="sharedRows"/> the shared expert in the same
+    /// call (its chunks run beside the routed ones). Returns [routed output or null when no row was routed,
+    /// shared output].
+    /// </summary>
+    private Tensor?[] RunChunked(IReadOnlyList<int> experts, Tensor? rows, IReadOnlyList<long>? counts, Tensor? sharedRows)
+    {
+        var inputs = new List<Tensor>(2);
+        var segments = new List<SwiGLUSegment>(experts.Count + 1);
+        bool routed = rows is not null && counts!.Any(c => c > 0);
+        if (routed)
+        {
+            inputs.Add(rows!);
+            long offset = 0;
+            for (int i = 0; i < experts.Count; i++)
+            {
+                segments.Add(new SwiGLUSegment(this.experts[experts[i]], 0, offset, counts![i]));
+                offset += counts[i];
+            }
+        }
+        if (sharedRows is not null)
+        {
+            segments.Add(new SwiGLUSegment(shared!, inputs.Count, 0, sharedRows.shape[0]));
+            inputs.Add(sharedRows);
+        }
+        if (inputs.Count == 0) return [null, null];
+        var outputs = SwiGLUChunks.Run(inputs, segments);
+        return routed ? [outputs[0], sharedRows is null ? null : outputs[1]] : [null, outputs[0]];
     }
 
     // The reference: one SwiGLU call per expert on its narrow of the rows, outputs concatenated.
@@ -396,9 +436,24 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         using var plan = DispatchPlan.Create(routing.Indices, _o.RoutedExperts, Capacity(b * t));
         for (int e = 0; e < _stepCounts.Length; e++) _stepCounts[e] += plan.Counts[e];
 
-        var expertOut = Executor.Run(this, plan.Dispatch(flat), plan.Counts);
+        Tensor expertOut;
+        Tensor? sharedOut = null;
+        if (Executor is LocalExpertExecutor && Chunked(flat))
+        {
+            // All in one call of the chunked kernel, so the shared expert's chunks fill the cores beside the routed ones.
+            var rows = plan.Dispatch(flat);
+            var outs = RunChunked(Enumerable.Range(0, plan.Counts.Length).ToArray(), rows, plan.Counts, shared is null ? null : flat);
+            (expertOut, sharedOut) = (outs[0] ?? rows.mul(Scalars.Zero), outs[1]);
+        }
+        else
+        {
+            expertOut = Executor.Run(this, plan.Dispatch(flat), plan.Counts);
+            // The shared expert through the same kernel as in the single process, so its bits do not depend on
+            // where the routed experts ran.
+            if (shared is not null) sharedOut = Chunked(flat) ? RunChunked([], null, null, flat)[1] : shared.forward(flat);
+        }
         var y = plan.Combine(expertOut, routing.Gates, b * t);
-        if (shared is not null) y = y.Plus(shared.forward(flat));
+        if (sharedOut is not null) y = y.Plus(sharedOut);
 
         LastAuxLoss?.Dispose();
         LastAuxLoss = _o.SequenceAuxAlpha > 0
