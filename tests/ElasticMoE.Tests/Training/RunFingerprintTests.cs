@@ -113,7 +113,7 @@ public class RunFingerprintTests
     [Fact]
     public void The_model_fingerprint_is_unchanged()
     {
-        Assert.Equal("d128-L4-H4-T128-dense1x384-E8k2s1h96-Sigmoid", TrainingState.Fingerprint(Config.Model));
+        Assert.Equal("d128-L4-H4-T128-dense1x288-E8k2s1h96-Sigmoid", TrainingState.Fingerprint(Config.Model));
     }
 
     [Fact]
