@@ -70,7 +70,7 @@ public static class BenchCommand
             {
                 int n = p.GetValue(rounds) ?? 5;
                 var dense = MoEBenchmarks.DenseEquivalent(config).Model;
-                stdout.WriteLine($"moe: routed experts per layer, per-expert loop vs grouped (forward + backward of one micro-batch's rows) ...");
+                stdout.WriteLine($"moe: routed experts per layer, per-expert loop vs bmm kernels vs the chunked CPU kernel (forward + backward of one micro-batch's rows) ...");
                 foreach (var t in MoEBenchmarks.ExpertTime(config, corpus))
                 {
                     stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
