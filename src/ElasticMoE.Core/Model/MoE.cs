@@ -95,7 +95,7 @@ internal enum ExpertKernel
     /// (<see cref="SwiGLUChunks"/>), the shared expert among them; on an accelerator, <see cref="Grouped"/>.
     /// </summary>
     Chunked,
-    /// <summary>Batched matmuls over groups of experts chosen by a cost model (<see cref="MoELayer.PlanGroups"/>): the default.</summary>
+    /// <summary>Batched matmuls over groups of experts chosen by a cost model (<see cref="MoELayer.PlanGroups"/>): the accelerator kernel.</summary>
     Grouped,
     /// <summary>One batched matmul per projection over every expert with tokens, padded to the largest count.</summary>
     Padded,
@@ -161,8 +161,8 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>
-    /// How <see cref="RunExperts"/> computes the routed experts: grouped (the default) or the per-expert
-    /// loop it replaced, kept as the reference for the equality tests and the before/after benchmark.
+    /// How <see cref="RunExperts"/> computes the routed experts: chunked (the default; grouped on an accelerator),
+    /// or the bmm kernels and the per-expert loop, kept as references for the equality tests and the benchmark.
     /// </summary>
     internal ExpertKernel Kernel { get; set; } = ExpertKernel.Chunked;
 
