@@ -81,10 +81,10 @@ public static class BenchCommand
                 }
                 stdout.WriteLine($"moe: tokens/s of the MoE (default and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), {steps} timed steps each, {n} rounds ...");
                 var perRound = MoEBenchmarks.Throughput(config, corpus, n, steps, log: stdout);
-                const MoEBenchmarks.Mode grouped = MoEBenchmarks.Mode.MoE, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
-                var g = MedianRound(perRound, r => r.TokensPerSecond[grouped] / r.TokensPerSecond[dn]);
+                const MoEBenchmarks.Mode moe = MoEBenchmarks.Mode.MoE, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
+                var g = MedianRound(perRound, r => r.TokensPerSecond[moe] / r.TokensPerSecond[dn]);
                 var l = MedianRound(perRound, r => r.TokensPerSecond[loop] / r.TokensPerSecond[dn]);
-                figures.Add(new("MoE tokens/s (default kernel)", g.TokensPerSecond[grouped], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
+                figures.Add(new("MoE tokens/s (default kernel)", g.TokensPerSecond[moe], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
                 figures.Add(new("MoE tokens/s (per-expert loop)", l.TokensPerSecond[loop], "tok/s", "dense, equal active FFN", l.TokensPerSecond[dn]));
             }
             if (chosen.Contains("leak"))

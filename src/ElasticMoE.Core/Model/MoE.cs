@@ -84,7 +84,7 @@ public sealed class LocalExpertExecutor : IExpertExecutor
     public static readonly LocalExpertExecutor Instance = new();
 
     public Tensor Run(MoELayer layer, Tensor tokens, long[] counts)
-        => layer.RunExperts(Enumerable.Range(0, counts.Length).ToArray(), tokens, counts);
+        => layer.RunExperts(layer.AllExperts, tokens, counts);
 }
 
 /// <summary>How <see cref="MoELayer.RunExperts"/> computes routed experts.</summary>
@@ -125,6 +125,7 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         shared = options.SharedExperts > 0 ? new SwiGLU(dim, options.SharedExperts * options.ExpertHidden) : null;
         experts = new ModuleList<SwiGLU>(Enumerable.Range(0, options.RoutedExperts).Select(_ => new SwiGLU(dim, options.ExpertHidden)).ToArray());
         _stepCounts = new long[options.RoutedExperts];
+        AllExperts = [.. Enumerable.Range(0, options.RoutedExperts)];
         RegisterComponents();
     }
 
@@ -180,11 +181,16 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         var result = Chunked(rows) ? RunChunked(experts, rows, counts, null)[0]
             : Kernel == ExpertKernel.Loop ? RunLoop(experts, rows, counts)
             : RunGrouped(experts, rows, counts, onePaddedGroup: Kernel == ExpertKernel.Padded);
-        // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
-        // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
-        // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
-        return (result ?? rows.mul(Scalars.Zero)).MoveToOuterDisposeScope();
+        return (result ?? NoExpertRan(rows)).MoveToOuterDisposeScope();
     }
+
+    // No expert ran (every count zero): zeros shaped like the rows, still attached to them so that a
+    // shard's backward through its output works when it was sent no tokens. A multiply, not zeros_like,
+    // for that link; by the cached Scalar, not the literal 0, which would be an implicit Scalar (Scalars).
+    private static Tensor NoExpertRan(Tensor rows) => rows.mul(Scalars.Zero);
+
+    /// <summary>Every routed expert's index, 0 … E − 1: the experts a layer runs when all of them are local.</summary>
+    internal int[] AllExperts { get; }
 
     /// <summary>
     /// The chunked kernel on routed rows, and with <paramref name="sharedRows"/> the shared expert in the same
@@ -363,8 +369,8 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
         {
             // All in one call of the chunked kernel, so the shared expert's chunks fill the cores beside the routed ones.
             var rows = plan.Dispatch(flat);
-            var outs = RunChunked(Enumerable.Range(0, plan.Counts.Length).ToArray(), rows, plan.Counts, shared is null ? null : flat);
-            (expertOut, sharedOut) = (outs[0] ?? rows.mul(Scalars.Zero), outs[1]);
+            var outs = RunChunked(AllExperts, rows, plan.Counts, shared is null ? null : flat);
+            (expertOut, sharedOut) = (outs[0] ?? NoExpertRan(rows), outs[1]);
         }
         else
         {

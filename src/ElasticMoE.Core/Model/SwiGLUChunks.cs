@@ -80,7 +80,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
             saved[3 * c + 1] = empty(ch.Rows, hid, dtype: like.dtype, device: like.device);     // s = sigmoid(g)
             saved[3 * c + 2] = empty(ch.Rows, hid, dtype: like.dtype, device: like.device);     // a = silu(g) u
         }
-        RunChunks(job, c =>
+        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
         {
             using var scope = NewDisposeScope();
             var ch = job.Chunks[c];
@@ -120,7 +120,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
             dw13[c] = empty_like(w13[f]);
             dw2[c] = empty_like(w2[f]);
         }
-        RunChunks(job, c =>
+        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
         {
             using var chunkScope = NewDisposeScope();
             var ch = job.Chunks[c];
@@ -157,12 +157,6 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         // Out to the caller's scope: libtorch takes its references once this returns.
         foreach (var t in result) t?.MoveToOuterDisposeScope();
         return result;
-    }
-
-    private static void RunChunks(Job job, Action<int> body)
-    {
-        // A caller whose libtorch runs one thread computes the chunks itself, exactly as a worker would.
-        Native.OpenMPTeam.Run(job.Chunks.Length, body);
     }
 
     internal readonly record struct Chunk(int Ffn, int Input, long Offset, long Rows);
