@@ -79,11 +79,12 @@ public sealed class AdamW : IDisposable
         using var biasCorrection2 = bc2.ToScalar();
         using var stepSize = (-lr / bc1).ToScalar();
         using var _ = no_grad();
+        using var handles = NewDisposeScope();
+        var fused = new List<AdamWKernel.Slot>();
         foreach (var (name, p) in parameters)
         {
             // The gradient's handle is taken inside the scope: a handle left to the GC would keep the
             // gradient's memory alive past zero_grad, so every step would allocate its gradients anew.
-            using var scope = NewDisposeScope();
             var grad = p.grad;
             if (grad is null) continue;
             if (!moments.TryGetValue(name, out var mv))
@@ -91,13 +92,24 @@ public sealed class AdamW : IDisposable
                 mv = (zeros_like(p).DetachFromDisposeScope(), zeros_like(p).DetachFromDisposeScope());
                 moments[name] = mv;
             }
+            bool decays = WeightDecay > 0 && p.dim() >= 2;
+            if (AdamWKernel.Fits(p) && AdamWKernel.Fits(grad) && AdamWKernel.Fits(mv.M) && AdamWKernel.Fits(mv.V))
+            {
+                fused.Add(AdamWKernel.SlotOf(p, grad, mv.M, mv.V, decays));
+                continue;
+            }
+            // Elsewhere (an accelerator, float64): the same maths as libtorch ops.
+            using var scope = NewDisposeScope();
             var g = gradScale == 1.0 ? grad : grad.mul(scale);
             mv.M.mul_(beta1).add_(g, alpha: oneMinusBeta1);
             mv.V.mul_(beta2).addcmul_(g, g, value: oneMinusBeta2);
-            if (WeightDecay > 0 && p.dim() >= 2) p.mul_(decay);
+            if (decays) p.mul_(decay);
             var denom = mv.V.div(biasCorrection2).sqrt_().add_(eps, Model.Scalars.One);
             p.addcdiv_(mv.M, denom, value: stepSize);
         }
+        if (fused.Count > 0)
+            AdamWKernel.Update(fused, new AdamWKernel.Constants((float)Beta1, (float)(1 - Beta1), (float)Beta2, (float)(1 - Beta2),
+                (float)Eps, (float)gradScale, (float)(1 - lr * WeightDecay), (float)bc2, (float)(-lr / bc1)));
     }
 
     /// <summary>Installs moments (e.g. from a checkpoint or a migrated shard). Takes ownership of the tensors.</summary>
@@ -140,16 +152,29 @@ public static class GradClip
     public static double SumOfSquares(IEnumerable<Tensor> parameters)
     {
         using var scope = NewDisposeScope();
-        Tensor? total = null;
-        foreach (var p in parameters)
+        // Per tensor, in the order given: float32 CPU gradients by the fused kernel, anything else by libtorch ops.
+        var grads = parameters.Select(p => p.grad).OfType<Tensor>().ToList();
+        var sums = new double[grads.Count];
+        var fused = new List<(IntPtr, long)>();
+        var fusedAt = new List<int>();
+        for (int i = 0; i < grads.Count; i++)
         {
-            if (p.grad is not { } g) continue;
+            var g = grads[i];
+            if (AdamWKernel.Fits(g))
+            {
+                fused.Add((AdamWKernel.Address(g), g.numel()));
+                fusedAt.Add(i);
+                continue;
+            }
             // x * x, not square(): TorchSharp's square() is pow(2) with an implicit Scalar (see Scalars).
             var g64 = g.to(ScalarType.Float64);
-            var s = g64.mul(g64).sum();
-            total = total is null ? s : total.Plus(s);
+            sums[i] = g64.mul(g64).sum().item<double>();
         }
-        return total is null ? 0 : total.item<double>();
+        var fusedSums = AdamWKernel.SumsOfSquares(fused);
+        for (int k = 0; k < fusedAt.Count; k++) sums[fusedAt[k]] = fusedSums[k];
+        double total = 0;
+        foreach (var s in sums) total += s;
+        return total;
     }
 
     /// <summary>Multiplier for all gradients: 1 when under the limit, else maxNorm / norm.</summary>
