@@ -48,9 +48,9 @@ public sealed class DispatchPlan : IDisposable
     {
         long n = indices.shape[0];
         int k = (int)indices.shape[1];
-        long[] chosen;
-        using (var flat = indices.reshape(-1).to(ScalarType.Int64, CPU).contiguous())
-            chosen = flat.data<long>().ToArray();
+        // Read and written in place (no managed copies: a plan per layer and micro-batch made ~80 KB of garbage).
+        using var flat = indices.reshape(-1).to(ScalarType.Int64, CPU).contiguous();
+        var chosen = Longs(flat);
         var counts = new long[experts];
         foreach (var e in chosen)
         {
@@ -67,37 +67,46 @@ public sealed class DispatchPlan : IDisposable
             offsets[e] = m;
             m += kept;
         }
-        var token = new long[m];
-        var assignment = new long[m];
-        var position = new long[chosen.Length];
+        var tokenT = empty(m, dtype: ScalarType.Int64);
+        var assignmentT = empty(m, dtype: ScalarType.Int64);
+        var positionT = empty(chosen.Length, dtype: ScalarType.Int64);
+        var token = Longs(tokenT);
+        var assignment = Longs(assignmentT);
+        var position = Longs(positionT);
         var filled = new long[experts];
-        for (long a = 0; a < chosen.Length; a++)
+        for (int a = 0; a < chosen.Length; a++)
         {
             long e = chosen[a];
             if (filled[e] < counts[e])
             {
                 long p = offsets[e] + filled[e]++;
-                token[p] = a / k;
-                assignment[p] = a;
+                token[(int)p] = a / k;
+                assignment[(int)p] = a;
                 position[a] = p;
             }
             else position[a] = m;
         }
         var device = indices.device;
-        return new DispatchPlan(tensor(token, device: device), tensor(assignment, device: device), tensor(position, device: device), counts, dropped, n, k);
+        if (device.type == TorchSharp.DeviceType.CPU) return new DispatchPlan(tokenT, assignmentT, positionT, counts, dropped, n, k);
+        using (tokenT) using (assignmentT) using (positionT)
+            return new DispatchPlan(tokenT.to(device), assignmentT.to(device), positionT.to(device), counts, dropped, n, k);
     }
+
+    private static Span<long> Longs(Tensor t) => t.numel() == 0 ? [] : System.Runtime.InteropServices.MemoryMarshal.Cast<byte, long>(t.bytes);
 
     /// <summary>Rows of x [N, d] for every kept assignment, grouped by expert: [M, d].</summary>
     public Tensor Dispatch(Tensor x) => DispatchRows.apply(x, this)[0];
 
     /// <summary>
-    /// Gate-weighted sum of expert outputs [M, d] back to token rows [N, d]: the "combine" step. A token's
-    /// assignments add up in slot order (its top-k order).
+    /// Gate-weighted sum of expert outputs [M, d] back to token rows [N, d]: the "combine" step, with the shared
+    /// experts' output [N, d] added when given. A token's assignments add up in slot order (its top-k order), then
+    /// the shared output.
     /// </summary>
-    public Tensor Combine(Tensor expertOutputs, Tensor gates, long tokens)
+    public Tensor Combine(Tensor expertOutputs, Tensor gates, long tokens, Tensor? shared = null)
     {
         if (tokens != Tokens) throw new ArgumentException($"the plan routed {Tokens} tokens, not {tokens}", nameof(tokens));
-        return CombineRows.apply(expertOutputs, gates.to(expertOutputs.dtype), this)[0];
+        using var g = gates.to(expertOutputs.dtype);
+        return (shared is null ? CombineRows.apply(expertOutputs, g, this) : CombineRows.apply(expertOutputs, g, this, shared))[0];
     }
 
     public void Dispose()
@@ -125,35 +134,64 @@ public sealed class DispatchPlan : IDisposable
             var shape = (PlanShape)ctx.get_data(nameof(DispatchPlan));
             using var scope = NewDisposeScope();
             var position = ctx.get_saved_variables()[0];
-            var dx = shape.PerAssignment(grads[0], position).sum(1);
+            var dRows = grads[0].contiguous();
+            Tensor dx;
+            if (RowKernels.Serve(dRows))
+            {
+                dx = empty(shape.Tokens, dRows.shape[1], dtype: dRows.dtype, device: dRows.device);
+                RowKernels.GatherSum(dRows, position, dx);
+            }
+            else dx = shape.PerAssignment(dRows, position).sum(1);
             return [dx.MoveToOuterDisposeScope(), null!];
         }
     }
 
-    // (rows [M, d], gates [N, k]) → y [N, d] = Σ_slot gate · row; backward: gathers again.
+    // (rows [M, d], gates [N, k] (, shared [N, d])) → y [N, d] = Σ_slot gate · row (+ shared); backward: gathers again.
     private sealed class CombineRows : autograd.MultiTensorFunction<CombineRows>
     {
         public override string Name => nameof(CombineRows);
 
         public override List<Tensor> forward(autograd.AutogradContext ctx, params object[] vars)
         {
-            var (rows, gates, plan) = ((Tensor)vars[0], (Tensor)vars[1], (DispatchPlan)vars[2]);
+            var (rows, gates, plan) = (((Tensor)vars[0]).contiguous(), ((Tensor)vars[1]).contiguous(), (DispatchPlan)vars[2]);
+            var shared = vars.Length > 3 ? ((Tensor)vars[3]).contiguous() : null;
             ctx.save_data(nameof(DispatchPlan), plan.Shape());
+            ctx.save_data(nameof(shared), shared is not null);
             ctx.save_for_backward([rows, gates, plan.Position, plan.TokenIndex, plan.AssignmentIndex]);
+            if (RowKernels.Serve(rows, gates, shared))
+            {
+                var y = empty(plan.Tokens, rows.shape[1], dtype: rows.dtype, device: rows.device);
+                RowKernels.Combine(rows, gates, plan.Position, shared, y);
+                return [y];
+            }
             using var scope = NewDisposeScope();
-            return [plan.Shape().PerAssignment(rows, plan.Position).mul(gates.unsqueeze(-1)).sum(1).MoveToOuterDisposeScope()];
+            var combined = plan.Shape().PerAssignment(rows, plan.Position).mul(gates.unsqueeze(-1)).sum(1);
+            return [(shared is null ? combined : combined.Plus(shared)).MoveToOuterDisposeScope()];
         }
 
         public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
         {
             var shape = (PlanShape)ctx.get_data(nameof(DispatchPlan));
+            bool hasShared = (bool)ctx.get_data("shared");
             using var scope = NewDisposeScope();
             var saved = ctx.get_saved_variables();
             var (rows, gates, position, token, assignment) = (saved[0], saved[1], saved[2], saved[3], saved[4]);
-            var dy = grads[0];
-            var dGates = shape.PerAssignment(rows, position).mul(dy.unsqueeze(1)).sum(-1);                          // [N, k]
-            var dRows = dy.index_select(0, token).mul(gates.reshape(-1).index_select(0, assignment).unsqueeze(1)); // [M, d]
-            return [dRows.MoveToOuterDisposeScope(), dGates.MoveToOuterDisposeScope(), null!];
+            var dy = grads[0].contiguous();
+            Tensor dRows, dGates;
+            if (RowKernels.Serve(rows, gates, dy))
+            {
+                dRows = empty_like(rows);
+                dGates = empty_like(gates);
+                RowKernels.CombineBackward(rows, gates, position, token, assignment, dy, dRows, dGates);
+            }
+            else
+            {
+                dGates = shape.PerAssignment(rows, position).mul(dy.unsqueeze(1)).sum(-1);                          // [N, k]
+                dRows = dy.index_select(0, token).mul(gates.reshape(-1).index_select(0, assignment).unsqueeze(1)); // [M, d]
+            }
+            var result = new List<Tensor> { dRows.MoveToOuterDisposeScope(), dGates.MoveToOuterDisposeScope(), null! };
+            if (hasShared) result.Add(dy.alias().MoveToOuterDisposeScope());
+            return result;
         }
     }
 

@@ -33,12 +33,24 @@ public sealed class Router : nn.Module<Tensor, Routing>
 
     public Tensor Bias => expert_bias;
     public Linear Gate => gate;
+    public MoEOptions Options => _o;
 
     /// <summary>Routes x of shape [N, d].</summary>
     public override Routing forward(Tensor x)
     {
         using var scope = NewDisposeScope();
         var logits = gate.forward(x);
+        var r = RouteFunction.Serves(logits) ? RouteFunction.Route(logits, expert_bias, _o) : RouteWithOps(logits);
+        return new Routing(r.Indices.MoveToOuterDisposeScope(), r.Gates.MoveToOuterDisposeScope(), r.Scores.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// The routing of <paramref name="logits"/> [N, E] as tensor ops under autograd: the accelerator's path, and on a
+    /// CPU the reference <see cref="RouteFunction"/> is tested against.
+    /// </summary>
+    internal Routing RouteWithOps(Tensor logits)
+    {
+        using var scope = NewDisposeScope();
         var scores = _o.Scoring == RouterScoring.Sigmoid ? logits.sigmoid() : logits.softmax(-1);
         Tensor indices;
         using (no_grad())
@@ -379,8 +391,7 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
             // where the routed experts ran.
             if (shared is not null) sharedOut = Chunked(flat) ? RunChunked([], null, null, flat)[1] : shared.forward(flat);
         }
-        var y = plan.Combine(expertOut, routing.Gates, b * t);
-        if (sharedOut is not null) y = y.Plus(sharedOut);
+        var y = plan.Combine(expertOut, routing.Gates, b * t, sharedOut);
 
         LastAuxLoss?.Dispose();
         LastAuxLoss = _o.SequenceAuxAlpha > 0
