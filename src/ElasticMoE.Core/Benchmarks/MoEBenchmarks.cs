@@ -27,43 +27,52 @@ public static class MoEBenchmarks
     public sealed record ThroughputRound(IReadOnlyDictionary<Mode, double> TokensPerSecond);
 
     /// <summary>
-    /// <paramref name="rounds"/> rounds of the three models back to back (the order rotating each round),
-    /// each a fresh trainer with <paramref name="warmup"/> untimed and <paramref name="steps"/> timed steps.
+    /// The three models trained side by side, one step of each in turn (the order rotating every step), after
+    /// <paramref name="warmup"/> untimed steps each: <paramref name="rounds"/> rounds of <paramref name="steps"/> steps,
+    /// each round's figure a mode's median step.
     /// </summary>
+    /// <remarks>
+    /// Step by step rather than model by model: on a shared VM the machine's speed drifts by ±10 % over seconds, and
+    /// a round that timed one model for two seconds and then the other put that drift into the ratio (rounds of one
+    /// run ranged 0.72–1.00). Adjacent steps see the same machine.
+    /// </remarks>
     public static IReadOnlyList<ThroughputRound> Throughput(ElasticMoEConfig config, TextCorpus corpus, int rounds, int steps, int warmup = 5, TextWriter? log = null)
     {
         var modes = Enum.GetValues<Mode>();
-        var result = new List<ThroughputRound>();
-        for (int r = 0; r < rounds; r++)
+        var trainers = new Dictionary<Mode, Trainer>();
+        try
         {
-            var tps = new Dictionary<Mode, double>();
-            for (int i = 0; i < modes.Length; i++)
+            foreach (var mode in modes)
             {
-                var mode = modes[(i + r) % modes.Length];
-                tps[mode] = TokensPerSecond(mode == Mode.Dense ? DenseEquivalent(config) : config, corpus, steps, warmup,
-                                            mode == Mode.MoELoop ? ExpertKernel.Loop : ExpertKernel.Chunked);
+                var trainer = new Trainer(mode == Mode.Dense ? DenseEquivalent(config) : config, corpus);
+                trainers[mode] = trainer;
+                foreach (var layer in trainer.Model.MoELayers) layer.Kernel = mode == Mode.MoELoop ? ExpertKernel.Loop : ExpertKernel.Chunked;
+                for (int i = 0; i < warmup; i++) trainer.TrainStep();
             }
-            log?.WriteLine($"  round {r + 1}: {string.Join(", ", modes.Select(m => $"{m} {tps[m]:F0}"))} tok/s; MoE/dense {tps[Mode.MoE] / tps[Mode.Dense]:F3}, loop-MoE/dense {tps[Mode.MoELoop] / tps[Mode.Dense]:F3}");
-            result.Add(new ThroughputRound(tps));
+            var result = new List<ThroughputRound>();
+            int turn = 0;
+            for (int r = 0; r < rounds; r++)
+            {
+                var seconds = modes.ToDictionary(m => m, _ => new List<double>(steps));
+                for (int s = 0; s < steps; s++, turn++)
+                    for (int i = 0; i < modes.Length; i++)
+                    {
+                        var mode = modes[(i + turn) % modes.Length];
+                        var sw = Stopwatch.StartNew();
+                        trainers[mode].TrainStep();
+                        seconds[mode].Add(sw.Elapsed.TotalSeconds);
+                    }
+                // The median step, not the mean: a step now and then stalls behind another process.
+                var tps = modes.ToDictionary(m => m, m => trainers[m].TokensPerStep / Median(seconds[m]));
+                log?.WriteLine($"  round {r + 1}: {string.Join(", ", modes.Select(m => $"{m} {tps[m]:F0}"))} tok/s; MoE/dense {tps[Mode.MoE] / tps[Mode.Dense]:F3}, loop-MoE/dense {tps[Mode.MoELoop] / tps[Mode.Dense]:F3}");
+                result.Add(new ThroughputRound(tps));
+            }
+            return result;
         }
-        return result;
-    }
-
-    private static double TokensPerSecond(ElasticMoEConfig config, TextCorpus corpus, int steps, int warmup, ExpertKernel kernel)
-    {
-        using var trainer = new Trainer(config, corpus);
-        foreach (var layer in trainer.Model.MoELayers) layer.Kernel = kernel;
-        for (int i = 0; i < warmup; i++) trainer.TrainStep();
-        // The median step, not the mean: on a shared machine a step now and then stalls behind another
-        // process, and one such stall would otherwise decide the ratio.
-        var seconds = new List<double>(steps);
-        for (int i = 0; i < steps; i++)
+        finally
         {
-            var sw = Stopwatch.StartNew();
-            trainer.TrainStep();
-            seconds.Add(sw.Elapsed.TotalSeconds);
+            foreach (var t in trainers.Values) t.Dispose();
         }
-        return trainer.TokensPerStep / Median(seconds);
     }
 
     /// <param name="Layer">block index of the MoE layer.</param>
