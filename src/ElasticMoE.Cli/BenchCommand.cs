@@ -79,7 +79,7 @@ public static class BenchCommand
                     figures.Add(new($"routed experts, block {t.Layer} (grouped)", t.GroupedMs, "ms", "per-expert loop", t.LoopMs));
                     figures.Add(new($"routed experts, block {t.Layer} (padded)", t.PaddedMs, "ms", "per-expert loop", t.LoopMs));
                 }
-                stdout.WriteLine($"moe: tokens/s of the MoE (default and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), trained side by side a step of each at a time, {n} rounds of {steps} steps ...");
+                stdout.WriteLine($"moe: tokens/s of the MoE (default and loop experts) vs dense (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}), trained side by side in blocks of {MoEBenchmarks.Block} steps, {n} rounds of {steps} steps each ...");
                 var perRound = MoEBenchmarks.Throughput(config, corpus, n, steps, log: stdout);
                 const MoEBenchmarks.Mode moe = MoEBenchmarks.Mode.MoE, loop = MoEBenchmarks.Mode.MoELoop, dn = MoEBenchmarks.Mode.Dense;
                 var g = MedianRound(perRound, r => r.TokensPerSecond[moe] / r.TokensPerSecond[dn]);
