@@ -93,9 +93,11 @@ public sealed class AdamW : IDisposable
                 moments[name] = mv;
             }
             bool decays = WeightDecay > 0 && p.dim() >= 2;
-            if (AdamWKernel.Fits(p) && AdamWKernel.Fits(grad) && AdamWKernel.Fits(mv.M) && AdamWKernel.Fits(mv.V))
+            // Which maths applies depends on the parameter and moments alone, never on the gradient's layout: a
+            // unit's copy on a mirror must take the same path as the original to stay bit-identical.
+            if (AdamWKernel.Fits(p) && AdamWKernel.Fits(mv.M) && AdamWKernel.Fits(mv.V) && AdamWKernel.Readable(grad))
             {
-                fused.Add(AdamWKernel.SlotOf(p, grad, mv.M, mv.V, decays));
+                fused.Add(AdamWKernel.SlotOf(p, grad.contiguous(), mv.M, mv.V, decays));
                 continue;
             }
             // Elsewhere (an accelerator, float64): the same maths as libtorch ops.
@@ -160,8 +162,9 @@ public static class GradClip
         for (int i = 0; i < grads.Count; i++)
         {
             var g = grads[i];
-            if (AdamWKernel.Fits(g))
+            if (AdamWKernel.Readable(g))
             {
+                g = g.contiguous();
                 fused.Add((AdamWKernel.Address(g), g.numel()));
                 fusedAt.Add(i);
                 continue;

@@ -23,8 +23,11 @@ namespace ElasticMoE.Training;
 /// </remarks>
 internal static unsafe class AdamWKernel
 {
-    /// <summary>Whether <paramref name="t"/> is a tensor this kernel can read in place.</summary>
-    public static bool Fits(Tensor t) => t.dtype == ScalarType.Float32 && t.device_type == TorchSharp.DeviceType.CPU && t.is_contiguous();
+    /// <summary>Whether <paramref name="t"/> is a tensor this kernel can read and write in place.</summary>
+    public static bool Fits(Tensor t) => Readable(t) && t.is_contiguous();
+
+    /// <summary>Whether <paramref name="t"/> is a float32 CPU tensor (once contiguous, one this kernel can read).</summary>
+    public static bool Readable(Tensor t) => t.dtype == ScalarType.Float32 && t.device_type == TorchSharp.DeviceType.CPU;
 
     /// <summary>The constants of one update, as floats (libtorch casts its double Scalars to float for float tensors too).</summary>
     public readonly record struct Constants(float Beta1, float OneMinusBeta1, float Beta2, float OneMinusBeta2, float Eps,

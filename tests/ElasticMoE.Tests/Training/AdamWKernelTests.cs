@@ -92,6 +92,24 @@ public class AdamWKernelTests
     }
 
     [Fact]
+    public void A_gradient_laid_out_otherwise_takes_the_same_path_and_gives_the_same_bits()
+    {
+        var a = Parameters(ScalarType.Float32, [[4, 6]]);
+        var b = new List<(string Name, Tensor Param)> { ("p0", a[0].Param.detach().clone().requires_grad_(true)) };
+        using var gen = new Generator(4);
+        using var transposed = randn(new long[] { 6, 4 }, generator: gen);
+        a[0].Param.grad = transposed.t();             // strides (1, 4)
+        b[0].Param.grad = transposed.t().contiguous();
+        Assert.False(a[0].Param.grad!.is_contiguous());
+        Assert.Equal(GradClip.SumOfSquares([a[0].Param]), GradClip.SumOfSquares([b[0].Param]));
+        using var oa = new AdamW(0.9, 0.95, 1e-8, 0.1);
+        using var ob = new AdamW(0.9, 0.95, 1e-8, 0.1);
+        oa.Step(a, 1e-2, 0.7);
+        ob.Step(b, 1e-2, 0.7);
+        Assert.Equal(b[0].Param.data<float>().ToArray(), a[0].Param.data<float>().ToArray());
+    }
+
+    [Fact]
     public void The_sum_of_squares_is_exact_to_float64_rounding_for_float32_and_float64_gradients()
     {
         var ps = Parameters(ScalarType.Float32, [[96, 128], [7], [3, 3]]);
