@@ -50,7 +50,7 @@ public sealed class DispatchPlan : IDisposable
         int k = (int)indices.shape[1];
         // Read and written in place (no managed copies: a plan per layer and micro-batch made ~80 KB of garbage).
         using var flat = indices.reshape(-1).to(ScalarType.Int64, CPU).contiguous();
-        var chosen = Longs(flat);
+        var chosen = Native.TensorMemory.Span<long>(flat);
         var counts = new long[experts];
         foreach (var e in chosen)
         {
@@ -70,9 +70,9 @@ public sealed class DispatchPlan : IDisposable
         var tokenT = empty(m, dtype: ScalarType.Int64);
         var assignmentT = empty(m, dtype: ScalarType.Int64);
         var positionT = empty(chosen.Length, dtype: ScalarType.Int64);
-        var token = Longs(tokenT);
-        var assignment = Longs(assignmentT);
-        var position = Longs(positionT);
+        var token = Native.TensorMemory.Span<long>(tokenT);
+        var assignment = Native.TensorMemory.Span<long>(assignmentT);
+        var position = Native.TensorMemory.Span<long>(positionT);
         var filled = new long[experts];
         for (int a = 0; a < chosen.Length; a++)
         {
@@ -91,8 +91,6 @@ public sealed class DispatchPlan : IDisposable
         using (tokenT) using (assignmentT) using (positionT)
             return new DispatchPlan(tokenT.to(device), assignmentT.to(device), positionT.to(device), counts, dropped, n, k);
     }
-
-    private static Span<long> Longs(Tensor t) => t.numel() == 0 ? [] : System.Runtime.InteropServices.MemoryMarshal.Cast<byte, long>(t.bytes);
 
     /// <summary>Rows of x [N, d] for every kept assignment, grouped by expert: [M, d].</summary>
     public Tensor Dispatch(Tensor x) => DispatchRows.apply(x, this)[0];

@@ -1,6 +1,6 @@
 using System.Numerics;
-using System.Runtime.InteropServices;
 using ElasticMoE.Configuration;
+using static ElasticMoE.Native.TensorMemory;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Model;
@@ -84,8 +84,6 @@ internal sealed class RouteFunction : autograd.MultiTensorFunction<RouteFunction
         else Backward<float>(scores, indices, dGates, dLogits, o);
         return [dLogits.MoveToOuterDisposeScope(), null!, null!];
     }
-
-    private static Span<T> Span<T>(Tensor t) where T : unmanaged => MemoryMarshal.Cast<byte, T>(t.bytes);
 
     private static void Forward<T>(Tensor logitsT, Tensor biasT, Tensor scoresT, Tensor gatesT, Tensor indicesT, MoEOptions o)
         where T : unmanaged, IFloatingPointIeee754<T>

@@ -1,6 +1,5 @@
 using System.Numerics;
-using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
+using static ElasticMoE.Native.TensorMemory;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Model;
@@ -44,24 +43,23 @@ internal static unsafe class RowKernels
         else CombineBackward<float>(rows, gates, position, token, assignment, dy, dRows, dGates);
     }
 
-    /// <summary>Dispatch's backward: dx[t] = Σ_slot dRows[position[t, slot]].</summary>
+    /// <summary>Dispatch's backward: dx[t] = Σ_slot dRows[position[t, slot]] — combine with unit gates, no shared output.</summary>
     public static void GatherSum(Tensor dRows, Tensor position, Tensor dx)
     {
-        if (dRows.dtype == ScalarType.Float64) GatherSum<double>(dRows, position, dx);
-        else GatherSum<float>(dRows, position, dx);
+        if (dRows.dtype == ScalarType.Float64) Combine<double>(dRows, null, position, null, dx);
+        else Combine<float>(dRows, null, position, null, dx);
     }
-
-    private static T* At<T>(Tensor t) where T : unmanaged
-        => t.numel() == 0 ? null : (T*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
 
     private static int Blocks(long n) => (int)((n + Block - 1) / Block);
 
-    private static void Combine<T>(Tensor rowsT, Tensor gatesT, Tensor positionT, Tensor? sharedT, Tensor yT) where T : unmanaged, INumber<T>
+    // Without gates (dispatch's backward) every row counts once: Add, not a product with 1, so nothing rounds.
+    private static void Combine<T>(Tensor rowsT, Tensor? gatesT, Tensor positionT, Tensor? sharedT, Tensor yT) where T : unmanaged, INumber<T>
     {
         long n = yT.shape[0], m = rowsT.shape[0];
-        int d = checked((int)yT.shape[1]), k = checked((int)gatesT.shape[1]);
-        T* rows = At<T>(rowsT), gates = At<T>(gatesT), y = At<T>(yT), shared = sharedT is null ? null : At<T>(sharedT);
-        long* position = At<long>(positionT);
+        int d = checked((int)yT.shape[1]), k = checked((int)(positionT.numel() / Math.Max(1, n)));
+        T* rows = Pointer<T>(rowsT), gates = gatesT is null ? null : Pointer<T>(gatesT), y = Pointer<T>(yT);
+        T* shared = sharedT is null ? null : Pointer<T>(sharedT);
+        long* position = Pointer<long>(positionT);
         Native.OpenMPTeam.Run(Blocks(n), b =>
         {
             for (long t = (long)b * Block, end = Math.Min(n, t + Block); t < end; t++)
@@ -71,7 +69,9 @@ internal static unsafe class RowKernels
                 for (int s = 0; s < k; s++)
                 {
                     long p = position[t * k + s];
-                    if (p < m) AddScaled(yt, rows + p * d, gates[t * k + s], d);
+                    if (p >= m) continue;
+                    if (gates == null) Add(yt, rows + p * d, d);
+                    else AddScaled(yt, rows + p * d, gates[t * k + s], d);
                 }
                 if (shared != null) Add(yt, shared + t * d, d);
             }
@@ -83,8 +83,8 @@ internal static unsafe class RowKernels
     {
         long n = dyT.shape[0], m = rowsT.shape[0];
         int d = checked((int)dyT.shape[1]), k = checked((int)gatesT.shape[1]);
-        T* rows = At<T>(rowsT), gates = At<T>(gatesT), dy = At<T>(dyT), dRows = At<T>(dRowsT), dGates = At<T>(dGatesT);
-        long* position = At<long>(positionT), token = At<long>(tokenT), assignment = At<long>(assignmentT);
+        T* rows = Pointer<T>(rowsT), gates = Pointer<T>(gatesT), dy = Pointer<T>(dyT), dRows = Pointer<T>(dRowsT), dGates = Pointer<T>(dGatesT);
+        long* position = Pointer<long>(positionT), token = Pointer<long>(tokenT), assignment = Pointer<long>(assignmentT);
         int rowBlocks = Blocks(m);
         Native.OpenMPTeam.Run(rowBlocks + Blocks(n), b =>
         {
@@ -100,27 +100,6 @@ internal static unsafe class RowKernels
                     long p = position[t * k + s];
                     dGates[t * k + s] = p < m ? Dot(rows + p * d, dy + t * d, d) : T.Zero;
                 }
-        });
-    }
-
-    private static void GatherSum<T>(Tensor dRowsT, Tensor positionT, Tensor dxT) where T : unmanaged, INumber<T>
-    {
-        long n = dxT.shape[0], m = dRowsT.shape[0];
-        int d = checked((int)dxT.shape[1]), k = checked((int)(positionT.numel() / Math.Max(1, n)));
-        T* dRows = At<T>(dRowsT), dx = At<T>(dxT);
-        long* position = At<long>(positionT);
-        Native.OpenMPTeam.Run(Blocks(n), b =>
-        {
-            for (long t = (long)b * Block, end = Math.Min(n, t + Block); t < end; t++)
-            {
-                T* xt = dx + t * d;
-                new Span<T>(xt, d).Clear();
-                for (int s = 0; s < k; s++)
-                {
-                    long p = position[t * k + s];
-                    if (p < m) Add(xt, dRows + p * d, d);
-                }
-            }
         });
     }
 

@@ -1,6 +1,5 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Model;
@@ -158,6 +157,6 @@ internal static class SwiGLUMath
         if (t.dtype != dtype || t.device_type != TorchSharp.DeviceType.CPU || !t.is_contiguous() || t.dim() != 2 || t.shape[1] != width)
             throw new ArgumentException($"expected a contiguous {dtype} CPU tensor [rows, {width}], got {t.dtype} {t.device_type} [{string.Join(", ", t.shape)}]");
         rows = t.shape[0];
-        return rows * width == 0 ? null : (T*)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
+        return Native.TensorMemory.Pointer<T>(t);
     }
 }

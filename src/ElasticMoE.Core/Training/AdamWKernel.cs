@@ -1,6 +1,4 @@
 using System.Numerics;
-using System.Runtime.CompilerServices;
-using System.Runtime.InteropServices;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Training;
@@ -58,7 +56,7 @@ internal static unsafe class AdamWKernel
     public static IntPtr Address(Tensor t)
     {
         if (!Fits(t)) throw new ArgumentException($"expected a contiguous float32 CPU tensor, got {t.dtype} {t.device_type}");
-        return t.numel() == 0 ? IntPtr.Zero : (IntPtr)Unsafe.AsPointer(ref MemoryMarshal.GetReference(t.bytes));
+        return (IntPtr)Native.TensorMemory.Pointer<float>(t);
     }
 
     private static void Update(Slot s, Constants c)
