@@ -104,7 +104,8 @@ internal enum ExpertKernel
 {
     /// <summary>
     /// The default: on a CPU, every expert's rows in chunks computed side by side on single-threaded workers
-    /// (<see cref="SwiGLUChunks"/>), the shared expert among them; on an accelerator, <see cref="Grouped"/>.
+    /// (<see cref="SwiGLUChunks"/>), the shared expert among them; on an accelerator (or a CPU libtorch without MKL,
+    /// or another dtype than float and double), <see cref="Grouped"/>.
     /// </summary>
     Chunked,
     /// <summary>Batched matmuls over groups of experts chosen by a cost model (<see cref="MoELayer.PlanGroups"/>): the accelerator kernel.</summary>
@@ -179,8 +180,8 @@ public sealed class MoELayer : nn.Module<Tensor, Tensor>
     /// </summary>
     internal ExpertKernel Kernel { get; set; } = ExpertKernel.Chunked;
 
-    // The chunked kernel is a CPU kernel: on an accelerator one launch per chunk would waste it.
-    private bool Chunked(Tensor rows) => Kernel == ExpertKernel.Chunked && rows.device.type == DeviceType.CPU;
+    // The chunked kernel is a CPU kernel (on an accelerator one launch per chunk would waste it) on MKL, in float or double.
+    private bool Chunked(Tensor rows) => Kernel == ExpertKernel.Chunked && SwiGLUChunks.Serves(rows);
 
     /// <summary>
     /// Runs <paramref name="experts"/>[i] on the next <paramref name="counts"/>[i] rows of

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace ElasticMoE.Model;
@@ -11,11 +12,13 @@ internal readonly record struct SwiGLUSegment(SwiGLU Ffn, int Input, long Offset
 /// rows (<see cref="Cut"/>) and run the chunks side by side on libtorch's OpenMP team (<see cref="Native.OpenMPTeam"/>), each single-threaded.
 /// </summary>
 /// <remarks>
-/// <para>Maths: per chunk, forward h = x W13ᵀ (gate and up projections in one GEMM, W13 = [W1; W3]),
-/// a = silu(g) · u, y = a W2ᵀ; backward dA = dY W2, dW2 = dYᵀ a, du = dA · silu(g),
-/// dg = dA · u · silu′(g) with silu′ = s + silu · (1 − s), dW13 = [dg du]ᵀ x, dx = [dg du] W13. Two GEMMs
-/// forward and four backward per chunk, against three and six for a SwiGLU under autograd; the elementwise
-/// steps are one pass each way (<see cref="SwiGLUMath"/>), and only h and a are kept for the backward.</para>
+/// <para>Maths: per chunk, forward g = x W1ᵀ and u = x W3ᵀ into the two halves of h = [g | u], a = silu(g) · u,
+/// y = a W2ᵀ; backward dA = dY W2, dW2 = dYᵀ a, du = dA · silu(g), dg = dA · u · silu′(g) with
+/// silu′ = s + silu · (1 − s), dW1 = dgᵀ x, dW3 = duᵀ x, dx = dg W1 + du W3. The GEMMs run on raw memory through
+/// MKL (<see cref="Native.Blas"/>): a chunk makes no libtorch call at all, where as libtorch ops it made ~16 (views,
+/// dispatch, allocations; forward + backward of the default layer's experts 6.1–6.3 → 5.6–5.9 ms, 2 threads, same
+/// run). The elementwise steps are one pass each way (<see cref="SwiGLUMath"/>), and only h and a are kept for the
+/// backward, in one block for all chunks.</para>
 /// <para>Deterministic whatever the layout or the thread count: a chunk is a fixed function of its segment
 /// (<see cref="Cut"/> depends on its row count alone), always computed on one thread, and a
 /// weight's gradient is the sum of its chunks' partial gradients in row order. Which worker computes a chunk
@@ -28,7 +31,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
     /// Target chunk size, in rows. On the default model's layer (8 experts of ~256 rows, a 1,024-row shared
     /// expert) every routed expert is one chunk and the shared expert two: 10 chunks for the threads. Not
     /// smaller: single-threaded, the chunk's first GEMM runs at 150–170 GFLOP/s with 256 rows and 184 with 512
-    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs ~16 calls; the layer's
+    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs 9 MKL calls; the layer's
     /// forward and backward took 5 % longer with 256-row chunks and 11 % longer with 128 (same run).
     /// </summary>
     internal const long ChunkRows = 512;
@@ -36,7 +39,8 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
     public override string Name => nameof(SwiGLUChunks);
 
     /// <summary>
-    /// Runs <paramref name="segments"/> on <paramref name="inputs"/>; returns one output per input, of its shape,
+    /// Runs <paramref name="segments"/> on <paramref name="inputs"/> (float or double CPU tensors [rows, d], see
+    /// <see cref="Serves"/>); returns one output per input, of its shape,
     /// connected to autograd (inputs and every SwiGLU's weights get gradients). The segments must cover every row
     /// of every input exactly once.
     /// </summary>
@@ -56,109 +60,124 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         return [.. apply(args)];
     }
 
-    // Every tensor that outlives a chunk is made here, on the calling thread, and the team's threads only write
-    // into it (addmm_ with beta 0 is the kernel mm itself uses): a tensor is then made and disposed on one
-    // thread, which keeps TorchSharp's per-thread live-tensor counts, and so the leak checks, true.
+    // Every tensor the kernel uses is made here, on the calling thread, and the team's threads only write into its
+    // memory (through MKL, Blas): a tensor is then made and disposed on one thread, which keeps TorchSharp's
+    // per-thread live-tensor counts, and so the leak checks, true.
     public override List<Tensor> forward(autograd.AutogradContext ctx, params object[] vars)
     {
         var job = (Job)vars[0];
-        int inputs = job.Inputs, ffns = job.Ffns.Length, chunks = job.Chunks.Length;
-        var x = new Tensor[inputs];
-        for (int i = 0; i < inputs; i++) x[i] = ((Tensor)vars[1 + i]).contiguous();
-        var w13 = new Tensor[ffns];
-        var w2 = new Tensor[ffns];
-        for (int f = 0; f < ffns; f++)
-        {
-            w13[f] = cat([(Tensor)vars[1 + inputs + 3 * f], (Tensor)vars[2 + inputs + 3 * f]], 0);
-            w2[f] = (Tensor)vars[3 + inputs + 3 * f];
-        }
+        var x = new Tensor[job.Inputs];
+        for (int i = 0; i < x.Length; i++) x[i] = ((Tensor)vars[1 + i]).contiguous();
+        var w = new Tensor[3 * job.Ffns.Length];
+        for (int k = 0; k < w.Length; k++) w[k] = ((Tensor)vars[1 + job.Inputs + k]).contiguous();
         var outputs = x.Select(t => empty_like(t)).ToArray();
-        var saved = new Tensor[2 * chunks];
-        for (int c = 0; c < chunks; c++)
-        {
-            var ch = job.Chunks[c];
-            long hid = job.Hidden[ch.Ffn];
-            var like = x[ch.Input];
-            saved[2 * c] = empty(ch.Rows, 2 * hid, dtype: like.dtype, device: like.device);     // h = x W13ᵀ = [g | u]
-            saved[2 * c + 1] = empty(ch.Rows, hid, dtype: like.dtype, device: like.device);     // a = silu(g) u
-        }
-        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
-        {
-            var ch = job.Chunks[c];
-            var (h, a) = (saved[2 * c], saved[2 * c + 1]);
-            using (var xc = x[ch.Input].narrow(0, ch.Offset, ch.Rows))
-            using (var w13t = w13[ch.Ffn].t())
-                h.addmm_(xc, w13t, beta: 0, alpha: 1);
-            SwiGLUMath.Forward(h, a);
-            using var yc = outputs[ch.Input].narrow(0, ch.Offset, ch.Rows);
-            using var w2t = w2[ch.Ffn].t();
-            yc.addmm_(a, w2t, beta: 0, alpha: 1);
-        });
+        // h = [g | u] and a of every chunk, side by side in one block.
+        var activations = empty(job.ActivationElements, dtype: x[0].dtype, device: x[0].device);
+        if (job.Double) Forward<double>(job, x, w, outputs, activations);
+        else Forward<float>(job, x, w, outputs, activations);
         if (job.KeepForBackward)
         {
             ctx.save_data(nameof(Job), job);
-            ctx.save_for_backward([.. x, .. w13, .. w2, .. saved]);
+            ctx.save_for_backward([.. x, .. w, activations]);
         }
+        else activations.Dispose();
         return [.. outputs];
+    }
+
+    // Per chunk: g = x W1ᵀ and u = x W3ᵀ into the two halves of h (rows 2H apart), a = silu(g) u, y = a W2ᵀ.
+    private static unsafe void Forward<T>(Job job, Tensor[] x, Tensor[] w, Tensor[] y, Tensor activations)
+        where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
+    {
+        nint[] xs = Pointers<T>(x), ws = Pointers<T>(w), ys = Pointers<T>(y);
+        nint acts = (nint)Native.TensorMemory.Pointer<T>(activations);
+        int d = job.Width;
+        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
+        {
+            var ch = job.Chunks[c];
+            int rows = (int)ch.Rows, hid = job.Hidden[ch.Ffn];
+            T* xc = (T*)xs[ch.Input] + ch.Offset * d, yc = (T*)ys[ch.Input] + ch.Offset * d;
+            T* w1 = (T*)ws[3 * ch.Ffn], w3 = (T*)ws[3 * ch.Ffn + 1], w2 = (T*)ws[3 * ch.Ffn + 2];
+            T* h = (T*)acts + ch.Activations, a = h + (long)rows * 2 * hid;
+            Native.Blas.Gemm(false, true, rows, hid, d, xc, d, w1, d, T.Zero, h, 2 * hid);
+            Native.Blas.Gemm(false, true, rows, hid, d, xc, d, w3, d, T.Zero, h + hid, 2 * hid);
+            SwiGLUMath.Forward(h, a, rows, hid);
+            Native.Blas.Gemm(false, true, rows, d, hid, a, hid, w2, hid, T.Zero, yc, d);
+        });
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {
         var job = (Job)ctx.get_data(nameof(Job));
-        int inputs = job.Inputs, ffns = job.Ffns.Length, chunks = job.Chunks.Length;
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
-        var x = saved.GetRange(0, inputs);
-        var w13 = saved.GetRange(inputs, ffns);
-        var w2 = saved.GetRange(inputs + ffns, ffns);
-        int s0 = inputs + 2 * ffns;
+        var x = saved.GetRange(0, job.Inputs).ToArray();
+        var w = saved.GetRange(job.Inputs, 3 * job.Ffns.Length).ToArray();
+        var activations = saved[job.Inputs + w.Length];
         var dy = grads.Select(g => g.contiguous()).ToArray();
         var dx = x.Select(t => empty_like(t)).ToArray();
-        var dw13 = new Tensor[chunks];
-        var dw2 = new Tensor[chunks];
-        for (int c = 0; c < chunks; c++)
-        {
-            var f = job.Chunks[c].Ffn;
-            dw13[c] = empty_like(w13[f]);
-            dw2[c] = empty_like(w2[f]);
-        }
-        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
-        {
-            using var chunkScope = NewDisposeScope();
-            var ch = job.Chunks[c];
-            var (h, a) = (saved[s0 + 2 * c], saved[s0 + 2 * c + 1]);
-            var xc = x[ch.Input].narrow(0, ch.Offset, ch.Rows);
-            var dyc = dy[ch.Input].narrow(0, ch.Offset, ch.Rows);
-            var da = dyc.mm(w2[ch.Ffn]);
-            dw2[c].addmm_(dyc.t(), a, beta: 0, alpha: 1);
-            var dh = empty_like(h);
-            SwiGLUMath.Backward(h, da, dh);
-            dw13[c].addmm_(dh.t(), xc, beta: 0, alpha: 1);
-            dx[ch.Input].narrow(0, ch.Offset, ch.Rows).addmm_(dh, w13[ch.Ffn], beta: 0, alpha: 1);
-        });
+        var dw = w.Select(t => empty_like(t)).ToArray();
+        // da and dh of every chunk; the weight gradients of every chunk but the first of its SwiGLU (in row order),
+        // which writes the SwiGLU's own.
+        var scratch = empty(job.ScratchElements, dtype: x[0].dtype, device: x[0].device);
+        var partials = empty(job.PartialElements, dtype: x[0].dtype, device: x[0].device);
+        if (job.Double) Backward<double>(job, x, w, activations, dy, dx, dw, scratch, partials);
+        else Backward<float>(job, x, w, activations, dy, dx, dw, scratch, partials);
 
-        var result = new List<Tensor>(1 + inputs + 3 * ffns) { null! };
-        result.AddRange(dx);
-        for (int f = 0; f < ffns; f++)
-        {
-            // Partial gradients in row order, whatever order the team finished them in.
-            Tensor? g13 = null, g2 = null;
-            foreach (var c in job.ChunksInRowOrder[f])
-            {
-                g13 = g13 is null ? dw13[c] : g13.Plus(dw13[c]);
-                g2 = g2 is null ? dw2[c] : g2.Plus(dw2[c]);
-            }
-            long hid = job.Hidden[f];
-            result.Add(g13!.narrow(0, 0, hid));
-            result.Add(g13!.narrow(0, hid, hid));
-            result.Add(g2!);
-        }
+        // Partial weight gradients added in row order, whatever order the team finished them in.
+        for (int f = 0; f < job.Ffns.Length; f++)
+            foreach (var c in job.ChunksInRowOrder[f].Skip(1))
+                for (int k = 0; k < 3; k++)
+                    dw[3 * f + k].add_(partials.narrow(0, job.Chunks[c].Partials + k * w[3 * f].numel(), w[3 * f + k].numel()).view_as(dw[3 * f + k]));
+
+        List<Tensor> result = [null!, .. dx, .. dw];
         // Out to the caller's scope: libtorch takes its references once this returns.
         foreach (var t in result) t?.MoveToOuterDisposeScope();
         return result;
     }
 
-    internal readonly record struct Chunk(int Ffn, int Input, long Offset, long Rows);
+    // Per chunk: da = dy W2, dW2 = dyᵀ a, dh = [dg | du] (SwiGLUMath), dW1 = dgᵀ x, dW3 = duᵀ x, dx = dg W1 + du W3.
+    private static unsafe void Backward<T>(Job job, Tensor[] x, Tensor[] w, Tensor activations, Tensor[] dy, Tensor[] dx, Tensor[] dw,
+        Tensor scratch, Tensor partials) where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
+    {
+        nint[] xs = Pointers<T>(x), ws = Pointers<T>(w), dys = Pointers<T>(dy), dxs = Pointers<T>(dx), dws = Pointers<T>(dw);
+        nint acts = (nint)Native.TensorMemory.Pointer<T>(activations), work = (nint)Native.TensorMemory.Pointer<T>(scratch);
+        nint parts = (nint)Native.TensorMemory.Pointer<T>(partials);
+        int d = job.Width;
+        Native.OpenMPTeam.Run(job.Chunks.Length, c =>
+        {
+            var ch = job.Chunks[c];
+            int rows = (int)ch.Rows, hid = job.Hidden[ch.Ffn], f = ch.Ffn;
+            T* xc = (T*)xs[ch.Input] + ch.Offset * d, dyc = (T*)dys[ch.Input] + ch.Offset * d, dxc = (T*)dxs[ch.Input] + ch.Offset * d;
+            T* w1 = (T*)ws[3 * f], w3 = (T*)ws[3 * f + 1], w2 = (T*)ws[3 * f + 2];
+            T* h = (T*)acts + ch.Activations, a = h + (long)rows * 2 * hid;
+            T* da = (T*)work + ch.Scratch, dh = da + (long)rows * hid;
+            T* g1 = (T*)dws[3 * f], g3 = (T*)dws[3 * f + 1], g2 = (T*)dws[3 * f + 2];
+            if (ch.Partials >= 0)
+            {
+                g1 = (T*)parts + ch.Partials;
+                g3 = g1 + (long)hid * d;
+                g2 = g3 + (long)hid * d;
+            }
+            Native.Blas.Gemm(false, false, rows, hid, d, dyc, d, w2, hid, T.Zero, da, hid);
+            Native.Blas.Gemm(true, false, d, hid, rows, dyc, d, a, hid, T.Zero, g2, hid);
+            SwiGLUMath.Backward(h, da, dh, rows, hid);
+            Native.Blas.Gemm(true, false, hid, d, rows, dh, 2 * hid, xc, d, T.Zero, g1, d);
+            Native.Blas.Gemm(true, false, hid, d, rows, dh + hid, 2 * hid, xc, d, T.Zero, g3, d);
+            Native.Blas.Gemm(false, false, rows, d, hid, dh, 2 * hid, w1, d, T.Zero, dxc, d);
+            Native.Blas.Gemm(false, false, rows, d, hid, dh + hid, 2 * hid, w3, d, T.One, dxc, d);
+        });
+    }
+
+    private static unsafe nint[] Pointers<T>(Tensor[] tensors) where T : unmanaged
+        => [.. tensors.Select(t => (nint)Native.TensorMemory.Pointer<T>(t))];
+
+    /// <summary>
+    /// Rows [<paramref name="Offset"/>, +<paramref name="Rows"/>) of input <paramref name="Input"/> through SwiGLU
+    /// <paramref name="Ffn"/>; where its memory lies, in elements: h and a in the activations block, da and dh in the
+    /// backward's scratch, and its weight gradients in the partials block (−1: it writes the SwiGLU's own gradients,
+    /// being its first chunk in row order).
+    /// </summary>
+    internal readonly record struct Chunk(int Ffn, int Input, long Offset, long Rows, long Activations = 0, long Scratch = 0, long Partials = -1);
 
     /// <summary>
     /// A segment of <paramref name="rows"/> cut into round(rows / <see cref="ChunkRows"/>) chunks (at least one) of
@@ -180,19 +199,43 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         }
     }
 
+    /// <summary>Whether this kernel runs on <paramref name="rows"/>: float or double on a CPU, where libtorch brought MKL (<see cref="Native.Blas"/>).</summary>
+    internal static bool Serves(Tensor rows)
+        => rows.device_type == DeviceType.CPU && rows.dtype is ScalarType.Float32 or ScalarType.Float64 && Native.Blas.Available;
+
     /// <summary>What one call computes: the distinct SwiGLUs, and the chunks, longest first (the order the workers pick them up).</summary>
     internal sealed class Job
     {
         public required int Inputs { get; init; }
+        /// <summary>Model width d: columns of every input.</summary>
+        public required int Width { get; init; }
+        /// <summary>float64 (the gradient checks) rather than float32.</summary>
+        public required bool Double { get; init; }
         public required SwiGLU[] Ffns { get; init; }
-        public required long[] Hidden { get; init; }
+        public required int[] Hidden { get; init; }
         public required Chunk[] Chunks { get; init; }
         /// <summary>Per SwiGLU, its chunks' indices in row order: the order its partial weight gradients are summed.</summary>
         public required int[][] ChunksInRowOrder { get; init; }
+        /// <summary>Sizes, in elements, of the blocks the chunks' offsets point into.</summary>
+        public required long ActivationElements { get; init; }
+        public required long ScratchElements { get; init; }
+        public required long PartialElements { get; init; }
         public bool KeepForBackward { get; set; }
+
+        // Every chunk's piece of a block starts 64 bytes in: MKL may take another path, and round otherwise, on
+        // memory aligned otherwise, and a chunk must compute the same bits wherever it lies in the block.
+        private static long Aligned(long elements) => (elements + 15) / 16 * 16;
 
         public static Job Plan(IReadOnlyList<Tensor> inputs, IReadOnlyList<SwiGLUSegment> segments)
         {
+            if (inputs.Count == 0) throw new ArgumentException("no inputs");
+            var dtype = inputs[0].dtype;
+            if (dtype is not (ScalarType.Float32 or ScalarType.Float64))
+                throw new ArgumentException($"the chunked kernel computes float or double, got {dtype}");
+            long width = inputs[0].shape[^1];
+            foreach (var t in inputs)
+                if (t.dim() != 2 || t.shape[1] != width || t.dtype != dtype || t.device_type != DeviceType.CPU)
+                    throw new ArgumentException($"inputs must be [rows, {width}] {dtype} CPU tensors, got {t.dtype} {t.device_type} [{string.Join(", ", t.shape)}]");
             var ffns = new List<SwiGLU>();
             var index = new Dictionary<SwiGLU, int>(ReferenceEqualityComparer.Instance);
             var chunks = new List<Chunk>();
@@ -205,6 +248,9 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
                 if (seg.Rows == 0) continue;
                 if (!index.TryGetValue(seg.Ffn, out int f))
                 {
+                    long hid = seg.Ffn.W2.shape[1];
+                    if (seg.Ffn.W1.dtype != dtype || !seg.Ffn.W1.shape.SequenceEqual([hid, width]) || !seg.Ffn.W3.shape.SequenceEqual([hid, width]) || !seg.Ffn.W2.shape.SequenceEqual([width, hid]))
+                        throw new ArgumentException($"a SwiGLU of width {seg.Ffn.W1.shape[^1]} and dtype {seg.Ffn.W1.dtype} on {dtype} rows of width {width}");
                     index[seg.Ffn] = f = ffns.Count;
                     ffns.Add(seg.Ffn);
                 }
@@ -214,19 +260,44 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
             for (int i = 0; i < inputs.Count; i++)
                 if (covered[i] != inputs[i].shape[0])
                     throw new ArgumentException($"segments cover {covered[i]} of input {i}'s {inputs[i].shape[0]} rows");
-            // Row order per SwiGLU (the order chunks were made in), then longest first for the workers.
-            var rowOrder = Enumerable.Range(0, chunks.Count).ToArray();
-            var byFfn = ffns.Select((_, f) => rowOrder.Where(c => chunks[c].Ffn == f).ToList()).ToArray();
-            var pickUp = rowOrder.OrderByDescending(c => chunks[c].Rows * (long)ffns[chunks[c].Ffn].W2.shape[1]).ToArray();
+
+            var hidden = ffns.Select(f => checked((int)f.W2.shape[1])).ToArray();
+            // Row order per SwiGLU (the order chunks were made in): the first chunk of each writes its gradients, the
+            // others into partials, added in this order.
+            var byFfn = new List<int>[ffns.Count];
+            for (int f = 0; f < ffns.Count; f++) byFfn[f] = [];
+            long acts = 0, scratch = 0, partials = 0;
+            for (int c = 0; c < chunks.Count; c++)
+            {
+                var ch = chunks[c];
+                long perRow = 3L * hidden[ch.Ffn]; // h (2H) and a (H); da (H) and dh (2H)
+                long part = -1;
+                if (byFfn[ch.Ffn].Count > 0)
+                {
+                    part = partials;
+                    partials += Aligned(3L * hidden[ch.Ffn] * width);
+                }
+                chunks[c] = ch with { Activations = acts, Scratch = scratch, Partials = part };
+                acts += Aligned(ch.Rows * perRow);
+                scratch += Aligned(ch.Rows * perRow);
+                byFfn[ch.Ffn].Add(c);
+            }
+            // Longest first for the workers (a stable sort: ties stay in row order).
+            var pickUp = Enumerable.Range(0, chunks.Count).OrderByDescending(c => chunks[c].Rows * (long)hidden[chunks[c].Ffn]).ToArray();
             var position = new int[chunks.Count];
             for (int p = 0; p < pickUp.Length; p++) position[pickUp[p]] = p;
             return new Job
             {
                 Inputs = inputs.Count,
+                Width = checked((int)width),
+                Double = dtype == ScalarType.Float64,
                 Ffns = [.. ffns],
-                Hidden = [.. ffns.Select(f => f.W2.shape[1])],
+                Hidden = hidden,
                 Chunks = [.. pickUp.Select(c => chunks[c])],
                 ChunksInRowOrder = [.. byFfn.Select(list => list.Select(c => position[c]).ToArray())],
+                ActivationElements = acts,
+                ScratchElements = scratch,
+                PartialElements = partials,
             };
         }
     }

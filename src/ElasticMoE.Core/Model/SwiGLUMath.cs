@@ -34,11 +34,20 @@ internal static class SwiGLUMath
         else Backward<float>(h, da, dh);
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void Forward<T>(Tensor h, Tensor a) where T : unmanaged, IFloatingPointIeee754<T>
     {
-        int hidden = checked((int)a.shape[1]), n = Vector<T>.Count;
+        int hidden = checked((int)a.shape[1]);
         T* hs = Elements<T>(h, 2 * hidden, out long rows), y = Elements<T>(a, hidden, out _);
+        Forward(hs, y, rows, hidden);
+    }
+
+    /// <summary>
+    /// <see cref="Forward(Tensor, Tensor)"/> on raw memory: h = [g | u] [rows, 2H] into a [rows, H], both contiguous.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static unsafe void Forward<T>(T* hs, T* y, long rows, int hidden) where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        int n = Vector<T>.Count;
         int whole = hidden - hidden % n;
         T* tail = stackalloc T[2 * n];
         for (long r = 0; r < rows; r++, hs += 2 * hidden, y += hidden)
@@ -57,11 +66,18 @@ internal static class SwiGLUMath
         }
     }
 
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static unsafe void Backward<T>(Tensor h, Tensor da, Tensor dh) where T : unmanaged, IFloatingPointIeee754<T>
     {
-        int hidden = checked((int)da.shape[1]), n = Vector<T>.Count;
+        int hidden = checked((int)da.shape[1]);
         T* hs = Elements<T>(h, 2 * hidden, out long rows), d = Elements<T>(da, hidden, out _), dhs = Elements<T>(dh, 2 * hidden, out _);
+        Backward(hs, d, dhs, rows, hidden);
+    }
+
+    /// <summary><see cref="Backward(Tensor, Tensor, Tensor)"/> on raw memory: h and dh [rows, 2H], da [rows, H], all contiguous.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static unsafe void Backward<T>(T* hs, T* d, T* dhs, long rows, int hidden) where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        int n = Vector<T>.Count;
         int whole = hidden - hidden % n;
         T* tail = stackalloc T[3 * n];
         for (long r = 0; r < rows; r++, hs += 2 * hidden, d += hidden, dhs += 2 * hidden)

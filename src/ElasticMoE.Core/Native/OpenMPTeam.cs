@@ -28,21 +28,9 @@ internal static unsafe class OpenMPTeam
 
     static OpenMPTeam()
     {
-        if (!OperatingSystem.IsLinux()) return;
-        LibTorchLoader.EnsureLoaded();
-        try
-        {
-            var path = File.ReadLines("/proc/self/maps")
-                .Select(line => line.Split(' ', StringSplitOptions.RemoveEmptyEntries))
-                .Where(f => f.Length >= 6 && Path.GetFileName(f[5]).StartsWith("libgomp", StringComparison.Ordinal))
-                .Select(f => f[5]).FirstOrDefault();
-            if (path is not null && NativeLibrary.TryLoad(path, out var lib) && NativeLibrary.TryGetExport(lib, "GOMP_parallel", out var fn))
-                GompParallel = (delegate* unmanaged<delegate* unmanaged<IntPtr, void>, IntPtr, uint, uint, void>)fn;
-        }
-        catch (IOException)
-        {
-            // No /proc: run serially.
-        }
+        var lib = LoadedLibrary.Open("libgomp");
+        if (lib != IntPtr.Zero && NativeLibrary.TryGetExport(lib, "GOMP_parallel", out var fn))
+            GompParallel = (delegate* unmanaged<delegate* unmanaged<IntPtr, void>, IntPtr, uint, uint, void>)fn;
     }
 
     /// <summary>Whether pieces run on the OpenMP team (false: one after the other on the caller).</summary>
