@@ -12,13 +12,14 @@ internal readonly record struct SwiGLUSegment(SwiGLU Ffn, int Input, long Offset
 /// rows (<see cref="Cut"/>) and run the chunks side by side on libtorch's OpenMP team (<see cref="Native.OpenMPTeam"/>), each single-threaded.
 /// </summary>
 /// <remarks>
-/// <para>Maths: per chunk, forward g = x W1ᵀ and u = x W3ᵀ into the two halves of h = [g | u], a = silu(g) · u,
-/// y = a W2ᵀ; backward dA = dY W2, dW2 = dYᵀ a, du = dA · silu(g), dg = dA · u · silu′(g) with
-/// silu′ = s + silu · (1 − s), dW1 = dgᵀ x, dW3 = duᵀ x, dx = dg W1 + du W3. The GEMMs run on raw memory through
-/// MKL (<see cref="Native.Blas"/>): a chunk makes no libtorch call at all, where as libtorch ops it made ~16 (views,
+/// <para>Maths: per chunk, forward h = x W13ᵀ (gate and up projections in one GEMM, W13 = [W1; W3], copied once a
+/// call), a = silu(g) · u, y = a W2ᵀ; backward dA = dY W2, dW2 = dYᵀ a, du = dA · silu(g), dg = dA · u · silu′(g)
+/// with silu′ = s + silu · (1 − s), dW13 = [dg du]ᵀ x, dx = [dg du] W13. The GEMMs run on raw memory through MKL
+/// (<see cref="Native.Blas"/>): a chunk makes no libtorch call at all, where as libtorch ops it made ~16 (views,
 /// dispatch, allocations; forward + backward of the default layer's experts 6.1–6.3 → 5.6–5.9 ms, 2 threads, same
-/// run). The elementwise steps are one pass each way (<see cref="SwiGLUMath"/>), and only h and a are kept for the
-/// backward, in one block for all chunks.</para>
+/// run; one GEMM for W1 and W3 rather than two saves MKL packing x twice, another 0.1–0.2 ms). The elementwise
+/// steps are one pass each way (<see cref="SwiGLUMath"/>), and only h and a are kept for the backward, in one
+/// block for all chunks.</para>
 /// <para>Deterministic whatever the layout or the thread count: a chunk is a fixed function of its segment
 /// (<see cref="Cut"/> depends on its row count alone), always computed on one thread, and a
 /// weight's gradient is the sum of its chunks' partial gradients in row order. Which worker computes a chunk
@@ -31,7 +32,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
     /// Target chunk size, in rows. On the default model's layer (8 experts of ~256 rows, a 1,024-row shared
     /// expert) every routed expert is one chunk and the shared expert two: 10 chunks for the threads. Not
     /// smaller: single-threaded, the chunk's first GEMM runs at 150–170 GFLOP/s with 256 rows and 184 with 512
-    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs 9 MKL calls; the layer's
+    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs 7 MKL calls; the layer's
     /// forward and backward took 5 % longer with 256-row chunks and 11 % longer with 128 (same run).
     /// </summary>
     internal const long ChunkRows = 512;
@@ -71,35 +72,46 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         var w = new Tensor[3 * job.Ffns.Length];
         for (int k = 0; k < w.Length; k++) w[k] = ((Tensor)vars[1 + job.Inputs + k]).contiguous();
         var outputs = x.Select(t => empty_like(t)).ToArray();
-        // h = [g | u] and a of every chunk, side by side in one block.
+        // W13 = [W1; W3] of every SwiGLU, and h = [g | u] and a of every chunk, each in one block.
+        var w13 = empty(job.W13Elements, dtype: x[0].dtype, device: x[0].device);
         var activations = empty(job.ActivationElements, dtype: x[0].dtype, device: x[0].device);
-        if (job.Double) Forward<double>(job, x, w, outputs, activations);
-        else Forward<float>(job, x, w, outputs, activations);
+        if (job.Double) Forward<double>(job, x, w, w13, outputs, activations);
+        else Forward<float>(job, x, w, w13, outputs, activations);
         if (job.KeepForBackward)
         {
             ctx.save_data(nameof(Job), job);
-            ctx.save_for_backward([.. x, .. w, activations]);
+            ctx.save_for_backward([.. x, w13, .. w.Where((_, k) => k % 3 == 2), activations]);
         }
-        else activations.Dispose();
+        else
+        {
+            w13.Dispose();
+            activations.Dispose();
+        }
         return [.. outputs];
     }
 
-    // Per chunk: g = x W1ᵀ and u = x W3ᵀ into the two halves of h (rows 2H apart), a = silu(g) u, y = a W2ᵀ.
-    private static unsafe void Forward<T>(Job job, Tensor[] x, Tensor[] w, Tensor[] y, Tensor activations)
+    // Per chunk: h = x W13ᵀ, a = silu(g) u, y = a W2ᵀ.
+    private static unsafe void Forward<T>(Job job, Tensor[] x, Tensor[] w, Tensor w13Block, Tensor[] y, Tensor activations)
         where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
     {
         nint[] xs = Pointers<T>(x), ws = Pointers<T>(w), ys = Pointers<T>(y);
-        nint acts = (nint)Native.TensorMemory.Pointer<T>(activations);
+        nint acts = (nint)Native.TensorMemory.Pointer<T>(activations), w13s = (nint)Native.TensorMemory.Pointer<T>(w13Block);
         int d = job.Width;
+        Native.OpenMPTeam.Run(job.Ffns.Length, f =>
+        {
+            long size = (long)job.Hidden[f] * d * sizeof(T);
+            T* w13 = (T*)w13s + job.W13[f];
+            Buffer.MemoryCopy((T*)ws[3 * f], w13, size, size);
+            Buffer.MemoryCopy((T*)ws[3 * f + 1], w13 + (long)job.Hidden[f] * d, size, size);
+        });
         Native.OpenMPTeam.Run(job.Chunks.Length, c =>
         {
             var ch = job.Chunks[c];
             int rows = (int)ch.Rows, hid = job.Hidden[ch.Ffn];
             T* xc = (T*)xs[ch.Input] + ch.Offset * d, yc = (T*)ys[ch.Input] + ch.Offset * d;
-            T* w1 = (T*)ws[3 * ch.Ffn], w3 = (T*)ws[3 * ch.Ffn + 1], w2 = (T*)ws[3 * ch.Ffn + 2];
+            T* w13 = (T*)w13s + job.W13[ch.Ffn], w2 = (T*)ws[3 * ch.Ffn + 2];
             T* h = (T*)acts + ch.Activations, a = h + (long)rows * 2 * hid;
-            Native.Blas.Gemm(false, true, rows, hid, d, xc, d, w1, d, T.Zero, h, 2 * hid);
-            Native.Blas.Gemm(false, true, rows, hid, d, xc, d, w3, d, T.Zero, h + hid, 2 * hid);
+            Native.Blas.Gemm(false, true, rows, 2 * hid, d, xc, d, w13, d, T.Zero, h, 2 * hid);
             SwiGLUMath.Forward(h, a, rows, hid);
             Native.Blas.Gemm(false, true, rows, d, hid, a, hid, w2, hid, T.Zero, yc, d);
         });
@@ -108,63 +120,73 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
     public override List<Tensor> backward(autograd.AutogradContext ctx, List<Tensor> grads)
     {
         var job = (Job)ctx.get_data(nameof(Job));
+        int ffns = job.Ffns.Length;
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
         var x = saved.GetRange(0, job.Inputs).ToArray();
-        var w = saved.GetRange(job.Inputs, 3 * job.Ffns.Length).ToArray();
-        var activations = saved[job.Inputs + w.Length];
+        var w13 = saved[job.Inputs];
+        var w2 = saved.GetRange(job.Inputs + 1, ffns).ToArray();
+        var activations = saved[job.Inputs + 1 + ffns];
         var dy = grads.Select(g => g.contiguous()).ToArray();
         var dx = x.Select(t => empty_like(t)).ToArray();
-        var dw = w.Select(t => empty_like(t)).ToArray();
+        var dw13 = empty_like(w13);
+        var dw2 = w2.Select(t => empty_like(t)).ToArray();
         // da and dh of every chunk; the weight gradients of every chunk but the first of its SwiGLU (in row order),
         // which writes the SwiGLU's own.
         var scratch = empty(job.ScratchElements, dtype: x[0].dtype, device: x[0].device);
         var partials = empty(job.PartialElements, dtype: x[0].dtype, device: x[0].device);
-        if (job.Double) Backward<double>(job, x, w, activations, dy, dx, dw, scratch, partials);
-        else Backward<float>(job, x, w, activations, dy, dx, dw, scratch, partials);
+        if (job.Double) Backward<double>(job, x, w13, w2, activations, dy, dx, dw13, dw2, scratch, partials);
+        else Backward<float>(job, x, w13, w2, activations, dy, dx, dw13, dw2, scratch, partials);
 
-        // Partial weight gradients added in row order, whatever order the team finished them in.
-        for (int f = 0; f < job.Ffns.Length; f++)
+        var result = new List<Tensor>(1 + job.Inputs + 3 * ffns) { null! };
+        result.AddRange(dx);
+        for (int f = 0; f < ffns; f++)
+        {
+            long hd = (long)job.Hidden[f] * job.Width;
+            var g13 = dw13.narrow(0, job.W13[f], 2 * hd);
+            // Partial weight gradients added in row order, whatever order the team finished them in.
             foreach (var c in job.ChunksInRowOrder[f].Skip(1))
-                for (int k = 0; k < 3; k++)
-                    dw[3 * f + k].add_(partials.narrow(0, job.Chunks[c].Partials + k * w[3 * f].numel(), w[3 * f + k].numel()).view_as(dw[3 * f + k]));
-
-        List<Tensor> result = [null!, .. dx, .. dw];
+            {
+                g13.add_(partials.narrow(0, job.Chunks[c].Partials, 2 * hd));
+                dw2[f].add_(partials.narrow(0, job.Chunks[c].Partials + 2 * hd, hd).view_as(dw2[f]));
+            }
+            result.Add(g13.narrow(0, 0, hd).view(job.Hidden[f], job.Width));
+            result.Add(g13.narrow(0, hd, hd).view(job.Hidden[f], job.Width));
+            result.Add(dw2[f]);
+        }
         // Out to the caller's scope: libtorch takes its references once this returns.
         foreach (var t in result) t?.MoveToOuterDisposeScope();
         return result;
     }
 
-    // Per chunk: da = dy W2, dW2 = dyᵀ a, dh = [dg | du] (SwiGLUMath), dW1 = dgᵀ x, dW3 = duᵀ x, dx = dg W1 + du W3.
-    private static unsafe void Backward<T>(Job job, Tensor[] x, Tensor[] w, Tensor activations, Tensor[] dy, Tensor[] dx, Tensor[] dw,
-        Tensor scratch, Tensor partials) where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
+    // Per chunk: da = dy W2, dW2 = dyᵀ a, dh = [dg | du] (SwiGLUMath), dW13 = dhᵀ x, dx = dh W13.
+    private static unsafe void Backward<T>(Job job, Tensor[] x, Tensor w13Block, Tensor[] w2, Tensor activations, Tensor[] dy, Tensor[] dx,
+        Tensor dw13Block, Tensor[] dw2, Tensor scratch, Tensor partials) where T : unmanaged, System.Numerics.IFloatingPointIeee754<T>
     {
-        nint[] xs = Pointers<T>(x), ws = Pointers<T>(w), dys = Pointers<T>(dy), dxs = Pointers<T>(dx), dws = Pointers<T>(dw);
+        nint[] xs = Pointers<T>(x), w2s = Pointers<T>(w2), dys = Pointers<T>(dy), dxs = Pointers<T>(dx), dw2s = Pointers<T>(dw2);
         nint acts = (nint)Native.TensorMemory.Pointer<T>(activations), work = (nint)Native.TensorMemory.Pointer<T>(scratch);
         nint parts = (nint)Native.TensorMemory.Pointer<T>(partials);
+        nint w13s = (nint)Native.TensorMemory.Pointer<T>(w13Block), dw13s = (nint)Native.TensorMemory.Pointer<T>(dw13Block);
         int d = job.Width;
         Native.OpenMPTeam.Run(job.Chunks.Length, c =>
         {
             var ch = job.Chunks[c];
             int rows = (int)ch.Rows, hid = job.Hidden[ch.Ffn], f = ch.Ffn;
             T* xc = (T*)xs[ch.Input] + ch.Offset * d, dyc = (T*)dys[ch.Input] + ch.Offset * d, dxc = (T*)dxs[ch.Input] + ch.Offset * d;
-            T* w1 = (T*)ws[3 * f], w3 = (T*)ws[3 * f + 1], w2 = (T*)ws[3 * f + 2];
+            T* w13 = (T*)w13s + job.W13[f], w2f = (T*)w2s[f];
             T* h = (T*)acts + ch.Activations, a = h + (long)rows * 2 * hid;
             T* da = (T*)work + ch.Scratch, dh = da + (long)rows * hid;
-            T* g1 = (T*)dws[3 * f], g3 = (T*)dws[3 * f + 1], g2 = (T*)dws[3 * f + 2];
+            T* g13 = (T*)dw13s + job.W13[f], g2 = (T*)dw2s[f];
             if (ch.Partials >= 0)
             {
-                g1 = (T*)parts + ch.Partials;
-                g3 = g1 + (long)hid * d;
-                g2 = g3 + (long)hid * d;
+                g13 = (T*)parts + ch.Partials;
+                g2 = g13 + 2L * hid * d;
             }
-            Native.Blas.Gemm(false, false, rows, hid, d, dyc, d, w2, hid, T.Zero, da, hid);
+            Native.Blas.Gemm(false, false, rows, hid, d, dyc, d, w2f, hid, T.Zero, da, hid);
             Native.Blas.Gemm(true, false, d, hid, rows, dyc, d, a, hid, T.Zero, g2, hid);
             SwiGLUMath.Backward(h, da, dh, rows, hid);
-            Native.Blas.Gemm(true, false, hid, d, rows, dh, 2 * hid, xc, d, T.Zero, g1, d);
-            Native.Blas.Gemm(true, false, hid, d, rows, dh + hid, 2 * hid, xc, d, T.Zero, g3, d);
-            Native.Blas.Gemm(false, false, rows, d, hid, dh, 2 * hid, w1, d, T.Zero, dxc, d);
-            Native.Blas.Gemm(false, false, rows, d, hid, dh + hid, 2 * hid, w3, d, T.One, dxc, d);
+            Native.Blas.Gemm(true, false, 2 * hid, d, rows, dh, 2 * hid, xc, d, T.Zero, g13, d);
+            Native.Blas.Gemm(false, false, rows, d, 2 * hid, dh, 2 * hid, w13, d, T.Zero, dxc, d);
         });
     }
 
@@ -216,7 +238,10 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         public required Chunk[] Chunks { get; init; }
         /// <summary>Per SwiGLU, its chunks' indices in row order: the order its partial weight gradients are summed.</summary>
         public required int[][] ChunksInRowOrder { get; init; }
-        /// <summary>Sizes, in elements, of the blocks the chunks' offsets point into.</summary>
+        /// <summary>Per SwiGLU, where its W13 = [W1; W3] (and its gradient) starts in the W13 block, in elements.</summary>
+        public required long[] W13 { get; init; }
+        /// <summary>Sizes, in elements, of the blocks the offsets point into.</summary>
+        public required long W13Elements { get; init; }
         public required long ActivationElements { get; init; }
         public required long ScratchElements { get; init; }
         public required long PartialElements { get; init; }
@@ -262,6 +287,13 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
                     throw new ArgumentException($"segments cover {covered[i]} of input {i}'s {inputs[i].shape[0]} rows");
 
             var hidden = ffns.Select(f => checked((int)f.W2.shape[1])).ToArray();
+            var w13 = new long[ffns.Count];
+            long w13Elements = 0;
+            for (int f = 0; f < ffns.Count; f++)
+            {
+                w13[f] = w13Elements;
+                w13Elements += Aligned(2L * hidden[f] * width);
+            }
             // Row order per SwiGLU (the order chunks were made in): the first chunk of each writes its gradients, the
             // others into partials, added in this order.
             var byFfn = new List<int>[ffns.Count];
@@ -295,6 +327,8 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
                 Hidden = hidden,
                 Chunks = [.. pickUp.Select(c => chunks[c])],
                 ChunksInRowOrder = [.. byFfn.Select(list => list.Select(c => position[c]).ToArray())],
+                W13 = w13,
+                W13Elements = w13Elements,
                 ActivationElements = acts,
                 ScratchElements = scratch,
                 PartialElements = partials,

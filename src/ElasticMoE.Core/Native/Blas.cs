@@ -10,10 +10,8 @@ namespace ElasticMoE.Native;
 /// <remarks>
 /// <para>Why not <c>addmm_</c>: the expert kernel (<see cref="Model.SwiGLUChunks"/>) makes ~10 chunk GEMMs per layer and
 /// micro-batch, each as a libtorch op with its views (<c>narrow</c>, <c>t</c>), its dispatch and, in the backward, its
-/// allocations: ~16 libtorch calls per chunk, 2–7 µs each. On raw memory a chunk makes none, and the gate and up
-/// projections write straight into the halves of h = [g | u] (ldc = 2H), so no per-call concatenation of W1 and W3 is
-/// needed either. Same MKL routine, same single thread inside the OpenMP team: MKL sees the enclosing parallel
-/// region and does not nest.</para>
+/// allocations: ~16 libtorch calls per chunk, 2–7 µs each. On raw memory a chunk makes none. Same MKL routine, same
+/// single thread inside the OpenMP team: MKL sees the enclosing parallel region and does not nest.</para>
 /// <para>Found in this process's mappings, like libgomp in <see cref="OpenMPTeam"/>, so it is the MKL instance libtorch
 /// uses. Where libtorch has no MKL (another platform's build), <see cref="Available"/> is false and the caller uses
 /// libtorch ops instead.</para>
