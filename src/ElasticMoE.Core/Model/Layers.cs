@@ -37,8 +37,15 @@ public sealed class SwiGLU : nn.Module<Tensor, Tensor>
         w1 = nn.Linear(dim, hidden, hasBias: false);
         w3 = nn.Linear(dim, hidden, hasBias: false);
         w2 = nn.Linear(hidden, dim, hasBias: false);
+        Dim = dim;
+        Hidden = hidden;
         RegisterComponents();
     }
+
+    /// <summary>Model width d (the weights' shapes never change; asking a tensor its shape costs ~1 µs a call).</summary>
+    public int Dim { get; }
+    /// <summary>Hidden width H.</summary>
+    public int Hidden { get; }
 
     /// <summary>Gate projection weight [hidden, dim].</summary>
     public Tensor W1 => w1.weight!;
