@@ -85,21 +85,40 @@ internal sealed class RouteFunction : autograd.MultiTensorFunction<RouteFunction
         return [dLogits.MoveToOuterDisposeScope(), null!, null!];
     }
 
-    private static void Forward<T>(Tensor logitsT, Tensor biasT, Tensor scoresT, Tensor gatesT, Tensor indicesT, MoEOptions o)
+    /// <summary>
+    /// Rows per piece of the routing loops on the OpenMP team (a row's arithmetic is its own, so the pieces change no
+    /// bit). 1,024 tokens make four pieces; the node's forward went 88 → 71–77 µs (65 → 54–57 without grad), 2 threads,
+    /// the rest of it being its allocations and calls.
+    /// </summary>
+    internal const int PieceRows = 256;
+
+    private static int Pieces(long rows) => checked((int)((rows + PieceRows - 1) / PieceRows));
+
+    private static unsafe void Forward<T>(Tensor logitsT, Tensor biasT, Tensor scoresT, Tensor gatesT, Tensor indicesT, MoEOptions o)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
-        ReadOnlySpan<T> logits = Span<T>(logitsT), bias = Span<T>(biasT);
-        Span<T> scores = Span<T>(scoresT), gates = Span<T>(gatesT);
-        var indices = Span<long>(indicesT);
-        int e = o.RoutedExperts, k = o.TopK;
+        nint logits = (nint)Pointer<T>(logitsT), bias = (nint)Pointer<T>(biasT), scores = (nint)Pointer<T>(scoresT), gates = (nint)Pointer<T>(gatesT);
+        nint indices = (nint)Pointer<long>(indicesT);
         long n = logitsT.shape[0];
+        Native.OpenMPTeam.Run(Pieces(n), p =>
+        {
+            long from = (long)p * PieceRows;
+            ForwardRows((T*)logits, (T*)bias, (T*)scores, (T*)gates, (long*)indices, from, Math.Min(n, from + PieceRows), o);
+        });
+    }
+
+    private static unsafe void ForwardRows<T>(T* logitsP, T* biasP, T* scoresP, T* gatesP, long* indicesP, long from, long to, MoEOptions o)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        int e = o.RoutedExperts, k = o.TopK;
         bool sigmoid = o.Scoring == RouterScoring.Sigmoid;
         T scale = T.CreateChecked(o.RouteScale);
         Span<bool> taken = stackalloc bool[e];
-        for (long t = 0; t < n; t++)
+        var bias = new ReadOnlySpan<T>(biasP, e);
+        for (long t = from; t < to; t++)
         {
-            var l = logits.Slice((int)(t * e), e);
-            var s = scores.Slice((int)(t * e), e);
+            var l = new ReadOnlySpan<T>(logitsP + t * e, e);
+            var s = new Span<T>(scoresP + t * e, e);
             if (sigmoid)
             {
                 for (int i = 0; i < e; i++) s[i] = T.One / (T.One + T.Exp(-l[i]));
@@ -114,8 +133,8 @@ internal sealed class RouteFunction : autograd.MultiTensorFunction<RouteFunction
             }
             // Top-k of score + bias, best first; ties (and NaNs) to the lower index.
             taken.Clear();
-            var g = gates.Slice((int)(t * k), k);
-            var idx = indices.Slice((int)(t * k), k);
+            var g = new Span<T>(gatesP + t * k, k);
+            var idx = new Span<long>(indicesP + t * k, k);
             T chosenSum = T.Zero;
             for (int j = 0; j < k; j++)
             {
@@ -139,23 +158,32 @@ internal sealed class RouteFunction : autograd.MultiTensorFunction<RouteFunction
     // dGates [N, k] back to dLogits [N, E]. Sigmoid: g_j = c s_j / S over the chosen (S = Σ s),
     // so ∂L/∂s_j += c (dG_j / S − Σ_l dG_l s_l / S²) for chosen j, and ∂L/∂logit = ∂L/∂s · s (1 − s).
     // Softmax: g_j = c s_j, so ∂L/∂s_j += c dG_j, and ∂L/∂logit_i = s_i (∂L/∂s_i − Σ_l ∂L/∂s_l s_l).
-    private static void Backward<T>(Tensor scoresT, Tensor indicesT, Tensor dGatesT, Tensor dLogitsT, MoEOptions o)
+    private static unsafe void Backward<T>(Tensor scoresT, Tensor indicesT, Tensor dGatesT, Tensor dLogitsT, MoEOptions o)
         where T : unmanaged, IFloatingPointIeee754<T>
     {
-        ReadOnlySpan<T> scores = Span<T>(scoresT), dGates = Span<T>(dGatesT);
-        ReadOnlySpan<long> indices = Span<long>(indicesT);
-        Span<T> dLogits = Span<T>(dLogitsT);
-        int e = o.RoutedExperts, k = o.TopK;
+        nint scores = (nint)Pointer<T>(scoresT), dGates = (nint)Pointer<T>(dGatesT), dLogits = (nint)Pointer<T>(dLogitsT);
+        nint indices = (nint)Pointer<long>(indicesT);
         long n = scoresT.shape[0];
+        Native.OpenMPTeam.Run(Pieces(n), p =>
+        {
+            long from = (long)p * PieceRows;
+            BackwardRows((T*)scores, (long*)indices, (T*)dGates, (T*)dLogits, from, Math.Min(n, from + PieceRows), o);
+        });
+    }
+
+    private static unsafe void BackwardRows<T>(T* scoresP, long* indicesP, T* dGatesP, T* dLogitsP, long from, long to, MoEOptions o)
+        where T : unmanaged, IFloatingPointIeee754<T>
+    {
+        int e = o.RoutedExperts, k = o.TopK;
         bool sigmoid = o.Scoring == RouterScoring.Sigmoid;
         T scale = T.CreateChecked(o.RouteScale);
-        for (long t = 0; t < n; t++)
+        for (long t = from; t < to; t++)
         {
-            var s = scores.Slice((int)(t * e), e);
-            var ds = dLogits.Slice((int)(t * e), e); // ∂L/∂s first, turned into ∂L/∂logit below
+            var s = new ReadOnlySpan<T>(scoresP + t * e, e);
+            var ds = new Span<T>(dLogitsP + t * e, e); // ∂L/∂s first, turned into ∂L/∂logit below
             ds.Clear();
-            var dg = dGates.Slice((int)(t * k), k);
-            var idx = indices.Slice((int)(t * k), k);
+            var dg = new ReadOnlySpan<T>(dGatesP + t * k, k);
+            var idx = new ReadOnlySpan<long>(indicesP + t * k, k);
             if (sigmoid)
             {
                 T sum = T.Zero, weighted = T.Zero;

@@ -57,6 +57,39 @@ public class CpuKernelTests
     }
 
     [Fact]
+    public void The_router_function_gives_the_same_bits_on_one_thread_or_two()
+    {
+        using var router = NewRouter(RouterScoring.Sigmoid, 0, ScalarType.Float32);
+        using var gen = new Generator(3);
+        // 700 rows: pieces of 256, 256 and 188 on the team.
+        var logits = randn(new long[] { 700, 8 }, generator: gen);
+        var wGates = randn(new long[] { 700, 2 }, generator: gen);
+        (long[] Indices, float[] Gates, float[] DLogits) Run()
+        {
+            using var scope = NewDisposeScope();
+            var l = logits.detach().clone().requires_grad_(true);
+            var r = RouteFunction.Route(l, router.Bias, router.Options);
+            r.Gates.mul(wGates).sum().backward();
+            return (r.Indices.data<long>().ToArray(), r.Gates.data<float>().ToArray(), l.grad!.data<float>().ToArray());
+        }
+        int threads = get_num_threads();
+        try
+        {
+            set_num_threads(1);
+            var one = Run();
+            set_num_threads(2);
+            var two = Run();
+            Assert.Equal(one.Indices, two.Indices);
+            Assert.Equal(one.Gates, two.Gates);
+            Assert.Equal(one.DLogits, two.DLogits);
+        }
+        finally
+        {
+            set_num_threads(threads);
+        }
+    }
+
+    [Fact]
     public void The_router_function_in_float32_chooses_as_the_ops_and_gates_agree_to_float_precision()
     {
         using var router = NewRouter(RouterScoring.Sigmoid, 0, ScalarType.Float32);
