@@ -13,10 +13,10 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance"];
 
-    /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s != "chaos").ToArray();
+    /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure) and moe-race (minutes of training).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -26,6 +26,7 @@ public static class BenchCommand
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
         var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / checkpoint / moe suites: interleaved rounds of all modes (all but moe: each mode in fresh processes; default 5 / 4 / 3 / 3)");
+        var raceSeconds = RunConfigOptions.Positive("--race-seconds", "moe-race suite: training seconds each model gets (default 240)");
         var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
         var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300; checkpoint suite: default 150)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
@@ -40,7 +41,7 @@ public static class BenchCommand
         cmd.Options.Add(benchSteps);
         cmd.Options.Add(rounds);
         cmd.Options.Add(measure);
-        foreach (var o in new Option[] { kills, events, torchrunReps, peer, logs }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { raceSeconds, kills, events, torchrunReps, peer, logs }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : DefaultSuites;
@@ -86,6 +87,26 @@ public static class BenchCommand
                 var l = MedianRound(perRound, r => r.TokensPerSecond[loop] / r.TokensPerSecond[dn]);
                 figures.Add(new("MoE tokens/s (default kernel)", g.TokensPerSecond[moe], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
                 figures.Add(new("MoE tokens/s (per-expert loop)", l.TokensPerSecond[loop], "tok/s", "dense, equal active FFN", l.TokensPerSecond[dn]));
+            }
+            if (chosen.Contains("moe-race"))
+            {
+                int seconds = p.GetValue(raceSeconds) ?? 240;
+                var dense = MoEBenchmarks.DenseEquivalent(config).Model;
+                stdout.WriteLine($"moe-race: the MoE and the dense model (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}) trained side by side on {corpus.Name}, " +
+                                 $"blocks of {MoEBenchmarks.RaceBlock} steps in turn, {seconds} s of training each, {config.Train.Steps} scheduled steps, validation every {config.Train.EvalEvery} steps ...");
+                var race = MoEBenchmarks.Race(config, corpus, seconds, stdout);
+                stdout.WriteLine(" train s  MoE step  MoE val  dense step  dense val");
+                for (int k = 1; k <= 12; k++)
+                {
+                    double at = seconds * k / 12.0;
+                    // The last row: where each stopped (its last step ends a little past the budget).
+                    var (a, b) = k == 12 ? (race.MoE[^1], race.Dense[^1]) : (MoEBenchmarks.At(race.MoE, at), MoEBenchmarks.At(race.Dense, at));
+                    if (a is null || b is null) continue;
+                    stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {at,6:F0}  {a.Step,8}  {a.ValidationLoss,7:F4}  {b.Step,10}  {b.ValidationLoss,9:F4}"));
+                }
+                var (lastMoE, lastDense) = (race.MoE[^1], race.Dense[^1]);
+                figures.Add(new($"MoE validation loss after {seconds} s", lastMoE.ValidationLoss, "nats/byte", "dense, same training time", lastDense.ValidationLoss));
+                figures.Add(new($"MoE steps in {seconds} s", lastMoE.Step, "steps", "dense, same training time", lastDense.Step));
             }
             if (chosen.Contains("leak"))
             {

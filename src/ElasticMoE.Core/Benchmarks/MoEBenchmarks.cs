@@ -90,6 +90,81 @@ public static class MoEBenchmarks
         }
     }
 
+    /// <summary>A point of a model's validation curve: after <paramref name="TrainSeconds"/> of its own training time, at <paramref name="Step"/>.</summary>
+    public sealed record RacePoint(double TrainSeconds, long Step, double ValidationLoss);
+
+    /// <param name="MoE">the MoE's validation curve, one point every <c>train.eval-every</c> steps and one at the end.</param>
+    /// <param name="Dense">the dense model's.</param>
+    public sealed record RaceResult(IReadOnlyList<RacePoint> MoE, IReadOnlyList<RacePoint> Dense);
+
+    /// <summary>Steps of one model in a row in <see cref="Race"/>.</summary>
+    public const int RaceBlock = 25;
+
+    /// <summary>
+    /// The point of an MoE, at equal wall time: the MoE and the dense model of equal active width trained side by
+    /// side in one process, blocks of <see cref="RaceBlock"/> steps in turn, each until it has spent
+    /// <paramref name="seconds"/> of its own training time; the validation loss of each every <c>train.eval-every</c>
+    /// steps (evaluation not counted as training time).
+    /// </summary>
+    /// <remarks>
+    /// <para>Why side by side and not one process after the other (<c>bench/moe-vs-dense.sh</c>): on the 2-core VM the
+    /// machine's speed wanders by ±20 % over minutes, so in two runs of 240 s one after the other the dense model's
+    /// median step ranged 101–122 ms over stretches of its run and the MoE's 107–137: each curve took the machine's
+    /// mood of its own four minutes. In blocks of ~3 s both see the same machine. Not shorter blocks: every switch
+    /// refills the caches with the other model's weights, a cost a training process never pays (a 25-step block
+    /// makes it one step in 25).</para>
+    /// <para>Both models are warmed up first (a few steps of throwaway trainers), so the code they share is compiled
+    /// before either is timed, and neither pays the other's start-up.</para>
+    /// </remarks>
+    public static RaceResult Race(ElasticMoEConfig config, TextCorpus corpus, double seconds, TextWriter? log = null)
+    {
+        var configs = new[] { config, DenseEquivalent(config) };
+        foreach (var c in configs)
+        {
+            using var warm = new Trainer(c, corpus);
+            for (int i = 0; i < 3; i++) warm.TrainStep();
+            warm.Evaluate();
+        }
+        var trainers = new List<Trainer>();
+        try
+        {
+            foreach (var c in configs) trainers.Add(new Trainer(c, corpus));
+            var spent = new double[2];
+            var curves = new[] { new List<RacePoint>(), new List<RacePoint>() };
+            int every = Math.Max(1, config.Train.EvalEvery), turn = 0;
+            double nextReport = seconds / 6;
+            while (spent[0] < seconds || spent[1] < seconds)
+            {
+                for (int i = 0; i < 2; i++)
+                {
+                    int m = (i + turn) % 2;
+                    var trainer = trainers[m];
+                    for (int s = 0; s < RaceBlock && spent[m] < seconds; s++)
+                    {
+                        spent[m] += trainer.TrainStep().Seconds;
+                        if (trainer.Step % every == 0 || spent[m] >= seconds)
+                            curves[m].Add(new RacePoint(spent[m], trainer.Step, trainer.Evaluate()));
+                    }
+                }
+                turn++;
+                if (log is not null && spent.Min() >= nextReport)
+                {
+                    log.WriteLine(string.Create(System.Globalization.CultureInfo.InvariantCulture,
+                        $"  {nextReport,5:F0} s: MoE step {trainers[0].Step}, dense step {trainers[1].Step}"));
+                    while (nextReport <= spent.Min()) nextReport += seconds / 6;
+                }
+            }
+            return new RaceResult(curves[0], curves[1]);
+        }
+        finally
+        {
+            foreach (var t in trainers) t.Dispose();
+        }
+    }
+
+    /// <summary>The last point of <paramref name="curve"/> at or before <paramref name="seconds"/> of training, or null.</summary>
+    public static RacePoint? At(IReadOnlyList<RacePoint> curve, double seconds) => curve.LastOrDefault(p => p.TrainSeconds <= seconds);
+
     /// <param name="Layer">block index of the MoE layer.</param>
     /// <param name="Rows">token-expert assignments it ran (one micro-batch × top-k).</param>
     /// <param name="Capacity">the largest count of one expert: the grouped kernel's padded length.</param>

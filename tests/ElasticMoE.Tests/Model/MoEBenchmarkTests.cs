@@ -21,4 +21,28 @@ public class MoEBenchmarkTests
         Assert.Equal(dense.Layers, dense.DenseLayers);
         Assert.Equal(cfg.Model.MoE.ExpertHidden * (cfg.Model.MoE.SharedExperts + cfg.Model.MoE.TopK), dense.DenseHidden);
     }
+
+    [Fact]
+    public void The_race_gives_each_model_its_training_time_and_a_validation_curve_that_is_the_plain_trainers()
+    {
+        var cfg = TestSupport.SmallConfig(("train.global-batch", "2"), ("train.micro-batch", "2"), ("train.eval-every", "4"), ("train.eval-batches", "1"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var race = MoEBenchmarks.Race(cfg, corpus, seconds: 1.5);
+        foreach (var (curve, config) in new[] { (race.MoE, cfg), (race.Dense, MoEBenchmarks.DenseEquivalent(cfg)) })
+        {
+            Assert.NotEmpty(curve);
+            // Every eval-every steps, and at the end once the time is spent (its own training time, evaluations not counted).
+            Assert.True(curve[^1].TrainSeconds >= 1.5, $"stopped at {curve[^1].TrainSeconds} s");
+            Assert.All(curve.SkipLast(1), p => Assert.Equal(0, p.Step % 4));
+            Assert.True(curve.Zip(curve.Skip(1)).All(p => p.Second.TrainSeconds > p.First.TrainSeconds && p.Second.Step > p.First.Step));
+            // The curve is the model's own training, whatever ran beside it: a plain trainer of the same config,
+            // to the same step, gives the same validation loss (steps are deterministic).
+            var point = curve[0];
+            using var alone = new ElasticMoE.Training.Trainer(config, corpus);
+            while (alone.Step < point.Step) alone.TrainStep();
+            Assert.Equal(point.ValidationLoss, alone.Evaluate());
+        }
+        Assert.Equal(race.MoE[^1], MoEBenchmarks.At(race.MoE, race.MoE[^1].TrainSeconds));
+        Assert.Null(MoEBenchmarks.At(race.MoE, 0));
+    }
 }
