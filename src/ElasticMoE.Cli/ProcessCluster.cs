@@ -169,12 +169,8 @@ internal sealed class ProcessCluster : IDisposable
         return r.ReadToEnd().Contains(text, StringComparison.Ordinal);
     }
 
-    private static int FreePort()
-    {
-        using var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        return ((IPEndPoint)l.LocalEndpoint).Port;
-    }
+    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
+    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     private static string Inv(int v) => v.ToString(CultureInfo.InvariantCulture);
 }

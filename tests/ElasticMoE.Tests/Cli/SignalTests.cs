@@ -216,12 +216,8 @@ public partial class SignalTests(ITestOutputHelper output)
         catch (IOException) { return 0; }   // FileNotFoundException included
     }
 
-    private static int FreePort()
-    {
-        using var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        return ((IPEndPoint)l.LocalEndpoint).Port;
-    }
+    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
+    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     private static async Task WaitUntil(Func<bool> condition, TimeSpan timeout, Child child)
     {

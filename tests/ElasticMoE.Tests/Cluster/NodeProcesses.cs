@@ -7,12 +7,8 @@ namespace ElasticMoE.Tests.Cluster;
 /// <summary>`elasticmoe` OS processes for the multi-process tests: a free port, a start, a finish with a deadline.</summary>
 internal static class NodeProcesses
 {
-    public static int FreePort()
-    {
-        using var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        return ((IPEndPoint)l.LocalEndpoint).Port;
-    }
+    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
+    public static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     public static Process Start(params string[] args)
     {

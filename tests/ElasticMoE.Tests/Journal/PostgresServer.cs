@@ -178,10 +178,6 @@ public sealed class PostgresServer : IAsyncLifetime
             throw new InvalidOperationException($"{Path.GetFileName(program)} exited {p.ExitCode}: {await stderr}{await stdout}");
     }
 
-    private static int FreePort()
-    {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
-    }
+    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
+    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 }

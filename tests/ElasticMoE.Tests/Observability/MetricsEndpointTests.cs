@@ -22,14 +22,8 @@ namespace ElasticMoE.Tests.Observability;
 /// </remarks>
 public class MetricsEndpointTests
 {
-    private static int FreePort()
-    {
-        var l = new TcpListener(IPAddress.Loopback, 0);
-        l.Start();
-        int port = ((IPEndPoint)l.LocalEndpoint).Port;
-        l.Stop();
-        return port;
-    }
+    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
+    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     /// <summary>Prometheus text format: "name{labels} value" per line, comments skipped.</summary>
     private static Dictionary<string, double> Parse(string text) => text.Split('\n')
