@@ -32,7 +32,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
     /// Target chunk size, in rows. On the default model's layer (8 experts of ~256 rows, a 1,024-row shared
     /// expert) every routed expert is one chunk and the shared expert two: 10 chunks for the threads. Not
     /// smaller: single-threaded, the chunk's first GEMM runs at 150–170 GFLOP/s with 256 rows and 184 with 512
-    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs 7 MKL calls; the layer's
+    /// (2-core VM, 186–197 for the dense model's 1,024-row GEMMs), and every chunk costs 6 MKL calls; the layer's
     /// forward and backward took 5 % longer with 256-row chunks and 11 % longer with 128 (same run).
     /// </summary>
     internal const long ChunkRows = 512;
