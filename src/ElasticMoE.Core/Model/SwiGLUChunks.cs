@@ -131,9 +131,9 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         var dx = x.Select(t => empty_like(t)).ToArray();
         var dw13 = empty_like(w13);
         var dw2 = w2.Select(t => empty_like(t)).ToArray();
-        // da and dh of every chunk; the weight gradients of every chunk but the first of its SwiGLU (in row order),
-        // which writes the SwiGLU's own.
-        var scratch = empty(job.ScratchElements, dtype: x[0].dtype, device: x[0].device);
+        // da and dh of every chunk: the same room as its h and a, so at the same offsets in a block of the same size.
+        // The weight gradients of every chunk but the first of its SwiGLU (in row order), which writes the SwiGLU's own.
+        var scratch = empty(job.ActivationElements, dtype: x[0].dtype, device: x[0].device);
         var partials = empty(job.PartialElements, dtype: x[0].dtype, device: x[0].device);
         if (job.Double) Backward<double>(job, x, w13, w2, activations, dy, dx, dw13, dw2, scratch, partials);
         else Backward<float>(job, x, w13, w2, activations, dy, dx, dw13, dw2, scratch, partials);
@@ -175,7 +175,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
             T* xc = (T*)xs[ch.Input] + ch.Offset * d, dyc = (T*)dys[ch.Input] + ch.Offset * d, dxc = (T*)dxs[ch.Input] + ch.Offset * d;
             T* w13 = (T*)w13s + job.W13[f], w2f = (T*)w2s[f];
             T* h = (T*)acts + ch.Activations, a = h + (long)rows * 2 * hid;
-            T* da = (T*)work + ch.Scratch, dh = da + (long)rows * hid;
+            T* da = (T*)work + ch.Activations, dh = da + (long)rows * hid;
             T* g13 = (T*)dw13s + job.W13[f], g2 = (T*)dw2s[f];
             if (ch.Partials >= 0)
             {
@@ -195,11 +195,11 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
 
     /// <summary>
     /// Rows [<paramref name="Offset"/>, +<paramref name="Rows"/>) of input <paramref name="Input"/> through SwiGLU
-    /// <paramref name="Ffn"/>; where its memory lies, in elements: h and a in the activations block, da and dh in the
-    /// backward's scratch, and its weight gradients in the partials block (−1: it writes the SwiGLU's own gradients,
-    /// being its first chunk in row order).
+    /// <paramref name="Ffn"/>; where its memory lies, in elements: h and a in the activations block (and da and dh at the
+    /// same offset in the backward's scratch), and its weight gradients in the partials block (−1: it writes the
+    /// SwiGLU's own gradients, being its first chunk in row order).
     /// </summary>
-    internal readonly record struct Chunk(int Ffn, int Input, long Offset, long Rows, long Activations = 0, long Scratch = 0, long Partials = -1);
+    internal readonly record struct Chunk(int Ffn, int Input, long Offset, long Rows, long Activations = 0, long Partials = -1);
 
     /// <summary>
     /// A segment of <paramref name="rows"/> cut into round(rows / <see cref="ChunkRows"/>) chunks (at least one) of
@@ -243,7 +243,6 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
         /// <summary>Sizes, in elements, of the blocks the offsets point into.</summary>
         public required long W13Elements { get; init; }
         public required long ActivationElements { get; init; }
-        public required long ScratchElements { get; init; }
         public required long PartialElements { get; init; }
         public bool KeepForBackward { get; set; }
 
@@ -307,7 +306,7 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
             // others into partials, added in this order.
             var byFfn = new List<int>[ffns.Count];
             for (int f = 0; f < ffns.Count; f++) byFfn[f] = [];
-            long acts = 0, scratch = 0, partials = 0;
+            long acts = 0, partials = 0;
             for (int c = 0; c < chunks.Count; c++)
             {
                 var ch = chunks[c];
@@ -318,9 +317,8 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
                     part = partials;
                     partials += Aligned(3L * hidden[ch.Ffn] * width);
                 }
-                chunks[c] = ch with { Activations = acts, Scratch = scratch, Partials = part };
+                chunks[c] = ch with { Activations = acts, Partials = part };
                 acts += Aligned(ch.Rows * perRow);
-                scratch += Aligned(ch.Rows * perRow);
                 byFfn[ch.Ffn].Add(c);
             }
             // Longest first for the workers (a stable sort: ties stay in row order).
@@ -355,7 +353,6 @@ internal sealed class SwiGLUChunks : autograd.MultiTensorFunction<SwiGLUChunks>
                 W13 = w13,
                 W13Elements = w13Elements,
                 ActivationElements = acts,
-                ScratchElements = scratch,
                 PartialElements = partials,
             };
         }
