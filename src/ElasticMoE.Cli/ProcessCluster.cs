@@ -1,10 +1,9 @@
 using System.Diagnostics;
 using System.Globalization;
-using System.Net;
-using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Cli;
 
@@ -63,7 +62,7 @@ internal sealed class ProcessCluster : IDisposable
         Dir = dir;
         Directory.CreateDirectory(dir);
         _configArgs = configArgs.ToList();
-        Port = FreePort();
+        Port = LoopbackPorts.Next();
         Metrics = new MetricsTail(Path.Combine(dir, "metrics.jsonl"));
     }
 
@@ -168,9 +167,6 @@ internal sealed class ProcessCluster : IDisposable
         using var r = new StreamReader(s);
         return r.ReadToEnd().Contains(text, StringComparison.Ordinal);
     }
-
-    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
-    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     private static string Inv(int v) => v.ToString(CultureInfo.InvariantCulture);
 }

@@ -1,11 +1,10 @@
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using System.Runtime.InteropServices;
 using System.Text;
 using System.Text.Json;
 using System.Text.RegularExpressions;
 using Xunit.Abstractions;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Cli;
 
@@ -96,7 +95,7 @@ public partial class SignalTests(ITestOutputHelper output)
     public async Task Sigterm_on_a_node_hands_its_units_over_and_the_run_goes_on()
     {
         TestSupport.EnsureTorch();
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         using var coordinator = Child.Elasticmoe(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "1000000", .. Tiny]);
         using var survivor = Child.Elasticmoe(["node", "--seed-node", seed, .. Tiny]);
@@ -135,7 +134,7 @@ public partial class SignalTests(ITestOutputHelper output)
             ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", steps.ToString()), ("train.eval-every", "30"),
             ("train.eval-batches", "2"), ("cluster.checksum-every", "5"));
         var args = TestSupport.SetArguments(settings);
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
         using var coordinator = Child.Elasticmoe(["train", "--nodes", "0", "--expect-nodes", "3", "--port", port.ToString(), "--metrics", metrics, .. args]);
@@ -164,7 +163,7 @@ public partial class SignalTests(ITestOutputHelper output)
     public async Task Sigterm_on_a_coordinator_with_external_nodes_stops_them_all()
     {
         TestSupport.EnsureTorch();
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
         using var coordinator = Child.Elasticmoe(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "1000000", "--metrics", metrics, .. Tiny]);
@@ -215,9 +214,6 @@ public partial class SignalTests(ITestOutputHelper output)
         }
         catch (IOException) { return 0; }   // FileNotFoundException included
     }
-
-    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
-    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 
     private static async Task WaitUntil(Func<bool> condition, TimeSpan timeout, Child child)
     {

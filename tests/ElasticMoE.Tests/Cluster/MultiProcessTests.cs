@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Net;
 using System.Net.Sockets;
 using Xunit.Abstractions;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Cluster;
 
@@ -9,7 +10,6 @@ namespace ElasticMoE.Tests.Cluster;
 [Collection("cluster")]
 public class MultiProcessTests(ITestOutputHelper output)
 {
-    private static int FreePort() => NodeProcesses.FreePort();
     private static Process Start(params string[] args) => NodeProcesses.Start(args);
     private static Task<(int Code, string Out)> Finish(Process p, TimeSpan timeout) => NodeProcesses.Finish(p, timeout);
 
@@ -25,7 +25,7 @@ public class MultiProcessTests(ITestOutputHelper output)
     public async Task A_coordinator_and_two_node_processes_train_the_model()
     {
         TestSupport.EnsureTorch();   // patches the native library next to elasticmoe.dll before the children load it
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "6", .. Tiny]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var nodes = new[] { Start(["node", "--seed-node", seed, .. Tiny]), Start(["node", "--seed-node", seed, .. Tiny]) };
@@ -58,7 +58,7 @@ public class MultiProcessTests(ITestOutputHelper output)
         // started again re-attaches it: ResumeTests); when none does within cluster.coordinator-wait it
         // must say so and exit with its own code instead of hanging.
         TestSupport.EnsureTorch();
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--steps", "100000", .. Tiny]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         string[] wait = ["--set", "cluster.coordinator-wait=3"];
@@ -102,7 +102,7 @@ public class MultiProcessTests(ITestOutputHelper output)
             ("train.eval-batches", "2"), ("cluster.checksum-every", "5"));
         var args = TestSupport.SetArguments(settings);
         var reference = SingleProcessReference.Train(TestSupport.SmallConfig(settings.Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
-        int port = FreePort();
+        int port = LoopbackPorts.Next();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "4", "--port", port.ToString(), "--metrics", metrics,
             "--relayout", "10=4x2,20=4x4,30=2x1,40=3x1", .. args]);

@@ -1,15 +1,10 @@
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 
 namespace ElasticMoE.Tests.Cluster;
 
-/// <summary>`elasticmoe` OS processes for the multi-process tests: a free port, a start, a finish with a deadline.</summary>
+/// <summary>`elasticmoe` OS processes for the multi-process tests: a start, a finish with a deadline (ports: LoopbackPorts).</summary>
 internal static class NodeProcesses
 {
-    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
-    public static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
-
     public static Process Start(params string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };

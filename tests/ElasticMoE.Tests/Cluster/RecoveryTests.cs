@@ -4,6 +4,7 @@ using System.Text.Json;
 using System.Text.RegularExpressions;
 using ElasticMoE.Training;
 using Xunit.Abstractions;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Cluster;
 
@@ -50,7 +51,7 @@ public class RecoveryTests(ITestOutputHelper output)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
-        int port = coordinatorPort ?? NodeProcesses.FreePort();
+        int port = coordinatorPort ?? LoopbackPorts.Next();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
@@ -277,7 +278,7 @@ public class RecoveryTests(ITestOutputHelper output)
         const string token = "t0k-recovery";
         var settings = Settings(steps);
         settings["model.moe.bias-update-rate"] = "0";
-        int port = NodeProcesses.FreePort();
+        int port = LoopbackPorts.Next();
         ElasticMoE.Runtime.Hosting.ShellClient? client = null;
         Task<ElasticMoE.Runtime.Protocol.IElasticMoEMessage>? request = null;
         try

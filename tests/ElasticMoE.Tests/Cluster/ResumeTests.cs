@@ -5,6 +5,7 @@ using ElasticMoE.Checkpointing;
 using ElasticMoE.Tests.Journal;
 using ElasticMoE.Training;
 using Xunit.Abstractions;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Cluster;
 
@@ -33,7 +34,7 @@ public class ResumeTests(ITestOutputHelper output)
     {
         TestSupport.EnsureTorch();
         var args = RunArguments();
-        int coordinatorPort = port ?? NodeProcesses.FreePort();
+        int coordinatorPort = port ?? LoopbackPorts.Next();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", coordinatorPort.ToString(),
             "--metrics", metrics, "--run-dir", runDir, .. args, .. extra]);
@@ -161,7 +162,7 @@ public class ResumeTests(ITestOutputHelper output)
     private async Task<(string FirstMetrics, string SecondMetrics, string Text, Job Second)> KillCoordinatorAndStartAgain(string fault)
     {
         var dir = Path.Combine(TestSupport.TempDir(), "run");
-        int port = NodeProcesses.FreePort();
+        int port = LoopbackPorts.Next();
         var first = Start(dir, 2, ["--set", fault], port: port);
         Job second;
         try
@@ -203,7 +204,7 @@ public class ResumeTests(ITestOutputHelper output)
     /// <summary>A coordinator and its stand-by (both with <paramref name="extra"/>) on one run directory; the coordinator SIGKILLs itself as step 21 starts.</summary>
     internal async Task StandbyTakesOver(string dir, string[] extra)
     {
-        int primaryPort = NodeProcesses.FreePort(), standbyPort = NodeProcesses.FreePort();
+        int primaryPort = LoopbackPorts.Next(), standbyPort = LoopbackPorts.Next();
         // No nodes yet: the coordinator waits for two, and they start only once the stand-by is up in its
         // cluster, so the stand-by is there before step 21, whatever the machine's speed.
         var primary = Start(dir, 2, ["--set", KillCoordinatorAs21Starts, .. extra], port: primaryPort, running: []);
@@ -238,7 +239,7 @@ public class ResumeTests(ITestOutputHelper output)
     public async Task A_stand_by_coordinator_ends_with_the_run_it_stood_by_for()
     {
         var dir = Path.Combine(TestSupport.TempDir(), "run");
-        int primaryPort = NodeProcesses.FreePort();
+        int primaryPort = LoopbackPorts.Next();
         var primary = Start(dir, 1, ["--set", "train.steps=5"], port: primaryPort, running: []);
         var up = new TaskCompletionSource();
         var standby = Start(dir, 1, ["--standby-for", Address(primaryPort), "--set", "train.steps=5"], (line, _) =>

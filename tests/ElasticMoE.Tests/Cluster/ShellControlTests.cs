@@ -237,7 +237,7 @@ public class ShellControlTests(ITestOutputHelper output)
         {
             string[] args = [.. TestSupport.SetArguments(ProcessSettings()), "--threads", "1"];
             TestSupport.EnsureTorch();
-            int port = NodeProcesses.FreePort();
+            int port = LoopbackPorts.Next();
             var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
             var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--metrics", metrics, .. args]);
             var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Text.Json;
 using ElasticMoE.Cli;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Cluster;
 
@@ -47,7 +48,7 @@ public class ShellProcessTests
         TestSupport.EnsureTorch();
         var settings = TestSupport.SmallSettings(("train.steps", "6"), ("train.eval-every", "1000"), ("cluster.pipeline-stages", "1"));
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
-        int port = NodeProcesses.FreePort();
+        int port = LoopbackPorts.Next();
         var procs = new List<Process>();
         var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", "2", "--port", port.ToString(), "--set", $"shell.token={Token}", .. args]);
         procs.Add(coordinator);

@@ -427,7 +427,7 @@ public partial class ShellTests
     [Fact]
     public async Task Shell_with_an_unreachable_address_or_a_bad_command_line_exits_2()
     {
-        int port = NodeProcesses.FreePort();
+        int port = LoopbackPorts.Next();
         var stderr = new StringWriter();
         Assert.Equal(2, Program.Run(["shell", "--connect", $"127.0.0.1:{port}", "--timeout", "5", "-c", "cluster show"], new StringWriter(), stderr));
         Assert.Contains($"no ElasticMoE coordinator answered at 127.0.0.1:{port}", stderr.ToString());

@@ -1,8 +1,7 @@
 using System.ComponentModel;
 using System.Diagnostics;
-using System.Net;
-using System.Net.Sockets;
 using Npgsql;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Journal;
 
@@ -89,7 +88,7 @@ public sealed class PostgresServer : IAsyncLifetime
         if (PostgresBinaries.RunAs is { } user) await Run("chown", [$"{user}:", _root], asUser: false);
         await RemoveAbandoned();
         await Run(Program("initdb"), ["-D", DataDir, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale", "--no-sync"]);
-        Port = FreePort();
+        Port = LoopbackPorts.Next();
         // fsync off: these tests check the journal's logic against a real server, not the server's own durability.
         var options = $"-p {Port} -k {_root} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off";
         try
@@ -178,6 +177,4 @@ public sealed class PostgresServer : IAsyncLifetime
             throw new InvalidOperationException($"{Path.GetFileName(program)} exited {p.ExitCode}: {await stderr}{await stdout}");
     }
 
-    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
-    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
 }

@@ -8,6 +8,7 @@ using ElasticMoE.Runtime.Observability;
 using ElasticMoE.Tests.Cli;
 using ElasticMoE.Tests.DataPlane;
 using ElasticMoE.Training;
+using ElasticMoE.Runtime.Hosting;
 
 namespace ElasticMoE.Tests.Observability;
 
@@ -22,9 +23,6 @@ namespace ElasticMoE.Tests.Observability;
 /// </remarks>
 public class MetricsEndpointTests
 {
-    // Outside the ephemeral range, so no outgoing connection takes it before the child binds (LoopbackPorts).
-    private static int FreePort() => ElasticMoE.Runtime.Hosting.LoopbackPorts.Next();
-
     /// <summary>Prometheus text format: "name{labels} value" per line, comments skipped.</summary>
     private static Dictionary<string, double> Parse(string text) => text.Split('\n')
         .Where(l => l.Length > 0 && l[0] != '#')
@@ -64,7 +62,7 @@ public class MetricsEndpointTests
     [Fact]
     public async Task The_endpoint_serves_training_membership_plan_checkpoint_and_data_plane_metrics()
     {
-        var port = FreePort();
+        var port = LoopbackPorts.Next();
         using var endpoint = MetricsEndpoint.Start(new PrometheusOptions(port, "127.0.0.1"));
         Assert.NotNull(endpoint);
         Assert.Equal(new Uri($"http://127.0.0.1:{port}/metrics"), endpoint.Url);
@@ -129,7 +127,7 @@ public class MetricsEndpointTests
     [Fact]
     public async Task A_cluster_train_reports_its_steps_and_data_plane_bytes_and_then_releases_the_port()
     {
-        var port = FreePort();
+        var port = LoopbackPorts.Next();
         var before = await Registry();
         var (code, output, err) = CliTests.Run(["train", "--nodes", "2", "--steps", "2", "--set", $"metrics.prometheus.port={port}",
             .. TestSupport.SetArguments(TestSupport.SmallSettings())]);
