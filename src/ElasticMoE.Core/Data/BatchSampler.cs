@@ -67,11 +67,18 @@ public static class BatchAssignment
     /// </summary>
     public static int[] MicroBatchesFor(int rank, int world, int microBatches)
     {
+        var (start, end) = RangeFor(rank, world, microBatches);
+        return Enumerable.Range(start, end - start).ToArray();
+    }
+
+    /// <summary><see cref="MicroBatchesFor"/> as the range [Start, End) (empty where the rank gets none).</summary>
+    public static (int Start, int End) RangeFor(int rank, int world, int microBatches)
+    {
         if (world <= 0) throw new ArgumentOutOfRangeException(nameof(world));
         if (rank < 0 || rank >= world) throw new ArgumentOutOfRangeException(nameof(rank));
         int baseCount = microBatches / world, extra = microBatches % world;
         int start = rank * baseCount + Math.Min(rank, extra);
         int count = baseCount + (rank < extra ? 1 : 0);
-        return Enumerable.Range(start, count).ToArray();
+        return (start, start + count);
     }
 }

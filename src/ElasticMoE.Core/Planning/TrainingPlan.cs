@@ -59,10 +59,10 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
 
     /// <summary>
     /// [moe layer ordinal][expert] → ranks holding a copy of that expert, in copy order (copy i takes the
-    /// i-th of r equal parts of the expert's rows, see <see cref="CopyRows"/>); null = one copy of every
+    /// i-th of r contiguous shares of the step's micro-batches, see <see cref="CopyFor"/>); null = one copy of every
     /// expert, on its <see cref="ExpertOwner"/>. When set, <c>Copies[o][e][0] == ExpertOwner[o][e]</c>: code
     /// that only needs "a holder" keeps reading the owner table. Copies of one expert are bit-identical:
-    /// their holders sum their partial gradients in copy order before every update.
+    /// their holders combine their partial gradients in the canonical tree before every update.
     /// </summary>
     public int[][][]? Copies { get; init; }
 
@@ -73,11 +73,30 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
     public bool IsReplicated(int moeOrdinal) => Copies is { } c && c[moeOrdinal].Any(h => h.Length > 1);
 
     /// <summary>
-    /// The rows [start, end) of an expert's <paramref name="n"/> rows (counted from its first row) that copy
-    /// <paramref name="copy"/> of <paramref name="copies"/> computes: [i·n/r, (i+1)·n/r) in integer division.
-    /// Deterministic and a partition of the rows, so the sum of the copies' work is the single copy's.
+    /// Which copy (of <paramref name="copies"/>) computes an expert's rows of micro-batch <paramref name="microBatch"/>
+    /// (of <paramref name="microBatches"/>): copy i takes the i-th contiguous share of the micro-batches
+    /// (<c>BatchAssignment.MicroBatchesFor(i, copies, microBatches)</c>), all of their rows.
     /// </summary>
-    public static (long Start, long End) CopyRows(long n, int copy, int copies) => (copy * n / copies, (copy + 1) * n / copies);
+    /// <remarks>
+    /// Why whole micro-batches and not a share of every micro-batch's rows: a share's gradient is a partial sum that
+    /// no other layout computes, while a micro-batch's gradient is the same bits on any worker, and the copies'
+    /// partials over contiguous shares are nodes of the canonical tree (<c>ReductionTree</c>), so summing them
+    /// gives the single copy's bits. Over a step the copies still split the expert's load.
+    /// </remarks>
+    public static int CopyFor(int microBatch, int copies, int microBatches)
+    {
+        if ((uint)microBatch >= (uint)microBatches) throw new ArgumentOutOfRangeException(nameof(microBatch), microBatch, $"micro-batches are 0..{microBatches - 1}");
+        for (int i = 0; i < copies; i++)
+        {
+            var (lo, hi) = CopyMicroBatches(i, copies, microBatches);
+            if (microBatch >= lo && microBatch < hi) return i;
+        }
+        throw new InvalidOperationException("unreachable: the copies' shares partition the micro-batches");
+    }
+
+    /// <summary>The micro-batches [lo, hi) copy <paramref name="copy"/> of <paramref name="copies"/> computes (see <see cref="CopyFor"/>).</summary>
+    public static (int Lo, int Hi) CopyMicroBatches(int copy, int copies, int microBatches)
+        => Data.BatchAssignment.RangeFor(copy, copies, microBatches);
 
     /// <summary>
     /// This plan with its experts where <paramref name="placement"/> puts them (workers matched by identity;

@@ -151,17 +151,59 @@ public static class LrSchedule
 /// <summary>Global-norm gradient clipping maths, split so shards can each contribute their sum of squares.</summary>
 public static class GradClip
 {
+    /// <summary>Σ g² of every gradient given, added up in the order given (null gradients skipped).</summary>
     public static double SumOfSquares(IEnumerable<Tensor> parameters)
     {
+        double total = 0;
+        foreach (var s in PerTensor(parameters.ToList())) total += s;
+        return total;
+    }
+
+    /// <summary>
+    /// Σ g² of each named parameter that has a gradient (float64, one fixed pass per tensor: the same bits for the
+    /// same gradient wherever it is computed), for <see cref="CanonicalTotal"/>.
+    /// </summary>
+    public static Dictionary<string, double> SumsOfSquares(IEnumerable<(string Name, Tensor Param)> parameters)
+    {
+        var list = parameters.ToList();
+        var sums = PerTensor(list.Select(p => p.Param).ToList());
+        var byName = new Dictionary<string, double>(StringComparer.Ordinal);
+        for (int i = 0; i < list.Count; i++)
+            if (list[i].Param.grad is not null) byName.Add(list[i].Name, sums[i]);
+        return byName;
+    }
+
+    /// <summary>
+    /// The global squared norm: the parameters' sums of squares added in ordinal order of their names — one order
+    /// for every layout, whichever worker computed which part (the stages, the shards, the single-process loop).
+    /// </summary>
+    /// <remarks>
+    /// Why: adding per stage, then by rank, made the norm (so the clip scale, so every update) differ in its last bit
+    /// between PP 1 and PP 2. Each name must come once: a replicated expert or a replica's dense unit is reported by
+    /// one holder only.
+    /// </remarks>
+    /// <exception cref="InvalidOperationException">A name came twice.</exception>
+    public static double CanonicalTotal(IEnumerable<KeyValuePair<string, double>> sums)
+    {
+        var sorted = new SortedDictionary<string, double>(StringComparer.Ordinal);
+        foreach (var (name, sq) in sums)
+            if (!sorted.TryAdd(name, sq)) throw new InvalidOperationException($"the gradient of {name} was counted twice in the norm");
+        double total = 0;
+        foreach (var sq in sorted.Values) total += sq;
+        return total;
+    }
+
+    // Per tensor, in the order given (0 where there is no gradient): float32 CPU gradients by the fused kernel,
+    // anything else by libtorch ops.
+    private static double[] PerTensor(IReadOnlyList<Tensor> parameters)
+    {
         using var scope = NewDisposeScope();
-        // Per tensor, in the order given: float32 CPU gradients by the fused kernel, anything else by libtorch ops.
-        var grads = parameters.Select(p => p.grad).OfType<Tensor>().ToList();
-        var sums = new double[grads.Count];
+        var sums = new double[parameters.Count];
         var fused = new List<(IntPtr, long)>();
         var fusedAt = new List<int>();
-        for (int i = 0; i < grads.Count; i++)
+        for (int i = 0; i < parameters.Count; i++)
         {
-            var g = grads[i];
+            if (parameters[i].grad is not { } g) continue;
             if (AdamWKernel.Readable(g))
             {
                 g = g.contiguous();
@@ -175,9 +217,7 @@ public static class GradClip
         }
         var fusedSums = AdamWKernel.SumsOfSquares(fused);
         for (int k = 0; k < fusedAt.Count; k++) sums[fusedAt[k]] = fusedSums[k];
-        double total = 0;
-        foreach (var s in sums) total += s;
-        return total;
+        return sums;
     }
 
     /// <summary>Multiplier for all gradients: 1 when under the limit, else maxNorm / norm.</summary>

@@ -66,6 +66,8 @@ public sealed class Trainer : IDisposable
         Model.zero_grad();
         int microBatches = t.MicroBatchesPerStep;
         double lossSum = 0;
+        // Gradients summed in the canonical tree over micro-batches, as every layout of the cluster sums them.
+        using var gradients = new GradientTree(Model.parameters().ToList(), microBatches, 0, microBatches);
         for (int m = 0; m < microBatches; m++)
         {
             using var micro = NewDisposeScope();
@@ -74,12 +76,15 @@ public sealed class Trainer : IDisposable
             var total = Model.AuxLoss() is { } aux ? ce.Plus(aux) : ce;
             using var perMicro = (1.0 / microBatches).ToScalar();
             total.mul(perMicro).backward();
+            gradients.Take(m);
+            // In micro-batch order: the coordinator adds the stages' per-micro-batch losses in the same order.
             lossSum += ce.item<float>();
         }
+        gradients.InstallRoot();
         double loss = lossSum / microBatches;
         if (!double.IsFinite(loss)) throw new TrainingDivergedException(Step, "the loss", loss);
 
-        double sumSq = GradClip.SumOfSquares(Model.parameters());
+        double sumSq = GradClip.CanonicalTotal(GradClip.SumsOfSquares(Model.named_parameters().Select(p => (p.name, (Tensor)p.parameter))));
         if (!double.IsFinite(sumSq)) throw new TrainingDivergedException(Step, "the gradient norm", Math.Sqrt(sumSq));
         double lr = LrSchedule.At(Step, t.Steps, t.Lr, t.MinLr, t.WarmupSteps);
         Optimizer.Step(Model.named_parameters().Select(p => (p.name, (Tensor)p.parameter)), lr, GradClip.Coefficient(sumSq, t.GradClip));

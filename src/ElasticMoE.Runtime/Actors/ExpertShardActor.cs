@@ -1,3 +1,4 @@
+using ElasticMoE.Training;
 using Akka.Actor;
 using Akka.Event;
 using ElasticMoE.Runtime.Engine;
@@ -58,7 +59,11 @@ public sealed class ExpertShardActor : ReceiveActor
             case ExpertBackward m: Run(m.Fence, t => _engine!.Backward(m, t)); break;
             case QueryExpertNorm m:
                 var sender = Sender;
-                Run(m.Fence, token => sender.Tell(new ExpertNorm(m.Fence, _context.Worker, _ordinal, _engine!.GradSumSq(m.Fence, token))));
+                Run(m.Fence, token =>
+                {
+                    var norms = _engine!.GradSumSq(m.Fence, token);
+                    sender.Tell(new ExpertNorm(m.Fence, _context.Worker, _ordinal, GradClip.CanonicalTotal(norms)) { Norms = NamedSums.Of(norms) });
+                });
                 break;
             case ApplyUpdate m:
                 var replyTo = Sender;

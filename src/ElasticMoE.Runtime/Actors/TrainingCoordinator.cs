@@ -871,14 +871,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var plan = _state.Plan!;
         var t = _config.Train;
         int totalMicro = t.MicroBatchesPerStep;
-        // Every sum in a fixed order (by rank, then layer): the same bits whatever order replies came in.
+        // Every sum in the canonical order, a function of the global batch alone (micro-batch order for losses,
+        // name order for the norm): the same bits whatever the layout or the order replies came in.
         var computed = _computed.OrderBy(kv => kv.Key).Select(kv => kv.Value).ToList();
-        double loss = computed.Sum(c => c.LossSum) / totalMicro;
+        double loss = MicroBatchLosses.Sum(computed.Select(c => (c.FirstMicroBatch, c.Losses)), totalMicro) / totalMicro;
         if (!double.IsFinite(loss)) { Fail(new TrainingDivergedException(_fence.Step, "the loss", loss)); return; }
         // Replicas hold identical reduced dense gradients: count each stage once (replica 0). Private
         // experts exist only with one replica, so they are counted once too.
-        double sumSq = computed.Where(c => plan.ReplicaOf(c.Worker) == 0).Sum(c => c.GradSumSq)
-                       + _norms.OrderBy(kv => kv.Key).Sum(kv => kv.Value.SumSq);
+        double sumSq = GradClip.CanonicalTotal(computed.Where(c => plan.ReplicaOf(c.Worker) == 0).SelectMany(c => c.Norms.Pairs)
+                       .Concat(_norms.Values.SelectMany(n => n.Norms.Pairs)));
         if (!double.IsFinite(sumSq)) { Fail(new TrainingDivergedException(_fence.Step, "the gradient norm", Math.Sqrt(sumSq))); return; }
         int moeLayers = plan.ExpertOwner.Length;
         var loads = Enumerable.Range(0, moeLayers).Select(_ => new long[_config.Model.MoE.RoutedExperts]).ToArray();
@@ -1152,7 +1153,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             _evals[m.Worker] = m;
             if (_evals.Count < _stages.Count) return;
             Timers.Cancel("phase");
-            double val = _evals.OrderBy(kv => kv.Key).Sum(kv => kv.Value.LossSum) / _config.Train.EvalBatches;
+            double val = MicroBatchLosses.Sum(_evals.Values.Select(e => (e.FirstBatch, e.Losses)), _config.Train.EvalBatches) / _config.Train.EvalBatches;
             _validation.Add((_state.NextStep, val));
             _report.Step(_evalResult!, val, _config.Train.Steps);
             StartStepOrFinish();

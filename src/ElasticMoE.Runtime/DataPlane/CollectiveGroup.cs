@@ -2,6 +2,7 @@ using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.ExceptionServices;
 using System.Runtime.InteropServices;
+using ElasticMoE.Training;
 
 namespace ElasticMoE.Runtime.DataPlane;
 
@@ -170,6 +171,164 @@ public sealed class CollectiveGroup
         }
 
         private int Mod(int i) => ((i % _n) + _n) % _n;
+    }
+
+    /// <summary>
+    /// The canonical sum (<see cref="ReductionTree"/>) of the group's partial sums, written to <paramref name="result"/>;
+    /// afterwards every member holds the same bits, and they are the bits the single-process loop computes.
+    /// </summary>
+    /// <param name="result">Where the sum goes; every member gives the same length.</param>
+    /// <param name="partials">This member's partials: the nodes of <see cref="ReductionTree.Cover"/> over its range, each
+    /// of <paramref name="result"/>'s length (their memory is used as scratch).</param>
+    /// <param name="ranges">Every member's micro-batches [Lo, Hi), by rank: each member derives from them what the others send.</param>
+    /// <param name="leaves">Micro-batches in the step.</param>
+    /// <remarks>
+    /// <para>
+    /// Reduce-scatter then all-gather, as the ring, but the reduction is not ring order: segment s (of n) belongs to
+    /// rank s, every rank sends it its partials' slices of that segment in one frame per piece, and rank s combines
+    /// them up the tree (node = left + right). Then rank s sends its finished segment to every other rank. Bytes a rank
+    /// sends: (n−1)/n of the buffer times its number of partials, plus (n−1)/n for the gather — the ring's 2(n−1)/n when
+    /// each share is one aligned node (e.g. 8 micro-batches on 2 or 4 ranks), more for shares that are not (12 on 2
+    /// ranks: 2 partials each, so 3(n−1)/n). Every frame is direct, so a step is two rounds of latency, not 2(n−1).
+    /// </para>
+    /// <para>No bfloat16 option: a compressed partial would round differently with every layout.</para>
+    /// </remarks>
+    public async Task TreeAllReduceAsync(Memory<float> result, IReadOnlyList<(TreeNode Node, Memory<float> Value)> partials,
+        IReadOnlyList<(int Lo, int Hi)> ranges, int leaves, long collectiveId, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(partials);
+        ArgumentNullException.ThrowIfNull(ranges);
+        if (ranges.Count != Size) throw new ArgumentException($"Need one range per member ({Size}), got {ranges.Count}.", nameof(ranges));
+        var covers = ranges.Select(r => ReductionTree.Cover(r.Lo, r.Hi, leaves)).ToArray();
+        if (!covers[Rank].SequenceEqual(partials.Select(p => p.Node)))
+            throw new ArgumentException($"Partials [{string.Join(", ", partials.Select(p => p.Node))}] are not the cover of this member's range [{string.Join(", ", covers[Rank])}].", nameof(partials));
+        foreach (var (node, value) in partials)
+            if (value.Length != result.Length) throw new ArgumentException($"Partial {node} has {value.Length} floats, the result {result.Length}.", nameof(partials));
+        if (result.IsEmpty) return;
+        var n = Size;
+        var maxParts = Math.Max(1, covers.Max(c => c.Count));
+        // A frame carries every partial's slice of one piece, so pieces shrink with the number of partials.
+        var chunkElements = Math.Max(1, _options.ChunkBytes / sizeof(float) / maxParts);
+        var maxSegment = (result.Length + n - 1) / n;
+        var pieces = Math.Max(1, (maxSegment + chunkElements - 1) / chunkElements);
+        if ((long)2 * pieces * n > CollectiveTags.MaxSubTag + 1L)
+            throw new ArgumentException($"Buffer of {result.Length} floats needs more than {CollectiveTags.MaxSubTag + 1} frames; raise ChunkBytes.");
+
+        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var tasks = new Task[pieces];
+        for (var c = 0; c < pieces; c++)
+        {
+            var piece = c;
+            tasks[c] = Task.Run(async () =>
+            {
+                try { await TreePieceAsync(result, partials, covers, leaves, collectiveId, chunkElements, pieces, piece, failed.Token).ConfigureAwait(false); }
+                catch { failed.Cancel(); throw; }
+            }, CancellationToken.None);
+        }
+        try
+        {
+            await Task.WhenAll(tasks).ConfigureAwait(false);
+        }
+        catch when (!cancellationToken.IsCancellationRequested)
+        {
+            var first = tasks.Where(t => t.IsFaulted).Select(t => t.Exception!.InnerException!).FirstOrDefault();
+            if (first is not null) ExceptionDispatchInfo.Throw(first);
+            throw;
+        }
+    }
+
+    private sealed class Buffer(Memory<float> memory)
+    {
+        public Memory<float> Memory { get; } = memory;
+    }
+
+    private async Task TreePieceAsync(Memory<float> result, IReadOnlyList<(TreeNode Node, Memory<float> Value)> partials,
+        List<TreeNode>[] covers, int leaves, long collectiveId, int chunkElements, int pieces, int piece, CancellationToken cancellationToken)
+    {
+        var n = Size;
+        (int Start, int Length) Piece(int segment)
+        {
+            var segmentStart = (int)((long)result.Length * segment / n);
+            var segmentEnd = (int)((long)result.Length * (segment + 1) / n);
+            var start = segmentStart + (long)piece * chunkElements;
+            return start >= segmentEnd ? (segmentEnd, 0) : ((int)start, (int)Math.Min(chunkElements, segmentEnd - start));
+        }
+        long ReduceTag(int src) => CollectiveTags.Compose(collectiveId, piece * n + src);
+        long GatherTag(int owner) => CollectiveTags.Compose(collectiveId, pieces * n + piece * n + owner);
+
+        var (myStart, myLength) = Piece(Rank);
+        var reduces = new Task<Frame>?[n];
+        var gathers = new Task<Frame>?[n];
+        var frames = new List<Frame>();
+        try
+        {
+            // Receives first, so a quicker peer never waits on a mailbox nobody claims.
+            for (var r = 0; r < n; r++)
+            {
+                if (r == Rank) continue;
+                if (myLength > 0 && covers[r].Count > 0) reduces[r] = Node.ReceiveAsync(ReduceTag(r), cancellationToken);
+                if (Piece(r).Length > 0) gathers[r] = Node.ReceiveAsync(GatherTag(r), cancellationToken);
+            }
+            var sends = new List<Task>();
+            for (var owner = 0; owner < n; owner++)
+            {
+                var (start, length) = Piece(owner);
+                if (owner == Rank || length == 0 || partials.Count == 0) continue;
+                var payload = new float[length * partials.Count];
+                for (var k = 0; k < partials.Count; k++) partials[k].Value.Span.Slice(start, length).CopyTo(payload.AsSpan(k * length));
+                sends.Add(Node.SendAsync(Members[owner], ReduceTag(Rank), payload, null, Compression.None, cancellationToken));
+            }
+
+            if (myLength > 0)
+            {
+                var nodes = new Dictionary<TreeNode, Buffer?>();
+                for (var k = 0; k < partials.Count; k++) nodes[partials[k].Node] = new Buffer(partials[k].Value.Slice(myStart, myLength));
+                for (var r = 0; r < n; r++)
+                {
+                    if (reduces[r] is not { } receive) continue;
+                    var frame = await receive.ConfigureAwait(false);
+                    reduces[r] = null;
+                    frames.Add(frame);
+                    if (frame.ElementType != ElementType.Float32 || frame.ElementCount != (long)myLength * covers[r].Count)
+                        throw new InvalidOperationException($"Tree all-reduce {collectiveId}: expected {covers[r].Count} x {myLength} floats from rank {r}, got {frame}. Members disagree on the ranges or the buffer.");
+                    var values = new float[myLength * covers[r].Count];
+                    frame.AsFloats().CopyTo(values);
+                    for (var k = 0; k < covers[r].Count; k++) nodes[covers[r][k]] = new Buffer(values.AsMemory(k * myLength, myLength));
+                }
+                var root = ReductionTree.CombineRoot(leaves, nodes, static (l, r) =>
+                {
+                    AddInPlace(l!.Memory.Span, r!.Memory.Span);
+                    return l;
+                });
+                var mine = result.Slice(myStart, myLength);
+                if (root is null) mine.Span.Clear();
+                else root.Memory.CopyTo(mine);
+                for (var r = 0; r < n; r++)
+                    if (r != Rank) sends.Add(Node.SendAsync(Members[r], GatherTag(Rank), mine, null, Compression.None, cancellationToken));
+            }
+            await Task.WhenAll(sends).ConfigureAwait(false);
+            for (var owner = 0; owner < n; owner++)
+            {
+                if (gathers[owner] is not { } receive) continue;
+                var (start, length) = Piece(owner);
+                using var frame = await receive.ConfigureAwait(false);
+                gathers[owner] = null;
+                if (frame.ElementType != ElementType.Float32 || frame.ElementCount != length)
+                    throw new InvalidOperationException($"Tree all-reduce {collectiveId}: expected {length} floats of segment {owner}, got {frame}.");
+                frame.AsFloats().CopyTo(result.Span.Slice(start, length));
+            }
+        }
+        catch
+        {
+            // Receives not consumed: their frames are freed whenever they arrive (at once if they have).
+            foreach (var t in reduces.Concat(gathers))
+                if (t is not null) DisposeWhenDone(t);
+            throw;
+        }
+        finally
+        {
+            foreach (var f in frames) f.Dispose();
+        }
     }
 
     internal static void AddInPlace(Span<float> target, ReadOnlySpan<float> source)

@@ -1,3 +1,4 @@
+using ElasticMoE.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -93,6 +94,29 @@ public static class TensorTransfer
         finally
         {
             GC.KeepAlive(tensor);
+        }
+    }
+
+    /// <summary>
+    /// The canonical sum of the group's partials into a contiguous CPU float32 tensor (see
+    /// <see cref="CollectiveGroup.TreeAllReduceAsync"/>); the partials are contiguous CPU float32 tensors of its size.
+    /// </summary>
+    public static async Task TreeAllReduceAsync(this CollectiveGroup group, Tensor result, IReadOnlyList<(TreeNode Node, Tensor Value)> partials,
+        IReadOnlyList<(int Lo, int Hi)> ranges, int leaves, long collectiveId, CancellationToken cancellationToken = default)
+    {
+        CheckInPlaceTarget(result, nameof(result));
+        foreach (var (_, value) in partials) CheckInPlaceTarget(value, nameof(partials));
+        if (result.dtype != ScalarType.Float32 || partials.Any(p => p.Value.dtype != ScalarType.Float32))
+            throw new ArgumentException("The tree all-reduce sums float32 tensors.", nameof(result));
+        try
+        {
+            await group.TreeAllReduceAsync(StorageAsFloats(result), partials.Select(p => (p.Node, StorageAsFloats(p.Value))).ToList(),
+                ranges, leaves, collectiveId, cancellationToken).ConfigureAwait(false);
+        }
+        finally
+        {
+            GC.KeepAlive(result);
+            GC.KeepAlive(partials);
         }
     }
 

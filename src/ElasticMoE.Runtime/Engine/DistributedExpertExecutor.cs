@@ -51,18 +51,21 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
         for (int e = 0; e < counts.Length; e++) offsets[e + 1] = offsets[e] + counts[e];
 
         // Rows of each holder, in ascending expert order: exactly what its shard expects. An expert with r
-        // copies has its rows split in r consecutive parts (TrainingPlan.CopyRows), copy i taking part i: each
-        // row is still computed once, by a bit-identical copy, so the maths is the single copy's.
+        // copies sends all of this micro-batch's rows to the copy whose share of the micro-batches holds it
+        // (TrainingPlan.CopyFor) and none to the others: a micro-batch's gradient is then computed whole, by a
+        // bit-identical copy, as in the single-process loop.
+        int microBatches = Train ? context.Config.Train.MicroBatchesPerStep : context.Config.Train.EvalBatches;
         var byOwner = new SortedDictionary<int, (List<long> Rows, List<long> Counts)>();
         for (int e = 0; e < counts.Length; e++)
         {
             var copies = plan.CopiesOf(ordinal, e);
+            int chosen = copies.Length == 1 ? 0 : TrainingPlan.CopyFor(MicroBatch, copies.Length, microBatches);
             for (int i = 0; i < copies.Length; i++)
             {
                 if (!byOwner.TryGetValue(copies[i], out var entry)) byOwner[copies[i]] = entry = (new List<long>(), new List<long>());
-                var (start, end) = TrainingPlan.CopyRows(counts[e], i, copies.Length);
-                for (long r = offsets[e] + start; r < offsets[e] + end; r++) entry.Rows.Add(r);
-                entry.Counts.Add(end - start);
+                long n = i == chosen ? counts[e] : 0;
+                for (long r = offsets[e]; r < offsets[e] + n; r++) entry.Rows.Add(r);
+                entry.Counts.Add(n);
             }
         }
 

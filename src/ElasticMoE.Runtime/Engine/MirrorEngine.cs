@@ -55,17 +55,19 @@ public static class MirrorParts
     /// "no token reached this expert" survives the trip as "no gradient", as AdamW needs.
     /// </summary>
     public static Tensor Pack(IReadOnlyList<StateUnit> units)
+        => Pack(units.SelectMany(u => u.Parameters).Select(p => (p.Param, p.Param.grad)).ToList());
+
+    /// <summary>Gradients given apart from their parameters (null = none), packed as <see cref="Pack(IReadOnlyList{StateUnit})"/> packs them.</summary>
+    public static Tensor Pack(IReadOnlyList<(Tensor Param, Tensor? Grad)> gradients)
     {
         using var scope = NewDisposeScope();
         var pieces = new List<Tensor>();
         var present = new List<float>();
-        foreach (var unit in units)
-            foreach (var (_, p) in unit.Parameters)
-            {
-                var g = p.grad;
-                pieces.Add(g is null ? zeros(p.numel(), ScalarType.Float32) : g.detach().reshape(-1).to(ScalarType.Float32, CPU));
-                present.Add(g is null ? 0f : 1f);
-            }
+        foreach (var (p, g) in gradients)
+        {
+            pieces.Add(g is null ? zeros(p.numel(), ScalarType.Float32) : g.detach().reshape(-1).to(ScalarType.Float32, CPU));
+            present.Add(g is null ? 0f : 1f);
+        }
         pieces.Add(tensor(present.ToArray()));
         return cat(pieces, 0).MoveToOuterDisposeScope();
     }
@@ -85,11 +87,15 @@ public static class MirrorParts
     /// their order (null where it had none), shaped, typed and placed like the parameter; the caller owns them.
     /// </summary>
     public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<StateUnit> units)
+        => UnpackGradients(packed, units.SelectMany(u => u.Parameters).Select(p => p.Param).ToList(), string.Join(", ", units.Select(u => u.Id)));
+
+    /// <summary>The gradients of a tensor <see cref="Pack(IReadOnlyList{ValueTuple{Tensor, Tensor}})"/>ed for <paramref name="parameterList"/>.</summary>
+    public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<Tensor> parameterList, string what)
     {
-        var parameters = units.SelectMany(u => u.Parameters).ToList();
+        var parameters = parameterList.Select(p => (Param: p, Name: "")).ToList();
         long expected = parameters.Sum(p => p.Param.numel()) + parameters.Count;
         if (packed.numel() != expected)
-            throw new InvalidOperationException($"packed gradients hold {packed.numel()} values, the units {string.Join(", ", units.Select(u => u.Id))} need {expected}");
+            throw new InvalidOperationException($"packed gradients hold {packed.numel()} values, {what} need {expected}");
         var result = new Tensor?[parameters.Count];
         using var scope = NewDisposeScope();
         var flags = packed.narrow(0, expected - parameters.Count, parameters.Count).data<float>().ToArray();

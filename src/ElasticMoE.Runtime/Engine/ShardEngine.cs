@@ -1,4 +1,5 @@
 using ElasticMoE.Model;
+using ElasticMoE.Planning;
 using ElasticMoE.Runtime.DataPlane;
 using ElasticMoE.Runtime.Protocol;
 using ElasticMoE.State;
@@ -15,15 +16,15 @@ namespace ElasticMoE.Runtime.Engine;
 /// <remarks>
 /// Reproducible reductions: requests from several requesters arrive in whatever order the network
 /// delivers them, and float sums depend on order. So each backward's parameter gradients are kept apart,
-/// per micro-batch, and summed in ascending micro-batch order (the single-process loop's order) only when
-/// every contribution is in — before the norm or the update. Same seed, config and layout → same bits.
+/// per micro-batch, and summed in the canonical tree over micro-batches (<see cref="ReductionTree"/>, the
+/// single-process loop's order) only when every contribution is in — before the norm or the update.
 /// <para>
-/// Replicated experts (<see cref="TrainingPlan.Copies"/>): each copy computed its part of the expert's rows,
-/// so its gradient is partial. Once this shard's own sum is done, the holders of each replicated expert swap
-/// their partial gradients over the data plane (one frame per pair of holders, fenced by the attempt) and
-/// each sums them in copy order (copy 0 + copy 1 + …, a copy that got no row adding nothing): the same
-/// floats in the same order everywhere, so every copy applies the same AdamW update and stays bit-identical.
-/// The gradient norm counts such an expert once: only its copy 0's shard includes it.
+/// Replicated experts (<see cref="TrainingPlan.Copies"/>): copy i computed every row of the micro-batches of
+/// its share (<see cref="TrainingPlan.CopyFor"/>), so it holds the tree's partials over that share. Once this
+/// shard's own partials are done, the holders of each replicated expert swap them over the data plane (one frame
+/// per pair of holders, fenced by the attempt) and each combines all of them up the tree: the same floats in the
+/// same order everywhere, so every copy applies the same AdamW update and stays bit-identical, and equal to
+/// the single copy's. The gradient norm counts such an expert once: only its copy 0's shard includes it.
 /// </para>
 /// </remarks>
 public sealed class ShardEngine : IDisposable
@@ -48,7 +49,9 @@ public sealed class ShardEngine : IDisposable
     // First index in _params of each unit's parameters (and one past the last).
     private readonly int[] _paramStart;
     // Parameters the norm counts: all but those of replicated experts whose copy 0 is elsewhere.
-    private readonly List<Tensor> _normParams;
+    private readonly List<(string Name, Tensor Param)> _normParams;
+    // Replicated experts' partials over this copy's share of the micro-batches, until the copies swapped them.
+    private readonly Dictionary<int, GradientTree> _replicaTrees = new();
 
     public ShardEngine(WorkerContext ctx, int moeOrdinal)
     {
@@ -80,7 +83,7 @@ public sealed class ShardEngine : IDisposable
                 list.Add(k);
             }
         }
-        _normParams = _params.Where((_, i) => !notCounted.Contains(i)).Select(p => p.Param).ToList();
+        _normParams = _params.Where((_, i) => !notCounted.Contains(i)).ToList();
     }
 
     public int MoEOrdinal { get; }
@@ -139,14 +142,14 @@ public sealed class ShardEngine : IDisposable
         Send(req.ReplyEndpoint, req.ReplyTag, input.grad!, token);
     }
 
-    /// <summary>Squared norm of this shard's gradients for compute attempt <paramref name="fence"/>.</summary>
-    public double GradSumSq(Fence fence, CancellationToken token)
+    /// <summary>The norm of this shard's gradients for compute attempt <paramref name="fence"/>: Σ g² per parameter name.</summary>
+    public Dictionary<string, double> GradSumSq(Fence fence, CancellationToken token)
     {
         _ctx.MaybeInject(FaultPhase.Norm, fence);
         Accumulate(fence, token);
         // The gradients are final now: the buddy gets them before the norm is reported (see MirrorParts).
         MirrorSender.Send(_ctx, fence, token, 1 + MoEOrdinal, _mirrored);
-        return GradClip.SumOfSquares(_normParams);
+        return GradClip.SumsOfSquares(_normParams);
     }
 
     /// <summary>Applies the step to every unit that has not yet; returns (applied now, applied before).</summary>
@@ -178,49 +181,90 @@ public sealed class ShardEngine : IDisposable
         _accumulated = false;
     }
 
-    // Sums the contributions of compute attempt `fence` into .grad, in ascending micro-batch order, then
-    // completes replicated experts' gradients with their other copies' (see the class remarks). A shard that
-    // got no token in that attempt (or only in another one) has no gradient of its own, but still swaps: the
-    // other copies wait for its frame.
+    // Sums the contributions of compute attempt `fence` into .grad in the canonical tree, then completes
+    // replicated experts' gradients with their other copies' partials (see the class remarks). A shard that got
+    // no token in that attempt (or only in another one) has no gradient of its own, but still swaps: the other
+    // copies wait for its frame.
     private void Accumulate(Fence fence, CancellationToken token)
     {
         if (fence != _computeFence) EnterCompute(fence);
         else if (_accumulated) return;
         _accumulated = true;
+        int leaves = _ctx.Config.Train.MicroBatchesPerStep;
+        var replicated = _replicated.ToDictionary(r => r.Local);
         using (var _ = no_grad())
         {
-            for (int i = 0; i < _params.Count; i++)
+            for (int k = 0; k < _units.Count; k++)
             {
-                Tensor? sum = null;
-                foreach (var parts in _contributions.Values)
+                var (lo, hi) = replicated.TryGetValue(k, out var r) ? TrainingPlan.CopyMicroBatches(r.Mine, r.Copies.Length, leaves) : (0, leaves);
+                var tree = new GradientTree(UnitParams(k), leaves, lo, hi);
+                for (int m = lo; m < hi; m++) tree.Put(m, TakeContribution(m, k));
+                if (replicated.ContainsKey(k)) _replicaTrees[k] = tree;
+                else
                 {
-                    if (parts[i] is not { } g) continue;
-                    if (sum is null) sum = g.clone();
-                    else sum.add_(g, Scalars.One);
+                    tree.InstallRoot();
+                    tree.Dispose();   // the parameters hold their own references
                 }
-                _params[i].Param.grad = sum;
-                sum?.Dispose();   // the parameter holds its own reference
             }
         }
         ClearContributions();
-        ExchangeReplicaGradients(fence, token);
+        try
+        {
+            ExchangeReplicaGradients(fence, token);
+        }
+        finally
+        {
+            foreach (var tree in _replicaTrees.Values) tree.Dispose();
+            _replicaTrees.Clear();
+        }
+    }
+
+    private List<Tensor> UnitParams(int k) => _params.Skip(_paramStart[k]).Take(_paramStart[k + 1] - _paramStart[k]).Select(p => p.Param).ToList();
+
+    // Unit k's gradients of micro-batch m (null: that call did not touch it), moved out of the contributions.
+    private Tensor?[]? TakeContribution(int m, int k)
+    {
+        if (!_contributions.TryGetValue(m, out var parts)) return null;
+        var mine = new Tensor?[_paramStart[k + 1] - _paramStart[k]];
+        for (int j = 0; j < mine.Length; j++)
+        {
+            mine[j] = parts[_paramStart[k] + j];
+            parts[_paramStart[k] + j] = null;
+        }
+        return mine;
     }
 
     private void ExchangeReplicaGradients(Fence fence, CancellationToken token)
     {
         if (_peers.Count == 0) return;
         var plan = _ctx.ActivePlan;
+        int leaves = _ctx.Config.Train.MicroBatchesPerStep;
         var what = $"shard L{MoEOrdinal}@{_ctx.Worker}: replica gradients of {fence}";
+        var copiesOf = _replicated.ToDictionary(r => r.Local, r => r.Copies);
+        // What a holder sends for expert k: its partials (the cover of its share), each the unit's parameters.
+        List<TreeNode> CoverOf(int k, int holder)
+        {
+            var copies = copiesOf[k];
+            var (lo, hi) = TrainingPlan.CopyMicroBatches(Array.IndexOf(copies, holder), copies.Length, leaves);
+            return ReductionTree.Cover(lo, hi, leaves);
+        }
         var receives = _peers.Keys.ToDictionary(peer => peer,
             peer => _ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.ReplicaGradients, fence, MoEOrdinal, 0, peer, _ctx.Worker), token));
         var packs = new List<Tensor>();
-        var theirs = new Dictionary<(int Peer, int Local), Tensor?[]>();
+        var theirs = new Dictionary<int, Dictionary<TreeNode, Tensor?[]?>>();
         try
         {
             var sends = new List<Task>();
             foreach (var (peer, locals) in _peers)
             {
-                var packed = MirrorParts.Pack(locals.Select(k => _units[k]).ToList());
+                var grads = new List<(Tensor, Tensor?)>();
+                foreach (int k in locals)
+                {
+                    var ps = UnitParams(k);
+                    foreach (var (_, partial) in _replicaTrees[k].Partials)
+                        for (int j = 0; j < ps.Count; j++) grads.Add((ps[j], partial?[j]));
+                }
+                var packed = MirrorParts.Pack(grads);
                 packs.Add(packed);
                 sends.Add(_ctx.DataPlane.SendAsync(plan.Workers[peer].DataEndpoint,
                     StepTags.Make(StepTags.Kind.ReplicaGradients, fence, MoEOrdinal, 0, _ctx.Worker, peer), packed));
@@ -231,36 +275,36 @@ public sealed class ShardEngine : IDisposable
             {
                 using var frame = receives[peer].Result;
                 using var packed = frame.ToTensor();
-                var grads = MirrorParts.UnpackGradients(packed, locals.Select(k => _units[k]).ToList());
+                var layout = locals.SelectMany(k => CoverOf(k, peer).SelectMany(_ => UnitParams(k))).ToList();
+                var grads = MirrorParts.UnpackGradients(packed, layout, $"{what} from worker {peer}");
                 int offset = 0;
                 foreach (int k in locals)
                 {
                     int n = _paramStart[k + 1] - _paramStart[k];
-                    theirs[(peer, k)] = grads[offset..(offset + n)];
-                    offset += n;
+                    if (!theirs.TryGetValue(k, out var nodes)) theirs[k] = nodes = new Dictionary<TreeNode, Tensor?[]?>();
+                    foreach (var node in CoverOf(k, peer))
+                    {
+                        nodes[node] = grads[offset..(offset + n)];
+                        offset += n;
+                    }
                 }
             }
             using var scope = NewDisposeScope();
             using var _ = no_grad();
-            foreach (var (k, copies, mine) in _replicated)
-                for (int j = 0; j < _paramStart[k + 1] - _paramStart[k]; j++)
-                {
-                    var param = _params[_paramStart[k] + j].Param;
-                    Tensor? sum = null;
-                    for (int c = 0; c < copies.Length; c++)
-                    {
-                        var g = c == mine ? param.grad : theirs[(copies[c], k)][j];
-                        if (g is null) continue;
-                        if (sum is null) sum = g.clone();
-                        else sum.add_(g, Scalars.One);
-                    }
-                    param.grad = sum;
-                }
+            foreach (var (k, _, _) in _replicated)
+            {
+                var nodes = theirs.TryGetValue(k, out var t) ? t : new Dictionary<TreeNode, Tensor?[]?>();
+                foreach (var (node, partial) in _replicaTrees[k].Partials) nodes[node] = partial;
+                var root = ReductionTree.CombineRoot(leaves, nodes, GradientTree.Add);
+                _replicaTrees[k].Install(root);
+            }
         }
         finally
         {
             foreach (var p in packs) p.Dispose();
-            foreach (var grads in theirs.Values) Dispose(grads);
+            foreach (var nodes in theirs.Values)
+                foreach (var grads in nodes.Values)
+                    if (grads is not null) Dispose(grads);
         }
     }
 

@@ -75,6 +75,10 @@ public sealed class StageEngine
         foreach (var layer in _moe) layer.TakeStepCounts();
         _executor.Begin(fence, token, train: true);
 
+        // Each micro-batch's gradients go into the canonical tree (ReductionTree), never into a running sum.
+        var (lo, hi) = BatchAssignment.RangeFor(ctx.Replica, plan.Dp, totalMicro);
+        using var gradients = new GradientTree(_dense.Concat(_privateExpertParams).Select(d => d.Param).ToList(), totalMicro, lo, hi);
+        var losses = new double[ctx.IsLastStage ? mine.Length : 0];
         double lossSum = 0;
         var pending = new List<(int M, Tensor Input, Tensor Output, Tensor? Aux)>();
         foreach (int m in mine)
@@ -94,8 +98,10 @@ public sealed class StageEngine
                 using var perMicro = (1.0 / totalMicro).ToScalar();
                 ctx.MaybeInject(FaultPhase.Backward, fence);
                 total.mul(perMicro).backward();
+                gradients.Take(m);
                 double loss = ce.item<float>();
                 if (!double.IsFinite(loss)) throw new TrainingDivergedException(fence.Step, "the loss", loss);
+                losses[m - lo] = loss;
                 lossSum += loss;
                 if (!ctx.IsFirstStage) SendTo(fence, token, -1, StepTags.Kind.ActivationGrad, m, input.grad!);
             }
@@ -121,22 +127,27 @@ public sealed class StageEngine
                 (output * grad).sum().Plus(aux.mul(perMicro)).backward();   // same gradients as backward(grad) plus the aux term
             }
             _executor.ThrowIfBackwardFailed();
+            gradients.Take(m);
             if (!ctx.IsFirstStage) SendTo(fence, token, -1, StepTags.Kind.ActivationGrad, m, input.grad!);
         }
 
         _executor.ThrowIfBackwardFailed();
         double computeSeconds = clock.Elapsed.TotalSeconds;
-        AllReduceDenseGradients(fence, token);
-        double sumSq = GradClip.SumOfSquares(_dense.Concat(_privateExpertParams).Select(d => d.Param));
+        if (_replicas is null) gradients.InstallRoot();
+        else AllReduceDenseGradients(fence, token, gradients);
+        var norms = GradClip.SumsOfSquares(_dense.Concat(_privateExpertParams));
         // Before the step counts as computed, the buddy holds its gradients (see MirrorParts).
         MirrorSender.Send(ctx, fence, token, 0, _mirrored);
         var counts = _moe.Select(l => l.TakeStepCounts()).ToArray();
-        return new StepComputed(fence, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, sumSq,
+        return new StepComputed(fence, ctx.Worker, lossSum, ctx.IsLastStage ? mine.Length : 0, GradClip.CanonicalTotal(norms),
             _moe.Select(l => ctx.MoEOrdinal(l.LayerIndex)).ToArray(), counts)
         {
             ComputeSeconds = computeSeconds,
             WorkingSetBytes = Environment.WorkingSet,
             Threads = get_num_threads(),
+            Losses = losses,
+            FirstMicroBatch = lo,
+            Norms = NamedSums.Of(norms),
         };
     }
 
@@ -166,6 +177,7 @@ public sealed class StageEngine
         var t = ctx.Config.Train;
         var mine = BatchAssignment.MicroBatchesFor(ctx.Replica, ctx.ActivePlan.Dp, t.EvalBatches);
         double sum = 0;
+        var losses = new double[ctx.IsLastStage ? mine.Length : 0];
         ctx.Model.eval();
         _executor.Begin(fence, token, train: false);
         try
@@ -177,7 +189,7 @@ public sealed class StageEngine
                 _executor.MicroBatch = b;
                 var (input, targets) = StageInput(fence, token, b, StepTags.Kind.EvalActivation, train: false);
                 var h = ctx.Model.RunBlocks(input, ctx.Blocks.First, ctx.Blocks.End);
-                if (ctx.IsLastStage) sum += MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!).item<float>();
+                if (ctx.IsLastStage) sum += losses[b - mine[0]] = MoETransformer.CrossEntropy(ctx.Model.Head(h), targets!).item<float>();
                 else SendTo(fence, token, +1, StepTags.Kind.EvalActivation, b, h);
             }
         }
@@ -187,7 +199,7 @@ public sealed class StageEngine
             _executor.Train = true;
             ctx.Model.train();
         }
-        return new EvalComputed(fence, ctx.Worker, sum, ctx.IsLastStage ? mine.Length : 0);
+        return new EvalComputed(fence, ctx.Worker, sum, ctx.IsLastStage ? mine.Length : 0) { Losses = losses, FirstBatch = mine.Length > 0 ? mine[0] : 0 };
     }
 
     /// <summary>A hash of this stage's units (values, moments, applied step): equal on every replica, or they have drifted.</summary>
@@ -220,26 +232,41 @@ public sealed class StageEngine
         return (input, y);
     }
 
-    private void AllReduceDenseGradients(Fence fence, CancellationToken token)
+    // The replicas' partial sums combined in the canonical tree (CollectiveGroup.TreeAllReduceAsync), so every
+    // replica ends with the single-process loop's bits; with bfloat16 compression, this replica's partials are added
+    // in tree order first and the ring sums the replicas (close to the loop, not equal: see the config).
+    private void AllReduceDenseGradients(Fence fence, CancellationToken token, GradientTree gradients)
     {
-        if (_replicas is null) return;
+        var plan = _ctx.ActivePlan;
+        int totalMicro = _ctx.Config.Train.MicroBatchesPerStep;
         _ctx.MaybeInject(FaultPhase.AllReduce, fence);
         using var scope = NewDisposeScope();
-        var grads = _dense.Select(d => d.Param.grad ?? zeros_like(d.Param)).ToList();
-        var flat = cat(grads.Select(g => g.reshape(-1)).ToList(), 0).to(ScalarType.Float32).cpu().contiguous();
+        Tensor Flat(Tensor?[]? grads) => cat(_dense.Select((d, i) => (grads?[i] ?? zeros_like(d.Param)).reshape(-1)).ToList(), 0)
+            .to(ScalarType.Float32).cpu().contiguous();
+        var partials = gradients.Partials.Select(p => (p.Node, Value: Flat(p.Grads))).ToList();
+        long length = _dense.Sum(d => d.Param.numel());
+        var flat = empty(length, ScalarType.Float32);
         // The attempt rides in the phase bits, so a redo's collective never meets an aborted one's frames.
         var id = CollectiveTags.CollectiveId(fence.Epoch, fence.Step, _ctx.Stage, phase: fence.Attempt & 0xF);
-        var compression = _ctx.Config.Cluster.CompressGradients ? Compression.BFloat16 : Compression.None;
-        _ctx.Wait(_replicas.AllReduceSumAsync(flat, id, compression, token), token, "dense gradient all-reduce");
+        if (_ctx.Config.Cluster.CompressGradients)
+        {
+            flat.zero_();
+            foreach (var (_, value) in partials) flat.add_(value, Scalars.One);   // in tree order, left to right
+            _ctx.Wait(_replicas!.AllReduceSumAsync(flat, id, Compression.BFloat16, token), token, "dense gradient all-reduce");
+        }
+        else
+        {
+            var ranges = Enumerable.Range(0, plan.Dp).Select(r => BatchAssignment.RangeFor(r, plan.Dp, totalMicro)).ToList();
+            _ctx.Wait(_replicas!.TreeAllReduceAsync(flat, partials, ranges, totalMicro, id, token),
+                token, "dense gradient all-reduce");
+        }
         long offset = 0;
         using var _ = no_grad();
         foreach (var (_, p) in _dense)
         {
             long n = p.numel();
-            var slice = flat.narrow(0, offset, n).view(p.shape).to(p.dtype, p.device);
             // The parameter holds its own reference: the scope may dispose this handle.
-            if (p.grad is null) p.grad = slice.clone();
-            else p.grad.copy_(slice);
+            p.grad = flat.narrow(0, offset, n).view(p.shape).to(p.dtype, p.device).clone();
             offset += n;
         }
     }

@@ -188,11 +188,28 @@ public sealed record RunStep([property: Key(0)] Fence Fence) : IElasticMoEMessag
 public sealed record AbortAttempt([property: Key(0)] Fence Fence, [property: Key(1)] string Reason) : IElasticMoEMessage;
 
 /// <summary>
+/// Σ g² per parameter name: what a stage or shard contributes to the global gradient norm, which the coordinator
+/// adds in ordinal name order (<c>GradClip.CanonicalTotal</c>), whatever the layout.
+/// </summary>
+[MessagePackObject]
+public sealed record NamedSums([property: Key(0)] string[] Names, [property: Key(1)] double[] Values)
+{
+    public static readonly NamedSums None = new([], []);
+
+    public static NamedSums Of(IReadOnlyDictionary<string, double> sums)
+        => new(sums.Keys.ToArray(), sums.Keys.Select(k => sums[k]).ToArray());
+
+    [IgnoreMember] public IEnumerable<KeyValuePair<string, double>> Pairs => Names.Zip(Values, (n, v) => KeyValuePair.Create(n, v));
+}
+
+/// <summary>
 /// Worker → coordinator: forward and backward are done and dense gradients are all-reduced.
-/// LossSum is the sum of micro-batch losses (last stage only, else 0).
+/// LossSum is the sum of micro-batch losses (last stage only, else 0), for reading; the coordinator adds
+/// <see cref="Losses"/> (micro-batch <see cref="FirstMicroBatch"/> + i at i) in micro-batch order instead.
 /// GradSumSq is the squared L2 norm of every gradient this stage's backward completed: its (already
 /// reduced) dense gradients, plus the experts private to it (see <c>TrainingPlan.ExpertsPrivateTo</c>),
-/// whose shards therefore are not asked for a norm.
+/// whose shards therefore are not asked for a norm; <see cref="Norms"/> is the same per parameter, and is
+/// what the coordinator adds up.
 /// ExpertCounts: [moe layer ordinal of this stage's layers][expert] tokens routed by this worker.
 /// </summary>
 [MessagePackObject, Manifest("t.StepComputed")]
@@ -213,6 +230,14 @@ public sealed record StepComputed(
 
     /// <summary>The worker process's intra-op thread budget (torch threads).</summary>
     [Key(9)] public int Threads { get; init; }
+
+    /// <summary>Each micro-batch's loss (last stage only, else empty), micro-batch FirstMicroBatch + i at index i.</summary>
+    [Key(10)] public double[] Losses { get; init; } = [];
+
+    [Key(11)] public int FirstMicroBatch { get; init; }
+
+    /// <summary>Σ g² of each parameter GradSumSq counts, by name.</summary>
+    [Key(12)] public NamedSums Norms { get; init; } = NamedSums.None;
 }
 
 /// <summary>Coordinator → shard taking requests from other workers: every contribution of the step has arrived; report your gradient norm.</summary>
@@ -220,7 +245,11 @@ public sealed record StepComputed(
 public sealed record QueryExpertNorm([property: Key(0)] Fence Fence) : IElasticMoEMessage;
 
 [MessagePackObject, Manifest("t.ExpertNorm")]
-public sealed record ExpertNorm([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal, [property: Key(3)] double SumSq) : IElasticMoEMessage;
+public sealed record ExpertNorm([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] int MoEOrdinal, [property: Key(3)] double SumSq) : IElasticMoEMessage
+{
+    /// <summary>SumSq per parameter name: what the coordinator adds up (see <see cref="NamedSums"/>).</summary>
+    [Key(4)] public NamedSums Norms { get; init; } = NamedSums.None;
+}
 
 /// <summary>
 /// Coordinator → stages and shards: apply the optimizer with this rate and clip coefficient, and move the
@@ -255,7 +284,13 @@ public sealed record UpdateApplied(
 public sealed record RunEval([property: Key(0)] Fence Fence) : IElasticMoEMessage;
 
 [MessagePackObject, Manifest("t.EvalComputed")]
-public sealed record EvalComputed([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] double LossSum, [property: Key(3)] int Batches) : IElasticMoEMessage;
+public sealed record EvalComputed([property: Key(0)] Fence Fence, [property: Key(1)] int Worker, [property: Key(2)] double LossSum, [property: Key(3)] int Batches) : IElasticMoEMessage
+{
+    /// <summary>Each validation batch's loss (last stage only), batch FirstBatch + i at index i; added in batch order.</summary>
+    [Key(4)] public double[] Losses { get; init; } = [];
+
+    [Key(5)] public int FirstBatch { get; init; }
+}
 
 /// <summary>A stage or shard could not do what it was asked. The coordinator decides by <c>Kind</c>: redo the attempt or stop.</summary>
 [MessagePackObject, Manifest("t.WorkerFailed")]

@@ -172,9 +172,23 @@ public sealed class CoordinatorRun
         => Enumerable.Range(0, Plan!.ExpertOwner.Length)
             .Select(l => Enumerable.Range(0, Config.Model.MoE.RoutedExperts).Select(e => (long)(1 + e + l + 10 * rank)).ToArray()).ToArray();
 
+    /// <summary>
+    /// A stage's report: its micro-batches' losses (the first carries <paramref name="lossSum"/>, the others 0) and
+    /// <paramref name="gradSumSq"/> as the norm of one parameter of its own.
+    /// </summary>
     public StepComputed Computed(Fence fence, FakeNode node, double lossSum = 2.0, double gradSumSq = 3.0)
-        => new(fence, node.Rank, lossSum, Config.Train.MicroBatchesPerStep / Plan!.Dp, gradSumSq,
-            Enumerable.Range(0, Plan.ExpertOwner.Length).ToArray(), Counts(node.Rank));
+    {
+        var mine = BatchAssignment.MicroBatchesFor(node.Rank / Plan!.Pp, Plan.Dp, Config.Train.MicroBatchesPerStep);
+        // Only last stages compute losses.
+        var losses = new double[node.Rank % Plan.Pp == Plan.Pp - 1 ? mine.Length : 0];
+        if (losses.Length > 0) losses[0] = lossSum;
+        return new(fence, node.Rank, lossSum, mine.Length, gradSumSq, Enumerable.Range(0, Plan.ExpertOwner.Length).ToArray(), Counts(node.Rank))
+        {
+            Losses = losses,
+            FirstMicroBatch = mine.Length > 0 ? mine[0] : 0,
+            Norms = new NamedSums([$"stage-{node.Rank}"], [gradSumSq]),
+        };
+    }
 
     public void Compute(Fence fence, FakeNode node, double lossSum = 2.0, double gradSumSq = 3.0)
         => Coordinator.Tell(Computed(fence, node, lossSum, gradSumSq), node.Stage.Ref);
@@ -187,7 +201,7 @@ public sealed class CoordinatorRun
     public void ExpectNormQuery(Fence fence) => Assert.Equal(fence, Shard.ExpectMsg<QueryExpertNorm>(Wait).Fence);
 
     public void Norm(Fence fence, double sumSq = 1.0)
-        => Coordinator.Tell(new ExpertNorm(fence, A.Rank, ShardOrdinal, sumSq), Shard.Ref);
+        => Coordinator.Tell(new ExpertNorm(fence, A.Rank, ShardOrdinal, sumSq) { Norms = new NamedSums(["shard"], [sumSq]) }, Shard.Ref);
 
     /// <summary>The update, which every stage and the shard must receive, all alike; returns it.</summary>
     public ApplyUpdate ExpectUpdate(Fence fence)
@@ -259,7 +273,10 @@ public sealed class CoordinatorRun
         foreach (var n in Ranked)
         {
             Assert.Equal(fence, n.Stage.ExpectMsg<RunEval>(Wait).Fence);
-            Coordinator.Tell(new EvalComputed(fence, n.Rank, lossSum, 1), n.Stage.Ref);
+            var mine = BatchAssignment.MicroBatchesFor(n.Rank / Plan!.Pp, Plan.Dp, Config.Train.EvalBatches);
+            var losses = new double[n.Rank % Plan.Pp == Plan.Pp - 1 ? mine.Length : 0];
+            if (losses.Length > 0) losses[0] = lossSum;
+            Coordinator.Tell(new EvalComputed(fence, n.Rank, lossSum, 1) { Losses = losses, FirstBatch = mine.Length > 0 ? mine[0] : 0 }, n.Stage.Ref);
         }
     }
 

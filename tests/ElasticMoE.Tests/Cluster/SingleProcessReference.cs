@@ -38,6 +38,33 @@ public static class SingleProcessReference
         return worst;
     }
 
+    /// <summary>
+    /// Every step's loss and gradient norm bit-identical to <paramref name="reference"/>'s (the canonical reduction:
+    /// any layout sums in the single-process loop's order), and as many steps.
+    /// </summary>
+    public static void AssertStepsIdentical(string name, IReadOnlyList<(double Loss, double GradNorm)> steps, IReadOnlyList<StepResult> reference)
+    {
+        Assert.Equal(reference.Count, steps.Count);
+        for (int i = 0; i < reference.Count; i++)
+        {
+            Assert.True(steps[i].Loss.Equals(reference[i].Loss), $"{name}: step {i} loss {steps[i].Loss:R} vs single-process {reference[i].Loss:R}");
+            Assert.True(steps[i].GradNorm.Equals(reference[i].GradNorm), $"{name}: step {i} gradient norm {steps[i].GradNorm:R} vs single-process {reference[i].GradNorm:R}");
+        }
+    }
+
+    /// <inheritdoc cref="AssertStepsIdentical(string, IReadOnlyList{ValueTuple{double, double}}, IReadOnlyList{StepResult})"/>
+    public static void AssertStepsIdentical(string name, IReadOnlyList<StepResult> steps, IReadOnlyList<StepResult> reference)
+        => AssertStepsIdentical(name, steps.Select(s => (s.Loss, s.GradNorm)).ToList(), reference);
+
+    /// <summary>Every parameter exists once in the cluster, and ends bit for bit where the single process put it (sum and norm in float64).</summary>
+    public static void AssertParametersIdentical(string name, IReadOnlyDictionary<string, (double Sum, double Norm)> expected,
+        IReadOnlyDictionary<string, (double Sum, double Norm)> got)
+    {
+        Assert.Equal(expected.Keys.Order(), got.Keys.Order());
+        foreach (var (pname, value) in expected)
+            Assert.True(got[pname].Equals(value), $"{name}: {pname} (sum, norm) {got[pname]} vs {value}");
+    }
+
     /// <inheritdoc cref="AssertStepsMatch(string, IReadOnlyList{ValueTuple{double, double}}, IReadOnlyList{StepResult})"/>
     public static double AssertStepsMatch(string name, IReadOnlyList<StepResult> steps, IReadOnlyList<StepResult> reference)
         => AssertStepsMatch(name, steps.Select(s => (s.Loss, s.GradNorm)).ToList(), reference);

@@ -96,17 +96,19 @@ public class ReplicatedPlanTests
     }
 
     [Theory]
-    [InlineData(10, 1), InlineData(10, 3), InlineData(7, 3), InlineData(0, 2), InlineData(2, 4)]
-    public void Copy_rows_partition_the_rows_in_order(long n, int copies)
+    [InlineData(10, 1), InlineData(10, 3), InlineData(7, 3), InlineData(2, 4), InlineData(12, 5)]
+    public void Copies_take_contiguous_shares_of_the_micro_batches_in_order(int microBatches, int copies)
     {
-        long next = 0;
+        int next = 0;
         for (int i = 0; i < copies; i++)
         {
-            var (start, end) = TrainingPlan.CopyRows(n, i, copies);
-            Assert.Equal(next, start);
-            Assert.True(end >= start);
-            next = end;
+            var (lo, hi) = TrainingPlan.CopyMicroBatches(i, copies, microBatches);
+            Assert.Equal(next, lo);
+            Assert.True(hi >= lo);
+            for (int m = lo; m < hi; m++) Assert.Equal(i, TrainingPlan.CopyFor(m, copies, microBatches));
+            next = hi;
         }
-        Assert.Equal(n, next);
+        Assert.Equal(microBatches, next);
+        Assert.Throws<ArgumentOutOfRangeException>(() => TrainingPlan.CopyFor(microBatches, copies, microBatches));
     }
 }
