@@ -58,6 +58,8 @@ public static class Program
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
         root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
+        root.Subcommands.Add(InferenceCommands.Generate(stdout, stderr));
+        root.Subcommands.Add(InferenceCommands.Eval(stdout, stderr));
         var shell = ShellCommand.Create(stdout, stderr);
         root.Subcommands.Add(shell);
         var parse = root.Parse(args);
