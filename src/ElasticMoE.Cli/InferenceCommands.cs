@@ -105,7 +105,7 @@ public static class InferenceCommands
             else
             {
                 var validation = p.GetValue(fraction) ?? ConfigLoader.Load().Data.ValidationFraction;
-                var corpus = TextCorpus.Load(p.GetValue(data), validation, trained.Run.Model.Context);
+                var corpus = TextCorpus.Load(p.GetValue(data), validation, trained.Run.Model.Context, trained.Tokenizer);
                 if (corpus.Fingerprint != trained.Run.DataFingerprint)
                     throw new ConfigException($"{corpus.Name} with validation fraction {validation.ToString(CultureInfo.InvariantCulture)} is not the data the run trained on " +
                                               "(its fingerprint differs): pass --data with the run's file, and --validation-fraction if it was not the default");

@@ -133,3 +133,40 @@ public class InferenceCliTests
         }
     }
 }
+
+/// <summary>The same commands on a model trained with the GPT-2 BPE tokenizer.</summary>
+public class Gpt2InferenceTests
+{
+    [Fact]
+    public void A_gpt2_run_generates_text_and_evaluates_to_its_reported_validation_loss_with_nats_per_byte_below_per_token()
+    {
+        var dir = TestSupport.TempDir();
+        var run = Path.Combine(dir, "run");
+        var metrics = Path.Combine(dir, "m.jsonl");
+        string[] tiny =
+        [
+            "--set", "data.tokenizer=gpt2", "--set", "model.d-model=32", "--set", "model.layers=2", "--set", "model.heads=2", "--set", "model.context=16",
+            "--set", "model.moe.routed-experts=4", "--set", "model.moe.expert-hidden=16", "--set", "model.dense-hidden=32",
+            "--set", "train.global-batch=4", "--set", "train.micro-batch=2", "--set", "train.eval-batches=2", "--threads", "1",
+        ];
+        var train = CliTests.Run(["train", "--single-process", "--steps", "6", "--save", run, "--metrics", metrics, .. tiny]);
+        Assert.True(train.Code == 0, train.Err);
+        Assert.Contains("gpt2 tokens", train.Out);
+        var reported = MetricsFile.Read(metrics).Steps.Single(s => s.Step == 6).ValLoss!.Value;
+        var eval = CliTests.Run(["eval", "--from", run, "--json"]);
+        Assert.True(eval.Code == 0, eval.Err);
+        using var doc = JsonDocument.Parse(eval.Out);
+        var perToken = doc.RootElement.GetProperty("nats_per_token").GetDouble();
+        Assert.True(Math.Abs(perToken - reported) <= 1e-6, $"eval {perToken}, training reported {reported}");
+        Assert.Equal("gpt2", doc.RootElement.GetProperty("tokenizer").GetString());
+        // A GPT-2 token holds several bytes of this text.
+        Assert.True(doc.RootElement.GetProperty("bytes").GetInt64() > 2 * doc.RootElement.GetProperty("tokens").GetInt64());
+        Assert.True(doc.RootElement.GetProperty("nats_per_byte").GetDouble() < perToken / 2);
+        var gen = CliTests.Run(["generate", "--from", run, "--prompt", "alice:", "--max-tokens", "10", "--seed", "1"]);
+        Assert.True(gen.Code == 0, gen.Err);
+        Assert.StartsWith("alice:", gen.Out);
+        Assert.Contains("10 tokens in", gen.Err);
+        Assert.Contains("gpt2", gen.Err);
+        Assert.Equal(gen.Out, CliTests.Run(["generate", "--from", run, "--prompt", "alice:", "--max-tokens", "10", "--seed", "1"]).Out);
+    }
+}
