@@ -46,7 +46,7 @@ public static class BenchCommand
         {
             var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : DefaultSuites;
             var config = cfg.Build(p);
-            var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+            var corpus = TextCorpus.Load(config);
             Training.TorchSetup.Configure(config);
             var figures = new List<BenchFigure>();
             int steps = p.GetValue(benchSteps) ?? 30;

@@ -92,8 +92,10 @@ public static class CheckpointCommands
         var load = store.LoadNewestValid();
         foreach (var warning in load.Warnings) stderr.WriteLine($"warning: {warning}");
         if (load.Checkpoint is not { } checkpoint) throw new FileNotFoundException($"no committed checkpoint in {store.Root}");
+        Inference.ExportedConfig.EnsureWritable(output);
         var (bytes, sha) = checkpoint.ExportModel(output);
         stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"exported step {checkpoint.Step} ({checkpoint.Commit.Directory}) to {output}: {bytes:N0} bytes, SHA-256 {sha}"));
+        stdout.WriteLine($"wrote {Inference.ExportedConfig.Write(output)} (architecture, sizes, tokenizer, tensor names)");
         return Program.ExitCodes.Ok;
     }
 }

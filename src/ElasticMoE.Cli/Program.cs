@@ -58,6 +58,8 @@ public static class Program
         root.Subcommands.Add(BenchCommand.Create(stdout, stderr));
         root.Subcommands.Add(CheckpointCommands.Create(stdout, stderr));
         root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
+        root.Subcommands.Add(InferenceCommands.Generate(stdout, stderr));
+        root.Subcommands.Add(InferenceCommands.Eval(stdout, stderr));
         var shell = ShellCommand.Create(stdout, stderr);
         root.Subcommands.Add(shell);
         var parse = root.Parse(args);
@@ -262,13 +264,13 @@ public static class TrainCommand
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
                     throw new ConfigException("--save and --resume belong to --single-process; a cluster run keeps its checkpoints in --run-dir DIR");
                 config = config with { RunDirectory = p.GetValue(runDir) };
-                var data = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+                var data = TextCorpus.Load(config);
                 return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr,
                     metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr, observer));
             }
             if (p.GetValue(runDir) is not null)
                 throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
-            var corpus = TextCorpus.Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context);
+            var corpus = TextCorpus.Load(config);
             return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr, metricsPath =>
             {
                 using var trainer = new Trainer(config, corpus);

@@ -74,8 +74,8 @@ internal static class ShellReadText
         var console = AnsiConsole.Create(new AnsiConsoleSettings
         {
             Out = new AnsiConsoleOutput(o),
-            Ansi = ReferenceEquals(o, Console.Out) ? AnsiSupport.Detect : AnsiSupport.No,
-            ColorSystem = ColorSystemSupport.Detect,
+            Ansi = TerminalColour.Enabled(o) ? AnsiSupport.Detect : AnsiSupport.No,
+            ColorSystem = TerminalColour.Enabled(o) ? ColorSystemSupport.Detect : ColorSystemSupport.NoColors,
         });
         console.Profile.Width = Math.Max(console.Profile.Width, 40 + 8 * (h.Loads.Length == 0 ? 0 : h.Loads.Max(l => l.Length)));
         var table = new Table().Border(TableBorder.Simple);

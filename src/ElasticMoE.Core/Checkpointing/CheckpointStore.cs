@@ -229,6 +229,20 @@ public sealed partial class CheckpointStore
         throw new CheckpointCorruptException($"no committed checkpoint in {Root} verifies:\n  {string.Join("\n  ", bad)}");
     }
 
+    /// <summary>The newest committed checkpoint of <paramref name="step"/>, read and checked in full (evaluating an older step).</summary>
+    /// <exception cref="FileNotFoundException">No committed checkpoint has that step; the message lists those that do.</exception>
+    /// <exception cref="CheckpointCorruptException">It does not verify; the message names every bad file.</exception>
+    public VerifiedCheckpoint Load(long step)
+    {
+        var committed = List();
+        var commit = committed.LastOrDefault(c => c.Step == step)
+            ?? throw new FileNotFoundException(string.Create(CultureInfo.InvariantCulture,
+                $"no committed checkpoint of step {step} in {Root} (committed: {(committed.Count == 0 ? "none" : string.Join(", ", committed.Select(c => c.Step)))})"));
+        var problems = new List<CheckpointProblem>();
+        return Inspect(commit, problems)
+            ?? throw new CheckpointCorruptException($"checkpoint {commit.Directory} (step {step}) is damaged: {string.Join("; ", problems)}");
+    }
+
     /// <summary>Reads and checks everything of a commit; the verified checkpoint, or null with the problems added.</summary>
     private VerifiedCheckpoint? Inspect(CheckpointCommit commit, List<CheckpointProblem> problems)
     {

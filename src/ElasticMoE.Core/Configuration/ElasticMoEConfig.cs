@@ -18,6 +18,10 @@ public sealed record MoEOptions(
 
 public enum RouterScoring { Sigmoid, Softmax }
 
+/// <param name="Tokenizer">
+/// The tokenizer (<c>data.tokenizer</c>): bytes, gpt2, cl100k or o200k. Part of the model because its ids are the
+/// rows of the embedding and the head, and so of the run fingerprint: a node with another tokenizer is refused, naming it.
+/// </param>
 public sealed record ModelOptions(
     int VocabSize,
     int DModel,
@@ -28,7 +32,8 @@ public sealed record ModelOptions(
     double NormEps,
     int DenseLayers,
     int DenseHidden,
-    MoEOptions MoE)
+    MoEOptions MoE,
+    string Tokenizer = "bytes")
 {
     public int HeadDim => DModel / Heads;
     public bool IsMoELayer(int layer) => layer >= DenseLayers;
@@ -202,9 +207,10 @@ public sealed record ElasticMoEConfig(
             r.Int("model.moe.shared-experts"), r.Int("model.moe.routed-experts"), r.Int("model.moe.top-k"),
             r.Int("model.moe.expert-hidden"), ParseScoring(r.String("model.moe.scoring")), r.Double("model.moe.route-scale"),
             r.Double("model.moe.bias-update-rate"), r.Double("model.moe.sequence-aux-alpha"), r.Double("model.moe.capacity-factor"));
+        var tokenizer = r.String("data.tokenizer");
         var model = new ModelOptions(
-            r.Int("model.vocab-size"), r.Int("model.d-model"), r.Int("model.layers"), r.Int("model.heads"), r.Int("model.context"),
-            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe);
+            VocabSizeFor(r.Int("model.vocab-size"), tokenizer), r.Int("model.d-model"), r.Int("model.layers"), r.Int("model.heads"), r.Int("model.context"),
+            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe, tokenizer);
         var data = new DataOptions(r.String("data.path"), r.Double("data.validation-fraction"));
         var train = new TrainOptions(
             r.Int("train.steps"), r.Int("train.global-batch"), r.Int("train.micro-batch"), r.Double("train.lr"), r.Double("train.min-lr"),
@@ -229,6 +235,24 @@ public sealed record ElasticMoEConfig(
         };
         cfg.Validate();
         return cfg;
+    }
+
+    /// <summary><c>model.vocab-size</c>: 0 is the tokenizer's vocabulary; another value must hold it (a larger one pads the embedding and head).</summary>
+    private static int VocabSizeFor(int configured, string tokenizer)
+    {
+        int vocab;
+        try
+        {
+            vocab = global::ElasticMoE.Data.Tokenizers.VocabSizeOf(tokenizer);
+        }
+        catch (ArgumentException e)
+        {
+            throw new ConfigException($"elasticmoe.data.tokenizer: {e.Message}");
+        }
+        if (configured == 0) return vocab;
+        if (configured < vocab)
+            throw new ConfigException($"elasticmoe.model.vocab-size: the {tokenizer} tokenizer has {vocab} tokens, so it must be 0 (the tokenizer's) or at least {vocab}, got {configured}");
+        return configured;
     }
 
     /// <summary>Typed reads that turn a wrongly typed value into an error naming its key.</summary>
@@ -293,7 +317,7 @@ public sealed record ElasticMoEConfig(
             catch (FormatException ex) { throw new ConfigException($"elasticmoe.cluster.relayout: {ex.Message}"); }
         }
         var m = Model;
-        Require(m.VocabSize == 256, "model.vocab-size", "the tokenizer is byte-level, so it must be 256");
+        Require(m.VocabSize >= 2, "model.vocab-size", "must hold the tokenizer's vocabulary");
         Require(m.DModel > 0, "model.d-model", "must be positive");
         Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
         Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");

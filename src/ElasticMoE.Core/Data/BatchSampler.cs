@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace ElasticMoE.Data;
 
 /// <summary>
-/// Which bytes form each sequence of each step. Sequence j of step s starts at an offset that is a pure
+/// Which tokens form each sequence of each step. Sequence j of step s starts at an offset that is a pure
 /// function of (seed, s, j): any worker can build any micro-batch without coordination, and the global
 /// batch is the same however many workers share it.
 /// </summary>
@@ -17,20 +17,20 @@ public sealed class BatchSampler(TextCorpus corpus, long seed, int context)
 
     /// <summary>Start of training sequence <paramref name="sequence"/> (index within the global batch) of step <paramref name="step"/>.</summary>
     public long TrainOffset(long step, int sequence)
-        => (long)(SplitMix64.Hash((ulong)seed, (ulong)step, (ulong)sequence) % (ulong)(corpus.Train.Length - context - 1));
+        => (long)(SplitMix64.Hash((ulong)seed, (ulong)step, (ulong)sequence) % (ulong)(corpus.TrainLength - context - 1));
 
     /// <summary>Start of validation sequence <paramref name="sequence"/>: fixed for the run, so every evaluation sees the same bytes.</summary>
     public long ValidationOffset(int sequence)
-        => (long)(SplitMix64.Hash((ulong)seed ^ ValidationStream, 0, (ulong)sequence) % (ulong)(corpus.Validation.Length - context - 1));
+        => (long)(SplitMix64.Hash((ulong)seed ^ ValidationStream, 0, (ulong)sequence) % (ulong)(corpus.ValidationLength - context - 1));
 
     /// <summary>Micro-batch of sequences [first, first + count) of step <paramref name="step"/>: (inputs, targets), each [count, context] long.</summary>
     public (Tensor Inputs, Tensor Targets) TrainBatch(long step, int first, int count, Device? device = null)
-        => Build(corpus.Train, Enumerable.Range(first, count).Select(j => TrainOffset(step, j)), count, device);
+        => Build(corpus.TrainToken, Enumerable.Range(first, count).Select(j => TrainOffset(step, j)), count, device);
 
     public (Tensor Inputs, Tensor Targets) ValidationBatch(int first, int count, Device? device = null)
-        => Build(corpus.Validation, Enumerable.Range(first, count).Select(ValidationOffset), count, device);
+        => Build(corpus.ValidationToken, Enumerable.Range(first, count).Select(ValidationOffset), count, device);
 
-    private (Tensor, Tensor) Build(byte[] source, IEnumerable<long> offsets, int count, Device? device)
+    private (Tensor, Tensor) Build(Func<long, int> source, IEnumerable<long> offsets, int count, Device? device)
     {
         var x = new long[count * context];
         var y = new long[count * context];
@@ -39,8 +39,8 @@ public sealed class BatchSampler(TextCorpus corpus, long seed, int context)
         {
             for (int i = 0; i < context; i++)
             {
-                x[row * context + i] = source[off + i];
-                y[row * context + i] = source[off + i + 1];
+                x[row * context + i] = source(off + i);
+                y[row * context + i] = source(off + i + 1);
             }
             row++;
         }

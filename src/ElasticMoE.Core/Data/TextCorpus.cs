@@ -1,21 +1,48 @@
 using System.Buffers.Binary;
+using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using System.Text;
 
 namespace ElasticMoE.Data;
 
-/// <summary>A byte-level corpus split into a training head and a validation tail.</summary>
+/// <summary>A corpus as tokens, split into a training head and a validation tail.</summary>
+/// <remarks>
+/// Byte-level (the default tokenizer) keeps the bytes themselves: they are the tokens, one byte each, and
+/// nothing is converted. Another tokenizer encodes the whole text once when the corpus is loaded and keeps the
+/// token ids; the split is then by tokens.
+/// </remarks>
 public sealed class TextCorpus
 {
     private readonly Lazy<string> _fingerprint;
+    private readonly int[]? _trainTokens, _validationTokens;
 
     public string Name { get; }
+
+    /// <summary>The tokenizer the tokens are of.</summary>
+    public ITokenizer Tokenizer { get; }
+
+    /// <summary>The training bytes of a byte-level corpus (empty for another tokenizer: see <see cref="TrainToken"/>).</summary>
     public byte[] Train { get; }
+
+    /// <summary>The validation bytes of a byte-level corpus (empty for another tokenizer).</summary>
     public byte[] Validation { get; }
 
+    /// <summary>Tokens in the training head.</summary>
+    public long TrainLength => _trainTokens?.Length ?? Train.Length;
+
+    /// <summary>Tokens in the validation tail.</summary>
+    public long ValidationLength => _validationTokens?.Length ?? Validation.Length;
+
+    /// <summary>Training token <paramref name="i"/>.</summary>
+    public int TrainToken(long i) => _trainTokens is { } t ? t[i] : Train[i];
+
+    /// <summary>Validation token <paramref name="i"/>.</summary>
+    public int ValidationToken(long i) => _validationTokens is { } t ? t[i] : Validation[i];
+
     /// <summary>
-    /// SHA-256, lower-case hex, of the training bytes and the validation bytes, each preceded by its length:
-    /// equal exactly when both the corpus and where it is split are equal.
+    /// SHA-256, lower-case hex, of the training tokens and the validation tokens, each preceded by its length:
+    /// equal exactly when both the corpus and where it is split are equal. Of the bytes themselves for a
+    /// byte-level corpus; of the tokenizer's name and the token ids (int32, little-endian) for another.
     /// </summary>
     /// <remarks>
     /// Why: nodes of one run each load the corpus themselves, and a node with another file, another copy
@@ -26,23 +53,42 @@ public sealed class TextCorpus
     /// </remarks>
     public string Fingerprint => _fingerprint.Value;
 
-    private TextCorpus(string name, byte[] all, double validationFraction, int context)
+    private TextCorpus(string name, byte[] all, double validationFraction, int context, ITokenizer? tokenizer = null)
     {
-        int valLen = (int)(all.Length * validationFraction);
-        if (all.Length - valLen <= context + 1 || valLen <= context + 1)
-            throw new InvalidDataException(
-                $"{name}: {all.Length} bytes is too small for a context of {context} with a validation fraction of {validationFraction}");
+        Tokenizer = tokenizer ?? ByteTokenizer.Instance;
         Name = name;
-        Train = all[..^valLen];
-        Validation = all[^valLen..];
+        if (Tokenizer is ByteTokenizer)
+        {
+            int valLen = CheckedSplit(name, all.Length, validationFraction, context, "bytes");
+            Train = all[..^valLen];
+            Validation = all[^valLen..];
+        }
+        else
+        {
+            var tokens = Tokenizer.Encode(all);
+            int valLen = CheckedSplit(name, tokens.Length, validationFraction, context, $"{Tokenizer.Name} tokens");
+            _trainTokens = tokens[..^valLen];
+            _validationTokens = tokens[^valLen..];
+            Train = Validation = [];
+        }
         _fingerprint = new Lazy<string>(ComputeFingerprint);
+    }
+
+    private static int CheckedSplit(string name, int length, double validationFraction, int context, string unit)
+    {
+        int valLen = (int)(length * validationFraction);
+        if (length - valLen <= context + 1 || valLen <= context + 1)
+            throw new InvalidDataException(
+                $"{name}: {length} {unit} is too small for a context of {context} with a validation fraction of {validationFraction}");
+        return valLen;
     }
 
     private string ComputeFingerprint()
     {
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         Span<byte> length = stackalloc byte[sizeof(long)];
-        foreach (var part in new[] { Train, Validation })
+        if (_trainTokens is not null) sha.AppendData(Encoding.UTF8.GetBytes("tokenizer=" + Tokenizer.Name + ";"));
+        foreach (var part in _trainTokens is null ? [Train, Validation] : new[] { MemoryMarshal.AsBytes(_trainTokens.AsSpan()).ToArray(), MemoryMarshal.AsBytes(_validationTokens.AsSpan()).ToArray() })
         {
             // The length makes the split point part of the hash: moving it changes the fingerprint even
             // though the concatenated bytes stay the same.
@@ -53,26 +99,33 @@ public sealed class TextCorpus
         return Convert.ToHexStringLower(sha.GetHashAndReset());
     }
 
-    /// <summary>Any text (or binary) file: bytes are tokens.</summary>
-    public static TextCorpus FromFile(string path, double validationFraction, int context)
+    /// <summary>Any text (or binary) file: bytes are tokens, or the text is encoded by <paramref name="tokenizer"/>.</summary>
+    public static TextCorpus FromFile(string path, double validationFraction, int context, ITokenizer? tokenizer = null)
     {
         if (!File.Exists(path))
             throw new FileNotFoundException($"data file not found: {path}", path);
-        return new TextCorpus(Path.GetFileName(path), File.ReadAllBytes(path), validationFraction, context);
+        return new TextCorpus(Path.GetFileName(path), File.ReadAllBytes(path), validationFraction, context, tokenizer);
     }
 
     /// <summary>The embedded default: generated, identical on every machine, no download.</summary>
-    public static TextCorpus Default(double validationFraction, int context)
-        => new("embedded-default", DefaultCorpus.Generate(), validationFraction, context);
+    public static TextCorpus Default(double validationFraction, int context, ITokenizer? tokenizer = null)
+        => new("embedded-default", DefaultCorpus.Generate(), validationFraction, context, tokenizer);
 
-    public static TextCorpus Load(string? path, double validationFraction, int context)
-        => string.IsNullOrEmpty(path) ? Default(validationFraction, context) : FromFile(path, validationFraction, context);
+    public static TextCorpus Load(string? path, double validationFraction, int context, ITokenizer? tokenizer = null)
+        => string.IsNullOrEmpty(path) ? Default(validationFraction, context, tokenizer) : FromFile(path, validationFraction, context, tokenizer);
 
-    public static TextCorpus FromBytes(string name, byte[] bytes, double validationFraction, int context)
-        => new(name, bytes, validationFraction, context);
+    /// <summary>The corpus a run of <paramref name="config"/> trains on: its data file (or the embedded one) in its tokenizer.</summary>
+    public static TextCorpus Load(Configuration.ElasticMoEConfig config)
+    {
+        ArgumentNullException.ThrowIfNull(config);
+        return Load(config.Data.Path, config.Data.ValidationFraction, config.Model.Context, Tokenizers.For(config.Model.Tokenizer));
+    }
 
-    public static TextCorpus FromText(string name, string text, double validationFraction, int context)
-        => new(name, Encoding.UTF8.GetBytes(text), validationFraction, context);
+    public static TextCorpus FromBytes(string name, byte[] bytes, double validationFraction, int context, ITokenizer? tokenizer = null)
+        => new(name, bytes, validationFraction, context, tokenizer);
+
+    public static TextCorpus FromText(string name, string text, double validationFraction, int context, ITokenizer? tokenizer = null)
+        => new(name, Encoding.UTF8.GetBytes(text), validationFraction, context, tokenizer);
 }
 
 /// <summary>

@@ -92,13 +92,16 @@ public sealed class Rope : IDisposable
         Sin = emb.sin().to(dtype, device).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Rotates x of shape [B, H, T, hd] by position (the "rotate half" form).</summary>
-    public Tensor Apply(Tensor x)
+    /// <summary>
+    /// Rotates x of shape [B, H, T, hd] by position (the "rotate half" form): its T rows are at positions
+    /// <paramref name="start"/> … start + T − 1 (a KV-cached step starts where the cache ends).
+    /// </summary>
+    public Tensor Apply(Tensor x, long start = 0)
     {
         using var scope = NewDisposeScope();
         long t = x.shape[2], half = x.shape[3] / 2;
-        var cos = Cos.narrow(0, 0, t).to(x.dtype);
-        var sin = Sin.narrow(0, 0, t).to(x.dtype);
+        var cos = Cos.narrow(0, start, t).to(x.dtype);
+        var sin = Sin.narrow(0, start, t).to(x.dtype);
         var x1 = x.narrow(-1, 0, half);
         var x2 = x.narrow(-1, half, half);
         var rotated = cat(new[] { -x2, x1 }, -1);
@@ -137,6 +140,29 @@ public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
         var k = _rope.Apply(parts[1]);
         var v = parts[2];
         var y = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
+        y = y.transpose(1, 2).reshape(b, t, d);
+        return proj.forward(y).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Inference with a KV cache: x [B, T, d] are the tokens after the <see cref="KvCache.Layer.Length"/> ones
+    /// cached; their keys and values are appended to <paramref name="cache"/> and their queries attend to every
+    /// cached position. The same maths as <see cref="forward"/> on the whole sequence, one new row at a time.
+    /// </summary>
+    /// <remarks>
+    /// Several rows at once only into an empty cache (the prompt): then the causal mask of <see cref="forward"/>
+    /// is the right one. Several rows after cached ones would need a mask offset by the cache length, which
+    /// scaled_dot_product_attention's <c>is_causal</c> does not do (it aligns the mask top-left).
+    /// </remarks>
+    public Tensor ForwardCached(Tensor x, KvCache.Layer cache)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1], d = x.shape[2], hd = d / _heads, start = cache.Length;
+        if (t > 1 && start > 0) throw new ArgumentException($"{t} rows after {start} cached ones: several rows go only into an empty cache", nameof(x));
+        var parts = qkv.forward(x).view(b, t, 3, _heads, hd).permute(2, 0, 3, 1, 4); // [3, B, H, T, hd]
+        var q = _rope.Apply(parts[0], start);
+        var (k, v) = cache.Append(_rope.Apply(parts[1], start), parts[2]);
+        var y = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: t > 1);
         y = y.transpose(1, 2).reshape(b, t, d);
         return proj.forward(y).MoveToOuterDisposeScope();
     }

@@ -31,6 +31,14 @@ public sealed class TransformerBlock : nn.Module<Tensor, Tensor>
         var h = x.Plus(attn.forward(attn_norm.forward(x)));
         return h.Plus(ffn.forward(ffn_norm.forward(h))).MoveToOuterDisposeScope();
     }
+
+    /// <summary><see cref="forward"/> with the attention's keys and values cached (inference).</summary>
+    public Tensor ForwardCached(Tensor x, KvCache.Layer cache)
+    {
+        using var scope = NewDisposeScope();
+        var h = x.Plus(attn.ForwardCached(attn_norm.forward(x), cache));
+        return h.Plus(ffn.forward(ffn_norm.forward(h))).MoveToOuterDisposeScope();
+    }
 }
 
 /// <summary>
@@ -109,6 +117,27 @@ public sealed class MoETransformer : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var h = RunBlocks(Embed(tokens), 0, blocks.Count);
         return Head(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Inference: tokens [B, T] that follow the <see cref="KvCache.Length"/> tokens already in
+    /// <paramref name="cache"/> → their logits [B, T, V], the cache extended by them. Equal (within float
+    /// rounding) to the last T positions of <see cref="forward"/> on the whole sequence.
+    /// </summary>
+    public Tensor ForwardCached(Tensor tokens, KvCache cache)
+    {
+        ArgumentNullException.ThrowIfNull(cache);
+        using var scope = NewDisposeScope();
+        var h = Embed(tokens);
+        for (int i = 0; i < blocks.Count; i++) h = blocks[i].ForwardCached(h, cache[i]);
+        return Head(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>An empty KV cache for <paramref name="batch"/> sequences of up to the context's length.</summary>
+    public KvCache NewKvCache(int batch = 1)
+    {
+        var p = embed.weight!;
+        return new KvCache(Options.Layers, batch, Options.Heads, Options.Context, Options.HeadDim, p.dtype, p.device);
     }
 
     /// <summary>Mean next-byte cross-entropy in nats.</summary>

@@ -170,7 +170,7 @@ public static class TrainingRun
             report.Info($"resumed from {resume} at step {trainer.Step}");
         }
         report.Info($"training {trainer.Model.parameters().Sum(p => p.numel()):N0} parameters on {trainer.Sampler.Corpus.Name} " +
-                    $"({trainer.Sampler.Corpus.Train.Length:N0} train / {trainer.Sampler.Corpus.Validation.Length:N0} validation bytes), " +
+                    $"({trainer.Sampler.Corpus.TrainLength:N0} train / {trainer.Sampler.Corpus.ValidationLength:N0} validation {(trainer.Sampler.Corpus.Tokenizer is Data.ByteTokenizer ? "bytes" : trainer.Sampler.Corpus.Tokenizer.Name + " tokens")}), " +
                     $"device {trainer.Device}, {TorchSharp.torch.get_num_threads()} threads");
         var clock = System.Diagnostics.Stopwatch.StartNew();
         double first = double.NaN, last = double.NaN, tokens = 0, stepSeconds = 0;

@@ -466,6 +466,20 @@ public sealed class CoordinatorTests(ITestOutputHelper output) : CoordinatorTest
         c.Agent.ExpectNoMsg(Quiet);
     }
 
+    [Fact]
+    public void A_node_with_another_tokenizer_is_refused_naming_the_tokenizer()
+    {
+        var run = NewRun();
+        var other = run.Config with { Model = run.Config.Model with { Tokenizer = "gpt2", VocabSize = 50257 } };
+        // The same data fingerprint, so that only the tokenizer (and the vocabulary it brings) differs.
+        var otherFingerprint = TrainingState.RunFingerprint(other, CoordinatorRun.Corpus(run.Config).Fingerprint);
+        var c = new FakeNode(this, "node-c", 3003);
+        run.Coordinator.Tell(c.Registration(run.Config, otherFingerprint), c.Agent.Ref);
+        var refused = c.Agent.ExpectMsg<NodeRefused>(Wait);
+        Assert.Contains("model.Tokenizer: gpt2 vs bytes", refused.Reason);
+        Assert.Contains("model.VocabSize: 50257 vs 256", refused.Reason);
+    }
+
     // ---- 6. re-layout and stop -----------------------------------------------------------------
 
     [Fact]

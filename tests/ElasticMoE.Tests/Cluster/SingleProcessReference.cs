@@ -9,7 +9,7 @@ public static class SingleProcessReference
 {
     public static (List<StepResult> Steps, Dictionary<string, (double Sum, double Norm)> Params) Train(ElasticMoEConfig cfg, int steps)
     {
-        using var t = new Trainer(cfg, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context));
+        using var t = new Trainer(cfg, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context, Tokenizers.For(cfg.Model.Tokenizer)));
         var results = Enumerable.Range(0, steps).Select(_ => t.TrainStep()).ToList();
         var ps = t.Model.named_parameters().ToDictionary(p => p.name, p =>
             (p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).sum().item<double>(),

@@ -25,6 +25,7 @@ public class RunFingerprintTests
                 long l => l + 1,
                 double d => d == 0 ? 0.25 : d * 1.5,
                 bool b => !b,
+                string s => s == "bytes" ? "gpt2" : "bytes",
                 RouterScoring s => s == RouterScoring.Sigmoid ? RouterScoring.Softmax : RouterScoring.Sigmoid,
                 _ => throw new NotSupportedException($"{typeof(T).Name}.{p.Name} is {value?.GetType().Name}: teach this test to vary it"),
             };
