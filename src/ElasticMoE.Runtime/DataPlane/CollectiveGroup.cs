@@ -81,27 +81,32 @@ public sealed class CollectiveGroup
         if ((long)2 * (n - 1) * pieces > CollectiveTags.MaxSubTag + 1L)
             throw new ArgumentException($"Buffer of {buffer.Length} floats needs more than {CollectiveTags.MaxSubTag + 1} frames; raise ChunkBytes.");
 
-        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
         var ring = new Ring(this, buffer, collectiveId, compression, chunkElements, pieces);
-        var pipelines = new Task[pieces];
+        await RunPiecesAsync(pieces, ring.RunPieceAsync, cancellationToken).ConfigureAwait(false);
+    }
+
+    // Runs the pieces side by side; a failing piece stops the others instead of leaving them waiting for frames
+    // that will not come, and the first real failure surfaces rather than a cancellation it caused in a sibling.
+    private static async Task RunPiecesAsync(int pieces, Func<int, CancellationToken, Task> run, CancellationToken cancellationToken)
+    {
+        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        var tasks = new Task[pieces];
         for (var c = 0; c < pieces; c++)
         {
             var piece = c;
-            // A failing piece stops the others instead of leaving them waiting for frames that will not come.
-            pipelines[c] = Task.Run(async () =>
+            tasks[c] = Task.Run(async () =>
             {
-                try { await ring.RunPieceAsync(piece, failed.Token).ConfigureAwait(false); }
+                try { await run(piece, failed.Token).ConfigureAwait(false); }
                 catch { failed.Cancel(); throw; }
             }, CancellationToken.None);
         }
         try
         {
-            await Task.WhenAll(pipelines).ConfigureAwait(false);
+            await Task.WhenAll(tasks).ConfigureAwait(false);
         }
         catch when (!cancellationToken.IsCancellationRequested)
         {
-            // Surface the first real failure rather than a cancellation it caused in a sibling piece.
-            var first = pipelines.Where(t => t.IsFaulted).Select(t => t.Exception!.InnerException!).FirstOrDefault();
+            var first = tasks.Where(t => t.IsFaulted).Select(t => t.Exception!.InnerException!).FirstOrDefault();
             if (first is not null) ExceptionDispatchInfo.Throw(first);
             throw;
         }
@@ -214,27 +219,8 @@ public sealed class CollectiveGroup
         if ((long)2 * pieces * n > CollectiveTags.MaxSubTag + 1L)
             throw new ArgumentException($"Buffer of {result.Length} floats needs more than {CollectiveTags.MaxSubTag + 1} frames; raise ChunkBytes.");
 
-        using var failed = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        var tasks = new Task[pieces];
-        for (var c = 0; c < pieces; c++)
-        {
-            var piece = c;
-            tasks[c] = Task.Run(async () =>
-            {
-                try { await TreePieceAsync(result, partials, covers, leaves, collectiveId, chunkElements, pieces, piece, failed.Token).ConfigureAwait(false); }
-                catch { failed.Cancel(); throw; }
-            }, CancellationToken.None);
-        }
-        try
-        {
-            await Task.WhenAll(tasks).ConfigureAwait(false);
-        }
-        catch when (!cancellationToken.IsCancellationRequested)
-        {
-            var first = tasks.Where(t => t.IsFaulted).Select(t => t.Exception!.InnerException!).FirstOrDefault();
-            if (first is not null) ExceptionDispatchInfo.Throw(first);
-            throw;
-        }
+        await RunPiecesAsync(pieces, (piece, token) => TreePieceAsync(result, partials, covers, leaves, collectiveId, chunkElements, pieces, piece, token),
+            cancellationToken).ConfigureAwait(false);
     }
 
     private sealed class Buffer(Memory<float> memory)
