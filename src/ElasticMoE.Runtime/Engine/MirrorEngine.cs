@@ -89,11 +89,10 @@ public static class MirrorParts
     public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<StateUnit> units)
         => UnpackGradients(packed, units.SelectMany(u => u.Parameters).Select(p => p.Param).ToList(), string.Join(", ", units.Select(u => u.Id)));
 
-    /// <summary>The gradients of a tensor <see cref="Pack(IReadOnlyList{ValueTuple{Tensor, Tensor}})"/>ed for <paramref name="parameterList"/>.</summary>
-    public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<Tensor> parameterList, string what)
+    /// <summary>The gradients of a tensor <see cref="Pack(IReadOnlyList{ValueTuple{Tensor, Tensor}})"/>ed for <paramref name="parameters"/>.</summary>
+    public static Tensor?[] UnpackGradients(Tensor packed, IReadOnlyList<Tensor> parameters, string what)
     {
-        var parameters = parameterList.Select(p => (Param: p, Name: "")).ToList();
-        long expected = parameters.Sum(p => p.Param.numel()) + parameters.Count;
+        long expected = parameters.Sum(p => p.numel()) + parameters.Count;
         if (packed.numel() != expected)
             throw new InvalidOperationException($"packed gradients hold {packed.numel()} values, {what} need {expected}");
         var result = new Tensor?[parameters.Count];
@@ -102,7 +101,7 @@ public static class MirrorParts
         long offset = 0;
         for (int i = 0; i < parameters.Count; i++)
         {
-            var p = parameters[i].Param;
+            var p = parameters[i];
             long n = p.numel();
             if (flags[i] != 0f)
                 result[i] = packed.narrow(0, offset, n).reshape(p.shape).to(p.dtype, p.device).clone().DetachFromDisposeScope();

@@ -42,12 +42,14 @@ public sealed class ShardEngine : IDisposable
     private readonly SortedDictionary<int, Tensor?[]> _contributions = new();
     private Fence _computeFence = new(-1, -1, -1);
     private bool _accumulated;
-    // Replicated experts held here: index into _units, the ranks of its copies, and which copy this is.
-    private readonly List<(int Local, int[] Copies, int Mine)> _replicated = new();
+    // Replicated experts held here: index into _units → the ranks of its copies, and which copy this is.
+    private readonly Dictionary<int, (int[] Copies, int Mine)> _replicaOf = new();
     // Every other holder of a copy of something held here: rank → local indices of those experts, ascending.
     private readonly SortedDictionary<int, List<int>> _peers = new();
     // First index in _params of each unit's parameters (and one past the last).
     private readonly int[] _paramStart;
+    // Each unit's parameters (the slice of _params).
+    private readonly List<Tensor>[] _unitParams;
     // Parameters the norm counts: all but those of replicated experts whose copy 0 is elsewhere.
     private readonly List<(string Name, Tensor Param)> _normParams;
     // Replicated experts' partials over this copy's share of the micro-batches, until the copies swapped them.
@@ -67,6 +69,8 @@ public sealed class ShardEngine : IDisposable
         _optimizer = new AdamW(t.Beta1, t.Beta2, t.AdamEps, t.WeightDecay);
         _paramStart = new int[_units.Count + 1];
         for (int k = 0; k < _units.Count; k++) _paramStart[k + 1] = _paramStart[k] + _units[k].Parameters.Count();
+        _unitParams = Enumerable.Range(0, _units.Count)
+            .Select(k => _params.Skip(_paramStart[k]).Take(_paramStart[k + 1] - _paramStart[k]).Select(p => p.Param).ToList()).ToArray();
         var plan = ctx.ActivePlan;
         var notCounted = new HashSet<int>();
         for (int k = 0; k < _experts.Length; k++)
@@ -74,7 +78,7 @@ public sealed class ShardEngine : IDisposable
             var copies = plan.CopiesOf(moeOrdinal, _experts[k]);
             if (copies.Length < 2) continue;
             int mine = Array.IndexOf(copies, ctx.Worker);
-            _replicated.Add((k, copies, mine));
+            _replicaOf[k] = (copies, mine);
             if (mine != 0)
                 for (int i = _paramStart[k]; i < _paramStart[k + 1]; i++) notCounted.Add(i);
             foreach (var peer in copies.Where(r => r != ctx.Worker))
@@ -191,15 +195,14 @@ public sealed class ShardEngine : IDisposable
         else if (_accumulated) return;
         _accumulated = true;
         int leaves = _ctx.Config.Train.MicroBatchesPerStep;
-        var replicated = _replicated.ToDictionary(r => r.Local);
         using (var _ = no_grad())
         {
             for (int k = 0; k < _units.Count; k++)
             {
-                var (lo, hi) = replicated.TryGetValue(k, out var r) ? TrainingPlan.CopyMicroBatches(r.Mine, r.Copies.Length, leaves) : (0, leaves);
-                var tree = new GradientTree(UnitParams(k), leaves, lo, hi);
+                var (lo, hi) = _replicaOf.TryGetValue(k, out var r) ? TrainingPlan.CopyMicroBatches(r.Mine, r.Copies.Length, leaves) : (0, leaves);
+                var tree = new GradientTree(_unitParams[k], leaves, lo, hi);
                 for (int m = lo; m < hi; m++) tree.Put(m, TakeContribution(m, k));
-                if (replicated.ContainsKey(k)) _replicaTrees[k] = tree;
+                if (_replicaOf.ContainsKey(k)) _replicaTrees[k] = tree;
                 else
                 {
                     tree.InstallRoot();
@@ -218,8 +221,6 @@ public sealed class ShardEngine : IDisposable
             _replicaTrees.Clear();
         }
     }
-
-    private List<Tensor> UnitParams(int k) => _params.Skip(_paramStart[k]).Take(_paramStart[k + 1] - _paramStart[k]).Select(p => p.Param).ToList();
 
     // Unit k's gradients of micro-batch m (null: that call did not touch it), moved out of the contributions.
     private Tensor?[]? TakeContribution(int m, int k)
@@ -240,11 +241,10 @@ public sealed class ShardEngine : IDisposable
         var plan = _ctx.ActivePlan;
         int leaves = _ctx.Config.Train.MicroBatchesPerStep;
         var what = $"shard L{MoEOrdinal}@{_ctx.Worker}: replica gradients of {fence}";
-        var copiesOf = _replicated.ToDictionary(r => r.Local, r => r.Copies);
         // What a holder sends for expert k: its partials (the cover of its share), each the unit's parameters.
         List<TreeNode> CoverOf(int k, int holder)
         {
-            var copies = copiesOf[k];
+            var copies = _replicaOf[k].Copies;
             var (lo, hi) = TrainingPlan.CopyMicroBatches(Array.IndexOf(copies, holder), copies.Length, leaves);
             return ReductionTree.Cover(lo, hi, leaves);
         }
@@ -260,7 +260,7 @@ public sealed class ShardEngine : IDisposable
                 var grads = new List<(Tensor, Tensor?)>();
                 foreach (int k in locals)
                 {
-                    var ps = UnitParams(k);
+                    var ps = _unitParams[k];
                     foreach (var (_, partial) in _replicaTrees[k].Partials)
                         for (int j = 0; j < ps.Count; j++) grads.Add((ps[j], partial?[j]));
                 }
@@ -275,7 +275,7 @@ public sealed class ShardEngine : IDisposable
             {
                 using var frame = receives[peer].Result;
                 using var packed = frame.ToTensor();
-                var layout = locals.SelectMany(k => CoverOf(k, peer).SelectMany(_ => UnitParams(k))).ToList();
+                var layout = locals.SelectMany(k => CoverOf(k, peer).SelectMany(_ => _unitParams[k])).ToList();
                 var grads = MirrorParts.UnpackGradients(packed, layout, $"{what} from worker {peer}");
                 int offset = 0;
                 foreach (int k in locals)
@@ -291,7 +291,7 @@ public sealed class ShardEngine : IDisposable
             }
             using var scope = NewDisposeScope();
             using var _ = no_grad();
-            foreach (var (k, _, _) in _replicated)
+            foreach (int k in _replicaOf.Keys)
             {
                 var nodes = theirs.TryGetValue(k, out var t) ? t : new Dictionary<TreeNode, Tensor?[]?>();
                 foreach (var (node, partial) in _replicaTrees[k].Partials) nodes[node] = partial;
