@@ -28,6 +28,7 @@ public static class LibTorchLoader
             {
                 PatchedVersions = PatchLibTorchSharp(AppContext.BaseDirectory);
                 TuneMalloc();
+                PinMklReproducibility();
             }
             try
             {
@@ -69,6 +70,42 @@ public static class LibTorchLoader
             // Not glibc (musl, say): nothing to tune.
         }
     }
+
+    /// <summary>The MKL conditional-numerical-reproducibility mode set when the environment names none.</summary>
+    public const string DefaultMklCbwr = "AVX2,STRICT";
+
+    /// <summary>MKL's reproducibility mode in force for this process: the environment's MKL_CBWR, else <see cref="DefaultMklCbwr"/>.</summary>
+    public static string MklCbwr { get; private set; } = "";
+
+    /// <summary>
+    /// Makes MKL's GEMMs give the same bits whatever the thread count, and on any x86 CPU with AVX2, by setting
+    /// MKL_CBWR=AVX2,STRICT in the native environment before libtorch (and its MKL) is loaded, unless the user set it.
+    /// </summary>
+    /// <remarks>
+    /// Why: a node's gradients must not depend on its --threads (the canonical-reduction issue). Measured here:
+    /// without it, the router's weight gradient ([experts, rows] x [rows, d], 6 x 128 x 128) differed in 141–160 of
+    /// 768 elements between 1 and 2 threads — MKL split the 128-long inner sum over the threads — and a cluster of nodes
+    /// at 2, 1 and 2 threads left the loop's bits at step 1. Strict CNR mode fixes MKL's order for ?gemm regardless of
+    /// the thread count (Intel: "Strict CNR mode", AVX2 branch or newer); the AVX2 branch (not AVX-512) also makes an
+    /// AVX2 machine and an AVX-512 one agree. Its cost is in docs/benchmarks.md. .NET's Environment.SetEnvironmentVariable
+    /// does not reach the native environment that MKL reads, hence libc's setenv.
+    /// </remarks>
+    private static void PinMklReproducibility()
+    {
+        var given = Environment.GetEnvironmentVariable("MKL_CBWR");
+        if (!string.IsNullOrEmpty(given)) { MklCbwr = given; return; }
+        try
+        {
+            if (setenv("MKL_CBWR", DefaultMklCbwr, 0) == 0) MklCbwr = DefaultMklCbwr;
+            Environment.SetEnvironmentVariable("MKL_CBWR", DefaultMklCbwr);   // children started by this process inherit it
+        }
+        catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
+        {
+        }
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "setenv")]
+    private static extern int setenv(string name, string value, int overwrite);
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "mallopt")]
     private static extern int mallopt(int param, int value);

@@ -108,12 +108,41 @@ public class MultiProcessTests(ITestOutputHelper output)
             "--relayout", "10=4x2,20=4x4,30=2x1,40=3x1", .. args]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var nodes = Enumerable.Range(0, 4).Select(_ => Start(["node", "--seed-node", seed, .. args])).ToArray();
+        await RunMatchesTheLoop(coordinator, nodes, TimeSpan.FromMinutes(4), metrics, reference, "DP 4 x PP 1", "DP 2 x PP 2", "DP 1 x PP 4", "DP 2 x PP 1", "DP 3 x PP 1");
+    }
+
+    [Fact]
+    public async Task Nodes_started_with_different_thread_counts_train_the_single_process_loops_bits()
+    {
+        // Canonical reduction, item 2: a micro-batch's forward and backward give the same bits on any worker,
+        // whatever its libtorch thread count. Widths where libtorch does split work over threads (d 128, 64
+        // positions, batches of 2 x 64 rows), nodes at 2, 1 and 2 threads, a re-layout to PP 2 mid-run so each
+        // node computes other parts of the model, against the loop in this process at 1 thread.
+        TestSupport.EnsureTorch();
+        const int steps = 16;
+        var settings = TestSupport.SmallSettings(("seed", "3"), ("model.d-model", "128"), ("model.heads", "4"), ("model.context", "64"),
+            ("model.layers", "4"), ("model.dense-hidden", "288"), ("model.moe.routed-experts", "6"), ("model.moe.expert-hidden", "64"),
+            ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", steps.ToString()), ("train.eval-every", "1000"));
+        var args = TestSupport.SetArguments(settings);
+        var reference = SingleProcessReference.Train(TestSupport.SmallConfig(settings.Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
+        int port = LoopbackPorts.Next();
+        var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
+        var coordinator = Start(["train", "--nodes", "0", "--expect-nodes", "3", "--port", port.ToString(), "--metrics", metrics,
+            "--relayout", "8=2x2", .. args]);
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var nodes = new[] { "2", "1", "2" }.Select(t => Start(["node", "--seed-node", seed, .. args, "--threads", t])).ToArray();
+        await RunMatchesTheLoop(coordinator, nodes, TimeSpan.FromMinutes(5), metrics, reference, "DP 3 x PP 1", "DP 1 x PP 2");
+    }
+
+    // The coordinator ends with 0 after every layout named, its metrics are the loop's bits, every node ends with 0.
+    private async Task RunMatchesTheLoop(Process coordinator, Process[] nodes, TimeSpan timeout, string metrics, IReadOnlyList<ElasticMoE.Training.StepResult> reference, params string[] layouts)
+    {
         try
         {
-            var (code, text) = await Finish(coordinator, TimeSpan.FromMinutes(4));
+            var (code, text) = await Finish(coordinator, timeout);
             output.WriteLine(text);
             Assert.True(code == 0, text);
-            foreach (var layout in new[] { "DP 4 x PP 1", "DP 2 x PP 2", "DP 1 x PP 4", "DP 2 x PP 1", "DP 3 x PP 1" }) Assert.Contains(layout, text);
+            foreach (var layout in layouts) Assert.Contains(layout, text);
             SingleProcessReference.AssertMetricsMatch(metrics, reference);
             foreach (var n in nodes)
             {

@@ -49,4 +49,23 @@ public class MicroBatchBitsTests
         Assert.True(one.Count > 50, $"only {one.Count} parameters have gradients");
         foreach (var (name, bits) in one) Assert.True(bits.SequenceEqual(two[name]), $"{name} differs between 1 and 2 threads");
     }
+
+    [Fact]
+    public void A_router_whose_weight_gradient_MKL_would_split_over_threads_gives_the_same_bits_on_one_thread_or_two()
+    {
+        // 6 experts x 128 rows x d 128: without MKL's strict reproducibility mode (LibTorchLoader pins it), MKL summed the
+        // router weight gradient's 128-long inner products in two halves on 2 threads: 141-160 of its 768 elements differed.
+        var cfg = TestSupport.SmallConfig(("seed", "3"), ("model.d-model", "128"), ("model.heads", "4"), ("model.context", "64"),
+            ("model.layers", "4"), ("model.dense-hidden", "288"), ("model.moe.routed-experts", "6"), ("model.moe.expert-hidden", "64"),
+            ("train.micro-batch", "2"));
+        var one = Gradients(cfg, 1);
+        var two = Gradients(cfg, 2);
+        Assert.Equal(ElasticMoE.Native.LibTorchLoader.DefaultMklCbwr, Environment.GetEnvironmentVariable("MKL_CBWR") ?? "");
+        Assert.Contains("blocks.1.ffn.router.gate.weight", one.Keys);
+        foreach (var (name, bits) in one)
+        {
+            int differ = bits.Zip(two[name]).Count(p => p.First != p.Second);
+            Assert.True(differ == 0, $"{name}: {differ} of {bits.Length} elements differ between 1 and 2 threads");
+        }
+    }
 }
