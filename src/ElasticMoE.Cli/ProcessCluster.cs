@@ -96,6 +96,41 @@ internal sealed class ProcessCluster : IDisposable
         return child;
     }
 
+    /// <summary>A run that cannot go on as a benchmark expects: the coordinator exited, hung, or ran out of time.</summary>
+    public sealed class Stopped(string message) : Exception(message);
+
+    /// <summary>
+    /// Polls the metrics until <paramref name="done"/> holds, marking nodes planned as their node-joined lines come.
+    /// </summary>
+    /// <exception cref="Stopped">The coordinator exited first, no step was committed for <paramref name="hang"/>, or
+    /// <paramref name="overall"/> passed <paramref name="timeout"/>.</exception>
+    public void Wait(Func<bool> done, string what, TimeSpan hang, Stopwatch overall, TimeSpan timeout)
+    {
+        var coordinator = Coordinator ?? throw new InvalidOperationException("no coordinator started");
+        var progress = Stopwatch.StartNew();
+        long seen = Metrics.LastStep;
+        while (true)
+        {
+            Metrics.Poll();
+            foreach (var n in Nodes.Where(n => !n.Planned && !n.Killed && n.Address is { } a && Metrics.Events.Any(e => e.Kind == "node-joined" && e.Node == a)))
+                n.Planned = true;
+            if (done()) return;
+            if (!coordinator.Alive)
+            {
+                coordinator.Process.WaitForExit();
+                Metrics.Poll();
+                if (done()) return;
+                throw new Stopped($"the coordinator exited ({coordinator.Process.ExitCode}) after step {Metrics.LastStep} while waiting for {what}");
+            }
+            if (Metrics.LastStep != seen) { seen = Metrics.LastStep; progress.Restart(); }
+            if (progress.Elapsed > hang)
+                throw new Stopped($"HANG: no step committed for {hang.TotalSeconds:F0} s after step {Metrics.LastStep} while waiting for {what}");
+            if (overall.Elapsed > timeout)
+                throw new Stopped($"overall timeout ({timeout.TotalSeconds:F0} s) after step {Metrics.LastStep} while waiting for {what}");
+            Thread.Sleep(5);
+        }
+    }
+
     /// <summary>SIGKILLs <paramref name="child"/>; returns the wall-clock time (Unix seconds) just before the signal.</summary>
     public static double Kill(Child child)
     {
@@ -154,8 +189,12 @@ internal sealed class ProcessCluster : IDisposable
     /// <summary>How to start this executable again: the apphost, or <c>dotnet elasticmoe.dll</c>.</summary>
     public static IReadOnlyList<string> SelfCommand()
     {
+        // Under `dotnet elasticmoe.dll` the process is the muxer and the dll must be named again; under the apphost
+        // (`./elasticmoe`) argument 0 is the dll too, but the apphost runs it by itself and would take it for a command.
         var entry = Environment.GetCommandLineArgs()[0];
-        return entry.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) ? [Environment.ProcessPath!, entry] : [Environment.ProcessPath!];
+        var host = Environment.ProcessPath!;
+        bool muxer = Path.GetFileNameWithoutExtension(host).Equals("dotnet", StringComparison.OrdinalIgnoreCase);
+        return muxer && entry.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) ? [host, entry] : [host];
     }
 
     public static double UnixNow() => (DateTime.UtcNow - DateTime.UnixEpoch).TotalSeconds;
@@ -175,7 +214,7 @@ internal sealed class ProcessCluster : IDisposable
 internal sealed class MetricsTail(string path)
 {
     /// <param name="SeenUnix">When this reader first saw the line (wall clock, Unix seconds; as fine as the polling).</param>
-    public sealed record StepLine(long Step, double Loss, double TokensPerSecond, double Seconds, double SeenUnix)
+    public sealed record StepLine(long Step, double Loss, double GradNorm, double TokensPerSecond, double Seconds, double SeenUnix)
     {
         public double Tokens => TokensPerSecond * Seconds;
     }
@@ -219,6 +258,6 @@ internal sealed class MetricsTail(string path)
             Events.Add(new EventLine(kind.GetString()!, o.GetProperty("node").GetString()!, o.GetProperty("step").GetInt64(), Num("recovery_s"),
                 Num("detected_unix"), Num("replan_s"), Num("install_s"), Num("redo_s")));
         else
-            Steps.Add(new StepLine(o.GetProperty("step").GetInt64(), Num("loss"), Num("tokens_per_s"), Num("seconds"), now));
+            Steps.Add(new StepLine(o.GetProperty("step").GetInt64(), Num("loss"), Num("grad_norm"), Num("tokens_per_s"), Num("seconds"), now));
     }
 }

@@ -11,7 +11,6 @@ namespace ElasticMoE.Cli;
 /// (so in random phases of a step) and replaced by fresh ones.
 /// <list type="bullet">
 /// <item><c>recovery</c> (P4): kill → next committed step over N kills, broken down, next to torchrun's figures from the same run.</item>
-/// <item><c>chaos</c>: random kill-and-restart events over a whole run; the curve must equal a fault-free run's.</item>
 /// <item><c>redundancy</c>: tokens/s of fault-free runs with buddy mirrors on and off, alternating.</item>
 /// </list>
 /// </summary>
@@ -21,7 +20,7 @@ internal static class RecoveryBenchmarks
     /// <param name="Kills">SIGKILLs to send.</param>
     /// <param name="Steps">Steps of the run; the kills are spread over it (open-ended runs: the run is stopped with SIGTERM after the last kill).</param>
     /// <param name="OpenEnded">Stop the run after the last kill instead of letting it reach <paramref name="Steps"/>.</param>
-    /// <param name="RestartAtOnce">Start the replacement right after the kill (chaos) rather than once the loss is handled (recovery: the replacement's start-up then does not compete with the recovery measured).</param>
+    /// <param name="RestartAtOnce">Start the replacement right after the kill rather than once the loss is handled (recovery: the replacement's start-up then does not compete with the recovery measured).</param>
     /// <param name="WaitForJoin">Before the next kill, wait until the replacement is part of the plan (the world is back at <paramref name="Nodes"/>).</param>
     /// <param name="MinGap">Committed steps after the previous event was handled before the next kill.</param>
     /// <param name="MaxGap">Open-ended runs: the gap is drawn from [MinGap, MaxGap].</param>
@@ -40,8 +39,6 @@ internal static class RecoveryBenchmarks
     }
 
     public sealed record Outcome(string Dir, IReadOnlyList<Kill> Kills, MetricsTail Metrics, int? CoordinatorExit, IReadOnlyList<(string Name, bool Killed, int? Exit)> Nodes, string? Problem);
-
-    private sealed class BenchStop(string message) : Exception(message);
 
     /// <summary>Settings every process of these benchmarks gets before the user's: one libtorch thread each,
     /// no periodic validation (it would add pauses to the timings), a short join settle.</summary>
@@ -69,32 +66,7 @@ internal static class RecoveryBenchmarks
             var coordinator = cluster.StartCoordinator(plan.Nodes, plan.Steps);
             for (int i = 0; i < plan.Nodes; i++) cluster.StartNode();
 
-            // Polls the metrics until `done` holds; a run that commits no step for a minute is hung.
-            void Wait(Func<bool> done, string what)
-            {
-                var progress = Stopwatch.StartNew();
-                long seen = m.LastStep;
-                while (true)
-                {
-                    m.Poll();
-                    foreach (var n in cluster.Nodes.Where(n => !n.Planned && !n.Killed && n.Address is { } a && m.Events.Any(e => e.Kind == "node-joined" && e.Node == a)))
-                        n.Planned = true;
-                    if (done()) return;
-                    if (!coordinator.Alive)
-                    {
-                        coordinator.Process.WaitForExit();
-                        m.Poll();
-                        if (done()) return;
-                        throw new BenchStop($"the coordinator exited ({coordinator.Process.ExitCode}) after step {m.LastStep} while waiting for {what}");
-                    }
-                    if (m.LastStep != seen) { seen = m.LastStep; progress.Restart(); }
-                    if (progress.Elapsed > TimeSpan.FromSeconds(60))
-                        throw new BenchStop($"HANG: no step committed for 60 s after step {m.LastStep} while waiting for {what}");
-                    if (overall.Elapsed > plan.Timeout)
-                        throw new BenchStop($"overall timeout ({plan.Timeout.TotalSeconds:F0} s) after step {m.LastStep} while waiting for {what}");
-                    Thread.Sleep(5);
-                }
-            }
+            void Wait(Func<bool> done, string what) => cluster.Wait(done, what, TimeSpan.FromSeconds(60), overall, plan.Timeout);
 
             Wait(() => m.LastStep >= 1, "the first step");
             foreach (var n in cluster.Nodes) n.Planned = true;   // the first plan takes every expected node
@@ -115,7 +87,7 @@ internal static class RecoveryBenchmarks
                 var delay = TimeSpan.FromSeconds(rng.NextDouble() * recent[recent.Count / 2]);
                 while (until.Elapsed < delay) { m.Poll(); Thread.Sleep(2); }   // still reading: the lines keep their times
                 var planned = cluster.Nodes.Where(n => n.Planned && n.Alive).ToList();
-                if (planned.Count < 2) throw new BenchStop($"only {planned.Count} planned node(s) alive at kill {k + 1}");
+                if (planned.Count < 2) throw new ProcessCluster.Stopped($"only {planned.Count} planned node(s) alive at kill {k + 1}");
                 var victim = planned[rng.Next(planned.Count)];
                 var last = m.Steps[^1];
                 double t = ProcessCluster.Kill(victim);
@@ -139,7 +111,7 @@ internal static class RecoveryBenchmarks
                 Wait(() => !coordinator.Alive, "the end of the run");
             }
         }
-        catch (BenchStop ex)
+        catch (ProcessCluster.Stopped ex)
         {
             problem = ex.Message;
         }
@@ -231,74 +203,6 @@ internal static class RecoveryBenchmarks
         if (workerMedian is { } w)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  torchrun tuned, worker process lost: median {w:F2} s -> ours (a whole node) is {w / median:F1}x faster"));
         return (figures, r.Problem is null && done.Count == r.Kills.Count);
-    }
-
-    /// <summary>Chaos: kill-and-restart events over a whole run on 4 nodes; the curve must equal a fault-free single-process run's.</summary>
-    public static (List<BenchFigure> Figures, bool Ok) Chaos(IReadOnlyList<string> configArgs, int events, int steps, string dir, TextWriter o)
-    {
-        var args = BaseArgs(configArgs);
-        o.WriteLine($"chaos: fault-free reference (single process, {steps} steps), then coordinator + 4 node processes with {events} SIGKILL-and-restart events at random times (logs in {dir}) ...");
-        Directory.CreateDirectory(dir);
-        var refLog = Path.Combine(dir, "reference.log");
-        var refMetrics = new MetricsTail(Path.Combine(dir, "reference.jsonl"));
-        var reference = ProcessCluster.Launch("reference", refLog, new[] { "train", "--single-process", "--steps", steps.ToString(CultureInfo.InvariantCulture), "--metrics", refMetrics.Path }.Concat(args));
-        using (reference.Process)
-        {
-            if (!reference.Process.WaitForExit(TimeSpan.FromMinutes(30))) reference.Process.Kill();
-            reference.Process.WaitForExit();
-            if (reference.Process.ExitCode != 0) { o.WriteLine($"  the reference run failed (exit {reference.Process.ExitCode}); see {refLog}"); return ([], false); }
-        }
-        refMetrics.Poll();
-        var plan = new KillPlan(Nodes: 4, Kills: events, Steps: steps, OpenEnded: false, RestartAtOnce: true, WaitForJoin: false, MinGap: 2, MaxGap: 2,
-            Timeout: TimeSpan.FromMinutes(20), Seed: Environment.TickCount);
-        var r = RunKills(plan, args, dir, o);
-
-        var problems = new List<string>();
-        if (r.Problem is not null) problems.Add(r.Problem);
-        if (r.CoordinatorExit != 0) problems.Add($"coordinator exit {r.CoordinatorExit}");
-        var got = r.Metrics.Steps;
-        var byStep = got.GroupBy(s => s.Step).ToDictionary(g => g.Key, g => g.ToList());
-        var dup = byStep.Where(kv => kv.Value.Count > 1).Select(kv => kv.Key).ToList();
-        var missing = Enumerable.Range(1, steps).Where(s => !byStep.ContainsKey(s)).ToList();
-        if (dup.Count > 0) problems.Add($"steps logged twice: {string.Join(",", dup.Take(10))}");
-        if (missing.Count > 0) problems.Add($"{missing.Count} steps missing (first {missing[0]})");
-        double maxRel = 0; long worst = 0;
-        int compared = 0, identical = 0;
-        foreach (var want in refMetrics.Steps)
-        {
-            if (!byStep.TryGetValue(want.Step, out var have)) continue;
-            compared++;
-            if (have[0].Loss == want.Loss) identical++;
-            double rel = Math.Abs(have[0].Loss - want.Loss) / Math.Abs(want.Loss);
-            if (!(rel <= maxRel)) { maxRel = rel; worst = want.Step; }
-        }
-        if (compared < steps) problems.Add($"only {compared} of {steps} steps compared with the reference");
-        // The canonical reduction makes every committed step the single-process loop's, bit for bit.
-        if (identical < compared) problems.Add(string.Create(CultureInfo.InvariantCulture, $"{compared - identical} steps' losses are not bit-identical to the fault-free run (max relative difference {maxRel:E2}, step {worst})"));
-        var handled = r.Kills.Where(k => k.Lost is not null).ToList();
-        if (handled.Count < r.Kills.Count) problems.Add($"{r.Kills.Count - handled.Count} kills without a node-lost line");
-        if (r.Kills.Count < events) problems.Add($"{r.Kills.Count} of {events} events happened");
-        var joins = r.Metrics.Events.Where(e => e.Kind == "node-joined").ToList();
-        var noTime = r.Metrics.Events.Where(e => !double.IsFinite(e.RecoverySeconds)).ToList();
-        if (noTime.Count > 0) problems.Add($"{noTime.Count} event lines without a recovery time");
-
-        var totals = handled.Select(k => k.Total).ToList();
-        o.WriteLine($"  {r.Kills.Count} kills ({handled.Count} with a node-lost line; coordinator phase at detection: {Phases(r.Kills)}), {joins.Count} node-joined lines, {got.Count} step lines for {steps} steps, coordinator exit {r.CoordinatorExit}");
-        o.WriteLine($"  node exits (not killed): {string.Join(", ", r.Nodes.Where(n => !n.Killed).Select(n => $"{n.Name} {n.Exit}"))}");
-        if (totals.Count > 0)
-            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"  kill -> next committed step: median {Median(totals):F2} s, p95 {Percentile(totals, 0.95):F2} s, max {totals.Max():F2} s; node-joined recovery median {Median(joins.Select(j => j.RecoverySeconds)):F2} s"));
-        o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  loss vs the fault-free run over {compared} steps: max relative difference {maxRel:E2}{(worst > 0 ? $" (step {worst})" : "")}; {identical} steps bit-identical (all must be)"));
-        o.WriteLine(problems.Count == 0 ? "  chaos: PASS" : $"  chaos: FAIL: {string.Join("; ", problems)} (logs in {dir})");
-        var figures = new List<BenchFigure>
-        {
-            new("chaos events (kills handled)", handled.Count, "events", "kills sent", r.Kills.Count),
-            new("chaos kill -> next step, median", Median(totals), "s"),
-            new("chaos kill -> next step, p95", Percentile(totals, 0.95), "s"),
-            new("chaos kill -> next step, max", totals.Count > 0 ? totals.Max() : double.NaN, "s"),
-            new("chaos max relative loss diff", maxRel * 1e6, "1e-6", "limit", 100),
-        };
-        return (figures, problems.Count == 0);
     }
 
     /// <summary>Tokens/s of fault-free 3-node runs with <c>cluster.redundancy</c> 1 and 0, alternating, each in fresh processes.</summary>
