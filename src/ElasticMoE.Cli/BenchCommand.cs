@@ -13,10 +13,11 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical"];
 
-    /// <summary>What runs without --suite: all but chaos (minutes of kills, a check rather than a figure) and moe-race (minutes of training).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race")).ToArray();
+    /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
+    /// rather than figures) and moe-race (minutes of training).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -28,7 +29,7 @@ public static class BenchCommand
         var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / checkpoint / moe suites: interleaved rounds of all modes (all but moe: each mode in fresh processes; default 5 / 4 / 3 / 3)");
         var raceSeconds = RunConfigOptions.Positive("--race-seconds", "moe-race suite: training seconds each model gets (default 240)");
         var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
-        var events = RunConfigOptions.Positive("--events", "chaos suite: SIGKILL-and-restart events (default 20; --steps sets the run, default 300; checkpoint suite: default 150)");
+        var events = RunConfigOptions.Positive("--events", "chaos suite: random events, kills with and without a replacement, joins and re-layouts (default 20; --steps sets the run: chaos default 300, checkpoint 150, canonical 1000)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
         var peer = new Option<string?>("--peer") { Description = "recovery suite: the torchrun-recovery script (default ../shared/peers/torchrun-recovery)" };
         var logs = new Option<string?>("--logs") { Description = "recovery, chaos, redundancy, checkpoint suites: folder for the processes' logs (default a new folder under /tmp)" };
@@ -165,6 +166,18 @@ public static class BenchCommand
             if (chosen.Contains("rebalance"))
                 figures.AddRange(RebalanceBenchmarks.Run(config, corpus, p.GetValue(cfg.Steps) ?? 60, stdout));
             bool ok = true;
+            if (chosen.Contains("canonical"))
+            {
+                int n = p.GetValue(cfg.Steps) ?? 1000;
+                stdout.WriteLine($"canonical: {n} steps of the configured model, the single-process loop vs in-process clusters at " +
+                                 $"{string.Join(", ", CanonicalBenchmark.Layouts.Select(l => $"DP {l.Nodes / l.Pp} x PP {l.Pp}"))}: every step's loss and gradient norm bit for bit ...");
+                var results = CanonicalBenchmark.Run(config, corpus, n, stdout);
+                foreach (var r in results)
+                    figures.Add(new($"canonical {r.Layout}: bit-identical steps", r.IdenticalSteps, "steps", "steps run", n));
+                bool same = results.All(r => r.IdenticalSteps == n && r.Steps == n);
+                stdout.WriteLine(same ? "  canonical: PASS" : "  canonical: FAIL: some layout left the single-process loop's bits");
+                ok &= same;
+            }
             if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
@@ -184,7 +197,7 @@ public static class BenchCommand
                 }
                 if (chosen.Contains("chaos"))
                 {
-                    var (f, good) = RecoveryBenchmarks.Chaos(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    var (f, good) = ChaosBenchmark.Run(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
