@@ -278,9 +278,9 @@ public static class BenchCommand
     // Runs this executable again with the same arguments plus --measure, so each mode has a process to itself.
     private static ClusterBenchmarks.Measurement MeasureInChild(ClusterBenchmarks.Mode mode, string[] args, TextWriter stderr)
     {
-        var psi = new System.Diagnostics.ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        var entry = Environment.GetCommandLineArgs()[0];
-        if (entry.EndsWith(".dll", StringComparison.OrdinalIgnoreCase)) psi.ArgumentList.Add(entry);
+        var self = ProcessCluster.SelfCommand();
+        var psi = new System.Diagnostics.ProcessStartInfo(self[0]) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        foreach (var a in self.Skip(1)) psi.ArgumentList.Add(a);
         psi.ArgumentList.Add("bench");
         var skip = false;
         foreach (var a in args)
