@@ -121,6 +121,19 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
     public static CheckpointOptions Default { get; } = new(50, 0, 2);
 }
 
+/// <summary>
+/// How a silent node is found (<c>cluster.failure-detection.*</c>): Akka's failure detector suspects it, a probe confirms.
+/// </summary>
+/// <param name="HeartbeatInterval">Seconds between the cluster's heartbeats to each monitored member.</param>
+/// <param name="AcceptablePause">Seconds of missed heartbeats tolerated before a member is suspected (unreachable).</param>
+/// <param name="ProbeTimeout">Seconds a confirmation probe (TCP connects to the suspect's remoting port) waits for an
+/// answer; no answer in time = lost. Set from the network's round trips: a LAN answers in well under a millisecond.</param>
+/// <param name="ProbeInterval">Seconds between further probes of a suspect that answered (busy, not gone).</param>
+public sealed record FailureDetectionOptions(double HeartbeatInterval, double AcceptablePause, double ProbeTimeout, double ProbeInterval)
+{
+    public static FailureDetectionOptions Default { get; } = new(0.25, 1.0, 0.5, 0.5);
+}
+
 /// <summary>The per-process Prometheus endpoint (<c>metrics.prometheus.*</c>): <c>http://HOST:PORT/metrics</c>.</summary>
 /// <param name="Port">0 = no endpoint (the default): nothing listens.</param>
 /// <param name="Host">What it listens on: loopback by default, so a run exposes nothing beyond this machine unless
@@ -188,6 +201,9 @@ public sealed record ElasticMoEConfig(
     /// <summary>Where this process serves its metrics to Prometheus, if anywhere.</summary>
     public PrometheusOptions Prometheus { get; init; } = PrometheusOptions.Default;
 
+    /// <summary><c>cluster.failure-detection.*</c>: suspicion by heartbeats, confirmation by probes.</summary>
+    public FailureDetectionOptions FailureDetection { get; init; } = FailureDetectionOptions.Default;
+
     /// <summary>When and how routed experts are re-placed by load.</summary>
     public RebalanceOptions Rebalance { get; init; } = RebalanceOptions.Default;
 
@@ -230,6 +246,9 @@ public sealed record ElasticMoEConfig(
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
             Prometheus = new PrometheusOptions(r.Int("metrics.prometheus.port"), r.String("metrics.prometheus.host")),
+            FailureDetection = new FailureDetectionOptions(r.Double("cluster.failure-detection.heartbeat-interval"),
+                r.Double("cluster.failure-detection.acceptable-pause"), r.Double("cluster.failure-detection.probe-timeout"),
+                r.Double("cluster.failure-detection.probe-interval")),
             Rebalance = new RebalanceOptions(r.Int("rebalance.every"), r.Int("rebalance.redundant-slots"), r.Double("rebalance.churn-budget"),
                 r.Int("rebalance.window"), r.Double("rebalance.threshold"), r.Double("rebalance.hysteresis")),
         };
@@ -377,6 +396,12 @@ public sealed record ElasticMoEConfig(
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
         Require(c.CoordinatorWaitSeconds >= 0, "cluster.coordinator-wait", "must be zero or positive");
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
+        var fd = FailureDetection;
+        Require(fd.HeartbeatInterval is > 0 and <= 60, "cluster.failure-detection.heartbeat-interval", "must be more than 0 and at most 60 seconds");
+        Require(fd.AcceptablePause >= 2 * fd.HeartbeatInterval, "cluster.failure-detection.acceptable-pause",
+            $"must be at least twice the heartbeat interval ({2 * fd.HeartbeatInterval:0.###} s): one late heartbeat must not make a member unreachable");
+        Require(fd.ProbeTimeout is > 0 and <= 60, "cluster.failure-detection.probe-timeout", "must be more than 0 and at most 60 seconds");
+        Require(fd.ProbeInterval is > 0 and <= 60, "cluster.failure-detection.probe-interval", "must be more than 0 and at most 60 seconds");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
         var rb = Rebalance;

@@ -68,6 +68,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly string _runFingerprint;
     private readonly Queue<RelayoutPoint> _schedule;
     private RequestRelayout? _requested;
+    // Confirms the failure detector's suspicions before a node is lost (a child: it dies with the coordinator).
+    private IActorRef _suspects = ActorRefs.Nobody;
 
     private CoordinatorState _state = CoordinatorState.Empty;
     private readonly List<(string Address, long Uid, IActorRef Agent)> _agents = new();
@@ -166,8 +168,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     protected override void PreStart()
     {
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
-            typeof(Akka.Cluster.ClusterEvent.MemberLeft));
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.ReachableMember),
+            typeof(Akka.Cluster.ClusterEvent.MemberRemoved), typeof(Akka.Cluster.ClusterEvent.MemberLeft));
+        _suspects = Context.ActorOf(SuspectProber.Props(_config), "suspects");
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
         StartRebalancer();
         if (_runDir is not null) StartJournal();
@@ -189,8 +192,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         ShellReadQueries();
         ShellControls();
         JournalReplies();
-        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
-        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
+        // Unreachable is a suspicion: the prober confirms it (no answer, or a refused connect) before the node is lost.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => _suspects.Tell(new SuspectProber.Suspect(m.Member.Address, m.Member.UniqueAddress.Uid)));
+        Receive<Akka.Cluster.ClusterEvent.ReachableMember>(m => _suspects.Tell(new SuspectProber.Cleared(m.Member.Address)));
+        Receive<SuspectProber.Confirmed>(m => OnMemberLost(m.Address, m.Uid, m.What));
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m =>
+        {
+            _suspects.Tell(new SuspectProber.Cleared(m.Member.Address));
+            OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster");
+        });
         // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
         // cancelled step could be reported as a worker failure under a misleading reason.
         Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
