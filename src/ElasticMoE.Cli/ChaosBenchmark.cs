@@ -65,11 +65,11 @@ internal static class ChaosBenchmark
             var client = ShellClient.ConnectAsync($"127.0.0.1:{cluster.Port}", TimeSpan.FromSeconds(20)).GetAwaiter().GetResult();
             try
             {
-                double share = (steps - 15) / (double)events;
+                var targets = RecoveryBenchmarks.SpreadTargets(steps, events, rng);
                 long ready = m.LastStep;
                 for (int k = 0; k < events; k++)
                 {
-                    long target = Math.Max(5 + (long)(k * share + rng.NextDouble() * share * 0.5), ready + 2);
+                    long target = Math.Max(targets[k], ready + 2);
                     if (target > steps - 5) { problem = $"only {k} of {events} events fit in {steps} steps"; break; }
                     Wait(() => m.LastStep >= target, $"step {target}");
                     var planned = cluster.Nodes.Where(n => n.Planned && n.Alive).ToList();
@@ -79,11 +79,7 @@ internal static class ChaosBenchmark
                     if (planned.Count >= 3) kinds.Add(Kind.Kill);
                     if (alive < MaxNodes) kinds.Add(Kind.Join);
                     var kind = kinds[rng.Next(kinds.Count)];
-                    // A random point inside the next step: any phase, the update and the transfers included.
-                    var recent = m.Steps.TakeLast(5).Select(s => s.Seconds).Order().ToList();
-                    var delay = Stopwatch.StartNew();
-                    var wait = TimeSpan.FromSeconds(rng.NextDouble() * recent[recent.Count / 2]);
-                    while (delay.Elapsed < wait) { m.Poll(); Thread.Sleep(2); }
+                    cluster.PauseIntoNextStep(rng);
                     long at = m.LastStep;
                     switch (kind)
                     {

@@ -131,6 +131,19 @@ internal sealed class ProcessCluster : IDisposable
         }
     }
 
+    /// <summary>
+    /// Waits a random fraction of the recent median step time, reading the metrics meanwhile (their lines keep the times
+    /// they were seen): what comes next lands at a random point inside the next step — any phase, the update and the
+    /// transfers included.
+    /// </summary>
+    public void PauseIntoNextStep(Random rng)
+    {
+        var recent = Metrics.Steps.TakeLast(5).Select(s => s.Seconds).Order().ToList();
+        var until = Stopwatch.StartNew();
+        var delay = TimeSpan.FromSeconds(rng.NextDouble() * recent[recent.Count / 2]);
+        while (until.Elapsed < delay) { Metrics.Poll(); Thread.Sleep(2); }
+    }
+
     /// <summary>SIGKILLs <paramref name="child"/>; returns the wall-clock time (Unix seconds) just before the signal.</summary>
     public static double Kill(Child child)
     {

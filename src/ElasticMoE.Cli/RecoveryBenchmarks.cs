@@ -20,11 +20,10 @@ internal static class RecoveryBenchmarks
     /// <param name="Kills">SIGKILLs to send.</param>
     /// <param name="Steps">Steps of the run; the kills are spread over it (open-ended runs: the run is stopped with SIGTERM after the last kill).</param>
     /// <param name="OpenEnded">Stop the run after the last kill instead of letting it reach <paramref name="Steps"/>.</param>
-    /// <param name="RestartAtOnce">Start the replacement right after the kill rather than once the loss is handled (recovery: the replacement's start-up then does not compete with the recovery measured).</param>
     /// <param name="WaitForJoin">Before the next kill, wait until the replacement is part of the plan (the world is back at <paramref name="Nodes"/>).</param>
     /// <param name="MinGap">Committed steps after the previous event was handled before the next kill.</param>
     /// <param name="MaxGap">Open-ended runs: the gap is drawn from [MinGap, MaxGap].</param>
-    public sealed record KillPlan(int Nodes, int Kills, int Steps, bool OpenEnded, bool RestartAtOnce, bool WaitForJoin, int MinGap, int MaxGap, TimeSpan Timeout, int Seed);
+    public sealed record KillPlan(int Nodes, int Kills, int Steps, bool OpenEnded, bool WaitForJoin, int MinGap, int MaxGap, TimeSpan Timeout, int Seed);
 
     /// <summary>One SIGKILL and what the coordinator logged for it.</summary>
     /// <param name="IntoStep">Seconds from the last step line seen to the kill: where in the step it landed.</param>
@@ -70,7 +69,7 @@ internal static class RecoveryBenchmarks
 
             Wait(() => m.LastStep >= 1, "the first step");
             foreach (var n in cluster.Nodes) n.Planned = true;   // the first plan takes every expected node
-            var targets = SpreadTargets(plan, rng);
+            long[] targets = plan.OpenEnded ? [] : SpreadTargets(plan.Steps, plan.Kills, rng);
             long ready = m.LastStep;
             for (int k = 0; k < plan.Kills; k++)
             {
@@ -81,11 +80,7 @@ internal static class RecoveryBenchmarks
                     break;
                 }
                 Wait(() => m.LastStep >= target, $"step {target}");
-                // A random point inside the next step: any phase, the update and the transfers included.
-                var recent = m.Steps.TakeLast(5).Select(s => s.Seconds).Order().ToList();
-                var until = Stopwatch.StartNew();
-                var delay = TimeSpan.FromSeconds(rng.NextDouble() * recent[recent.Count / 2]);
-                while (until.Elapsed < delay) { m.Poll(); Thread.Sleep(2); }   // still reading: the lines keep their times
+                cluster.PauseIntoNextStep(rng);
                 var planned = cluster.Nodes.Where(n => n.Planned && n.Alive).ToList();
                 if (planned.Count < 2) throw new ProcessCluster.Stopped($"only {planned.Count} planned node(s) alive at kill {k + 1}");
                 var victim = planned[rng.Next(planned.Count)];
@@ -93,11 +88,11 @@ internal static class RecoveryBenchmarks
                 double t = ProcessCluster.Kill(victim);
                 var kill = new Kill(k + 1, victim.Name, victim.Address!, t, last.Step, t - last.SeenUnix);
                 kills.Add(kill);
-                var fresh = plan.RestartAtOnce ? cluster.StartNode() : null;
                 Wait(() => (kill.Lost = m.Events.FirstOrDefault(e => e.Kind == "node-lost" && e.Node == kill.Address)) is not null, $"the node-lost line of {victim.Name}");
                 kill.Phase = PhaseOf(coordinator.Log, kill.Address);
                 log.WriteLine(Line(kill));
-                fresh ??= cluster.StartNode();
+                // Started once the loss is handled: the replacement's start-up does not compete with the recovery measured.
+                var fresh = cluster.StartNode();
                 if (plan.WaitForJoin) Wait(() => fresh.Planned, $"{fresh.Name} to join");
                 ready = m.LastStep;
             }
@@ -135,13 +130,12 @@ internal static class RecoveryBenchmarks
     public static string Phases(IEnumerable<Kill> kills) =>
         string.Join(", ", kills.GroupBy(k => k.Phase).OrderByDescending(g => g.Count()).Select(g => $"{g.Key} {g.Count()}"));
 
-    /// <summary>Fixed-length runs: one target step per kill, spread evenly over the run with a random offset inside each share.</summary>
-    private static long[] SpreadTargets(KillPlan plan, Random rng)
+    /// <summary>Fixed-length runs: one target step per event, spread evenly over <paramref name="steps"/> with a random offset inside each share.</summary>
+    public static long[] SpreadTargets(int steps, int events, Random rng)
     {
-        if (plan.OpenEnded) return [];
         const int first = 5;
-        double share = (plan.Steps - first - 10) / (double)plan.Kills;
-        return Enumerable.Range(0, plan.Kills).Select(k => first + (long)(k * share + rng.NextDouble() * share * 0.5)).ToArray();
+        double share = (steps - first - 10) / (double)events;
+        return Enumerable.Range(0, events).Select(k => first + (long)(k * share + rng.NextDouble() * share * 0.5)).ToArray();
     }
 
     private static string Line(Kill k) => k.Lost is { } e
@@ -168,7 +162,7 @@ internal static class RecoveryBenchmarks
     public static (List<BenchFigure> Figures, bool Ok) Recovery(IReadOnlyList<string> configArgs, int kills, int torchrunReps, string? peer, string dir, TextWriter o)
     {
         o.WriteLine($"recovery: coordinator + 3 node processes, {kills} SIGKILLs of a node at random times, a fresh node after each (logs in {dir}) ...");
-        var plan = new KillPlan(Nodes: 3, Kills: kills, Steps: 1_000_000, OpenEnded: true, RestartAtOnce: false, WaitForJoin: true, MinGap: 3, MaxGap: 8,
+        var plan = new KillPlan(Nodes: 3, Kills: kills, Steps: 1_000_000, OpenEnded: true, WaitForJoin: true, MinGap: 3, MaxGap: 8,
             Timeout: TimeSpan.FromMinutes(5 + kills), Seed: Environment.TickCount);
         var r = RunKills(plan, BaseArgs(configArgs), dir, o);
         var done = r.Kills.Where(k => k.Lost is not null).ToList();
@@ -217,7 +211,7 @@ internal static class RecoveryBenchmarks
             foreach (int red in round % 2 == 0 ? new[] { 1, 0 } : [0, 1])
             {
                 var args = BaseArgs(configArgs).Concat(["--set", $"cluster.redundancy={red}"]).ToList();
-                var plan = new KillPlan(3, 0, warmup + timedSteps + 1, false, false, false, 0, 0, TimeSpan.FromMinutes(10), 0);
+                var plan = new KillPlan(3, 0, warmup + timedSteps + 1, false, false, 0, 0, TimeSpan.FromMinutes(10), 0);
                 var r = RunKills(plan, args, Path.Combine(dir, $"round{round + 1}-redundancy{red}"), TextWriter.Null);
                 if (r.Problem is not null || r.CoordinatorExit != 0)
                 {

@@ -74,9 +74,6 @@ public static class LibTorchLoader
     /// <summary>The MKL conditional-numerical-reproducibility mode set when the environment names none.</summary>
     public const string DefaultMklCbwr = "AVX2,STRICT";
 
-    /// <summary>MKL's reproducibility mode in force for this process: the environment's MKL_CBWR, else <see cref="DefaultMklCbwr"/>.</summary>
-    public static string MklCbwr { get; private set; } = "";
-
     /// <summary>
     /// Makes MKL's GEMMs give the same bits whatever the thread count, and on any x86 CPU with AVX2, by setting
     /// MKL_CBWR=AVX2,STRICT in the native environment before libtorch (and its MKL) is loaded, unless the user set it.
@@ -92,11 +89,10 @@ public static class LibTorchLoader
     /// </remarks>
     private static void PinMklReproducibility()
     {
-        var given = Environment.GetEnvironmentVariable("MKL_CBWR");
-        if (!string.IsNullOrEmpty(given)) { MklCbwr = given; return; }
+        if (!string.IsNullOrEmpty(Environment.GetEnvironmentVariable("MKL_CBWR"))) return;
         try
         {
-            if (setenv("MKL_CBWR", DefaultMklCbwr, 0) == 0) MklCbwr = DefaultMklCbwr;
+            setenv("MKL_CBWR", DefaultMklCbwr, 0);
             Environment.SetEnvironmentVariable("MKL_CBWR", DefaultMklCbwr);   // children started by this process inherit it
         }
         catch (Exception ex) when (ex is DllNotFoundException or EntryPointNotFoundException)
