@@ -129,9 +129,10 @@ public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
 /// <param name="ProbeTimeout">Seconds a confirmation probe (TCP connects to the suspect's remoting port) waits for an
 /// answer; no answer in time = lost. Set from the network's round trips: a LAN answers in well under a millisecond.</param>
 /// <param name="ProbeInterval">Seconds between further probes of a suspect that answered (busy, not gone).</param>
-public sealed record FailureDetectionOptions(double HeartbeatInterval, double AcceptablePause, double ProbeTimeout, double ProbeInterval)
+/// <param name="StepOverdue">A step taking this many times the recent median step gets its nodes probed (0 = off).</param>
+public sealed record FailureDetectionOptions(double HeartbeatInterval, double AcceptablePause, double ProbeTimeout, double ProbeInterval, double StepOverdue)
 {
-    public static FailureDetectionOptions Default { get; } = new(0.25, 1.0, 0.5, 0.5);
+    public static FailureDetectionOptions Default { get; } = new(0.25, 1.0, 0.5, 0.5, 2.0);
 }
 
 /// <summary>The per-process Prometheus endpoint (<c>metrics.prometheus.*</c>): <c>http://HOST:PORT/metrics</c>.</summary>
@@ -248,7 +249,7 @@ public sealed record ElasticMoEConfig(
             Prometheus = new PrometheusOptions(r.Int("metrics.prometheus.port"), r.String("metrics.prometheus.host")),
             FailureDetection = new FailureDetectionOptions(r.Double("cluster.failure-detection.heartbeat-interval"),
                 r.Double("cluster.failure-detection.acceptable-pause"), r.Double("cluster.failure-detection.probe-timeout"),
-                r.Double("cluster.failure-detection.probe-interval")),
+                r.Double("cluster.failure-detection.probe-interval"), r.Double("cluster.failure-detection.step-overdue")),
             Rebalance = new RebalanceOptions(r.Int("rebalance.every"), r.Int("rebalance.redundant-slots"), r.Double("rebalance.churn-budget"),
                 r.Int("rebalance.window"), r.Double("rebalance.threshold"), r.Double("rebalance.hysteresis")),
         };
@@ -402,6 +403,8 @@ public sealed record ElasticMoEConfig(
             $"must be at least twice the heartbeat interval ({2 * fd.HeartbeatInterval:0.###} s): one late heartbeat must not make a member unreachable");
         Require(fd.ProbeTimeout is > 0 and <= 60, "cluster.failure-detection.probe-timeout", "must be more than 0 and at most 60 seconds");
         Require(fd.ProbeInterval is > 0 and <= 60, "cluster.failure-detection.probe-interval", "must be more than 0 and at most 60 seconds");
+        Require(fd.StepOverdue == 0 || fd.StepOverdue >= 1.5, "cluster.failure-detection.step-overdue",
+            "must be 0 (off) or at least 1.5 (times the median step: steps vary by tens of percent on a busy machine)");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
         var rb = Rebalance;

@@ -158,6 +158,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Enter(Phase phase, Action behaviour)
     {
+        // Step timing watches a step from its first attempt's start (StartAttempt) to its commit; anything else ends it.
+        if (phase is not (Phase.Computing or Phase.Norms or Phase.Updating)) _suspects.Tell(new SuspectProber.StepEnded(double.NaN));
         _phase = phase;
         Become(behaviour);
     }
@@ -170,7 +172,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
             typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.ReachableMember),
             typeof(Akka.Cluster.ClusterEvent.MemberRemoved), typeof(Akka.Cluster.ClusterEvent.MemberLeft));
-        _suspects = Context.ActorOf(SuspectProber.Props(_config), "suspects");
+        _suspects = Context.ActorOf(SuspectProber.Props(_config, stepTiming: true), "suspects");
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
         StartRebalancer();
         if (_runDir is not null) StartJournal();
@@ -822,6 +824,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _norms.Clear();
         _applied.Clear();
         Enter(Phase.Computing, Computing);
+        _suspects.Tell(new SuspectProber.StepStarted(_agents.Select(a => (a.Agent.Path.Address, a.Uid)).ToList()));
         StartPhaseTimer("compute", _config.Cluster.StepTimeoutSeconds);
         var run = new RunStep(fence);
         foreach (var m in _mirrors) m.Keeper.Tell(run);
@@ -958,6 +961,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         Timers.Cancel("phase");
         if (!ChecksumsAgree(out var why)) { Fail(why, FailureKind.StateLost); return; }
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
+        _suspects.Tell(new SuspectProber.StepEnded(r.Seconds));
         if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _fence.Step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
         Apply(new StepCommitted(r, _fence.Attempt + 1));
         RecordLoads(r);
