@@ -71,8 +71,9 @@ public sealed record TrainOptions(
 /// A fault to inject for testing recovery, such as <c>"step=5,phase=backward,attempt=0"</c>; "" = none.
 /// Kept as the string here and parsed where it is injected.
 /// </param>
-/// <param name="JoinSettleSeconds">After a node joins a running job, how long to keep training before re-planning
-/// to include it, so that nodes arriving together are planned together (one pause, not one each).</param>
+/// <param name="JoinSettleSeconds">After a node joins a running job, how long no further node must join before the
+/// re-plan that includes them (at most 4 times this after the first), so that nodes arriving together are planned
+/// together (one pause, not one each).</param>
 /// <param name="MaxWaitSeconds">How long a run waits for workers when the layout it needs has more workers than
 /// are present (paused, with a status line), before it fails with that reason.</param>
 /// <param name="MinNodes">Fewest nodes a run goes on with after losing some: below it, it pauses until nodes join

@@ -128,6 +128,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _report = report;
         _done = done;
         _runFingerprint = runFingerprint;
+        _joinSettle = new Coordination.JoinSettle(config.Cluster.JoinSettleSeconds);
         _faults = FaultInjection.Parse(config.Cluster.FaultInjection);
         _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
             : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
@@ -479,7 +480,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             }
             return;
         }
-        _joinSettle ??= System.Diagnostics.Stopwatch.StartNew();
+        _joinSettle.Joined(_uptime.Elapsed.TotalSeconds);
     }
 
     // ---- graceful leave -------------------------------------------------------------------------
@@ -560,7 +561,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     }
 
     // A join waiting for its settle window; a layout waiting for workers (paused).
-    private System.Diagnostics.Stopwatch? _joinSettle;
+    private readonly Coordination.JoinSettle _joinSettle;
+    private readonly System.Diagnostics.Stopwatch _uptime = System.Diagnostics.Stopwatch.StartNew();
     private (int Workers, int Pp)? _waitingFor;
     // After a loss left fewer nodes than cluster.min-nodes: paused until that many are present.
     private int? _waitingForNodes;
@@ -604,7 +606,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var previous = _state.Plan;
         TrainingPlan next;
         TransferPlan transfers;
-        _joinSettle = null;   // whoever is present now is planned now
+        _joinSettle.Planned();   // whoever is present now is planned now
         if (workers > WorkersStaying && previous is not null)
         {
             // Too few workers for the layout asked for: pause (the units stay where they are) until nodes
@@ -805,7 +807,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Replan(point.Workers, point.Pp);
             return;
         }
-        if (_joinSettle is { } settle && settle.Elapsed.TotalSeconds >= _config.Cluster.JoinSettleSeconds)
+        if (_joinSettle.Due(_uptime.Elapsed.TotalSeconds))
         {
             int workers = WorkersStaying;
             Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
