@@ -119,15 +119,15 @@ internal static class HostBenchmarks
                 $"  {name} -> next committed step: median {median:F2} s, p95 {p95:F2} s, max {done.Max(x => x.Total):F2} s{(kind == Fault.Cut ? $" (target p95 <= 2 s: {(p95 <= 2 ? "met" : "NOT met")})" : "")}"));
         }
         // Registration -> next committed step, from the coordinator's node-joined lines: settle window, install, first step.
-        var joined = m.Events.Where(x => x.Kind == "node-joined" && double.IsFinite(x.RecoverySeconds)).ToList();
-        if (joined.Count > 0)
+        var joinLines = m.Events.Where(x => x.Kind == "node-joined" && double.IsFinite(x.RecoverySeconds)).ToList();
+        if (joinLines.Count > 0)
         {
-            double jm = RecoveryBenchmarks.Median(joined.Select(x => x.RecoverySeconds)), jp = RecoveryBenchmarks.Percentile(joined.Select(x => x.RecoverySeconds), 0.95);
-            figures.Add(new($"join: registration -> next step, median ({joined.Count})", jm, "s", "median step, same run", RecoveryBenchmarks.Median(steps)));
-            figures.Add(new($"join: registration -> next step, p95 ({joined.Count})", jp, "s", "median step, same run", RecoveryBenchmarks.Median(steps)));
-            figures.Add(new("  join: settle + wait for a boundary, median", RecoveryBenchmarks.Median(joined.Select(x => x.ReplanSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
-            figures.Add(new("  join: unit install, median", RecoveryBenchmarks.Median(joined.Select(x => x.InstallSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
-            figures.Add(new("  join: first step of the plan, median", RecoveryBenchmarks.Median(joined.Select(x => x.RedoSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
+            double jm = RecoveryBenchmarks.Median(joinLines.Select(x => x.RecoverySeconds)), jp = RecoveryBenchmarks.Percentile(joinLines.Select(x => x.RecoverySeconds), 0.95);
+            figures.Add(new($"join: registration -> next step, median ({joinLines.Count})", jm, "s", "median step, same run", RecoveryBenchmarks.Median(steps)));
+            figures.Add(new($"join: registration -> next step, p95 ({joinLines.Count})", jp, "s", "median step, same run", RecoveryBenchmarks.Median(steps)));
+            figures.Add(new("  join: settle + wait for a boundary, median", RecoveryBenchmarks.Median(joinLines.Select(x => x.ReplanSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
+            figures.Add(new("  join: unit install, median", RecoveryBenchmarks.Median(joinLines.Select(x => x.InstallSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
+            figures.Add(new("  join: first step of the plan, median", RecoveryBenchmarks.Median(joinLines.Select(x => x.RedoSeconds)) * 1000, "ms", "median step, same run", RecoveryBenchmarks.Median(steps) * 1000));
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  join: registration -> next committed step: median {jm:F2} s, p95 {jp:F2} s (target <= 2 s: {(jp <= 2 ? "met" : "NOT met")})"));
         }
         if (burstPlans > 0) figures.Add(new("burst of 3 joins: re-plans", burstPlans, "plans", null, null));
