@@ -111,6 +111,13 @@ public sealed record ClusterOptions(
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
+
+    /// <summary><c>cluster.public-host</c>: what peers dial to reach this process (NAT, containers); "" = <see cref="Host"/>.
+    /// <see cref="Host"/> is then only what it binds (e.g. "0.0.0.0").</summary>
+    public string PublicHost { get; init; } = "";
+
+    /// <summary>The host peers are told to dial: <see cref="PublicHost"/>, else <see cref="Host"/>.</summary>
+    public string AdvertisedHost => PublicHost.Length > 0 ? PublicHost : Host;
 }
 
 /// <summary>Checkpoints of a cluster run with a run directory (<c>checkpoint.*</c>).</summary>
@@ -243,7 +250,7 @@ public sealed record ElasticMoEConfig(
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
             r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"),
-            r.Double("cluster.coordinator-wait"));
+            r.Double("cluster.coordinator-wait")) { PublicHost = r.String("cluster.public-host") };
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
@@ -396,6 +403,13 @@ public sealed record ElasticMoEConfig(
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
+        Require(Uri.CheckHostName(c.Host) != UriHostNameType.Unknown, "cluster.host",
+            $"must be a host name or IP address of this machine to listen on (\"0.0.0.0\" = every interface, with cluster.public-host set), got \"{c.Host}\"");
+        Require(c.PublicHost.Length == 0 || Uri.CheckHostName(c.PublicHost) != UriHostNameType.Unknown, "cluster.public-host",
+            $"must be empty (= cluster.host) or the host name or IP address peers dial, got \"{c.PublicHost}\"");
+        Require(!(c.PublicHost.Length == 0 && c.Host is "0.0.0.0" or "::"), "cluster.public-host",
+            $"must be set when cluster.host is \"{c.Host}\" (every interface): peers need an address they can dial"
+            );
         Require(c.CoordinatorWaitSeconds >= 0, "cluster.coordinator-wait", "must be zero or positive");
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
         var fd = FailureDetection;

@@ -50,7 +50,17 @@ public sealed class ClusterNode : IAsyncDisposable
         if (coordinator && config.RunDirectory is { } runDir)
             akka = config.Raw.HasPath("akka.persistence") ? akka.WithFallback(Journal.JournalConfig.WithOverlay(config.Raw, runDir))
                 : akka.WithFallback(Journal.JournalConfig.Sqlite(runDir));
-        System = ActorSystem.Create(SystemName, akka);
+        try
+        {
+            System = ActorSystem.Create(SystemName, akka);
+        }
+        catch (Exception e) when (Inner(e).OfType<Akka.Remote.RemoteTransportException>().FirstOrDefault() is { } bind)
+        {
+            var c = config.Cluster;
+            throw new ConfigException($"elasticmoe.cluster.host: cannot listen on {c.Host}:{c.Port} ({bind.Message.TrimEnd('.')}; " +
+                $"{Inner(e).OfType<System.Net.Sockets.SocketException>().FirstOrDefault()?.Message ?? "see the log"}): it must be an address of this machine " +
+                "and a free port; bind one that is (or \"0.0.0.0\") and put what peers dial in cluster.public-host");
+        }
         if (loop is not null) ComputeLoopDispatcher.Register(System, loop);
         var cluster = Cluster.Get(System);
         Address = cluster.SelfAddress;
@@ -108,6 +118,15 @@ public sealed class ClusterNode : IAsyncDisposable
         TrainingReport? report = null, ComputeLoop? loop = null, NodeResources? resources = null)
         => new(config, corpus, coordinator, worker, join, report, loop, resources);
 
+    // An exception and everything inside it (aggregates and inner exceptions), outermost first.
+    private static IEnumerable<Exception> Inner(Exception e)
+    {
+        yield return e;
+        var inner = e is AggregateException a ? a.InnerExceptions : e.InnerException is { } i ? [i] : (IEnumerable<Exception>)[];
+        foreach (var x in inner)
+            foreach (var y in Inner(x)) yield return y;
+    }
+
     public static Config AkkaConfig(ElasticMoEConfig config, IEnumerable<string> roles)
     {
         var c = config.Cluster;
@@ -137,6 +156,7 @@ public sealed class ClusterNode : IAsyncDisposable
               }
               remote.dot-netty.tcp {
                 hostname = "{{c.Host}}"
+                public-hostname = "{{c.AdvertisedHost}}"
                 port = {{c.Port}}
               }
               cluster {
