@@ -13,11 +13,11 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
-    /// rather than figures) and moe-race (minutes of training).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical")).ToArray();
+    /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -28,7 +28,7 @@ public static class BenchCommand
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
         var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / checkpoint / moe suites: interleaved rounds of all modes (all but moe: each mode in fresh processes; default 5 / 4 / 3 / 3)");
         var raceSeconds = RunConfigOptions.Positive("--race-seconds", "moe-race suite: training seconds each model gets (default 240)");
-        var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node (default 10)");
+        var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node; hosts suite: link cuts, and as many SIGKILLs (default 10)");
         var events = RunConfigOptions.Positive("--events", "chaos suite: random events, kills with and without a replacement, joins and re-layouts (default 20; --steps sets the run: chaos default 300, checkpoint 150, canonical 1000)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
         var peer = new Option<string?>("--peer") { Description = "recovery suite: the torchrun-recovery script (default ../shared/peers/torchrun-recovery)" };
@@ -178,7 +178,7 @@ public static class BenchCommand
                 stdout.WriteLine(same ? "  canonical: PASS" : "  canonical: FAIL: some layout left the single-process loop's bits");
                 ok &= same;
             }
-            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -198,6 +198,12 @@ public static class BenchCommand
                 if (chosen.Contains("chaos"))
                 {
                     var (f, good) = ChaosBenchmark.Run(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("hosts"))
+                {
+                    var (f, good) = HostBenchmarks.SilentLoss(childArgs, p.GetValue(kills) ?? 10, Path.Combine(dir, "hosts"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }

@@ -15,9 +15,11 @@ namespace ElasticMoE.Cli;
 internal sealed class ProcessCluster : IDisposable
 {
     /// <summary>One OS process of the cluster.</summary>
-    public sealed class Child(string name, string log, Process process)
+    public sealed class Child(string name, string log, Process process, int host = 0)
     {
         public string Name { get; } = name;
+        /// <summary>The rack host it runs on (0 without a rack).</summary>
+        public int Host { get; } = host;
         public string Log { get; } = log;
         public Process Process { get; } = process;
         /// <summary>Taking part in the current plan: a first node once the run has started, a later one once its node-joined line is out.</summary>
@@ -46,6 +48,8 @@ internal sealed class ProcessCluster : IDisposable
     }
 
     private readonly List<string> _configArgs;
+    private readonly HostRack? _rack;
+    private readonly IReadOnlyList<string> _program;
     private int _nodeCount;
 
     public string Dir { get; }
@@ -57,8 +61,12 @@ internal sealed class ProcessCluster : IDisposable
 
     /// <param name="dir">Where the logs and the metrics file go (created).</param>
     /// <param name="configArgs">Config options every process gets alike (--set, --threads, ...): nodes must match the coordinator.</param>
-    public ProcessCluster(string dir, IEnumerable<string> configArgs)
+    /// <param name="rack">Test hosts to run on: the coordinator on host 0, nodes on the others (null = this machine's loopback).</param>
+    /// <param name="program">How to start elasticmoe (default: this executable again; tests name the built dll).</param>
+    public ProcessCluster(string dir, IEnumerable<string> configArgs, HostRack? rack = null, IReadOnlyList<string>? program = null)
     {
+        _rack = rack;
+        _program = program ?? SelfCommand();
         Dir = dir;
         Directory.CreateDirectory(dir);
         _configArgs = configArgs.ToList();
@@ -72,7 +80,7 @@ internal sealed class ProcessCluster : IDisposable
         var args = new List<string> { "train", "--nodes", "0", "--expect-nodes", Inv(expectNodes), "--port", Inv(Port), "--steps", Inv(steps), "--metrics", Metrics.Path };
         args.AddRange(_configArgs);
         if (extra is not null) args.AddRange(extra);
-        Coordinator = Launch("coordinator", Path.Combine(Dir, "coordinator.log"), args);
+        Coordinator = Launch("coordinator", Path.Combine(Dir, "coordinator.log"), OnHost(0, args), 0);
         // The coordinator's first line comes after libtorch is loaded (and its one-time patch written, which
         // processes starting side by side on a fresh build would race for), its address line once it listens.
         var sw = Stopwatch.StartNew();
@@ -86,15 +94,24 @@ internal sealed class ProcessCluster : IDisposable
     }
 
     /// <summary>Starts a fresh <c>elasticmoe node</c> that joins the coordinator.</summary>
-    public Child StartNode()
+    /// <param name="host">The rack host to start it on (default: hosts 1, 2, ... in turn); ignored without a rack.</param>
+    public Child StartNode(int? host = null)
     {
         var name = $"node{++_nodeCount}";
-        var args = new List<string> { "node", "--seed-node", $"akka.tcp://elasticmoe@127.0.0.1:{Inv(Port)}" };
+        int h = _rack is null ? 0 : host ?? 1 + (_nodeCount - 1) % Math.Max(1, _rack.Count - 1);
+        var args = new List<string> { "node", "--seed-node", $"akka.tcp://elasticmoe@{CoordinatorHost}:{Inv(Port)}" };
         args.AddRange(_configArgs);
-        var child = Launch(name, Path.Combine(Dir, name + ".log"), args);
+        var child = Launch(name, Path.Combine(Dir, name + ".log"), OnHost(h, args), h);
         Nodes.Add(child);
         return child;
     }
+
+    /// <summary>Where the coordinator listens: loopback, or rack host 0's address.</summary>
+    public string CoordinatorHost => _rack is null ? "127.0.0.1" : HostRack.Address(0);
+
+    // On a rack: bound to the host's address (remoting, data plane) and run inside its namespace.
+    private IEnumerable<string> OnHost(int host, List<string> args) =>
+        _rack is null ? _program.Concat(args) : _rack.Wrap(host, _program.Concat(args).Concat(["--set", $"cluster.host={HostRack.Address(host)}"]));
 
     /// <summary>A run that cannot go on as a benchmark expects: the coordinator exited, hung, or ran out of time.</summary>
     public sealed class Stopped(string message) : Exception(message);
@@ -186,7 +203,10 @@ internal sealed class ProcessCluster : IDisposable
     }
 
     /// <summary>This executable with <paramref name="args"/>, its output (stdout and stderr) in <paramref name="log"/>.</summary>
-    public static Child Launch(string name, string log, IEnumerable<string> args)
+    public static Child Launch(string name, string log, IEnumerable<string> args) => Launch(name, log, SelfCommand().Concat(args), 0);
+
+    /// <summary>The program and arguments of <paramref name="command"/>, its output in <paramref name="log"/>.</summary>
+    private static Child Launch(string name, string log, IEnumerable<string> command, int host)
     {
         // `sh -c 'exec ...'`: the shell redirects the output to the file and becomes the process, so the
         // pid is elasticmoe's own (a SIGKILL hits it, not a wrapper) and nothing here has to pump its pipes.
@@ -194,9 +214,9 @@ internal sealed class ProcessCluster : IDisposable
         psi.ArgumentList.Add("-c");
         psi.ArgumentList.Add("exec \"$@\" >\"$ELASTICMOE_BENCH_LOG\" 2>&1 </dev/null");
         psi.ArgumentList.Add("sh");
-        foreach (var a in SelfCommand().Concat(args)) psi.ArgumentList.Add(a);
+        foreach (var a in command) psi.ArgumentList.Add(a);
         psi.Environment["ELASTICMOE_BENCH_LOG"] = log;
-        return new Child(name, log, Process.Start(psi)!);
+        return new Child(name, log, Process.Start(psi)!, host);
     }
 
     /// <summary>How to start this executable again: the apphost, or <c>dotnet elasticmoe.dll</c>.</summary>

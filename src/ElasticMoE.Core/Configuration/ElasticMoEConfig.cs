@@ -71,8 +71,9 @@ public sealed record TrainOptions(
 /// A fault to inject for testing recovery, such as <c>"step=5,phase=backward,attempt=0"</c>; "" = none.
 /// Kept as the string here and parsed where it is injected.
 /// </param>
-/// <param name="JoinSettleSeconds">After a node joins a running job, how long to keep training before re-planning
-/// to include it, so that nodes arriving together are planned together (one pause, not one each).</param>
+/// <param name="JoinSettleSeconds">After a node joins a running job, how long no further node must join before the
+/// re-plan that includes them (at most 4 times this after the first), so that nodes arriving together are planned
+/// together (one pause, not one each).</param>
 /// <param name="MaxWaitSeconds">How long a run waits for workers when the layout it needs has more workers than
 /// are present (paused, with a status line), before it fails with that reason.</param>
 /// <param name="MinNodes">Fewest nodes a run goes on with after losing some: below it, it pauses until nodes join
@@ -110,6 +111,13 @@ public sealed record ClusterOptions(
 {
     /// <summary>Nodes the coordinator waits for: explicit, else the in-process ones.</summary>
     public int NodesToWaitFor => ExpectedNodes > 0 ? ExpectedNodes : Nodes;
+
+    /// <summary><c>cluster.public-host</c>: what peers dial to reach this process (NAT, containers); "" = <see cref="Host"/>.
+    /// <see cref="Host"/> is then only what it binds (e.g. "0.0.0.0").</summary>
+    public string PublicHost { get; init; } = "";
+
+    /// <summary>The host peers are told to dial: <see cref="PublicHost"/>, else <see cref="Host"/>.</summary>
+    public string AdvertisedHost => PublicHost.Length > 0 ? PublicHost : Host;
 }
 
 /// <summary>Checkpoints of a cluster run with a run directory (<c>checkpoint.*</c>).</summary>
@@ -119,6 +127,20 @@ public sealed record ClusterOptions(
 public sealed record CheckpointOptions(int Every, double EverySeconds, int Keep)
 {
     public static CheckpointOptions Default { get; } = new(50, 0, 2);
+}
+
+/// <summary>
+/// How a silent node is found (<c>cluster.failure-detection.*</c>): Akka's failure detector suspects it, a probe confirms.
+/// </summary>
+/// <param name="HeartbeatInterval">Seconds between the cluster's heartbeats to each monitored member.</param>
+/// <param name="AcceptablePause">Seconds of missed heartbeats tolerated before a member is suspected (unreachable).</param>
+/// <param name="ProbeTimeout">Seconds a confirmation probe (TCP connects to the suspect's remoting port) waits for an
+/// answer; no answer in time = lost. Set from the network's round trips: a LAN answers in well under a millisecond.</param>
+/// <param name="ProbeInterval">Seconds between further probes of a suspect that answered (busy, not gone).</param>
+/// <param name="StepOverdue">A step taking this many times the recent median step gets its nodes probed (0 = off).</param>
+public sealed record FailureDetectionOptions(double HeartbeatInterval, double AcceptablePause, double ProbeTimeout, double ProbeInterval, double StepOverdue)
+{
+    public static FailureDetectionOptions Default { get; } = new(0.25, 1.0, 0.5, 0.5, 2.0);
 }
 
 /// <summary>The per-process Prometheus endpoint (<c>metrics.prometheus.*</c>): <c>http://HOST:PORT/metrics</c>.</summary>
@@ -188,6 +210,9 @@ public sealed record ElasticMoEConfig(
     /// <summary>Where this process serves its metrics to Prometheus, if anywhere.</summary>
     public PrometheusOptions Prometheus { get; init; } = PrometheusOptions.Default;
 
+    /// <summary><c>cluster.failure-detection.*</c>: suspicion by heartbeats, confirmation by probes.</summary>
+    public FailureDetectionOptions FailureDetection { get; init; } = FailureDetectionOptions.Default;
+
     /// <summary>When and how routed experts are re-placed by load.</summary>
     public RebalanceOptions Rebalance { get; init; } = RebalanceOptions.Default;
 
@@ -225,11 +250,14 @@ public sealed record ElasticMoEConfig(
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
             r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"),
-            r.Double("cluster.coordinator-wait"));
+            r.Double("cluster.coordinator-wait")) { PublicHost = r.String("cluster.public-host") };
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
             Prometheus = new PrometheusOptions(r.Int("metrics.prometheus.port"), r.String("metrics.prometheus.host")),
+            FailureDetection = new FailureDetectionOptions(r.Double("cluster.failure-detection.heartbeat-interval"),
+                r.Double("cluster.failure-detection.acceptable-pause"), r.Double("cluster.failure-detection.probe-timeout"),
+                r.Double("cluster.failure-detection.probe-interval"), r.Double("cluster.failure-detection.step-overdue")),
             Rebalance = new RebalanceOptions(r.Int("rebalance.every"), r.Int("rebalance.redundant-slots"), r.Double("rebalance.churn-budget"),
                 r.Int("rebalance.window"), r.Double("rebalance.threshold"), r.Double("rebalance.hysteresis")),
         };
@@ -375,8 +403,23 @@ public sealed record ElasticMoEConfig(
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
+        Require(Uri.CheckHostName(c.Host) != UriHostNameType.Unknown, "cluster.host",
+            $"must be a host name or IP address of this machine to listen on (\"0.0.0.0\" = every interface, with cluster.public-host set), got \"{c.Host}\"");
+        Require(c.PublicHost.Length == 0 || Uri.CheckHostName(c.PublicHost) != UriHostNameType.Unknown, "cluster.public-host",
+            $"must be empty (= cluster.host) or the host name or IP address peers dial, got \"{c.PublicHost}\"");
+        Require(!(c.PublicHost.Length == 0 && c.Host is "0.0.0.0" or "::"), "cluster.public-host",
+            $"must be set when cluster.host is \"{c.Host}\" (every interface): peers need an address they can dial"
+            );
         Require(c.CoordinatorWaitSeconds >= 0, "cluster.coordinator-wait", "must be zero or positive");
         Require(Checkpoint.Every >= 0, "checkpoint.every", "must be zero or positive");
+        var fd = FailureDetection;
+        Require(fd.HeartbeatInterval is > 0 and <= 60, "cluster.failure-detection.heartbeat-interval", "must be more than 0 and at most 60 seconds");
+        Require(fd.AcceptablePause >= 2 * fd.HeartbeatInterval, "cluster.failure-detection.acceptable-pause",
+            $"must be at least twice the heartbeat interval ({2 * fd.HeartbeatInterval:0.###} s): one late heartbeat must not make a member unreachable");
+        Require(fd.ProbeTimeout is > 0 and <= 60, "cluster.failure-detection.probe-timeout", "must be more than 0 and at most 60 seconds");
+        Require(fd.ProbeInterval is > 0 and <= 60, "cluster.failure-detection.probe-interval", "must be more than 0 and at most 60 seconds");
+        Require(fd.StepOverdue == 0 || fd.StepOverdue >= 1.5, "cluster.failure-detection.step-overdue",
+            "must be 0 (off) or at least 1.5 (times the median step: steps vary by tens of percent on a busy machine)");
         Require(Checkpoint.EverySeconds >= 0, "checkpoint.every-seconds", "must be zero or positive");
         Require(Checkpoint.Keep >= 1, "checkpoint.keep", "must be at least 1");
         var rb = Rebalance;

@@ -28,6 +28,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private readonly List<IActorRef> _handOverWaiters = new();
 
     private readonly ElasticMoEConfig _config;
+    private IActorRef _suspects = ActorRefs.Nobody;
     private readonly IActorRef _coordinator;
     private readonly TaskCompletionSource<RunOutcome> _stopped;
     private readonly ILoggingAdapter _log = Context.GetLogger();
@@ -76,8 +77,23 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
         });
         Receive<HandOver>(_ => OnHandOver());
         Receive<IElasticMoEMessage>(OnMessage);
-        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member, "became unreachable"));
-        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member, "left the cluster"));
+        // Unreachable is a suspicion: the coordinator is lost only once the prober confirms it (no answer, or a refused
+        // connect). A busy coordinator whose heartbeats are late answers, and is never downed by its nodes for it.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m =>
+        {
+            if (m.Member.HasRole(Hosting.ClusterNode.CoordinatorRole)) _suspects.Tell(new SuspectProber.Suspect(m.Member.Address, m.Member.UniqueAddress.Uid));
+        });
+        Receive<Akka.Cluster.ClusterEvent.ReachableMember>(m => _suspects.Tell(new SuspectProber.Cleared(m.Member.Address)));
+        Receive<SuspectProber.Confirmed>(m =>
+        {
+            var member = Akka.Cluster.Cluster.Get(Context.System).State.Members.FirstOrDefault(x => x.UniqueAddress.Uid == m.Uid && x.Address == m.Address);
+            if (member is not null) OnMemberLost(member, m.What);
+        });
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m =>
+        {
+            _suspects.Tell(new SuspectProber.Cleared(m.Member.Address));
+            OnMemberLost(m.Member, "left the cluster");
+        });
     }
 
     // A node incarnation without its coordinator has nothing to do: it stops, and its host starts the
@@ -128,8 +144,9 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     protected override void PreStart()
     {
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.ReachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved));
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
+        _suspects = Context.ActorOf(SuspectProber.Props(_config), "suspects");
         Register();
         Timers.StartPeriodicTimer("register", new RetryRegistration(), TimeSpan.FromSeconds(1));
         if (_held.Length > 0)

@@ -68,6 +68,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly string _runFingerprint;
     private readonly Queue<RelayoutPoint> _schedule;
     private RequestRelayout? _requested;
+    // Confirms the failure detector's suspicions before a node is lost (a child: it dies with the coordinator).
+    private IActorRef _suspects = ActorRefs.Nobody;
 
     private CoordinatorState _state = CoordinatorState.Empty;
     private readonly List<(string Address, long Uid, IActorRef Agent)> _agents = new();
@@ -126,6 +128,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _report = report;
         _done = done;
         _runFingerprint = runFingerprint;
+        _joinSettle = new Coordination.JoinSettle(config.Cluster.JoinSettleSeconds);
         _faults = FaultInjection.Parse(config.Cluster.FaultInjection);
         _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
             : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
@@ -156,6 +159,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     private void Enter(Phase phase, Action behaviour)
     {
+        // Step timing watches a step from its first attempt's start (StartAttempt) to its commit; anything else ends it.
+        if (phase is not (Phase.Computing or Phase.Norms or Phase.Updating)) _suspects.Tell(new SuspectProber.StepEnded(double.NaN));
         _phase = phase;
         Become(behaviour);
     }
@@ -166,8 +171,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     protected override void PreStart()
     {
         Akka.Cluster.Cluster.Get(Context.System).Subscribe(Self, Akka.Cluster.ClusterEvent.SubscriptionInitialStateMode.InitialStateAsEvents,
-            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.MemberRemoved),
-            typeof(Akka.Cluster.ClusterEvent.MemberLeft));
+            typeof(Akka.Cluster.ClusterEvent.UnreachableMember), typeof(Akka.Cluster.ClusterEvent.ReachableMember),
+            typeof(Akka.Cluster.ClusterEvent.MemberRemoved), typeof(Akka.Cluster.ClusterEvent.MemberLeft));
+        _suspects = Context.ActorOf(SuspectProber.Props(_config, stepTiming: true), "suspects");
         Context.System.EventStream.Subscribe(Self, typeof(Akka.Remote.DisassociatedEvent));
         StartRebalancer();
         if (_runDir is not null) StartJournal();
@@ -189,8 +195,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         ShellReadQueries();
         ShellControls();
         JournalReplies();
-        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "became unreachable"));
-        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
+        // Unreachable is a suspicion: the prober confirms it (no answer, or a refused connect) before the node is lost.
+        Receive<Akka.Cluster.ClusterEvent.UnreachableMember>(m => _suspects.Tell(new SuspectProber.Suspect(m.Member.Address, m.Member.UniqueAddress.Uid)));
+        Receive<Akka.Cluster.ClusterEvent.ReachableMember>(m => _suspects.Tell(new SuspectProber.Cleared(m.Member.Address)));
+        Receive<SuspectProber.Confirmed>(m => OnMemberLost(m.Address, m.Uid, m.What));
+        Receive<Akka.Cluster.ClusterEvent.MemberRemoved>(m =>
+        {
+            _suspects.Tell(new SuspectProber.Cleared(m.Member.Address));
+            OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster");
+        });
         // A graceful leave (a node's SIGTERM) shows first as Leaving: stop then, before the node's
         // cancelled step could be reported as a worker failure under a misleading reason.
         Receive<Akka.Cluster.ClusterEvent.MemberLeft>(m => OnMemberLost(m.Member.Address, m.Member.UniqueAddress.Uid, "left the cluster"));
@@ -467,7 +480,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             }
             return;
         }
-        _joinSettle ??= System.Diagnostics.Stopwatch.StartNew();
+        _joinSettle.Joined(_uptime.Elapsed.TotalSeconds);
     }
 
     // ---- graceful leave -------------------------------------------------------------------------
@@ -548,7 +561,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     }
 
     // A join waiting for its settle window; a layout waiting for workers (paused).
-    private System.Diagnostics.Stopwatch? _joinSettle;
+    private readonly Coordination.JoinSettle _joinSettle;
+    private readonly System.Diagnostics.Stopwatch _uptime = System.Diagnostics.Stopwatch.StartNew();
     private (int Workers, int Pp)? _waitingFor;
     // After a loss left fewer nodes than cluster.min-nodes: paused until that many are present.
     private int? _waitingForNodes;
@@ -592,7 +606,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         var previous = _state.Plan;
         TrainingPlan next;
         TransferPlan transfers;
-        _joinSettle = null;   // whoever is present now is planned now
+        _joinSettle.Planned();   // whoever is present now is planned now
         if (workers > WorkersStaying && previous is not null)
         {
             // Too few workers for the layout asked for: pause (the units stay where they are) until nodes
@@ -793,7 +807,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Replan(point.Workers, point.Pp);
             return;
         }
-        if (_joinSettle is { } settle && settle.Elapsed.TotalSeconds >= _config.Cluster.JoinSettleSeconds)
+        if (_joinSettle.Due(_uptime.Elapsed.TotalSeconds))
         {
             int workers = WorkersStaying;
             Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
@@ -812,6 +826,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _norms.Clear();
         _applied.Clear();
         Enter(Phase.Computing, Computing);
+        _suspects.Tell(new SuspectProber.StepStarted(_agents.Select(a => (a.Agent.Path.Address, a.Uid)).ToList()));
         StartPhaseTimer("compute", _config.Cluster.StepTimeoutSeconds);
         var run = new RunStep(fence);
         foreach (var m in _mirrors) m.Keeper.Tell(run);
@@ -948,6 +963,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         Timers.Cancel("phase");
         if (!ChecksumsAgree(out var why)) { Fail(why, FailureKind.StateLost); return; }
         var r = _pendingResult! with { Seconds = _stepClock.Elapsed.TotalSeconds };
+        _suspects.Tell(new SuspectProber.StepEnded(r.Seconds));
         if (Trace) _log.Info("step {0}: compute {1:F1} ms, expert norms {2:F1} ms, update {3:F1} ms", _fence.Step, _tCompute, _tNorm - _tCompute, _stepClock.Elapsed.TotalMilliseconds - _tNorm);
         Apply(new StepCommitted(r, _fence.Attempt + 1));
         RecordLoads(r);

@@ -55,6 +55,14 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
             _listener.Bind(new IPEndPoint(address, options.Port));
             _listener.Listen(128);
         }
+        catch (SocketException e) when (e.SocketErrorCode is SocketError.AddressNotAvailable or SocketError.AddressAlreadyInUse or SocketError.AccessDenied)
+        {
+            _listener.Dispose();
+            throw new global::ElasticMoE.Configuration.ConfigException($"elasticmoe.cluster.host: the data plane cannot listen on {options.Host}:{options.Port} ({e.Message}): " +
+                (e.SocketErrorCode == SocketError.AddressNotAvailable
+                    ? "it is not an address of this machine; bind one that is (or \"0.0.0.0\") and put what peers dial in cluster.public-host"
+                    : "the port is taken or not allowed"));
+        }
         catch
         {
             _listener.Dispose();

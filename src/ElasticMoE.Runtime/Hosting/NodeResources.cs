@@ -35,6 +35,7 @@ public sealed class NodeResources : IDisposable
             planes.Add(DataPlaneNode.Start(new DataPlaneOptions
             {
                 Host = config.Cluster.Host,
+                AdvertisedHost = config.Cluster.PublicHost.Length > 0 ? config.Cluster.PublicHost : null,
                 NodeId = d,
                 MaxFrameBytes = (long)config.Cluster.MaxFrameMb << 20,
                 MaxBufferedBytesPerConnection = (long)config.Cluster.MaxFrameMb << 20,

@@ -122,6 +122,20 @@ public class CliTests
     }
 
     [Theory]
+    [InlineData("node", "10.231.0.99", "", "not an address of this machine")]        // the data plane's bind
+    [InlineData("train", "10.231.0.99", "", "must be an address of this machine")]   // remoting's bind (a coordinator)
+    [InlineData("node", "0.0.0.0", "", "must be set when cluster.host is \"0.0.0.0\"")]
+    [InlineData("node", "127.0.0.1", "not a host!", "cluster.public-host")]
+    public void Addresses_a_process_cannot_listen_on_or_advertise_are_clear_errors_at_start(string command, string host, string publicHost, string reason)
+    {
+        // 10.231.0.99 is on no interface of this machine (nor anywhere it can reach): binding it fails locally at once.
+        string[] args = command == "node" ? ["node", "--seed-node", "akka.tcp://elasticmoe@127.0.0.1:1"] : ["train", "--nodes", "0", "--expect-nodes", "1"];
+        var (code, _, err) = Run([.. args, "--set", $"cluster.host={host}", "--set", $"cluster.public-host={publicHost}", .. Tiny]);
+        Assert.Equal(Program.ExitCodes.BadInput, code);
+        Assert.Contains(reason, err);
+    }
+
+    [Theory]
     [InlineData("--steps", "-5")]
     [InlineData("--steps", "abc")]
     [InlineData("--threads", "-1")]

@@ -160,4 +160,27 @@ public class ConfigLoaderTests
         Assert.StartsWith($"elasticmoe.{key}:", ex.Message);
         Assert.Contains("positive", ex.Message);
     }
+
+    [Fact]
+    public void Failure_detection_settings_are_read_and_defaults_suit_a_LAN()
+    {
+        var d = With().FailureDetection;
+        Assert.Equal(FailureDetectionOptions.Default, d);
+        var f = With(("cluster.failure-detection.acceptable-pause", "5"), ("cluster.failure-detection.probe-timeout", "2"),
+            ("cluster.failure-detection.step-overdue", "0")).FailureDetection;
+        Assert.Equal((5.0, 2.0, 0.0), (f.AcceptablePause, f.ProbeTimeout, f.StepOverdue));
+    }
+
+    [Theory]
+    [InlineData("cluster.failure-detection.heartbeat-interval", "0", "more than 0")]
+    [InlineData("cluster.failure-detection.acceptable-pause", "0.4", "twice the heartbeat interval")]
+    [InlineData("cluster.failure-detection.probe-timeout", "-1", "more than 0")]
+    [InlineData("cluster.failure-detection.probe-interval", "61", "at most 60")]
+    [InlineData("cluster.failure-detection.step-overdue", "1.2", "at least 1.5")]
+    public void Failure_detection_settings_out_of_range_are_refused_with_the_reason(string key, string value, string reason)
+    {
+        var ex = Assert.Throws<ConfigException>(() => With((key, value)));
+        Assert.StartsWith($"elasticmoe.{key}:", ex.Message);
+        Assert.Contains(reason, ex.Message);
+    }
 }
