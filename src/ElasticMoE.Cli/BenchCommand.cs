@@ -206,6 +206,9 @@ public static class BenchCommand
                     var (f, good) = HostBenchmarks.SilentLoss(childArgs, p.GetValue(kills) ?? 10, Path.Combine(dir, "hosts"), stdout);
                     figures.AddRange(f);
                     ok &= good;
+                    (f, good) = HostBenchmarks.Bandwidth(childArgs, 100, Path.Combine(dir, "hosts-bandwidth"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
                 }
                 if (chosen.Contains("shell"))
                 {

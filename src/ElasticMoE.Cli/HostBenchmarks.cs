@@ -140,6 +140,69 @@ internal static class HostBenchmarks
         return (figures, problem is null && events.All(x => x.Lost is not null) && burstPlans == 1);
     }
 
+    /// <summary>
+    /// Bandwidth: a coordinator and 2 node hosts at DP 2, the same run uncapped and then with each node host's egress
+    /// capped at <paramref name="mbit"/> Mbit/s (tc tbf): bytes each node host sends per step (the kernel's counter:
+    /// everything, data plane and remoting), step time, and how much of the cap the step's traffic uses.
+    /// </summary>
+    public static (List<BenchFigure> Figures, bool Ok) Bandwidth(IReadOnlyList<string> configArgs, double mbit, string dir, TextWriter o)
+    {
+        if (HostRack.Unavailable is { } why)
+        {
+            o.WriteLine($"hosts bandwidth: SKIPPED: {why}");
+            return ([], true);
+        }
+        const int window = 15;
+        o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"hosts bandwidth: coordinator + 2 node hosts, DP 2, {window} steps uncapped then {window} steps with each node host's egress capped at {mbit} Mbit/s, same run (logs in {dir}) ..."));
+        using var rack = new HostRack(3);
+        var args = RecoveryBenchmarks.BaseArgs(configArgs).Concat(["--set", "cluster.redundancy=1"]).ToList();
+        using var cluster = new ProcessCluster(dir, args, rack);
+        var m = cluster.Metrics;
+        var overall = Stopwatch.StartNew();
+        var figures = new List<BenchFigure>();
+        try
+        {
+            var coordinator = cluster.StartCoordinator(2, 1_000_000);
+            cluster.StartNode(1);
+            cluster.StartNode(2);
+            void Wait(Func<bool> done, string what) => cluster.Wait(done, what, TimeSpan.FromSeconds(120), overall, TimeSpan.FromMinutes(10));
+            (double BytesPerStep, double StepSeconds) Measure()
+            {
+                long from = m.LastStep;
+                long tx = rack.BytesSent(1) + rack.BytesSent(2);
+                Wait(() => m.LastStep >= from + window, $"step {from + window}");
+                long sent = rack.BytesSent(1) + rack.BytesSent(2) - tx;
+                var steps = m.Steps.Where(x => x.Step > from).Select(x => x.Seconds).ToList();
+                return (sent / 2.0 / (m.LastStep - from), RecoveryBenchmarks.Median(steps));
+            }
+            Wait(() => m.LastStep >= 5, "step 5");
+            var free = Measure();
+            rack.Cap(1, mbit);
+            rack.Cap(2, mbit);
+            long capped0 = m.LastStep;
+            Wait(() => m.LastStep >= capped0 + 2, "two steps under the cap");
+            var capped = Measure();
+            ProcessCluster.Terminate(coordinator);
+            coordinator.Process.WaitForExit(TimeSpan.FromSeconds(30));
+            double use = capped.BytesPerStep * 8 / capped.StepSeconds / (mbit * 1e6);
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"  per node host and step: {capped.BytesPerStep / 1e6:F2} MB sent under the cap ({free.BytesPerStep / 1e6:F2} MB uncapped); step {capped.StepSeconds:F3} s capped vs {free.StepSeconds:F3} s ({capped.StepSeconds / free.StepSeconds:F2}x); the step's traffic fills {use:P0} of the cap over the whole step"));
+            figures.Add(new("bandwidth: MB sent per node host and step, capped", capped.BytesPerStep / 1e6, "MB", "uncapped, same run", free.BytesPerStep / 1e6));
+            figures.Add(new(string.Create(CultureInfo.InvariantCulture, $"bandwidth: median step at {mbit} Mbit/s"), capped.StepSeconds, "s", "uncapped, same run", free.StepSeconds));
+            figures.Add(new("bandwidth: share of the cap used over a step", use, "", null, null));
+        }
+        catch (ProcessCluster.Stopped ex)
+        {
+            o.WriteLine($"  PROBLEM: {ex.Message} (logs in {dir})");
+            return (figures, false);
+        }
+        finally
+        {
+            cluster.StopAll(TimeSpan.FromSeconds(15));
+        }
+        return (figures, true);
+    }
+
     private static string Line(Event e) => e.Lost is { } l
         ? string.Create(CultureInfo.InvariantCulture,
             $"  {e.Index,2} {(e.Fault == Fault.Cut ? "cut " : "kill")} {e.Node,-6} after step {e.StepsDone,4}: detected {e.Detection * 1000,5:F0} ms, re-plan {l.ReplanSeconds * 1000,5:F0} ms, install {l.InstallSeconds * 1000,5:F0} ms, redone step {l.RedoSeconds * 1000,5:F0} ms; next step {e.Total:F2} s after; fresh node planned in {e.Join:F2} s after its start")
