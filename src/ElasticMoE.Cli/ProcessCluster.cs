@@ -288,7 +288,8 @@ internal sealed class MetricsTail(string path)
         var o = doc.RootElement;
         double Num(string key) => o.TryGetProperty(key, out var v) && v.ValueKind == JsonValueKind.Number ? v.GetDouble() : double.NaN;
         if (o.TryGetProperty("event", out var kind))
-            Events.Add(new EventLine(kind.GetString()!, o.GetProperty("node").GetString()!, o.GetProperty("step").GetInt64(), Num("recovery_s"),
+            // A rollback's line names no node (it is about units).
+            Events.Add(new EventLine(kind.GetString()!, o.TryGetProperty("node", out var node) ? node.GetString() ?? "" : "", o.GetProperty("step").GetInt64(), Num("recovery_s"),
                 Num("detected_unix"), Num("replan_s"), Num("install_s"), Num("redo_s")));
         else
             Steps.Add(new StepLine(o.GetProperty("step").GetInt64(), Num("loss"), Num("grad_norm"), Num("tokens_per_s"), Num("seconds"), now));

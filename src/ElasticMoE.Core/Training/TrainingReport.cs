@@ -109,6 +109,25 @@ public sealed class TrainingReport : IDisposable
     }
 
     /// <summary>
+    /// A rollback in place (every copy of some units was lost): before step <paramref name="fromStep"/> (1-based, the step
+    /// in flight), back to the checkpoint of step <paramref name="toStep"/>; <paramref name="recoverySeconds"/> runs from
+    /// the loss to the first step committed after it. One JSON line:
+    /// <c>{"event":"rollback","step":S,"from_step":S,"to_step":C,"lost_units":[...],"recovery_s":R}</c>.
+    /// </summary>
+    public void RollbackEvent(long fromStep, long toStep, IReadOnlyList<string> lostUnits, double recoverySeconds)
+    {
+        lock (_gate)
+        {
+            _console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"rollback at step {fromStep} to the checkpoint of step {toStep} ({lostUnits.Count} unit(s) lost): training again {recoverySeconds:F2} s later"));
+            if (_metrics is null || _disposed) return;
+            var units = System.Text.Json.JsonSerializer.Serialize(lostUnits);
+            _metrics.Write(Utf8.GetBytes(string.Create(CultureInfo.InvariantCulture,
+                $"{{\"event\":\"rollback\",\"step\":{fromStep},\"from_step\":{fromStep},\"to_step\":{toStep},\"lost_units\":{units},\"recovery_s\":{Num(recoverySeconds)}}}\n")));
+        }
+    }
+
+    /// <summary>
     /// An expert rebalance installed before step <paramref name="step"/>: the window's worker max/mean load
     /// before and as planned after, and the expert copies it moved.
     /// </summary>

@@ -199,6 +199,100 @@ public sealed partial class TrainingCoordinator
         Replan(_state.Workers.Count, _config.Cluster.PipelineStages);
     }
 
+    // ---- rolling back in place ---------------------------------------------------------------------
+
+    private sealed record RollbackLoaded(ResumeFrom? From, IReadOnlyList<string> Warnings, string? Error);
+
+    /// <summary>A rollback in place, from its decision to the first step committed after it (its metrics line).</summary>
+    private sealed class RollbackInFlight(long fromStep, IReadOnlyList<UnitId> lost, int pp, System.Diagnostics.Stopwatch since)
+    {
+        public long FromStep { get; } = fromStep;
+        public IReadOnlyList<UnitId> Lost { get; } = lost;
+        /// <summary>The pipeline degree of the plan that was lost: the rollback's plan keeps it if it still fits.</summary>
+        public int Pp { get; } = pp;
+        /// <summary>From the loss that caused it (its node-lost event's clock) to the first step committed after it.</summary>
+        public System.Diagnostics.Stopwatch Since { get; } = since;
+        public long? ToStep { get; set; }
+    }
+
+    private RollbackInFlight? _rollback;
+
+    /// <summary>
+    /// A loss left <paramref name="lost"/>'s units with no copy in memory. With a run directory that has a committed
+    /// checkpoint, the run goes back to the newest one that verifies, in place: no process restarts, the nodes present
+    /// stay, the next plan loads that checkpoint's units into them (as a resume does), and the steps since are done
+    /// again — to the same bits, since every sum is in the canonical order. False (nothing begun) without one.
+    /// </summary>
+    private bool TryRollBack(UnitsLostException lost, int pp)
+    {
+        if (_store is null || _state.Checkpoints.Count == 0) return false;
+        // A second loss while a rollback's plan installs: the same rollback carries on (its checkpoint is loaded again).
+        var since = _rollback?.Since ?? _membershipEvents.LastOrDefault()?.Since ?? System.Diagnostics.Stopwatch.StartNew();
+        _rollback = new RollbackInFlight(_rollback?.FromStep ?? _state.NextStep, lost.Units, pp, since);
+        _report.Info($"{lost.Message}; rolling back in place to the newest checkpoint that verifies (of {_state.Checkpoints.Count} committed)");
+        var store = _store;
+        Task.Run(() =>
+        {
+            try
+            {
+                var load = store.LoadNewestValid();
+                var from = load.Checkpoint is { } c ? new ResumeFrom(c.Directory, c.Commit.ManifestSha256, c.Step) : null;
+                return new RollbackLoaded(from, load.Warnings, from is null ? "no committed checkpoint verifies" : null);
+            }
+            catch (Exception ex)
+            {
+                return new RollbackLoaded(null, [], ex.Message);
+            }
+        }).PipeTo(Self);
+        Enter(Phase.RollingBack, RollingBack);
+        return true;
+    }
+
+    private void RollingBack()
+    {
+        Receive<RollbackLoaded>(OnRollbackLoaded);
+        Common();
+    }
+
+    private void OnRollbackLoaded(RollbackLoaded m)
+    {
+        foreach (var w in m.Warnings) _report.Info($"warning: {w}");
+        var rb = _rollback!;
+        if (m.From is not { } from)
+        {
+            Fail($"cannot roll back after losing {string.Join(", ", rb.Lost)}: {m.Error}", FailureKind.StateLost);
+            return;
+        }
+        // Journaled before anything loads: after a crash from here on, the run resumes from that checkpoint too.
+        Apply(new RolledBack(rb.FromStep, from.Step, rb.Lost.Select(u => u.ToString()).ToArray()));
+        rb.ToStep = from.Step;
+        _resume = from;
+        _gone.Clear();   // nothing moves from the lost plan: every unit comes from the checkpoint
+        _afterInstall = AfterInstall.Step;   // an evaluation or the end that was due comes again at its step
+        _report.Info($"rolled back: steps {from.Step + 1}..{rb.FromStep} are done again from checkpoint {Path.GetFileName(from.Directory)} " +
+                     $"on the {WorkersStaying} worker(s) present");
+        Recover();
+    }
+
+    /// <summary>At the first step committed after a rollback: its metrics line (recovery from the loss to this commit).</summary>
+    private void ReportRollback()
+    {
+        if (_rollback is not { ToStep: { } to } rb) return;
+        _rollback = null;
+        _report.RollbackEvent(rb.FromStep + 1, to, rb.Lost.Select(u => u.ToString()).ToList(), rb.Since.Elapsed.TotalSeconds);
+    }
+
+    /// <summary>Why a loss of every copy of some units ends the run: what would have let it roll back instead.</summary>
+    private string WhyNoRollback()
+    {
+        if (_runDir is null)
+            return "the run cannot go on without a checkpoint: with --run-dir (checkpoints every checkpoint.every steps) it would have rolled back to the last one in place";
+        var c = _config.Checkpoint;
+        return c.Every > 0 || c.EverySeconds > 0
+            ? $"no checkpoint is committed in {_runDir} yet (checkpoint.every = {c.Every}, checkpoint.every-seconds = {c.EverySeconds:F0}), so there is nothing to roll back to"
+            : $"checkpoints are off (checkpoint.every = 0), so {_runDir} has nothing to roll back to";
+    }
+
     private void BeginWaitingForNodes()
     {
         Stash.UnstashAll();

@@ -89,7 +89,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     private readonly List<MembershipChange> _membershipEvents = new();
     // Epochs only grow, also across installs abandoned for a newer plan, so no two plans share one.
     private int _lastEpoch;
-    private enum Phase { Recovering, WaitingForNodes, Installing, Rebalancing, Retrying, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
+    private enum Phase { Recovering, WaitingForNodes, RollingBack, Installing, Rebalancing, Retrying, Computing, Norms, Updating, Evaluating, Finishing, WaitingForWorkers, Done }
     private Phase _phase = Phase.WaitingForNodes;
     // What to do once the plan that recovers from a loss is installed: the interrupted evaluation or finish, or a step.
     private enum AfterInstall { Step, Evaluate, Finish }
@@ -286,7 +286,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
     {
         if (_finished) return;
         var node = address.ToString();
-        if (_state.Plan is null)
+        // Before the first plan, nobody holds anything; but a plan that loads a checkpoint (a resume, or a
+        // rollback in place) is recovered like any other install.
+        if (_state.Plan is null && _installing is null)
         {
             if (_agents.Any(a => a.Address == node))
             {
@@ -305,7 +307,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         int survivors = WorkersStaying - lost.Count(w => !_gone.Contains(w));
         Apply(new NodeRemoved(node, uid, what));
         bool leaving = _leaving.Remove(node);
-        bool holdsState = _state.Plan.Workers.Any(w => lost.Contains(w.Id)) || (_installing?.Workers.Any(w => lost.Contains(w.Id)) ?? false);
+        bool holdsState = (_state.Plan?.Workers.Any(w => lost.Contains(w.Id)) ?? false) || (_installing?.Workers.Any(w => lost.Contains(w.Id)) ?? false);
         if (!holdsState)
         {
             _report.Info($"node {node} {what}; it held no units");
@@ -418,7 +420,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Fail($"every node holding the run's state is gone ({string.Join(", ", _gone)}); resuming needs a checkpoint", FailureKind.StateLost);
             return;
         }
-        Replan(workers, PipelineDegreeFor(workers, _state.Plan!.Pp));
+        // A plan being installed that loads a checkpoint has no plan before it in the state.
+        Replan(workers, PipelineDegreeFor(workers, (_state.Plan ?? _installing)?.Pp ?? _config.Cluster.PipelineStages));
     }
 
     private void OnRegisterNode(RegisterNode m)
@@ -634,10 +637,11 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         catch (UnitsLostException ex)
         {
-            // Every copy of these units is gone (no mirror, or the mirror died too). Checkpoints (the
-            // checkpoint issue) will let the run fall back to the last one; until then it stops here.
-            Fail($"cannot continue after losing {string.Join(", ", _gone)}: {ex.Message}. No copy is left in memory " +
-                 "(cluster.redundancy = 0, or a unit and its mirror were lost together); the run cannot resume without a checkpoint", FailureKind.StateLost);
+            // Every copy of these units is gone (no mirror, or every mirror died too): back to the newest
+            // checkpoint in place when the run directory has one, else the run stops here, saying why.
+            if (!TryRollBack(ex, pp))
+                Fail($"cannot continue after losing {string.Join(", ", _gone)}: {ex.Message}. No copy is left in memory " +
+                     $"(cluster.redundancy = {_config.Cluster.Redundancy}, and every copy of these units was lost together); {WhyNoRollback()}", FailureKind.StateLost);
             return;
         }
         catch (ArgumentException ex)
@@ -973,6 +977,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             _plans[^1] = _plans[^1] with { GapSeconds = _sinceCommit.Elapsed.TotalSeconds };
         }
         _sinceCommit.Restart();
+        ReportRollback();
         // Only changes a plan has taken into account: a loss in the update phase commits that step on the
         // survivors first, and recovers after it.
         foreach (var e in _membershipEvents.Where(e => e.Installed is not null).ToList())

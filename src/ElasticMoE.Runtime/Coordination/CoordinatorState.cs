@@ -49,6 +49,15 @@ public sealed record PlanChanged(TrainingPlan Plan, long AtStep) : ICoordinatorE
 public sealed record RunResumed(long Step) : ICoordinatorEvent;
 
 /// <summary>
+/// A loss left units of the run with no copy in memory (<c>LostUnits</c>, every holder and mirror gone) before
+/// step <c>FromStep</c>, and the run went back to its newest verified checkpoint, of step <c>ToStep</c>, in place:
+/// the surviving nodes stay registered and load their units of that checkpoint, and the steps from <c>ToStep</c>
+/// on are done again (with the canonical reduction, to the same bits). Unlike <see cref="RunResumed"/> no process
+/// restarted, so the workers are kept; the plan is gone (its units are not where it says any more).
+/// </summary>
+public sealed record RolledBack(long FromStep, long ToStep, IReadOnlyList<string> LostUnits) : ICoordinatorEvent;
+
+/// <summary>
 /// A coordinator started again on this journal: the nodes of the previous incarnation are not registered
 /// with it (they come back, if at all, as new node incarnations), and no plan is installed by it yet. What
 /// was trained stays: the next step, the committed steps, the checkpoints. The plan the journal held is
@@ -124,6 +133,9 @@ public sealed record CoordinatorState(
             NextStep = r.Step, Plan = null, Workers = ImmutableList<WorkerSlot>.Empty,
             Committed = Committed.RemoveAll(c => c.Step >= r.Step),
         },
+        RolledBack r when r.ToStep > NextStep => throw new InvalidOperationException($"rolled back to step {r.ToStep} while the next step is {NextStep}"),
+        RolledBack r when !Checkpoints.Any(c => c.Step == r.ToStep) => throw new InvalidOperationException($"rolled back to step {r.ToStep}, which has no committed checkpoint"),
+        RolledBack r => this with { NextStep = r.ToStep, Plan = null, Committed = Committed.RemoveAll(c => c.Step >= r.ToStep) },
         CoordinatorRestarted => this with { Plan = null, Workers = ImmutableList<WorkerSlot>.Empty, Ended = null },
         RunEnded r => this with { Ended = r.How },
         ExpertsRebalanced => this,

@@ -28,6 +28,7 @@ public static class CoordinatorEventText
             ExpertsMoved m => Inv($"{m.Moves.Count} unit(s) moved for plan {m.Epoch}"),
             PlanChanged p => Inv($"plan {p.Plan.Epoch} from step {p.AtStep}: {p.Plan.WorldSize} worker(s), DP {p.Plan.Dp} x PP {p.Plan.Pp}"),
             RunResumed r => Inv($"run resumed from the checkpoint of step {r.Step}"),
+            RolledBack r => Inv($"rolled back in place before step {r.FromStep + 1} to the checkpoint of step {r.ToStep}: {r.LostUnits.Count} unit(s) had no copy left ({string.Join(", ", r.LostUnits.Take(4))}{(r.LostUnits.Count > 4 ? ", ..." : "")})"),
             CoordinatorRestarted r => Inv($"coordinator restarted at step {r.AtStep}"),
             WorkersAdopted a => Inv($"workers' units adopted at step {a.NextStep} under plan {a.Plan.Epoch}"),
             RunEnded r => Inv($"run ended before step {r.NextStep}: {r.How}"),

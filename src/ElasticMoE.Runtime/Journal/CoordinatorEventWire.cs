@@ -88,6 +88,9 @@ public sealed record NodeRemovedWire(
 public sealed record RunResumedWire([property: Key(0)] long Step);
 
 [MessagePackObject]
+public sealed record RolledBackWire([property: Key(0)] long FromStep, [property: Key(1)] long ToStep, [property: Key(2)] string[] LostUnits);
+
+[MessagePackObject]
 public sealed record CoordinatorRestartedWire([property: Key(0)] long AtStep);
 
 [MessagePackObject]

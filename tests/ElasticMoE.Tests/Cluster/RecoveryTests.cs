@@ -46,14 +46,18 @@ public class RecoveryTests(ITestOutputHelper output)
     /// Coordinator + <paramref name="nodes"/> node processes; <paramref name="onLine"/> sees each coordinator stdout
     /// line with the nodes so far and a function that starts one more.
     /// </summary>
+    /// <param name="expectNodes">What the coordinator waits for (default <paramref name="nodes"/>), when <paramref name="startNodes"/> starts them.</param>
+    /// <param name="startNodes">Starts nodes with arguments of their own (e.g. ports), after the <paramref name="nodes"/> plain ones.</param>
+    /// <param name="coordinatorExtra">Arguments for the coordinator alone (e.g. <c>--run-dir</c>).</param>
     private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<string[], Process>>? onLine = null,
-        int? coordinatorPort = null, Func<Task>? beforeNodes = null)
+        int? coordinatorPort = null, Func<Task>? beforeNodes = null, int? expectNodes = null, Action<Func<string[], Process>>? startNodes = null,
+        string[]? coordinatorExtra = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
         int port = coordinatorPort ?? LoopbackPorts.Next();
         var metrics = Path.Combine(TestSupport.TempDir(), "metrics.jsonl");
-        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", nodes.ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra]);
+        var coordinator = NodeProcesses.Start(["train", "--nodes", "0", "--expect-nodes", (expectNodes ?? nodes).ToString(), "--port", port.ToString(), "--metrics", metrics, .. args, .. extra, .. coordinatorExtra ?? []]);
         var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
         var procs = new List<Process>();
         Process AddNode(params string[] more)
@@ -68,6 +72,7 @@ public class RecoveryTests(ITestOutputHelper output)
             // Inside the try: a failure here must not leave the coordinator's process running.
             if (beforeNodes is not null) await beforeNodes();
             for (int i = 0; i < nodes; i++) AddNode();
+            startNodes?.Invoke(AddNode);
             var stderr = coordinator.StandardError.ReadToEndAsync();
             string? line;
             using var cts = new CancellationTokenSource(TimeSpan.FromMinutes(3));
@@ -264,7 +269,88 @@ public class RecoveryTests(ITestOutputHelper output)
         var r = await Run(3, Settings(14), ["--set", "cluster.redundancy=0", "--set", "cluster.fault-injection=step=6,phase=forward,worker=1,epoch=1,action=kill"]);
         Assert.Equal(4, r.Code);
         Assert.Matches(@"unit\(s\) needed by the next plan have no holder left: expert\.", r.Text);
-        Assert.Contains("resume", r.Text, StringComparison.OrdinalIgnoreCase);
+        // And what would have saved it.
+        Assert.Contains("with --run-dir", r.Text);
+        Assert.Contains("rolled back to the last one in place", r.Text);
+    }
+
+    [Fact]
+    public async Task Two_nodes_holding_a_unit_and_its_mirror_SIGKILLed_at_step_37_roll_the_run_back_to_step_30_in_place()
+    {
+        // Redundancy 1 on 4 nodes: rank r's experts are mirrored on rank r + 1 (its buddy). Ranks 1 and 2 die
+        // together while step 37 runs, so rank 1's experts have no copy left. The run directory has the checkpoint
+        // of step 30: the coordinator rolls back to it in place (the two survivors load their units of it, no
+        // process restarts), redoes steps 31.. and finishes — every step it ever committed, those done twice
+        // included, bit-identical to the single-process loop.
+        const int steps = 44;
+        var settings = Settings(steps);
+        settings["checkpoint.every"] = "10";
+        settings["checkpoint.keep"] = "2";
+        settings["cluster.redundancy"] = "1";
+        settings["cluster.join-settle"] = "0";
+        var reference = Reference(steps);
+        var runDir = TestSupport.TempDir();
+        // Ranks follow the nodes' addresses in ordinal order: give the nodes ports, and pick ranks 1 and 2.
+        var ports = Enumerable.Range(0, 4).Select(_ => LoopbackPorts.Next()).ToArray();
+        var byRank = ports.OrderBy(p => $"akka.tcp://elasticmoe@127.0.0.1:{p}", StringComparer.Ordinal).ToArray();
+        var victims = new[] { byRank[1], byRank[2] };
+        int started = 0;
+        bool killed = false;
+        var r = await Run(0, settings, [], (line, nodes, _) =>
+        {
+            if (killed || !line.StartsWith("step    36/", StringComparison.Ordinal)) return;
+            killed = true;
+            foreach (var port in victims) nodes[Array.IndexOf(ports, port)].Kill();   // SIGKILL, both at once
+        }, expectNodes: 4, startNodes: add => { foreach (var p in ports) { add(["--port", p.ToString()]); started++; } }, coordinatorExtra: ["--run-dir", runDir]);
+        Assert.True(r.Code == 0, r.Text);
+        Assert.Equal(4, started);
+        Assert.True(killed, "the kill line was never printed");
+
+        var rollback = Assert.Single(r.Events, e => e.GetProperty("event").GetString() == "rollback");
+        Assert.Equal(30, rollback.GetProperty("to_step").GetInt64());
+        long from = rollback.GetProperty("from_step").GetInt64();
+        // Killed while step 37 ran; if they died inside its update, the survivors finished 37 first.
+        Assert.InRange(from, 37, 38);
+        var lostUnits = rollback.GetProperty("lost_units").EnumerateArray().Select(u => u.GetString()!).ToList();
+        Assert.NotEmpty(lostUnits);
+        Assert.All(lostUnits, u => Assert.StartsWith("expert.", u));
+        Assert.True(rollback.GetProperty("recovery_s").GetDouble() < 60, rollback.ToString());
+        Assert.Equal(2, r.Events.Count(e => e.GetProperty("event").GetString() == "node-lost"));
+        Assert.Contains("rolling back in place", r.Text);
+
+        // Every step line equals the loop's, bit for bit; steps 31 .. from - 1 were committed twice, all others once.
+        var lines = File.ReadAllLines(r.Metrics).Select(l => JsonDocument.Parse(l).RootElement).Where(l => !l.TryGetProperty("event", out _)).ToList();
+        foreach (var l in lines)
+        {
+            int step = l.GetProperty("step").GetInt32();
+            Assert.Equal(reference[step - 1].Loss, l.GetProperty("loss").GetDouble());
+            Assert.Equal(reference[step - 1].GradNorm, l.GetProperty("grad_norm").GetDouble());
+        }
+        var counts = lines.GroupBy(l => l.GetProperty("step").GetInt32()).ToDictionary(g => g.Key, g => g.Count());
+        Assert.Equal(Enumerable.Range(1, steps), counts.Keys.Order());
+        Assert.Equal(Enumerable.Range(31, (int)from - 31), counts.Where(kv => kv.Value == 2).Select(kv => kv.Key).Order());
+        Assert.All(counts.Values, c => Assert.InRange(c, 1, 2));
+
+        // The journal says so, and the two survivors (the very processes that started) finish cleanly.
+        var journaled = Assert.Single(JournalEvents(runDir).OfType<ElasticMoE.Runtime.Coordination.RolledBack>());
+        Assert.Equal((from - 1, 30L), (journaled.FromStep, journaled.ToStep));
+        Assert.Equal(lostUnits, journaled.LostUnits);
+        await AssertSurvivorsFinishCleanly(r.Nodes.Where((_, i) => !victims.Contains(ports[i])));
+    }
+
+    private static List<ElasticMoE.Runtime.Coordination.ICoordinatorEvent> JournalEvents(string runDir)
+    {
+        var (events, _) = ElasticMoE.Runtime.Journal.JournalConfig.SqliteFiles(runDir);
+        using var db = new Microsoft.Data.Sqlite.SqliteConnection($"Data Source={events};Mode=ReadOnly;Pooling=False");
+        db.Open();
+        using var cmd = db.CreateCommand();
+        cmd.CommandText = "SELECT manifest, message FROM journal WHERE persistence_id = $p ORDER BY sequence_number";
+        cmd.Parameters.AddWithValue("$p", ElasticMoE.Runtime.Actors.TrainingCoordinator.JournalId);
+        using var rows = cmd.ExecuteReader();
+        var list = new List<ElasticMoE.Runtime.Coordination.ICoordinatorEvent>();
+        while (rows.Read())
+            list.Add((ElasticMoE.Runtime.Coordination.ICoordinatorEvent)ElasticMoE.Runtime.Journal.CoordinatorJournalSerializer.Decode((byte[])rows[1], rows.GetString(0)));
+        return list;
     }
 
     [Fact]

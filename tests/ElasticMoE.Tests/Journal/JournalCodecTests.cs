@@ -19,7 +19,7 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
     public void Every_event_kind_and_the_state_round_trip_through_the_akka_binding()
     {
         // The frozen history, then the events added since its fixture was written: a checkpoint retired,
-        // a restarted coordinator resuming from the newest one, one re-attaching nodes, and the run's end.
+        // a restarted coordinator resuming from the newest one, one re-attaching nodes, a rollback in place, and the run's end.
         var history = History();
         var first = history.OfType<CheckpointCommitted>().First();
         history.Add(new CheckpointRetired(first.Step, first.ManifestSha256));
@@ -29,6 +29,20 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
         long next = history.OfType<StepCommitted>().Max(c => c.Result.Step) + 1;
         history.Add(new CoordinatorRestarted(next));
         history.Add(new WorkersAdopted(next + 1, lastPlan with { Workers = lastPlan.Workers.Select(w => w with { Id = w.Id with { SystemUid = w.Id.SystemUid + 100 } }).ToList() }));
+        // Every copy of two experts lost: back to the newest checkpoint in place, the nodes kept.
+        long checkpoint = history.OfType<CheckpointCommitted>().Last().Step;
+        var before = Replay(history);
+        history.Add(new RolledBack(next + 1, checkpoint, ["expert.1.2", "expert.2.0"]));
+        var rolledBack = Replay(history);
+        Assert.Equal(checkpoint, rolledBack.NextStep);
+        Assert.Null(rolledBack.Plan);
+        Assert.Equal(before.Workers, rolledBack.Workers);
+        Assert.Equal(before.Committed.Where(c => c.Step < checkpoint), rolledBack.Committed);
+        Assert.Equal(before.Checkpoints, rolledBack.Checkpoints);
+        // Only to a committed checkpoint, never past the next step.
+        long notCheckpointed = Enumerable.Range(1, (int)before.NextStep).First(n => before.Checkpoints.All(c => c.Step != n));
+        Assert.Throws<InvalidOperationException>(() => before.Apply(new RolledBack(next + 1, notCheckpointed, ["expert.1.2"])));
+        Assert.Throws<InvalidOperationException>(() => before.Apply(new RolledBack(next + 1, before.NextStep + 1, ["expert.1.2"])));
         history.Add(new ExpertsRebalanced(next + 1, 1.75, 1.37, 1, Requested: false));
         history.Add(new ShellCommandIssued(next + 1, "relayout", ["2", "1"]));
         history.Add(new ShellCommandIssued(next + 1, "node-leave", ["akka.tcp://elasticmoe@127.0.0.1:4054"]));
