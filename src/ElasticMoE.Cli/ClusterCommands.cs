@@ -71,6 +71,15 @@ public static class NodeCommand
     // StopSignals' 4 s hard deadline.
     private static readonly TimeSpan NodeHandOverTimeout = TimeSpan.FromSeconds(2);
     private static readonly TimeSpan NodeTerminateTimeout = TimeSpan.FromSeconds(1);
+    // With a preemption notice the hand-over gets what the notice leaves after leaving and terminating, less this.
+    private static readonly TimeSpan NoticeMargin = TimeSpan.FromSeconds(0.5);
+    /// <summary>The shortest notice that leaves a hand-over any time at all (0.5 s): leave + terminate + margin + 0.5 s.</summary>
+    public static readonly double MinNoticeSeconds = (NodeLeaveTimeout + NodeTerminateTimeout + NoticeMargin).TotalSeconds + 0.5;
+
+    /// <summary>A SIGTERM's budgets: the hand-over's timeout and the forced exit's deadline, by the notice (null: the defaults).</summary>
+    public static (TimeSpan HandOver, TimeSpan HardDeadline) Budgets(double? noticeSeconds) => noticeSeconds is { } n
+        ? (TimeSpan.FromSeconds(n) - NodeLeaveTimeout - NodeTerminateTimeout - NoticeMargin, TimeSpan.FromSeconds(n))
+        : (NodeHandOverTimeout, StopSignals.HardDeadline);
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -84,11 +93,22 @@ public static class NodeCommand
         });
         var port = RunConfigOptions.NonNegative("--port", "Akka remoting port of this node (0 = any)");
         var devices = RunConfigOptions.Positive("--devices", "workers this node hosts");
+        var notice = new Option<double?>("--notice-seconds")
+        {
+            Description = "preemption notice: after SIGTERM this node has this long before its machine goes (clouds give 30-120 s); " +
+                          "it hands its units over within it, nodes noticed together leaving in one re-plan, then exits",
+        };
+        notice.Validators.Add(r =>
+        {
+            if (r.GetValueOrDefault<double?>() is { } n && !(n >= MinNoticeSeconds))
+                r.AddError($"--notice-seconds must be at least {MinNoticeSeconds:F1} (leaving the cluster and terminating take {(NodeLeaveTimeout + NodeTerminateTimeout + NoticeMargin).TotalSeconds:F1} s of it), got {n}");
+        });
         var cmd = new Command("node", "start a worker node that joins the cluster");
         cfg.AddTo(cmd);
         cmd.Options.Add(seed);
         cmd.Options.Add(port);
         cmd.Options.Add(devices);
+        cmd.Options.Add(notice);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var extra = new List<KeyValuePair<string, string>>();
@@ -101,7 +121,9 @@ public static class NodeCommand
                 throw new ConfigException("elasticmoe node needs the coordinator's address: --seed-node akka.tcp://elasticmoe@HOST:PORT");
             var corpus = TextCorpus.Load(config);
             using var endpoint = Program.StartMetrics(config, stdout);   // data-plane bytes and the process's own figures
-            using var signals = new StopSignals(stderr, "leaving the cluster");
+            var (handOverBudget, hardDeadline) = Budgets(p.GetValue(notice));
+            using var signals = new StopSignals(stderr, p.GetValue(notice) is { } n
+                ? $"preemption notice of {n:F0} s: handing the units over and leaving the cluster" : "leaving the cluster", hardDeadline);
             var loop = new ComputeLoop();
             // Incarnations: a node whose coordinator dies keeps its units and waits for the next one.
             var host = WorkerNodeHost.Start(config, corpus, loop, line => stdout.WriteLine(line));
@@ -113,7 +135,7 @@ public static class NodeCommand
             {
                 host.EndAfterThisIncarnation();
                 var node = host.Current;
-                handedOver = await node.HandOverAsync(NodeHandOverTimeout).ConfigureAwait(false);
+                handedOver = await node.HandOverAsync(handOverBudget).ConfigureAwait(false);
                 await node.ShutdownAsync(NodeLeaveTimeout, NodeTerminateTimeout).ConfigureAwait(false);
             }, TaskScheduler.Default).Unwrap();
             loop.RunUntil(Task.WhenAny(host.Stopped, left));   // this thread computes for the node's first worker

@@ -36,15 +36,19 @@ public sealed class StopSignals : IDisposable
     private readonly CancellationTokenSource _cancel = new();
     private readonly object _gate = new();
     private Timer? _deadline;
+    private readonly TimeSpan _hardDeadline;
     private int _count;
     private bool _disposed;
 
     /// <param name="stderr">Where the acknowledgement of a signal goes.</param>
     /// <param name="action">What the first signal makes the command do, e.g. "stopping after the current step".</param>
-    public StopSignals(TextWriter stderr, string action)
+    /// <param name="hardDeadline">From the first signal to the forced exit (default <see cref="HardDeadline"/>): a node's
+    /// preemption notice (<c>--notice-seconds</c>) sets it to the time the machine is given.</param>
+    public StopSignals(TextWriter stderr, string action, TimeSpan? hardDeadline = null)
     {
         _stderr = stderr;
         _action = action;
+        _hardDeadline = hardDeadline ?? HardDeadline;
         _registrations =
         [
             PosixSignalRegistration.Create(PosixSignal.SIGTERM, Handle),
@@ -79,8 +83,8 @@ public sealed class StopSignals : IDisposable
         {
             // Not once the command has returned: the process is ending anyway (or, in a test host, not ours to end).
             if (!_disposed)
-                _deadline = new Timer(_ => ExitNow($"{name}: still running {HardDeadline.TotalSeconds:F1} s after the signal; exiting now (exit code {code})", code),
-                    null, HardDeadline, Timeout.InfiniteTimeSpan);
+                _deadline = new Timer(_ => ExitNow($"{name}: still running {_hardDeadline.TotalSeconds:F1} s after the signal; exiting now (exit code {code})", code),
+                    null, _hardDeadline, Timeout.InfiniteTimeSpan);
         }
         _first.TrySetResult(context.Signal);
         _cancel.Cancel();

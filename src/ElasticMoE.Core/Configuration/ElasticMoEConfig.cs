@@ -116,6 +116,11 @@ public sealed record ClusterOptions(
     /// <see cref="Host"/> is then only what it binds (e.g. "0.0.0.0").</summary>
     public string PublicHost { get; init; } = "";
 
+    /// <summary><c>cluster.leave-settle</c>: after a node asks to leave (SIGTERM, a preemption notice), how long no further
+    /// node must ask before the leavers are planned out together (at most 4x that after the first, and never past a
+    /// third of the shortest notice), so nodes reclaimed together cost one re-plan.</summary>
+    public double LeaveSettleSeconds { get; init; } = 0.25;
+
     /// <summary>The host peers are told to dial: <see cref="PublicHost"/>, else <see cref="Host"/>.</summary>
     public string AdvertisedHost => PublicHost.Length > 0 ? PublicHost : Host;
 }
@@ -250,7 +255,7 @@ public sealed record ElasticMoEConfig(
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
             r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"),
-            r.Double("cluster.coordinator-wait")) { PublicHost = r.String("cluster.public-host") };
+            r.Double("cluster.coordinator-wait")) { PublicHost = r.String("cluster.public-host"), LeaveSettleSeconds = r.Double("cluster.leave-settle") };
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
@@ -402,6 +407,7 @@ public sealed record ElasticMoEConfig(
         Require(c.EvalTimeoutSeconds > 0, "cluster.eval-timeout", "must be positive");
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");
         Require(c.JoinSettleSeconds >= 0, "cluster.join-settle", "must be zero or positive");
+        Require(c.LeaveSettleSeconds >= 0, "cluster.leave-settle", "must be zero or positive");
         Require(c.MaxWaitSeconds > 0, "cluster.max-wait", "must be positive");
         Require(Uri.CheckHostName(c.Host) != UriHostNameType.Unknown, "cluster.host",
             $"must be a host name or IP address of this machine to listen on (\"0.0.0.0\" = every interface, with cluster.public-host set), got \"{c.Host}\"");

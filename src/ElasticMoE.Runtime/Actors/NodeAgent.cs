@@ -23,7 +23,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     private sealed record WaitedInVain;
 
     /// <summary>Local: hand this node's units over and get the coordinator's leave; answered with <see cref="LeaveGranted"/>.</summary>
-    public sealed record HandOver;
+    public sealed record HandOver(double NoticeSeconds = 0);
 
     private readonly List<IActorRef> _handOverWaiters = new();
 
@@ -75,7 +75,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             var member = Akka.Cluster.Cluster.Get(Context.System).State.Members.FirstOrDefault(x => x.Address == m.Address);
             if (member is not null) OnMemberLost(member, "is gone (its connection closed and a reconnect was refused)");
         });
-        Receive<HandOver>(_ => OnHandOver());
+        Receive<HandOver>(OnHandOver);
         Receive<IElasticMoEMessage>(OnMessage);
         // Unreachable is a suspicion: the coordinator is lost only once the prober confirms it (no answer, or a refused
         // connect). A busy coordinator whose heartbeats are late answers, and is never downed by its nodes for it.
@@ -164,13 +164,14 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
             Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held, ProcessId = Environment.ProcessId });
     }
 
-    private void OnHandOver()
+    private void OnHandOver(HandOver m)
     {
         _handOverWaiters.Add(Sender);
-        if (_handOverWaiters.Count == 1 && _leaveOrdered is null) RequestLeave();
+        if (_handOverWaiters.Count == 1 && _leaveOrdered is null) RequestLeave(m.NoticeSeconds);
     }
 
-    private void RequestLeave() => _coordinator.Tell(new RequestLeave(_address, Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid));
+    private void RequestLeave(double noticeSeconds = 0) => _coordinator.Tell(
+        new RequestLeave(_address, Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid) { NoticeSeconds = noticeSeconds });
 
     // `node leave` from the shell: the reason, once the coordinator ordered it; the node then stops when the leave is granted.
     private string? _leaveOrdered;

@@ -129,6 +129,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _done = done;
         _runFingerprint = runFingerprint;
         _joinSettle = new Coordination.JoinSettle(config.Cluster.JoinSettleSeconds);
+        _leaveSettle = new Coordination.JoinSettle(config.Cluster.LeaveSettleSeconds);
         _faults = FaultInjection.Parse(config.Cluster.FaultInjection);
         _schedule = new Queue<RelayoutPoint>(string.IsNullOrWhiteSpace(config.Cluster.Relayout) ? []
             : RelayoutSchedule.Parse(config.Cluster.Relayout).Where(p => p.Step >= startStep));
@@ -516,6 +517,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         _leaving[m.NodeAddress] = Sender;
         _leaveAsked[m.NodeAddress] = System.Diagnostics.Stopwatch.StartNew();
+        double now = _uptime.Elapsed.TotalSeconds;
+        // A third of the notice for gathering: the step in flight, the re-plan and the hand-over need the rest.
+        _leaveSettle.Joined(now, m.NoticeSeconds > 0 ? now + m.NoticeSeconds / 3 : double.PositiveInfinity);
         if (WorkersStaying == 0)
         {
             // The last node is going: the run ends after the step in flight, like a stop.
@@ -565,6 +569,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
 
     // A join waiting for its settle window; a layout waiting for workers (paused).
     private readonly Coordination.JoinSettle _joinSettle;
+    // Nodes asking to leave, gathered the same way: nodes reclaimed together leave in one re-plan.
+    private readonly Coordination.JoinSettle _leaveSettle;
     private readonly System.Diagnostics.Stopwatch _uptime = System.Diagnostics.Stopwatch.StartNew();
     private (int Workers, int Pp)? _waitingFor;
     // After a loss left fewer nodes than cluster.min-nodes: paused until that many are present.
@@ -610,6 +616,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         TrainingPlan next;
         TransferPlan transfers;
         _joinSettle.Planned();   // whoever is present now is planned now
+        _leaveSettle.Planned();   // and whoever asked to leave by now is planned out
         if (workers > WorkersStaying && previous is not null)
         {
             // Too few workers for the layout asked for: pause (the units stay where they are) until nodes
@@ -793,7 +800,8 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             return;
         }
         if (ShellControlsDue()) return;
-        if (_leaving.Count > 0)
+        // Leavers stay in the steps until their quiet window (or a third of the shortest notice) has passed.
+        if (_leaving.Count > 0 && _leaveSettle.Due(_uptime.Elapsed.TotalSeconds))
         {
             ReplanWithoutLeavers();
             return;

@@ -241,7 +241,8 @@ public sealed class ClusterNode : IAsyncDisposable
         try
         {
             var agent = await System.ActorSelection("/user/node").ResolveOne(timeout).ConfigureAwait(false);
-            await agent.Ask<LeaveGranted>(new NodeAgent.HandOver(), timeout).ConfigureAwait(false);
+            // The coordinator is told how long it has (what is left of the timeout once the agent is found).
+            await agent.Ask<LeaveGranted>(new NodeAgent.HandOver(timeout.TotalSeconds), timeout).ConfigureAwait(false);
             return true;
         }
         catch (Exception ex) when (ex is AskTimeoutException or ActorNotFoundException or TaskCanceledException or TimeoutException)

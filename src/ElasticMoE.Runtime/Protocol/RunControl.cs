@@ -21,7 +21,14 @@ public sealed record StopRun([property: Key(0)] string Reason) : IElasticMoEMess
 /// stay, and then answers <see cref="LeaveGranted"/>: nothing is lost and no step is redone.
 /// </summary>
 [MessagePackObject, Manifest("t.RequestLeave")]
-public sealed record RequestLeave([property: Key(0)] string NodeAddress, [property: Key(1)] long SystemUid) : IElasticMoEMessage;
+public sealed record RequestLeave([property: Key(0)] string NodeAddress, [property: Key(1)] long SystemUid) : IElasticMoEMessage
+{
+    /// <summary>
+    /// How long the node can still wait for its leave (a preemption notice's hand-over budget, from when it asked);
+    /// 0 = not said. Nodes asking together are gathered into one re-plan, but never past a third of this.
+    /// </summary>
+    [Key(2)] public double NoticeSeconds { get; init; }
+}
 
 /// <summary>Coordinator → node agent: the node holds nothing the run needs any more; it may leave the cluster.</summary>
 [MessagePackObject, Manifest("t.LeaveGranted")]

@@ -160,6 +160,68 @@ public partial class SignalTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Three_nodes_given_a_5_s_notice_together_leave_in_one_replan_with_no_step_redone()
+    {
+        // A spot market reclaiming three of four machines in the same second: each node gets SIGTERM with a 5 s
+        // preemption notice. The coordinator gathers their leave requests (cluster.leave-settle, here 1 s: wider
+        // than the signals' spread on a loaded box, and under a third of the notice) and plans all three out in one
+        // re-plan at a step boundary; their units move to the node that stays, no step is redone, each leaver exits
+        // inside its notice, and the curve is the loop's.
+        TestSupport.EnsureTorch();
+        const int steps = 50;
+        var settings = TestSupport.SmallSettings(("seed", "1"), ("model.layers", "4"), ("model.dense-layers", "1"), ("model.moe.routed-experts", "6"),
+            ("train.global-batch", "12"), ("train.micro-batch", "2"), ("train.steps", steps.ToString()), ("train.eval-every", "25"),
+            ("train.eval-batches", "2"), ("cluster.checksum-every", "5"), ("cluster.leave-settle", "1"));
+        var args = TestSupport.SetArguments(settings);
+        int port = LoopbackPorts.Next();
+        var seed = $"akka.tcp://elasticmoe@127.0.0.1:{port}";
+        var metrics = Path.Combine(TestSupport.TempDir(), "m.jsonl");
+        using var coordinator = Child.Elasticmoe(["train", "--nodes", "0", "--expect-nodes", "4", "--port", port.ToString(), "--metrics", metrics, .. args]);
+        using var stays = Child.Elasticmoe(["node", "--seed-node", seed, .. args]);
+        var leavers = Enumerable.Range(0, 3).Select(_ => Child.Elasticmoe(["node", "--seed-node", seed, "--notice-seconds", "5", .. args])).ToList();
+        try
+        {
+            var reference = Cluster.SingleProcessReference.Train(TestSupport.SmallConfig(settings.Select(kv => (kv.Key, kv.Value)).ToArray()), steps).Steps;
+            await coordinator.WaitForLine(l => l.StartsWith("step    10/", StringComparison.Ordinal), StartUp);
+
+            var clock = Stopwatch.StartNew();
+            foreach (var l in leavers) Assert.Equal(0, Kill(l.Pid, SIGTERM));
+            var exits = await Task.WhenAll(leavers.Select(async l => (Code: await l.Exit(TimeSpan.FromSeconds(60)), At: clock.Elapsed, l.Text)));
+            foreach (var (code, at, text) in exits)
+            {
+                Assert.True(at.TotalSeconds <= 5.5, $"a leaver exited {at.TotalSeconds:F2} s after its 5 s notice began\n{text}");
+                Assert.Equal(143, code);
+                Assert.Contains("preemption notice of 5 s", text);
+                Assert.Contains("after handing its units over", text);
+            }
+
+            Assert.Equal(0, await coordinator.Exit(StartUp));
+            output.WriteLine(coordinator.Tail);
+            // The first plan and one more for all three leavers.
+            Assert.Equal(2, Regex.Matches(coordinator.Text, @"^plan \d+ from step", RegexOptions.Multiline).Count);
+            Assert.Contains("DP 1 x PP 1", coordinator.Text);
+            Assert.DoesNotContain("aborted", coordinator.Text);   // no step redone
+            Cluster.SingleProcessReference.AssertMetricsMatch(metrics, reference);
+            var left = File.ReadAllLines(metrics).Where(l => l.Contains("\"event\":\"node-left\"")).ToList();
+            Assert.Equal(3, left.Count);
+            Assert.Single(left.Select(l => JsonDocument.Parse(l).RootElement.GetProperty("step").GetInt64()).Distinct());   // one boundary
+            Assert.Equal(0, await stays.Exit(TimeSpan.FromSeconds(60)));
+        }
+        finally
+        {
+            foreach (var l in leavers) l.Dispose();
+        }
+    }
+
+    [Fact]
+    public async Task A_notice_too_short_to_leave_in_is_refused_at_start()
+    {
+        using var node = Child.Elasticmoe(["node", "--seed-node", "akka.tcp://elasticmoe@127.0.0.1:9", "--notice-seconds", "1"]);
+        Assert.Equal(ElasticMoE.Cli.Program.ExitCodes.Usage, await node.Exit(TimeSpan.FromSeconds(60)));   // a flag error, as any other
+        Assert.Contains("--notice-seconds must be at least 3.5", node.Text);
+    }
+
+    [Fact]
     public async Task Sigterm_on_a_coordinator_with_external_nodes_stops_them_all()
     {
         TestSupport.EnsureTorch();

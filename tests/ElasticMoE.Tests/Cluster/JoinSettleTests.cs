@@ -52,6 +52,21 @@ public sealed class JoinSettleTests
     }
 
     [Fact]
+    public void A_leavers_notice_bounds_the_gathering_and_is_forgotten_once_planned()
+    {
+        // Leaves are gathered by the same rule; a notice (a third of it, passed as latest) ends the wait early.
+        var s = new JoinSettle(1);
+        s.Joined(0, latest: 0.6);
+        s.Joined(0.3);
+        Assert.False(s.Due(0.5));
+        Assert.True(s.Due(0.6));
+        s.Planned();
+        s.Joined(10);
+        Assert.False(s.Due(10.7));   // the old bound does not carry over
+        Assert.True(s.Due(11));
+    }
+
+    [Fact]
     public void A_zero_window_plans_at_the_next_boundary()
     {
         var s = new JoinSettle(0);

@@ -162,6 +162,16 @@ public class ConfigLoaderTests
     }
 
     [Fact]
+    public void The_leave_settle_window_is_read_and_must_not_be_negative()
+    {
+        Assert.Equal(0.25, With().Cluster.LeaveSettleSeconds);
+        Assert.Equal(1.5, With(("cluster.leave-settle", "1.5")).Cluster.LeaveSettleSeconds);
+        var ex = Assert.Throws<ConfigException>(() => With(("cluster.leave-settle", "-1")));
+        Assert.StartsWith("elasticmoe.cluster.leave-settle:", ex.Message);
+        Assert.Contains("zero or positive", ex.Message);
+    }
+
+    [Fact]
     public void Failure_detection_settings_are_read_and_defaults_suit_a_LAN()
     {
         var d = With().FailureDetection;
