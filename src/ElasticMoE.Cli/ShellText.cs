@@ -43,7 +43,8 @@ internal static class ShellText
                 o.WriteLine($"step {s.Step}/{s.StepsTotal}  phase {s.Phase}  loss {Opt(s.Loss, "F4")}  val {Opt(s.ValLoss, "F4")}" +
                             (s.ValStep is { } vs ? $" (after step {vs})" : "") +
                             $"  tok/s {Opt(s.TokensPerSecond, "F0")}  ETA {Opt(s.EtaSeconds, "F0")} s  redone {s.RedoneAttempts}  plans {s.Plans}  workers {s.Workers}" +
-                            (s.Stopping is { } why ? $"  stopping: {why}" : ""));
+                            (s.Stopping is { } why ? $"  stopping: {why}" : "") +
+                            (s.BelowRedundancy is { } risk ? $"\n  {risk}" : ""));
                 break;
             case ShellExpertLoads { Step: < 0 }:
                 o.WriteLine("no step committed yet");

@@ -179,7 +179,7 @@ public sealed partial class TrainingCoordinator
         var (valStep, valLoss) = _validation.Count > 0 ? _validation[^1] : ((long?)null, (double?)null);
         string phase = _holding ? "paused" : _paused && !_finished ? "pausing" : _phase.ToString().ToLowerInvariant();
         return new ShellTrainStatus(_state.NextStep, total, last?.Loss, valLoss, valStep, last?.TokensPerSecond, eta, _redone, _plans.Count,
-            phase, _paused, elapsed, _state.Plan?.WorldSize ?? 0, _stopRequested);
+            phase, _paused, elapsed, _state.Plan?.WorldSize ?? 0, _stopRequested) { BelowRedundancy = Redundancy()?.Describe() };
     }
 
     private ShellExpertLoads ShellLoadsReply(int layer)

@@ -129,6 +129,12 @@ public sealed partial class TrainingCoordinator
         if (inFlight is { } t && median is { } med && t > Math.Max(SlowStepFloorSeconds, SlowStepFactor * med))
             runReasons.Add($"step {_state.NextStep + 1} has taken {t:F1} s so far (median step {med:F3} s)");
         string runVerdict = runReasons.Count > 0 ? "slow" : "pass";
+        // Below its redundancy the run is at risk (a loss of the nodes holding the only copies costs state): not a pass.
+        if (Redundancy()?.Describe() is { } risk)
+        {
+            runReasons.Add(risk);
+            if (runVerdict == "pass") runVerdict = "risk";
+        }
         string phase = _holding ? "paused" : _phase.ToString().ToLowerInvariant();
         return new ShellDiagnosis(runVerdict == "pass" && health.All(h => h.Verdict == "pass"), phase, _state.NextStep, inFlight, median,
             runVerdict, runReasons.ToArray(), health);

@@ -484,8 +484,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             }
             return;
         }
-        _joinSettle.Joined(_uptime.Elapsed.TotalSeconds);
+        double now = _uptime.Elapsed.TotalSeconds;
+        // Below its redundancy the run is at risk until a plan uses the newcomer: no settle window then.
+        bool atRisk = Redundancy() is { Met: false };
+        if (atRisk) _report.Info($"the run is below its redundancy: node {m.NodeAddress} is planned in at the next step boundary");
+        _joinSettle.Joined(now, atRisk ? now : double.PositiveInfinity);
     }
+
+    /// <summary>Whether the installed plan keeps every unit on cluster.redundancy + 1 nodes (null before the first plan).</summary>
+    private Coordination.RedundancyCheck.Result? Redundancy()
+        => _state.Plan is { } plan ? Coordination.RedundancyCheck.Of(plan, _config.Model, _config.Cluster.Redundancy) : null;
 
     // ---- graceful leave -------------------------------------------------------------------------
 
@@ -759,6 +767,9 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()) { Plan = plan });
         Apply(new PlanChanged(plan, _state.NextStep));
+        // Not for a run that starts on one node (nothing to mirror on, by choice); for one that shrank to it, or short of nodes.
+        if (Redundancy() is { Met: false, Nodes: var n } below && (n > 1 || _plans.Count > 1))
+            _report.Info($"plan {plan.Epoch}: {below.Describe()}; a node that joins now is planned in at once");
         _resume = null;   // the units are in the workers now
         _gone.Clear();
         _installFailures = 0;

@@ -120,7 +120,11 @@ public sealed record ShellTrainStatus(
     [property: Key(10)] bool Paused,
     [property: Key(11)] double ElapsedSeconds,
     [property: Key(12)] int Workers,
-    [property: Key(13)] string? Stopping) : IElasticMoEMessage;
+    [property: Key(13)] string? Stopping) : IElasticMoEMessage
+{
+    /// <summary>Null while every unit is on <c>cluster.redundancy</c> + 1 nodes; else what is short (a window of risk).</summary>
+    [Key(14)] public string? BelowRedundancy { get; init; }
+}
 
 /// <summary>Shell → coordinator: per-expert token counts of the last committed step; <c>Layer</c> -1 = every MoE layer.</summary>
 [MessagePackObject, Manifest("s.LoadsQuery")]

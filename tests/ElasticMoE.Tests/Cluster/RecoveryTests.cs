@@ -155,6 +155,25 @@ public class RecoveryTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task A_node_joining_a_run_below_its_redundancy_is_planned_in_without_the_settle_window()
+    {
+        // One node with redundancy 1: every unit has its only copy there (a window of risk). A node that joins is planned
+        // in at the next step boundary, not after cluster.join-settle (60 s here, far beyond the whole run).
+        const int steps = 80;
+        var r = await Run(1, Settings(steps), ["--set", "cluster.join-settle=60", "--set", "cluster.redundancy=1"], (line, nodes, addNode) =>
+        {
+            if (nodes.Count == 1 && line.StartsWith("step     5/", StringComparison.Ordinal)) addNode([]);
+        });
+        Assert.True(r.Code == 0, r.Text);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
+        Assert.Contains("the run is below its redundancy: node", r.Text);
+        var joined = Assert.Single(r.Events);
+        Assert.Equal("node-joined", joined.GetProperty("event").GetString());
+        Assert.True(joined.GetProperty("recovery_s").GetDouble() < 30, joined.ToString());   // no 60 s window
+        Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
+    }
+
+    [Fact]
     public async Task A_node_with_another_run_config_is_refused_mid_run_and_the_run_goes_on()
     {
         // Long enough for the stranger's process to start and register while the run goes on.
