@@ -13,11 +13,11 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
     /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts")).ToArray();
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts" or "trace")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -33,6 +33,12 @@ public static class BenchCommand
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
         var peer = new Option<string?>("--peer") { Description = "recovery suite: the torchrun-recovery script (default ../shared/peers/torchrun-recovery)" };
         var logs = new Option<string?>("--logs") { Description = "recovery, chaos, redundancy, checkpoint suites: folder for the processes' logs (default a new folder under /tmp)" };
+        var trace = new Option<string?>("--trace") { Description = $"trace suite: an availability trace, Bamboo/Oobleck CSV 'milliseconds,add|remove,nodeNAME' (default {DefaultTrace})" };
+        var speed = new Option<double?>("--speed") { Description = "trace suite: time compression of the trace (default 1)" };
+        speed.Validators.Add(r => { if (r.GetValueOrDefault<double?>() is { } v && !(v > 0)) r.AddError($"--speed must be positive, got {v}"); });
+        var maxNodes = RunConfigOptions.Positive("--max-nodes", "trace suite: node processes at the trace's peak (default 4)");
+        var notice = new Option<double?>("--notice") { Description = "trace suite: probability that a removal is a 5 s preemption notice rather than a SIGKILL (default 0.5)" };
+        notice.Validators.Add(r => { if (r.GetValueOrDefault<double?>() is { } v && !(v is >= 0 and <= 1)) r.AddError($"--notice is a probability in [0, 1], got {v}"); });
         var measure = new Option<string?>("--measure") { Description = "internal: measure one cluster mode in this process", Hidden = true };
         measure.AcceptOnlyFromAmong(Enum.GetNames<ClusterBenchmarks.Mode>());
         var cmd = new Command("bench", "measure tokens/s, MFU, tensor leaks (and, with a cluster, its overheads)");
@@ -42,7 +48,7 @@ public static class BenchCommand
         cmd.Options.Add(benchSteps);
         cmd.Options.Add(rounds);
         cmd.Options.Add(measure);
-        foreach (var o in new Option[] { raceSeconds, kills, events, torchrunReps, peer, logs }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { raceSeconds, kills, events, torchrunReps, peer, logs, trace, speed, maxNodes, notice }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : DefaultSuites;
@@ -178,7 +184,7 @@ public static class BenchCommand
                 stdout.WriteLine(same ? "  canonical: PASS" : "  canonical: FAIL: some layout left the single-process loop's bits");
                 ok &= same;
             }
-            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts", "trace"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -198,6 +204,15 @@ public static class BenchCommand
                 if (chosen.Contains("chaos"))
                 {
                     var (f, good) = ChaosBenchmark.Run(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("trace"))
+                {
+                    var file = p.GetValue(trace) ?? FindDefaultTrace()
+                               ?? throw new ElasticMoE.Configuration.ConfigException($"--trace: no trace given and {DefaultTrace} was not found above {Environment.CurrentDirectory}");
+                    var (f, good) = TraceBenchmark.Run(childArgs, new TraceBenchmark.Options(file, p.GetValue(speed) ?? 1, p.GetValue(maxNodes) ?? 4,
+                        p.GetValue(notice) ?? 0.5, p.GetValue(cfg.Steps) ?? 150), Path.Combine(dir, "trace"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
@@ -229,6 +244,17 @@ public static class BenchCommand
             return ok ? Program.ExitCodes.Ok : Program.ExitCodes.Failed;
         }));
         return cmd;
+    }
+
+    /// <summary>The synthetic trace shipped with the repository, for <c>--suite trace</c> without <c>--trace</c>.</summary>
+    public const string DefaultTrace = "bench/traces/spot-synthetic.csv";
+
+    private static string? FindDefaultTrace()
+    {
+        foreach (var start in new[] { Environment.CurrentDirectory, AppContext.BaseDirectory })
+            for (var d = new DirectoryInfo(start); d is not null; d = d.Parent)
+                if (File.Exists(Path.Combine(d.FullName, DefaultTrace))) return Path.Combine(d.FullName, DefaultTrace);
+        return null;
     }
 
     /// <summary>P6: the expert placement planners alone (pure code: no model, no cluster), one table and its figures.</summary>

@@ -33,17 +33,7 @@ internal static class ChaosBenchmark
         var args = RecoveryBenchmarks.BaseArgs(configArgs);
         o.WriteLine($"chaos: fault-free reference (single process, {steps} steps), then coordinator + 4 node processes through {events} random events " +
                     $"(kill + fresh node, kill alone, join, re-layout from the shell) at random points of a step (logs in {dir}) ...");
-        Directory.CreateDirectory(dir);
-        var refMetrics = new MetricsTail(Path.Combine(dir, "reference.jsonl"));
-        var refLog = Path.Combine(dir, "reference.log");
-        var reference = ProcessCluster.Launch("reference", refLog, new[] { "train", "--single-process", "--steps", steps.ToString(CultureInfo.InvariantCulture), "--metrics", refMetrics.Path }.Concat(args));
-        using (reference.Process)
-        {
-            if (!reference.Process.WaitForExit(TimeSpan.FromMinutes(60))) reference.Process.Kill();
-            reference.Process.WaitForExit();
-            if (reference.Process.ExitCode != 0) { o.WriteLine($"  the reference run failed (exit {reference.Process.ExitCode}); see {refLog}"); return ([], false); }
-        }
-        refMetrics.Poll();
+        if (Reference(args, steps, dir, o) is not { } refMetrics) return ([], false);
 
         int seed = Environment.TickCount;
         var rng = new Random(seed);
@@ -135,6 +125,23 @@ internal static class ChaosBenchmark
         m.Poll();
         coordinatorExit = cluster.Coordinator?.Process.ExitCode;
         return Judge(log, m, refMetrics, events, steps, coordinatorExit, problem, seed, dir, cluster, o);
+    }
+
+    /// <summary>The fault-free single-process run of <paramref name="steps"/> steps (its metrics), in a process of its own; null (said) when it fails.</summary>
+    public static MetricsTail? Reference(IReadOnlyList<string> args, int steps, string dir, TextWriter o)
+    {
+        Directory.CreateDirectory(dir);
+        var refMetrics = new MetricsTail(Path.Combine(dir, "reference.jsonl"));
+        var refLog = Path.Combine(dir, "reference.log");
+        var reference = ProcessCluster.Launch("reference", refLog, new[] { "train", "--single-process", "--steps", steps.ToString(CultureInfo.InvariantCulture), "--metrics", refMetrics.Path }.Concat(args));
+        using (reference.Process)
+        {
+            if (!reference.Process.WaitForExit(TimeSpan.FromMinutes(60))) reference.Process.Kill();
+            reference.Process.WaitForExit();
+            if (reference.Process.ExitCode != 0) { o.WriteLine($"  the reference run failed (exit {reference.Process.ExitCode}); see {refLog}"); return null; }
+        }
+        refMetrics.Poll();
+        return refMetrics;
     }
 
     private static (List<BenchFigure>, bool) Judge(List<Event> log, MetricsTail m, MetricsTail reference, int events, int steps, int? coordinatorExit,
