@@ -18,6 +18,21 @@ public sealed record MoEOptions(
 
 public enum RouterScoring { Sigmoid, Softmax }
 
+/// <summary>The attention of every block (<c>model.attention</c>).</summary>
+public enum AttentionKind
+{
+    /// <summary>Multi-head attention: per-head keys and values from one [q; k; v] projection, RoPE on every head.</summary>
+    Mha,
+    /// <summary>DeepSeek-V2/V3 multi-head latent attention: keys and values rebuilt from a joint latent (<c>model.mla.*</c>).</summary>
+    Mla,
+}
+
+/// <param name="Attention"><c>model.attention</c>: multi-head (the default) or multi-head latent attention.</param>
+/// <param name="QLoraRank"><c>model.mla.q-lora-rank</c>: the query's latent width; 0 = no query compression (a plain W_Q).</param>
+/// <param name="KvLoraRank"><c>model.mla.kv-lora-rank</c>: the joint key-value latent c_KV, what the inference cache keeps per token.</param>
+/// <param name="QkNopeHeadDim"><c>model.mla.qk-nope-head-dim</c>: per head, the query/key part without position (rebuilt from c_KV).</param>
+/// <param name="QkRopeHeadDim"><c>model.mla.qk-rope-head-dim</c>: per head, the query part with RoPE; its key is one decoupled key shared by all heads.</param>
+/// <param name="VHeadDim"><c>model.mla.v-head-dim</c>: per head, the value width.</param>
 /// <param name="Tokenizer">
 /// The tokenizer (<c>data.tokenizer</c>): bytes, gpt2, cl100k or o200k. Part of the model because its ids are the
 /// rows of the embedding and the head, and so of the run fingerprint: a node with another tokenizer is refused, naming it.
@@ -33,9 +48,24 @@ public sealed record ModelOptions(
     int DenseLayers,
     int DenseHidden,
     MoEOptions MoE,
-    string Tokenizer = "bytes")
+    string Tokenizer = "bytes",
+    AttentionKind Attention = AttentionKind.Mha,
+    int QLoraRank = 0,
+    int KvLoraRank = 64,
+    int QkNopeHeadDim = 32,
+    int QkRopeHeadDim = 16,
+    int VHeadDim = 32)
 {
     public int HeadDim => DModel / Heads;
+
+    /// <summary>Width of the RoPE tables: a whole head under MHA, the decoupled RoPE part under MLA.</summary>
+    public int RopeDim => Attention == AttentionKind.Mla ? QkRopeHeadDim : HeadDim;
+
+    /// <summary>
+    /// Elements of one layer's inference cache per token: MHA keeps every head's key and value (2 × heads × head-dim),
+    /// MLA the latent and the shared RoPE key (kv-lora-rank + qk-rope-head-dim).
+    /// </summary>
+    public int KvElementsPerToken => Attention == AttentionKind.Mla ? KvLoraRank + QkRopeHeadDim : 2 * Heads * HeadDim;
     public bool IsMoELayer(int layer) => layer >= DenseLayers;
 }
 
