@@ -265,7 +265,9 @@ public sealed record ElasticMoEConfig(
         var tokenizer = r.String("data.tokenizer");
         var model = new ModelOptions(
             VocabSizeFor(r.Int("model.vocab-size"), tokenizer), r.Int("model.d-model"), r.Int("model.layers"), r.Int("model.heads"), r.Int("model.context"),
-            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe, tokenizer);
+            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe, tokenizer,
+            ParseAttention(r.String("model.attention")), r.Int("model.mla.q-lora-rank"), r.Int("model.mla.kv-lora-rank"),
+            r.Int("model.mla.qk-nope-head-dim"), r.Int("model.mla.qk-rope-head-dim"), r.Int("model.mla.v-head-dim"));
         var data = new DataOptions(r.String("data.path"), r.Double("data.validation-fraction"));
         var train = new TrainOptions(
             r.Int("train.steps"), r.Int("train.global-batch"), r.Int("train.micro-batch"), r.Double("train.lr"), r.Double("train.min-lr"),
@@ -350,6 +352,13 @@ public sealed record ElasticMoEConfig(
         _ => throw new ConfigException($"elasticmoe.model.moe.scoring must be \"sigmoid\" or \"softmax\", got \"{s}\""),
     };
 
+    private static AttentionKind ParseAttention(string? s) => s?.ToLowerInvariant() switch
+    {
+        "mha" => AttentionKind.Mha,
+        "mla" => AttentionKind.Mla,
+        _ => throw new ConfigException($"elasticmoe.model.attention must be \"mha\" (multi-head) or \"mla\" (multi-head latent), got \"{s}\""),
+    };
+
     /// <summary>
     /// Limits set by how data-plane tags are packed (see <c>StepTags</c> in ElasticMoE.Runtime): 8 bits for
     /// the micro-batch (or validation batch) index, 8 for the layer ordinal or pipeline stage, 7 for each
@@ -377,8 +386,21 @@ public sealed record ElasticMoEConfig(
         var m = Model;
         Require(m.VocabSize >= 2, "model.vocab-size", "must hold the tokenizer's vocabulary");
         Require(m.DModel > 0, "model.d-model", "must be positive");
-        Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
-        Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");
+        if (m.Attention == AttentionKind.Mha)
+        {
+            Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
+            Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");
+        }
+        else
+        {
+            // MLA's heads have widths of their own (model.mla.*): heads need not divide d-model.
+            Require(m.Heads > 0, "model.heads", "must be positive");
+            Require(m.QLoraRank >= 0, "model.mla.q-lora-rank", "must be zero (no query compression) or positive");
+            Require(m.KvLoraRank > 0, "model.mla.kv-lora-rank", "must be positive");
+            Require(m.QkNopeHeadDim > 0, "model.mla.qk-nope-head-dim", "must be positive");
+            Require(m.QkRopeHeadDim > 0 && m.QkRopeHeadDim % 2 == 0, "model.mla.qk-rope-head-dim", $"must be positive and even for RoPE, got {m.QkRopeHeadDim}");
+            Require(m.VHeadDim > 0, "model.mla.v-head-dim", "must be positive");
+        }
         Require(m.Layers > 0, "model.layers", "must be positive");
         Require(m.Context > 1, "model.context", "must be at least 2");
         Require(m.DenseLayers >= 0 && m.DenseLayers <= m.Layers, "model.dense-layers", $"must be within 0..layers ({m.Layers})");

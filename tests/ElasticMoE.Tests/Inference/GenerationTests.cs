@@ -112,6 +112,8 @@ public class GenerationTests
         Assert.Equal("abc", run.DataFingerprint);
         Assert.Equal(config.Train.MicroBatch, run.TrainInt("MicroBatch"));
         Assert.Throws<InvalidDataException>(() => RunSettings.Parse("seed=1;data=x"));
+        var mla = TestSupport.SmallConfig(("model.attention", "mla"), ("model.mla.q-lora-rank", "12"), ("model.mla.v-head-dim", "10"));
+        Assert.Equal(mla.Model, RunSettings.Parse(TrainingState.RunFingerprint(mla, "abc")).Model);
     }
 
     [Fact]

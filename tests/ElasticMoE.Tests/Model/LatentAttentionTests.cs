@@ -1,6 +1,8 @@
 using ElasticMoE.Configuration;
+using ElasticMoE.Data;
 using ElasticMoE.Model;
 using ElasticMoE.State;
+using ElasticMoE.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -109,5 +111,24 @@ public class LatentAttentionTests
         using var mha = new MoETransformer(TestSupport.SmallConfig().Model, 5);
         using var mhaCache = mha.NewKvCache();
         Assert.Equal(2 * 2 * 16, mhaCache.ElementsPerToken);
+    }
+
+    [Fact]
+    public void A_single_process_MLA_checkpoint_resumes_bit_for_bit_and_an_MHA_model_refuses_it()
+    {
+        var cfg = TestSupport.SmallConfig(("model.attention", "mla"), ("model.mla.q-lora-rank", "8"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var dir = Path.Combine(TestSupport.TempDir(), "run");
+        using var a = new Trainer(cfg, corpus);
+        for (int i = 0; i < 5; i++) a.TrainStep();
+        a.Save(dir);
+        var expected = Enumerable.Range(0, 5).Select(_ => a.TrainStep()).Select(r => (r.Loss, r.GradNorm)).ToList();
+        using var b = new Trainer(cfg, corpus);
+        b.Load(dir);
+        Assert.Equal(5, b.Step);
+        Assert.Equal(expected, Enumerable.Range(0, 5).Select(_ => b.TrainStep()).Select(r => (r.Loss, r.GradNorm)).ToList());
+        using var mha = new Trainer(TestSupport.SmallConfig(), corpus);
+        var e = Assert.Throws<ConfigException>(() => mha.Load(dir));
+        Assert.Contains("-mla-", e.Message);
     }
 }
