@@ -93,9 +93,10 @@ public static class MoEBenchmarks
     /// <summary>A point of a model's validation curve: after <paramref name="TrainSeconds"/> of its own training time, at <paramref name="Step"/>.</summary>
     public sealed record RacePoint(double TrainSeconds, long Step, double ValidationLoss);
 
-    /// <param name="MoE">the MoE's validation curve, one point every <c>train.eval-every</c> steps and one at the end.</param>
-    /// <param name="Dense">the dense model's.</param>
-    public sealed record RaceResult(IReadOnlyList<RacePoint> MoE, IReadOnlyList<RacePoint> Dense);
+    /// <param name="First">the first model's validation curve (the MoE's in <see cref="Race(ElasticMoEConfig, TextCorpus, double, TextWriter?)"/>),
+    /// one point every <c>train.eval-every</c> steps and one at the end.</param>
+    /// <param name="Second">the second model's (the dense model's).</param>
+    public sealed record RaceResult(IReadOnlyList<RacePoint> First, IReadOnlyList<RacePoint> Second);
 
     /// <summary>Steps of one model in a row in <see cref="Race"/>.</summary>
     public const int RaceBlock = 25;
@@ -117,8 +118,18 @@ public static class MoEBenchmarks
     /// before either is timed, and neither pays the other's start-up.</para>
     /// </remarks>
     public static RaceResult Race(ElasticMoEConfig config, TextCorpus corpus, double seconds, TextWriter? log = null)
+        => Race(config, DenseEquivalent(config), corpus, seconds, log, ("MoE", "dense"));
+
+    /// <summary>
+    /// Any two models raced as <see cref="Race(ElasticMoEConfig, TextCorpus, double, TextWriter?)"/> races the MoE and the
+    /// dense model: side by side in one process, blocks of <see cref="RaceBlock"/> steps in turn, each for
+    /// <paramref name="seconds"/> of its own training time. <paramref name="names"/> label the progress lines.
+    /// </summary>
+    public static RaceResult Race(ElasticMoEConfig first, ElasticMoEConfig second, TextCorpus corpus, double seconds, TextWriter? log,
+        (string First, string Second) names)
     {
-        var configs = new[] { config, DenseEquivalent(config) };
+        var config = first;
+        var configs = new[] { first, second };
         foreach (var c in configs)
         {
             using var warm = new Trainer(c, corpus);
@@ -150,7 +161,7 @@ public static class MoEBenchmarks
                 if (log is not null && spent.Min() >= nextReport)
                 {
                     log.WriteLine(string.Create(System.Globalization.CultureInfo.InvariantCulture,
-                        $"  {nextReport,5:F0} s: MoE step {trainers[0].Step}, dense step {trainers[1].Step}"));
+                        $"  {nextReport,5:F0} s: {names.First} step {trainers[0].Step}, {names.Second} step {trainers[1].Step}"));
                     while (nextReport <= spent.Min()) nextReport += seconds / 6;
                 }
             }
