@@ -114,7 +114,9 @@ public static class BenchCommand
                 var (mla, mha) = (race.Mla, race.Mha);
                 stdout.WriteLine($"  attention parameters per block: MLA {mla.AttentionParameters}, MHA {mha.AttentionParameters}");
                 figures.Add(new($"MLA validation loss after {seconds} s", mla.Curve[^1].ValidationLoss, "nats/token", "MHA, same training time", mha.Curve[^1].ValidationLoss));
-                figures.Add(new("MLA tokens/s (race)", mla.TokensPerSecond, "tok/s", "MHA, same run", mha.TokensPerSecond));
+                if (race.CommonStep is { } common)
+                    figures.Add(new($"MLA validation loss at step {common}", mla.LossAtStep(common)!.Value, "nats/token", "MHA, same step", mha.LossAtStep(common)!.Value));
+                figures.Add(new("MLA tokens/s (median step of the race)", mla.TokensPerSecond, "tok/s", "MHA, same run", mha.TokensPerSecond));
                 figures.Add(new($"MLA steps in {seconds} s", mla.Curve[^1].Step, "steps", "MHA, same training time", mha.Curve[^1].Step));
                 figures.Add(new("MLA K/V cache elements per token and layer", mla.KvElementsPerToken, "elements", "MHA (2 x heads x head-dim)", mha.KvElementsPerToken));
             }

@@ -96,7 +96,13 @@ public static class MoEBenchmarks
     /// <param name="First">the first model's validation curve (the MoE's in <see cref="Race(ElasticMoEConfig, TextCorpus, double, TextWriter?)"/>),
     /// one point every <c>train.eval-every</c> steps and one at the end.</param>
     /// <param name="Second">the second model's (the dense model's).</param>
-    public sealed record RaceResult(IReadOnlyList<RacePoint> First, IReadOnlyList<RacePoint> Second);
+    public sealed record RaceResult(IReadOnlyList<RacePoint> First, IReadOnlyList<RacePoint> Second)
+    {
+        /// <summary>The first model's step times in seconds, in order (for a median that a stall behind another process does not move).</summary>
+        public IReadOnlyList<double> FirstStepSeconds { get; init; } = [];
+        /// <summary>The second model's.</summary>
+        public IReadOnlyList<double> SecondStepSeconds { get; init; } = [];
+    }
 
     /// <summary>Steps of one model in a row in <see cref="Race"/>.</summary>
     public const int RaceBlock = 25;
@@ -142,6 +148,7 @@ public static class MoEBenchmarks
             foreach (var c in configs) trainers.Add(new Trainer(c, corpus));
             var spent = new double[2];
             var curves = new[] { new List<RacePoint>(), new List<RacePoint>() };
+            var stepSeconds = new[] { new List<double>(), new List<double>() };
             int every = Math.Max(1, config.Train.EvalEvery), turn = 0;
             double nextReport = seconds / 6;
             while (spent[0] < seconds || spent[1] < seconds)
@@ -152,7 +159,9 @@ public static class MoEBenchmarks
                     var trainer = trainers[m];
                     for (int s = 0; s < RaceBlock && spent[m] < seconds; s++)
                     {
-                        spent[m] += trainer.TrainStep().Seconds;
+                        double took = trainer.TrainStep().Seconds;
+                        spent[m] += took;
+                        stepSeconds[m].Add(took);
                         if (trainer.Step % every == 0 || spent[m] >= seconds)
                             curves[m].Add(new RacePoint(spent[m], trainer.Step, trainer.Evaluate()));
                     }
@@ -165,7 +174,7 @@ public static class MoEBenchmarks
                     while (nextReport <= spent.Min()) nextReport += seconds / 6;
                 }
             }
-            return new RaceResult(curves[0], curves[1]);
+            return new RaceResult(curves[0], curves[1]) { FirstStepSeconds = stepSeconds[0], SecondStepSeconds = stepSeconds[1] };
         }
         finally
         {
@@ -247,7 +256,7 @@ public static class MoEBenchmarks
         return timings;
     }
 
-    private static double Median(List<double> xs) => xs.Order().ElementAt(xs.Count / 2);
+    public static double Median(IReadOnlyList<double> xs) => xs.Order().ElementAt(xs.Count / 2);
 
     // Keeps a copy of what each layer sends its routed experts, then runs them locally.
     private sealed class RecordingExecutor : IExpertExecutor
