@@ -58,7 +58,7 @@ public static class ExportedConfig
         var tensors = new JsonObject();
         foreach (var t in file.Entries.OrderBy(t => t.Name, StringComparer.Ordinal))
             tensors[t.Name] = new JsonObject { ["dtype"] = t.DType, ["shape"] = new JsonArray(t.Shape.Select(s => (JsonNode)s).ToArray()) };
-        return new JsonObject
+        var config = new JsonObject
         {
             ["format"] = VerifiedCheckpoint.ModelFormat,
             ["architecture"] = "MoETransformer",
@@ -90,16 +90,6 @@ public static class ExportedConfig
                 ["route_scale"] = e.RouteScale,
                 ["capacity_factor"] = e.CapacityFactor,
             },
-            ["mla"] = m.Attention == AttentionKind.Mla
-                ? new JsonObject
-                {
-                    ["q_lora_rank"] = m.QLoraRank,
-                    ["kv_lora_rank"] = m.KvLoraRank,
-                    ["qk_nope_head_dim"] = m.QkNopeHeadDim,
-                    ["qk_rope_head_dim"] = m.QkRopeHeadDim,
-                    ["v_head_dim"] = m.VHeadDim,
-                }
-                : null,
             // The maths, so that a reader can be written from this file alone (the tests' numpy reader is).
             ["forward"] = new JsonArray(
                 "h = embed.weight[tokens]",
@@ -120,5 +110,16 @@ public static class ExportedConfig
                 "g = s[chosen] (divided by their sum under sigmoid) * route_scale; y = sum over chosen e of g_e * swiglu_e(x) (blocks.i.ffn.experts.e) + swiglu_shared(x) (blocks.i.ffn.shared)"),
             ["tensors"] = tensors,
         };
+        // Only an MLA model has the section: an MHA model's config.json is the one of before MLA but for "attention".
+        if (m.Attention == AttentionKind.Mla)
+            config["mla"] = new JsonObject
+            {
+                ["q_lora_rank"] = m.QLoraRank,
+                ["kv_lora_rank"] = m.KvLoraRank,
+                ["qk_nope_head_dim"] = m.QkNopeHeadDim,
+                ["qk_rope_head_dim"] = m.QkRopeHeadDim,
+                ["v_head_dim"] = m.VHeadDim,
+            };
+        return config;
     }
 }
