@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Globalization;
 using System.Text.Json;
 using ElasticMoE.Benchmarks;
+using ElasticMoE.Configuration;
 using ElasticMoE.Data;
 using ElasticMoE.Runtime.Benchmarks;
 
@@ -13,11 +14,12 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
-    /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts" or "trace")).ToArray();
+    /// rather than figures), moe-race and mla-race (minutes of training), hosts (needs root and network namespaces) and
+    /// trace (minutes of a replayed availability trace).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -27,7 +29,7 @@ public static class BenchCommand
         var json = new Option<string?>("--json") { Description = "also write the figures to this JSON file" };
         var benchSteps = RunConfigOptions.Positive("--bench-steps", "timed steps for throughput figures (default 30)");
         var rounds = RunConfigOptions.Positive("--rounds", "cluster / redundancy / checkpoint / moe suites: interleaved rounds of all modes (all but moe: each mode in fresh processes; default 5 / 4 / 3 / 3)");
-        var raceSeconds = RunConfigOptions.Positive("--race-seconds", "moe-race suite: training seconds each model gets (default 240)");
+        var raceSeconds = RunConfigOptions.Positive("--race-seconds", "moe-race and mla-race suites: training seconds each model gets (default 240)");
         var kills = RunConfigOptions.Positive("--kills", "recovery suite: SIGKILLs of a node; hosts suite: link cuts, and as many SIGKILLs (default 10)");
         var events = RunConfigOptions.Positive("--events", "chaos suite: random events, kills with and without a replacement, joins and re-layouts (default 20; --steps sets the run: chaos default 300, checkpoint 150, canonical 1000)");
         var torchrunReps = RunConfigOptions.NonNegative("--torchrun-reps", "recovery suite: repetitions of each torchrun-recovery mode (default 3; 0 = skip torchrun)");
@@ -102,18 +104,28 @@ public static class BenchCommand
                 stdout.WriteLine($"moe-race: the MoE and the dense model (dense-layers={dense.DenseLayers}, dense-hidden={dense.DenseHidden}) trained side by side on {corpus.Name}, " +
                                  $"blocks of {MoEBenchmarks.RaceBlock} steps in turn, {seconds} s of training each, {config.Train.Steps} scheduled steps, validation every {config.Train.EvalEvery} steps ...");
                 var race = MoEBenchmarks.Race(config, corpus, seconds, stdout);
-                stdout.WriteLine(" train s  MoE step  MoE val  dense step  dense val");
-                for (int k = 1; k <= 12; k++)
-                {
-                    double at = seconds * k / 12.0;
-                    // The last row: where each stopped (its last step ends a little past the budget).
-                    var (a, b) = k == 12 ? (race.MoE[^1], race.Dense[^1]) : (MoEBenchmarks.At(race.MoE, at), MoEBenchmarks.At(race.Dense, at));
-                    if (a is null || b is null) continue;
-                    stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {at,6:F0}  {a.Step,8}  {a.ValidationLoss,7:F4}  {b.Step,10}  {b.ValidationLoss,9:F4}"));
-                }
-                var (lastMoE, lastDense) = (race.MoE[^1], race.Dense[^1]);
+                PrintRace(stdout, race, seconds, "MoE", "dense");
+                var (lastMoE, lastDense) = (race.First[^1], race.Second[^1]);
                 figures.Add(new($"MoE validation loss after {seconds} s", lastMoE.ValidationLoss, "nats/byte", "dense, same training time", lastDense.ValidationLoss));
                 figures.Add(new($"MoE steps in {seconds} s", lastMoE.Step, "steps", "dense, same training time", lastDense.Step));
+            }
+            if (chosen.Contains("mla-race"))
+            {
+                int seconds = p.GetValue(raceSeconds) ?? 240;
+                var m = AttentionBenchmarks.With(config, AttentionKind.Mla).Model;
+                stdout.WriteLine($"mla-race: the configured model with MLA (q-lora-rank={m.QLoraRank}, kv-lora-rank={m.KvLoraRank}, qk-nope-head-dim={m.QkNopeHeadDim}, " +
+                                 $"qk-rope-head-dim={m.QkRopeHeadDim}, v-head-dim={m.VHeadDim}) and with MHA ({m.Heads} heads of {m.HeadDim}) trained side by side on {corpus.Name}, " +
+                                 $"blocks of {MoEBenchmarks.RaceBlock} steps in turn, {seconds} s of training each, {config.Train.Steps} scheduled steps, validation every {config.Train.EvalEvery} steps ...");
+                var race = AttentionBenchmarks.Race(config, corpus, seconds, stdout);
+                PrintRace(stdout, new MoEBenchmarks.RaceResult(race.Mla.Curve, race.Mha.Curve), seconds, "MLA", "MHA");
+                var (mla, mha) = (race.Mla, race.Mha);
+                stdout.WriteLine($"  attention parameters per block: MLA {mla.AttentionParameters}, MHA {mha.AttentionParameters}");
+                figures.Add(new($"MLA validation loss after {seconds} s", mla.Curve[^1].ValidationLoss, "nats/token", "MHA, same training time", mha.Curve[^1].ValidationLoss));
+                if (race.CommonStep is { } common)
+                    figures.Add(new($"MLA validation loss at step {common}", mla.LossAtStep(common)!.Value, "nats/token", "MHA, same step", mha.LossAtStep(common)!.Value));
+                figures.Add(new("MLA tokens/s (median step of the race)", mla.TokensPerSecond, "tok/s", "MHA, same run", mha.TokensPerSecond));
+                figures.Add(new($"MLA steps in {seconds} s", mla.Curve[^1].Step, "steps", "MHA, same training time", mha.Curve[^1].Step));
+                figures.Add(new("MLA K/V cache elements per token and layer", mla.KvElementsPerToken, "elements", "MHA (2 x heads x head-dim)", mha.KvElementsPerToken));
             }
             if (chosen.Contains("leak"))
             {
@@ -286,6 +298,22 @@ public static class BenchCommand
             new("P6 most moved in one (ours)", ours.MaxMovedFraction, "fraction", "EPLB", eplb.MaxMovedFraction),
             new("P6 planner time (ours)", ours.MsPerRebalance, "ms", "EPLB", eplb.MsPerRebalance),
         ];
+    }
+
+    /// <summary>Both validation curves of a race at twelfths of its training time, side by side (the last row: where each stopped).</summary>
+    private static void PrintRace(TextWriter stdout, MoEBenchmarks.RaceResult race, double seconds, string first, string second)
+    {
+        stdout.WriteLine($" train s  {first} step  {first} val  {second} step  {second} val");
+        for (int k = 1; k <= 12; k++)
+        {
+            double at = seconds * k / 12.0;
+            // The last row: where each stopped (its last step ends a little past the budget).
+            var (a, b) = k == 12 ? (race.First[^1], race.Second[^1]) : (MoEBenchmarks.At(race.First, at), MoEBenchmarks.At(race.Second, at));
+            if (a is null || b is null) continue;
+            static string Col(IFormattable v, string format, int width) => v.ToString(format, CultureInfo.InvariantCulture).PadLeft(width);
+            stdout.WriteLine($"  {Col(at, "F0", 6)}  {Col(a.Step, "D", 5 + first.Length)}  {Col(a.ValidationLoss, "F4", 4 + first.Length)}" +
+                             $"  {Col(b.Step, "D", 5 + second.Length)}  {Col(b.ValidationLoss, "F4", 4 + second.Length)}");
+        }
     }
 
     /// <summary>The round whose <paramref name="ratio"/> is the median (the lower one of an even count; NaN sorts first).</summary>

@@ -62,8 +62,9 @@ public static class InferenceCommands
             stdout.Write(stream.Flush());
             stdout.WriteLine();
             stdout.Flush();
+            var kind = cache ? $"({CacheKind(trained.Model.Options)}) " : "";
             stderr.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{result.Tokens.Count} tokens in {result.Seconds:F2} s: {result.TokensPerSecond:F1} tokens/s {(cache ? "with" : "without")} the KV cache " +
+                $"{result.Tokens.Count} tokens in {result.Seconds:F2} s: {result.TokensPerSecond:F1} tokens/s {(cache ? "with" : "without")} the KV cache {kind}" +
                 $"(prompt {promptTokens.Length} tokens, {tokenizer.Name}; step {trained.Step} of {trained.Source})"));
             if (p.GetValue(compare))
             {
@@ -77,6 +78,11 @@ public static class InferenceCommands
         }));
         return cmd;
     }
+
+    /// <summary>What the cache keeps: MLA's is the compressed latent, read by the absorbed form.</summary>
+    private static string CacheKind(ModelOptions m) => m.Attention == AttentionKind.Mla
+        ? $"MLA latent, {m.KvElementsPerToken} elements per token and layer, absorbed form"
+        : $"MHA keys and values, {m.KvElementsPerToken} elements per token and layer";
 
     public static Command Eval(TextWriter stdout, TextWriter stderr)
     {

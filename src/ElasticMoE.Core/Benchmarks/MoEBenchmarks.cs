@@ -93,9 +93,16 @@ public static class MoEBenchmarks
     /// <summary>A point of a model's validation curve: after <paramref name="TrainSeconds"/> of its own training time, at <paramref name="Step"/>.</summary>
     public sealed record RacePoint(double TrainSeconds, long Step, double ValidationLoss);
 
-    /// <param name="MoE">the MoE's validation curve, one point every <c>train.eval-every</c> steps and one at the end.</param>
-    /// <param name="Dense">the dense model's.</param>
-    public sealed record RaceResult(IReadOnlyList<RacePoint> MoE, IReadOnlyList<RacePoint> Dense);
+    /// <param name="First">the first model's validation curve (the MoE's in <see cref="Race(ElasticMoEConfig, TextCorpus, double, TextWriter?)"/>),
+    /// one point every <c>train.eval-every</c> steps and one at the end.</param>
+    /// <param name="Second">the second model's (the dense model's).</param>
+    public sealed record RaceResult(IReadOnlyList<RacePoint> First, IReadOnlyList<RacePoint> Second)
+    {
+        /// <summary>The first model's step times in seconds, in order (for a median that a stall behind another process does not move).</summary>
+        public IReadOnlyList<double> FirstStepSeconds { get; init; } = [];
+        /// <summary>The second model's.</summary>
+        public IReadOnlyList<double> SecondStepSeconds { get; init; } = [];
+    }
 
     /// <summary>Steps of one model in a row in <see cref="Race"/>.</summary>
     public const int RaceBlock = 25;
@@ -117,8 +124,18 @@ public static class MoEBenchmarks
     /// before either is timed, and neither pays the other's start-up.</para>
     /// </remarks>
     public static RaceResult Race(ElasticMoEConfig config, TextCorpus corpus, double seconds, TextWriter? log = null)
+        => Race(config, DenseEquivalent(config), corpus, seconds, log, ("MoE", "dense"));
+
+    /// <summary>
+    /// Any two models raced as <see cref="Race(ElasticMoEConfig, TextCorpus, double, TextWriter?)"/> races the MoE and the
+    /// dense model: side by side in one process, blocks of <see cref="RaceBlock"/> steps in turn, each for
+    /// <paramref name="seconds"/> of its own training time. <paramref name="names"/> label the progress lines.
+    /// </summary>
+    public static RaceResult Race(ElasticMoEConfig first, ElasticMoEConfig second, TextCorpus corpus, double seconds, TextWriter? log,
+        (string First, string Second) names)
     {
-        var configs = new[] { config, DenseEquivalent(config) };
+        var config = first;
+        var configs = new[] { first, second };
         foreach (var c in configs)
         {
             using var warm = new Trainer(c, corpus);
@@ -131,6 +148,7 @@ public static class MoEBenchmarks
             foreach (var c in configs) trainers.Add(new Trainer(c, corpus));
             var spent = new double[2];
             var curves = new[] { new List<RacePoint>(), new List<RacePoint>() };
+            var stepSeconds = new[] { new List<double>(), new List<double>() };
             int every = Math.Max(1, config.Train.EvalEvery), turn = 0;
             double nextReport = seconds / 6;
             while (spent[0] < seconds || spent[1] < seconds)
@@ -141,7 +159,9 @@ public static class MoEBenchmarks
                     var trainer = trainers[m];
                     for (int s = 0; s < RaceBlock && spent[m] < seconds; s++)
                     {
-                        spent[m] += trainer.TrainStep().Seconds;
+                        double took = trainer.TrainStep().Seconds;
+                        spent[m] += took;
+                        stepSeconds[m].Add(took);
                         if (trainer.Step % every == 0 || spent[m] >= seconds)
                             curves[m].Add(new RacePoint(spent[m], trainer.Step, trainer.Evaluate()));
                     }
@@ -150,11 +170,11 @@ public static class MoEBenchmarks
                 if (log is not null && spent.Min() >= nextReport)
                 {
                     log.WriteLine(string.Create(System.Globalization.CultureInfo.InvariantCulture,
-                        $"  {nextReport,5:F0} s: MoE step {trainers[0].Step}, dense step {trainers[1].Step}"));
+                        $"  {nextReport,5:F0} s: {names.First} step {trainers[0].Step}, {names.Second} step {trainers[1].Step}"));
                     while (nextReport <= spent.Min()) nextReport += seconds / 6;
                 }
             }
-            return new RaceResult(curves[0], curves[1]);
+            return new RaceResult(curves[0], curves[1]) { FirstStepSeconds = stepSeconds[0], SecondStepSeconds = stepSeconds[1] };
         }
         finally
         {
@@ -236,7 +256,7 @@ public static class MoEBenchmarks
         return timings;
     }
 
-    private static double Median(List<double> xs) => xs.Order().ElementAt(xs.Count / 2);
+    public static double Median(IReadOnlyList<double> xs) => xs.Order().ElementAt(xs.Count / 2);
 
     // Keeps a copy of what each layer sends its routed experts, then runs them locally.
     private sealed class RecordingExecutor : IExpertExecutor

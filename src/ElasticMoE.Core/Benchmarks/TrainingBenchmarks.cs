@@ -37,16 +37,20 @@ public static class TrainingBenchmarks
 
     /// <summary>
     /// Model FLOPs per trained token (forward + backward): 6 per active weight (dense matrices, the shared
-    /// experts and top-k routed experts, the head), plus attention scores 12·L·T·d. Embedding lookups are free.
+    /// experts and top-k routed experts, the head), plus attention scores and their mix of values,
+    /// 6·L·T·heads·(qk + v) (MHA: qk = v = head-dim, so 12·L·T·d; MLA: qk = nope + rope). Embedding lookups are free.
     /// </summary>
     public static double FlopsPerToken(ModelOptions m)
     {
         double d = m.DModel;
-        double attn = 4 * d * d;
+        double attn = AttentionBenchmarks.AttentionParameters(m);
         double dense = 3 * d * m.DenseHidden;
         double moe = 3 * d * m.MoE.ExpertHidden * (m.MoE.SharedExperts + m.MoE.TopK) + d * m.MoE.RoutedExperts;
         double weights = m.Layers * attn + m.DenseLayers * dense + (m.Layers - m.DenseLayers) * moe + d * m.VocabSize;
-        return 6 * weights + 12.0 * m.Layers * m.Context * d;
+        double scores = m.Attention == AttentionKind.Mla
+            ? 6.0 * m.Layers * m.Context * m.Heads * (m.QkNopeHeadDim + m.QkRopeHeadDim + m.VHeadDim)
+            : 12.0 * m.Layers * m.Context * d;
+        return 6 * weights + scores;
     }
 
     public sealed record ThroughputResult(double TokensPerSecond, double ModelFlops, double GemmPeakFlops, double Mfu, double StepSeconds);

@@ -18,6 +18,21 @@ public sealed record MoEOptions(
 
 public enum RouterScoring { Sigmoid, Softmax }
 
+/// <summary>The attention of every block (<c>model.attention</c>).</summary>
+public enum AttentionKind
+{
+    /// <summary>Multi-head attention: per-head keys and values from one [q; k; v] projection, RoPE on every head.</summary>
+    Mha,
+    /// <summary>DeepSeek-V2/V3 multi-head latent attention: keys and values rebuilt from a joint latent (<c>model.mla.*</c>).</summary>
+    Mla,
+}
+
+/// <param name="Attention"><c>model.attention</c>: multi-head (the default) or multi-head latent attention.</param>
+/// <param name="QLoraRank"><c>model.mla.q-lora-rank</c>: the query's latent width; 0 = no query compression (a plain W_Q).</param>
+/// <param name="KvLoraRank"><c>model.mla.kv-lora-rank</c>: the joint key-value latent c_KV, what the inference cache keeps per token.</param>
+/// <param name="QkNopeHeadDim"><c>model.mla.qk-nope-head-dim</c>: per head, the query/key part without position (rebuilt from c_KV).</param>
+/// <param name="QkRopeHeadDim"><c>model.mla.qk-rope-head-dim</c>: per head, the query part with RoPE; its key is one decoupled key shared by all heads.</param>
+/// <param name="VHeadDim"><c>model.mla.v-head-dim</c>: per head, the value width.</param>
 /// <param name="Tokenizer">
 /// The tokenizer (<c>data.tokenizer</c>): bytes, gpt2, cl100k or o200k. Part of the model because its ids are the
 /// rows of the embedding and the head, and so of the run fingerprint: a node with another tokenizer is refused, naming it.
@@ -33,9 +48,24 @@ public sealed record ModelOptions(
     int DenseLayers,
     int DenseHidden,
     MoEOptions MoE,
-    string Tokenizer = "bytes")
+    string Tokenizer = "bytes",
+    AttentionKind Attention = AttentionKind.Mha,
+    int QLoraRank = 0,
+    int KvLoraRank = 64,
+    int QkNopeHeadDim = 32,
+    int QkRopeHeadDim = 16,
+    int VHeadDim = 32)
 {
     public int HeadDim => DModel / Heads;
+
+    /// <summary>Width of the RoPE tables: a whole head under MHA, the decoupled RoPE part under MLA.</summary>
+    public int RopeDim => Attention == AttentionKind.Mla ? QkRopeHeadDim : HeadDim;
+
+    /// <summary>
+    /// Elements of one layer's inference cache per token: MHA keeps every head's key and value (2 × heads × head-dim),
+    /// MLA the latent and the shared RoPE key (kv-lora-rank + qk-rope-head-dim).
+    /// </summary>
+    public int KvElementsPerToken => Attention == AttentionKind.Mla ? KvLoraRank + QkRopeHeadDim : 2 * Heads * HeadDim;
     public bool IsMoELayer(int layer) => layer >= DenseLayers;
 }
 
@@ -240,7 +270,9 @@ public sealed record ElasticMoEConfig(
         var tokenizer = r.String("data.tokenizer");
         var model = new ModelOptions(
             VocabSizeFor(r.Int("model.vocab-size"), tokenizer), r.Int("model.d-model"), r.Int("model.layers"), r.Int("model.heads"), r.Int("model.context"),
-            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe, tokenizer);
+            r.Double("model.rope-theta"), r.Double("model.norm-eps"), r.Int("model.dense-layers"), r.Int("model.dense-hidden"), moe, tokenizer,
+            ParseAttention(r.String("model.attention")), r.Int("model.mla.q-lora-rank"), r.Int("model.mla.kv-lora-rank"),
+            r.Int("model.mla.qk-nope-head-dim"), r.Int("model.mla.qk-rope-head-dim"), r.Int("model.mla.v-head-dim"));
         var data = new DataOptions(r.String("data.path"), r.Double("data.validation-fraction"));
         var train = new TrainOptions(
             r.Int("train.steps"), r.Int("train.global-batch"), r.Int("train.micro-batch"), r.Double("train.lr"), r.Double("train.min-lr"),
@@ -325,6 +357,13 @@ public sealed record ElasticMoEConfig(
         _ => throw new ConfigException($"elasticmoe.model.moe.scoring must be \"sigmoid\" or \"softmax\", got \"{s}\""),
     };
 
+    private static AttentionKind ParseAttention(string? s) => s?.ToLowerInvariant() switch
+    {
+        "mha" => AttentionKind.Mha,
+        "mla" => AttentionKind.Mla,
+        _ => throw new ConfigException($"elasticmoe.model.attention must be \"mha\" (multi-head) or \"mla\" (multi-head latent), got \"{s}\""),
+    };
+
     /// <summary>
     /// Limits set by how data-plane tags are packed (see <c>StepTags</c> in ElasticMoE.Runtime): 8 bits for
     /// the micro-batch (or validation batch) index, 8 for the layer ordinal or pipeline stage, 7 for each
@@ -352,8 +391,21 @@ public sealed record ElasticMoEConfig(
         var m = Model;
         Require(m.VocabSize >= 2, "model.vocab-size", "must hold the tokenizer's vocabulary");
         Require(m.DModel > 0, "model.d-model", "must be positive");
-        Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
-        Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");
+        if (m.Attention == AttentionKind.Mha)
+        {
+            Require(m.Heads > 0 && m.DModel % m.Heads == 0, "model.heads", $"must divide d-model ({m.DModel})");
+            Require(m.HeadDim % 2 == 0, "model.heads", "d-model / heads must be even for RoPE");
+        }
+        else
+        {
+            // MLA's heads have widths of their own (model.mla.*): heads need not divide d-model.
+            Require(m.Heads > 0, "model.heads", "must be positive");
+            Require(m.QLoraRank >= 0, "model.mla.q-lora-rank", "must be zero (no query compression) or positive");
+            Require(m.KvLoraRank > 0, "model.mla.kv-lora-rank", "must be positive");
+            Require(m.QkNopeHeadDim > 0, "model.mla.qk-nope-head-dim", "must be positive");
+            Require(m.QkRopeHeadDim > 0 && m.QkRopeHeadDim % 2 == 0, "model.mla.qk-rope-head-dim", $"must be positive and even for RoPE, got {m.QkRopeHeadDim}");
+            Require(m.VHeadDim > 0, "model.mla.v-head-dim", "must be positive");
+        }
         Require(m.Layers > 0, "model.layers", "must be positive");
         Require(m.Context > 1, "model.context", "must be at least 2");
         Require(m.DenseLayers >= 0 && m.DenseLayers <= m.Layers, "model.dense-layers", $"must be within 0..layers ({m.Layers})");

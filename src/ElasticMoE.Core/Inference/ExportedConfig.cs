@@ -58,7 +58,7 @@ public static class ExportedConfig
         var tensors = new JsonObject();
         foreach (var t in file.Entries.OrderBy(t => t.Name, StringComparer.Ordinal))
             tensors[t.Name] = new JsonObject { ["dtype"] = t.DType, ["shape"] = new JsonArray(t.Shape.Select(s => (JsonNode)s).ToArray()) };
-        return new JsonObject
+        var config = new JsonObject
         {
             ["format"] = VerifiedCheckpoint.ModelFormat,
             ["architecture"] = "MoETransformer",
@@ -72,6 +72,7 @@ public static class ExportedConfig
             ["layers"] = m.Layers,
             ["heads"] = m.Heads,
             ["head_dim"] = m.HeadDim,
+            ["attention"] = m.Attention.ToString().ToLowerInvariant(),
             ["context"] = m.Context,
             ["rope_theta"] = m.RopeTheta,
             ["norm_eps"] = m.NormEps,
@@ -98,11 +99,27 @@ public static class ExportedConfig
                 "attn: [q; k; v] = qkv.weight @ x, each split into heads of head_dim (q rows 0..d-1, k d..2d-1, v 2d..3d-1); " +
                 "RoPE on q and k: inv_freq[j] = rope_theta^(-2j/head_dim), angle = position * inv_freq, cos/sin of [angle, angle], " +
                 "x * cos + [-x2, x1] * sin with x1, x2 the halves of the head; softmax(q k^T / sqrt(head_dim)) causal; output proj.weight @ heads",
+                "attn when attention is mla (DeepSeek-V3 MLA, head_dim unused): q = wq.weight @ x, or wq_b.weight @ rmsnorm_q_norm(wq_a.weight @ x) " +
+                "when q_lora_rank > 0, per head [q_nope (qk_nope_head_dim); q_pe (qk_rope_head_dim)]; [c; k_pe] = wkv_a.weight @ x, c = rmsnorm_kv_norm(c) " +
+                "(kv_lora_rank); per head [k_nope; v] = rows of wkv_b.weight @ c (qk_nope_head_dim then v_head_dim per head); RoPE (over qk_rope_head_dim) " +
+                "on q_pe and on k_pe, one k_pe shared by all heads; softmax([q_nope; q_pe] [k_nope; k_pe]^T / sqrt(qk_nope_head_dim + qk_rope_head_dim)) " +
+                "causal; output proj.weight @ heads of v",
                 "swiglu(x) = w2.weight @ (silu(w1.weight @ x) * (w3.weight @ x))",
                 "dense ffn: swiglu with blocks.i.ffn.{w1,w2,w3}",
                 "moe ffn: s = sigmoid(router.gate.weight @ x) (softmax if scoring is softmax); chosen = top_k of s + router.expert_bias; " +
                 "g = s[chosen] (divided by their sum under sigmoid) * route_scale; y = sum over chosen e of g_e * swiglu_e(x) (blocks.i.ffn.experts.e) + swiglu_shared(x) (blocks.i.ffn.shared)"),
             ["tensors"] = tensors,
         };
+        // Only an MLA model has the section: an MHA model's config.json is the one of before MLA but for "attention".
+        if (m.Attention == AttentionKind.Mla)
+            config["mla"] = new JsonObject
+            {
+                ["q_lora_rank"] = m.QLoraRank,
+                ["kv_lora_rank"] = m.KvLoraRank,
+                ["qk_nope_head_dim"] = m.QkNopeHeadDim,
+                ["qk_rope_head_dim"] = m.QkRopeHeadDim,
+                ["v_head_dim"] = m.VHeadDim,
+            };
+        return config;
     }
 }

@@ -3,7 +3,8 @@ using static TorchSharp.torch;
 namespace ElasticMoE.Model;
 
 /// <summary>
-/// The keys and values of every attention layer for the tokens a sequence has seen so far, so that
+/// What every attention layer keeps of the tokens a sequence has seen so far (MHA: each head's key and value;
+/// MLA: the joint latent and the shared RoPE key), so that
 /// generating a token costs one row through the model instead of the whole sequence again.
 /// </summary>
 /// <remarks>
@@ -16,10 +17,11 @@ public sealed class KvCache : IDisposable
 {
     private readonly Layer[] _layers;
 
-    public KvCache(int layers, int batch, int heads, int context, int headDim, ScalarType dtype, Device device)
+    /// <param name="layers">One cache layer per attention layer, as that attention shapes it (<see cref="IAttention.NewCacheLayer"/>).</param>
+    public KvCache(IEnumerable<Layer> layers)
     {
-        _layers = new Layer[layers];
-        for (int i = 0; i < layers; i++) _layers[i] = new Layer(batch, heads, context, headDim, dtype, device);
+        _layers = layers.ToArray();
+        if (_layers.Length == 0) throw new ArgumentException("a KV cache needs at least one layer", nameof(layers));
     }
 
     public Layer this[int layer] => _layers[layer];
@@ -29,6 +31,9 @@ public sealed class KvCache : IDisposable
 
     /// <summary>Positions the cache can hold: the model's context.</summary>
     public long Capacity => _layers[0].Capacity;
+
+    /// <summary>Elements kept per token and layer (the first layer's: every layer has the same attention).</summary>
+    public long ElementsPerToken => _layers[0].ElementsPerToken;
 
     /// <summary>Forgets every position (the buffers stay allocated).</summary>
     public void Clear()
@@ -41,22 +46,30 @@ public sealed class KvCache : IDisposable
         foreach (var l in _layers) l.Dispose();
     }
 
-    /// <summary>One attention layer's keys and values, [B, H, context, hd] each; the first <see cref="Length"/> positions are valid.</summary>
+    /// <summary>
+    /// One attention layer's two tensors per position, [B, H, context, kDim] and [B, H, context, vDim]; the first
+    /// <see cref="Length"/> positions are valid. MHA: keys and values of every head; MLA (H = 1): the latent c_KV
+    /// and the RoPE key.
+    /// </summary>
     public sealed class Layer : IDisposable
     {
         private readonly Tensor _k, _v;
 
-        internal Layer(int batch, int heads, int context, int headDim, ScalarType dtype, Device device)
+        public Layer(int batch, int heads, int context, int kDim, int vDim, ScalarType dtype, Device device)
         {
-            _k = zeros([batch, heads, context, headDim], dtype, device);
-            _v = zeros([batch, heads, context, headDim], dtype, device);
+            _k = zeros([batch, heads, context, kDim], dtype, device);
+            _v = zeros([batch, heads, context, vDim], dtype, device);
             Capacity = context;
+            ElementsPerToken = (long)heads * (kDim + vDim);
         }
 
         public long Length { get; internal set; }
         public long Capacity { get; }
 
-        /// <summary>Writes k and v [B, H, T, hd] after the cached positions; returns views of all positions cached now.</summary>
+        /// <summary>Elements kept per position of one sequence.</summary>
+        public long ElementsPerToken { get; }
+
+        /// <summary>Writes k [B, H, T, kDim] and v [B, H, T, vDim] after the cached positions; returns views of all positions cached now.</summary>
         /// <exception cref="InvalidOperationException">The rows do not fit in the context.</exception>
         public (Tensor K, Tensor V) Append(Tensor k, Tensor v)
         {

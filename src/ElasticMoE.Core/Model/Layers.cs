@@ -115,8 +115,22 @@ public sealed class Rope : IDisposable
     }
 }
 
+/// <summary>A block's attention: the training forward (a module's) and inference with a cache of its own shape.</summary>
+public interface IAttention
+{
+    /// <summary>
+    /// x [B, T, d] are the tokens after the <see cref="KvCache.Layer.Length"/> cached ones: what the attention keeps
+    /// of them is appended to <paramref name="cache"/> and their queries attend to every cached position. Several
+    /// rows at once only into an empty cache (the prompt).
+    /// </summary>
+    Tensor ForwardCached(Tensor x, KvCache.Layer cache);
+
+    /// <summary>An empty cache layer for <paramref name="batch"/> sequences of up to <paramref name="context"/> tokens.</summary>
+    KvCache.Layer NewCacheLayer(int batch, int context, ScalarType dtype, Device device);
+}
+
 /// <summary>Causal multi-head self-attention with RoPE.</summary>
-public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
+public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>, IAttention
 {
     private readonly Linear qkv, proj;
     private readonly int _heads;
@@ -165,5 +179,12 @@ public sealed class CausalSelfAttention : nn.Module<Tensor, Tensor>
         var y = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: t > 1);
         y = y.transpose(1, 2).reshape(b, t, d);
         return proj.forward(y).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Every head's key and value: [B, heads, context, head-dim] each.</summary>
+    public KvCache.Layer NewCacheLayer(int batch, int context, ScalarType dtype, Device device)
+    {
+        int hd = (int)proj.weight!.shape[0] / _heads;
+        return new KvCache.Layer(batch, _heads, context, hd, hd, dtype, device);
     }
 }

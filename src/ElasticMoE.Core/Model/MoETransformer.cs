@@ -9,7 +9,7 @@ namespace ElasticMoE.Model;
 public sealed class TransformerBlock : nn.Module<Tensor, Tensor>
 {
     private readonly RMSNorm attn_norm, ffn_norm;
-    private readonly CausalSelfAttention attn;
+    private readonly nn.Module<Tensor, Tensor> attn;
     private readonly nn.Module<Tensor, Tensor> ffn;
 
     public TransformerBlock(int index, ModelOptions o, Rope rope) : base(nameof(TransformerBlock))
@@ -17,13 +17,16 @@ public sealed class TransformerBlock : nn.Module<Tensor, Tensor>
         Index = index;
         attn_norm = new RMSNorm(o.DModel, o.NormEps);
         ffn_norm = new RMSNorm(o.DModel, o.NormEps);
-        attn = new CausalSelfAttention(o.DModel, o.Heads, rope);
+        attn = o.Attention == AttentionKind.Mla ? new MultiHeadLatentAttention(o, rope) : new CausalSelfAttention(o.DModel, o.Heads, rope);
         ffn = o.IsMoELayer(index) ? new MoELayer(index, o.DModel, o.MoE) : new SwiGLU(o.DModel, o.DenseHidden);
         RegisterComponents();
     }
 
     public int Index { get; }
     public MoELayer? MoE => ffn as MoELayer;
+
+    /// <summary>The block's attention (MHA or MLA), for inference with its cache.</summary>
+    public IAttention Attention => (IAttention)attn;
 
     public override Tensor forward(Tensor x)
     {
@@ -36,7 +39,7 @@ public sealed class TransformerBlock : nn.Module<Tensor, Tensor>
     public Tensor ForwardCached(Tensor x, KvCache.Layer cache)
     {
         using var scope = NewDisposeScope();
-        var h = x.Plus(attn.ForwardCached(attn_norm.forward(x), cache));
+        var h = x.Plus(Attention.ForwardCached(attn_norm.forward(x), cache));
         return h.Plus(ffn.forward(ffn_norm.forward(h))).MoveToOuterDisposeScope();
     }
 }
@@ -60,7 +63,7 @@ public sealed class MoETransformer : nn.Module<Tensor, Tensor>
     {
         Options = o;
         device ??= CPU;
-        _rope = new Rope(o.HeadDim, o.Context, o.RopeTheta, CPU, ScalarType.Float32);
+        _rope = new Rope(o.RopeDim, o.Context, o.RopeTheta, CPU, ScalarType.Float32);
         embed = nn.Embedding(o.VocabSize, o.DModel);
         blocks = new ModuleList<TransformerBlock>(Enumerable.Range(0, o.Layers).Select(i => new TransformerBlock(i, o, _rope)).ToArray());
         final_norm = new RMSNorm(o.DModel, o.NormEps);
@@ -133,11 +136,11 @@ public sealed class MoETransformer : nn.Module<Tensor, Tensor>
         return Head(h).MoveToOuterDisposeScope();
     }
 
-    /// <summary>An empty KV cache for <paramref name="batch"/> sequences of up to the context's length.</summary>
+    /// <summary>An empty KV cache for <paramref name="batch"/> sequences of up to the context's length, shaped by the attention (MLA's holds only its latent and RoPE key).</summary>
     public KvCache NewKvCache(int batch = 1)
     {
         var p = embed.weight!;
-        return new KvCache(Options.Layers, batch, Options.Heads, Options.Context, Options.HeadDim, p.dtype, p.device);
+        return new KvCache(blocks.Select(b => b.Attention.NewCacheLayer(batch, Options.Context, p.dtype, p.device)));
     }
 
     /// <summary>Mean next-byte cross-entropy in nats.</summary>

@@ -378,6 +378,8 @@ public static class TrainingState
     }
 
     /// <summary>A string identifying the model's shape: states only load into the same architecture.</summary>
+    /// <remarks>MHA's string is the one of before MLA existed, so checkpoints written then still load.</remarks>
     public static string Fingerprint(ModelOptions m)
-        => $"d{m.DModel}-L{m.Layers}-H{m.Heads}-T{m.Context}-dense{m.DenseLayers}x{m.DenseHidden}-E{m.MoE.RoutedExperts}k{m.MoE.TopK}s{m.MoE.SharedExperts}h{m.MoE.ExpertHidden}-{m.MoE.Scoring}";
+        => $"d{m.DModel}-L{m.Layers}-H{m.Heads}-T{m.Context}-dense{m.DenseLayers}x{m.DenseHidden}-E{m.MoE.RoutedExperts}k{m.MoE.TopK}s{m.MoE.SharedExperts}h{m.MoE.ExpertHidden}-{m.MoE.Scoring}"
+           + (m.Attention == AttentionKind.Mla ? $"-mla-q{m.QLoraRank}-kv{m.KvLoraRank}-n{m.QkNopeHeadDim}-r{m.QkRopeHeadDim}-v{m.VHeadDim}" : "");
 }

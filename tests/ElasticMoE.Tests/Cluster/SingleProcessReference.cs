@@ -11,11 +11,13 @@ public static class SingleProcessReference
     {
         using var t = new Trainer(cfg, TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context, Tokenizers.For(cfg.Model.Tokenizer)));
         var results = Enumerable.Range(0, steps).Select(_ => t.TrainStep()).ToList();
-        var ps = t.Model.named_parameters().ToDictionary(p => p.name, p =>
-            (p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).sum().item<double>(),
-             p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).norm().item<double>()));
-        return (results, ps);
+        return (results, Parameters(t));
     }
+
+    /// <summary>Every parameter of the trainer's model as (sum, L2 norm) in float64, as a cluster's RunResult reports them.</summary>
+    public static Dictionary<string, (double Sum, double Norm)> Parameters(Trainer t) => t.Model.named_parameters().ToDictionary(p => p.name, p =>
+        (p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).sum().item<double>(),
+         p.parameter.detach().to(TorchSharp.torch.ScalarType.Float64).norm().item<double>()));
 
     /// <summary>
     /// Every step's loss and gradient norm equal to <paramref name="reference"/>'s, bit for bit (the canonical

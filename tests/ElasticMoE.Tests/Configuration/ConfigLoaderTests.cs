@@ -193,4 +193,43 @@ public class ConfigLoaderTests
         Assert.StartsWith($"elasticmoe.{key}:", ex.Message);
         Assert.Contains(reason, ex.Message);
     }
+
+    [Fact]
+    public void Attention_defaults_to_MHA_and_MLA_reads_every_size()
+    {
+        var d = With().Model;
+        Assert.Equal(AttentionKind.Mha, d.Attention);
+        Assert.Equal(2 * d.Heads * d.HeadDim, d.KvElementsPerToken);
+        var m = With(("model.attention", "mla"), ("model.mla.q-lora-rank", "48"), ("model.mla.kv-lora-rank", "40"),
+            ("model.mla.qk-nope-head-dim", "24"), ("model.mla.qk-rope-head-dim", "8"), ("model.mla.v-head-dim", "20"), ("model.heads", "3")).Model;
+        Assert.Equal((AttentionKind.Mla, 48, 40, 24, 8, 20), (m.Attention, m.QLoraRank, m.KvLoraRank, m.QkNopeHeadDim, m.QkRopeHeadDim, m.VHeadDim));
+        Assert.Equal(40 + 8, m.KvElementsPerToken);
+        Assert.Equal(8, m.RopeDim);
+    }
+
+    [Theory]
+    [InlineData("model.attention", "gqa", "model.attention", "\"mha\" (multi-head) or \"mla\"")]
+    [InlineData("model.mla.q-lora-rank", "-1", "elasticmoe.model.mla.q-lora-rank:", "zero (no query compression) or positive")]
+    [InlineData("model.mla.kv-lora-rank", "0", "elasticmoe.model.mla.kv-lora-rank:", "positive")]
+    [InlineData("model.mla.qk-nope-head-dim", "0", "elasticmoe.model.mla.qk-nope-head-dim:", "positive")]
+    [InlineData("model.mla.qk-rope-head-dim", "7", "elasticmoe.model.mla.qk-rope-head-dim:", "even for RoPE, got 7")]
+    [InlineData("model.mla.qk-rope-head-dim", "0", "elasticmoe.model.mla.qk-rope-head-dim:", "positive")]
+    [InlineData("model.mla.v-head-dim", "-4", "elasticmoe.model.mla.v-head-dim:", "positive")]
+    [InlineData("model.mla.v-head-dim", "four", "elasticmoe.model.mla.v-head-dim", "integer")]
+    public void Bad_MLA_settings_are_refused_naming_the_key(string key, string value, string where, string reason)
+    {
+        var ex = Assert.Throws<ConfigException>(() => With(("model.attention", "mla"), (key, value)));
+        Assert.Contains(where, ex.Message);
+        Assert.Contains(reason, ex.Message);
+    }
+
+    [Fact]
+    public void MLA_sizes_are_checked_only_for_MLA_and_MLA_heads_need_not_divide_d_model()
+    {
+        // A broken MLA size does not stop an MHA run (the section is ignored), ...
+        Assert.Equal(AttentionKind.Mha, With(("model.mla.qk-rope-head-dim", "7")).Model.Attention);
+        // ... and MLA's heads have widths of their own, where MHA's must divide d-model.
+        Assert.Contains("must divide d-model", Assert.Throws<ConfigException>(() => With(("model.heads", "3"))).Message);
+        Assert.Equal(3, With(("model.attention", "mla"), ("model.heads", "3")).Model.Heads);
+    }
 }

@@ -8,18 +8,23 @@ namespace ElasticMoE.Tests.Inference;
 public class GenerationTests
 {
     /// <summary>A small model trained a few steps, so that its logits are not the near-uniform ones of the initialisation.</summary>
-    private static Trainer Trained(int steps = 15)
+    /// <param name="attention">"mha", or "mla" (query latent on): then the cache is MLA's latent one, read by the absorbed form.</param>
+    private static Trainer Trained(int steps = 15, string attention = "mha")
     {
-        var config = TestSupport.SmallConfig(("train.steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture)));
+        var config = TestSupport.SmallConfig(("train.steps", steps.ToString(System.Globalization.CultureInfo.InvariantCulture)),
+            ("model.attention", attention), ("model.mla.q-lora-rank", "12"), ("model.mla.kv-lora-rank", "16"),
+            ("model.mla.qk-nope-head-dim", "8"), ("model.mla.qk-rope-head-dim", "4"), ("model.mla.v-head-dim", "12"));
         var trainer = new Trainer(config, TextCorpus.Default(config.Data.ValidationFraction, config.Model.Context));
         for (int i = 0; i < steps; i++) trainer.TrainStep();
         return trainer;
     }
 
-    [Fact]
-    public void The_KV_cache_gives_the_tokens_and_logits_of_the_full_forward()
+    [Theory]
+    [InlineData("mha")]
+    [InlineData("mla")]
+    public void The_KV_cache_gives_the_tokens_and_logits_of_the_full_forward(string attention)
     {
-        using var trainer = Trained();
+        using var trainer = Trained(attention: attention);
         var prompt = ByteTokenizer.Instance.Encode("the lazy ");
         // 60 tokens at a context of 16: the window jumps (and the cache refills) several times.
         var cachedLogits = new List<float[]>();
@@ -35,10 +40,12 @@ public class GenerationTests
         Assert.True(worst <= 1e-5, $"cached logits differ from the full forward's by up to {worst}");
     }
 
-    [Fact]
-    public void Cached_logits_of_each_position_match_the_full_forward_of_the_prefix()
+    [Theory]
+    [InlineData("mha")]
+    [InlineData("mla")]
+    public void Cached_logits_of_each_position_match_the_full_forward_of_the_prefix(string attention)
     {
-        using var trainer = Trained();
+        using var trainer = Trained(attention: attention);
         var model = trainer.Model;
         model.eval();
         var tokens = ByteTokenizer.Instance.Encode("alice: hello bob");
@@ -53,6 +60,8 @@ public class GenerationTests
             steps.Add(model.ForwardCached(tensor(new long[] { tokens[i] }, [1, 1]), cache));
         using var all = cat(steps, 1);
         Assert.Equal(tokens.Length, cache.Length);
+        // MLA keeps the latent and the RoPE key (16 + 4 per token and layer), MHA a key and a value per head (2 x 2 x 16).
+        Assert.Equal(attention == "mla" ? 16 + 4 : 2 * 2 * 16, cache.ElementsPerToken);
         var worst = (all - full).abs().max().item<float>();
         Assert.True(worst <= 1e-5, $"max |cached - full| = {worst}");
         foreach (var t in steps.Skip(1)) t.Dispose();
@@ -112,6 +121,8 @@ public class GenerationTests
         Assert.Equal("abc", run.DataFingerprint);
         Assert.Equal(config.Train.MicroBatch, run.TrainInt("MicroBatch"));
         Assert.Throws<InvalidDataException>(() => RunSettings.Parse("seed=1;data=x"));
+        var mla = TestSupport.SmallConfig(("model.attention", "mla"), ("model.mla.q-lora-rank", "12"), ("model.mla.v-head-dim", "10"));
+        Assert.Equal(mla.Model, RunSettings.Parse(TrainingState.RunFingerprint(mla, "abc")).Model);
     }
 
     [Fact]

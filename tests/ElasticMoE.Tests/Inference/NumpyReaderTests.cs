@@ -48,6 +48,43 @@ public class NumpyReaderTests(Xunit.Abstractions.ITestOutputHelper output)
     }
 
     [Fact]
+    public void An_exported_MLA_model_says_so_in_its_config_and_loads_back_as_MLA()
+    {
+        var config = TestSupport.SmallConfig(("train.steps", "2"), ("model.attention", "mla"), ("model.mla.kv-lora-rank", "24"));
+        var dir = TestSupport.TempDir();
+        var tokens = ByteTokenizer.Instance.Encode("alice: hi bob!");
+        using var x = tensor(tokens.Select(t => (long)t).ToArray(), [1, tokens.Length]);
+        float[] expected;
+        using (var trainer = new Trainer(config, TextCorpus.Default(config.Data.ValidationFraction, config.Model.Context)))
+        {
+            for (int i = 0; i < 2; i++) trainer.TrainStep();
+            trainer.Save(Path.Combine(dir, "run"));
+            using var _ = no_grad();
+            trainer.Model.eval();
+            using var logits = trainer.Model.forward(x);
+            expected = logits.data<float>().ToArray();
+            trainer.Model.TakeExpertCounts();
+        }
+        var model = Path.Combine(dir, "export", "model.safetensors");
+        Directory.CreateDirectory(Path.GetDirectoryName(model)!);
+        var (code, _, err) = CliTests.Run(["checkpoints", "export", "--run-dir", Path.Combine(dir, "run"), "--out", model]);
+        Assert.True(code == 0, err);
+        using var doc = JsonDocument.Parse(File.ReadAllText(ExportedConfig.PathFor(model)));
+        Assert.Equal("mla", doc.RootElement.GetProperty("attention").GetString());
+        Assert.Equal(24, doc.RootElement.GetProperty("mla").GetProperty("kv_lora_rank").GetInt32());
+        Assert.Contains(doc.RootElement.GetProperty("tensors").EnumerateObject(), t => t.Name == "blocks.0.attn.wkv_b.weight");
+
+        using var trained = TrainedModel.Open(model);
+        Assert.Equal(config.Model, trained.Model.Options);
+        using (no_grad())
+        {
+            using var logits = trained.Model.forward(x);
+            Assert.Equal(expected, logits.data<float>().ToArray());
+        }
+        trained.Model.TakeExpertCounts();
+    }
+
+    [Fact]
     public void Export_never_overwrites_a_config_json_that_is_not_a_models()
     {
         var config = TestSupport.SmallConfig(("train.steps", "1"));

@@ -28,7 +28,7 @@ public class MoEBenchmarkTests
         var cfg = TestSupport.SmallConfig(("train.global-batch", "2"), ("train.micro-batch", "2"), ("train.eval-every", "4"), ("train.eval-batches", "1"));
         var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
         var race = MoEBenchmarks.Race(cfg, corpus, seconds: 1.5);
-        foreach (var (curve, config) in new[] { (race.MoE, cfg), (race.Dense, MoEBenchmarks.DenseEquivalent(cfg)) })
+        foreach (var (curve, config) in new[] { (race.First, cfg), (race.Second, MoEBenchmarks.DenseEquivalent(cfg)) })
         {
             Assert.NotEmpty(curve);
             // Every eval-every steps, and at the end once the time is spent (its own training time, evaluations not counted).
@@ -42,7 +42,45 @@ public class MoEBenchmarkTests
             while (alone.Step < point.Step) alone.TrainStep();
             Assert.Equal(point.ValidationLoss, alone.Evaluate());
         }
-        Assert.Equal(race.MoE[^1], MoEBenchmarks.At(race.MoE, race.MoE[^1].TrainSeconds));
-        Assert.Null(MoEBenchmarks.At(race.MoE, 0));
+        // Every step's time is kept (the median tokens/s of the attention race is taken from them), and they add up to the training time.
+        Assert.Equal(race.First[^1].Step, race.FirstStepSeconds.Count);
+        Assert.Equal(race.Second[^1].Step, race.SecondStepSeconds.Count);
+        Assert.Equal(race.First[^1].TrainSeconds, race.FirstStepSeconds.Sum(), 9);
+        Assert.Equal(race.First[^1], MoEBenchmarks.At(race.First, race.First[^1].TrainSeconds));
+        Assert.Null(MoEBenchmarks.At(race.First, 0));
+    }
+
+    [Theory]
+    [InlineData("mha", "0")]
+    [InlineData("mla", "0")]
+    [InlineData("mla", "8")]
+    public void The_attention_race_counts_each_attentions_parameters_and_cache(string attention, string qLoraRank)
+    {
+        var cfg = TestSupport.SmallConfig(("model.attention", attention), ("model.mla.q-lora-rank", qLoraRank));
+        using var model = new ElasticMoE.Model.MoETransformer(cfg.Model, 1);
+        long n = model.named_parameters().Where(p => p.name.StartsWith("blocks.0.attn.", StringComparison.Ordinal)).Sum(p => p.parameter.numel());
+        Assert.Equal(n, AttentionBenchmarks.AttentionParameters(cfg.Model));
+        using var cache = model.NewKvCache();
+        Assert.Equal(cache.ElementsPerToken, cfg.Model.KvElementsPerToken);
+        // The race sets only the attention: MLA's sizes are the config's either way.
+        Assert.Equal(ElasticMoE.Configuration.AttentionKind.Mla, AttentionBenchmarks.With(cfg, ElasticMoE.Configuration.AttentionKind.Mla).Model.Attention);
+        Assert.Equal(cfg.Model with { Attention = ElasticMoE.Configuration.AttentionKind.Mha }, AttentionBenchmarks.With(cfg, ElasticMoE.Configuration.AttentionKind.Mha).Model);
+    }
+
+    [Fact]
+    public void The_attention_race_trains_MLA_and_MHA_and_compares_them_at_a_common_step()
+    {
+        var cfg = TestSupport.SmallConfig(("train.global-batch", "2"), ("train.micro-batch", "2"), ("train.eval-every", "4"), ("train.eval-batches", "1"));
+        var corpus = TextCorpus.Default(cfg.Data.ValidationFraction, cfg.Model.Context);
+        var race = AttentionBenchmarks.Race(cfg, corpus, seconds: 1.0);
+        Assert.Equal(ElasticMoE.Configuration.AttentionKind.Mla, race.Mla.Model.Attention);
+        Assert.Equal(ElasticMoE.Configuration.AttentionKind.Mha, race.Mha.Model.Attention);
+        Assert.True(race.CommonStep is >= 4, $"common step {race.CommonStep}");
+        Assert.NotNull(race.Mla.LossAtStep(race.CommonStep!.Value));
+        Assert.NotNull(race.Mha.LossAtStep(race.CommonStep!.Value));
+        Assert.NotEqual(race.Mla.LossAtStep(4), race.Mha.LossAtStep(4));
+        Assert.True(race.Mla.TokensPerSecond > 0 && race.Mha.TokensPerSecond > 0);
+        Assert.Equal(cfg.Model.KvLoraRank + cfg.Model.QkRopeHeadDim, race.Mla.KvElementsPerToken);
+        Assert.Equal(2 * cfg.Model.DModel, race.Mha.KvElementsPerToken);
     }
 }

@@ -32,30 +32,9 @@ public class MoELayerTests
         layer.zero_grad();
         (layer.forward(x) * w).sum().backward();
 
-        const double h = 1e-6;
-        var rng = new Random(5);
         var checks = new List<(string Name, Tensor P)> { ("input", x) };
         checks.AddRange(layer.named_parameters().Select(p => (p.name, (Tensor)p.parameter)));
-        int checkedEntries = 0;
-        foreach (var (name, p) in checks)
-        {
-            var grad = p.grad!.reshape(-1).data<double>().ToArray();
-            var flat = p.detach().reshape(-1);
-            for (int i = 0; i < 6; i++)
-            {
-                long idx = rng.NextInt64(flat.shape[0]);
-                double orig = flat[idx].item<double>();
-                using (no_grad()) flat[idx] = orig + h;
-                double up = Loss();
-                using (no_grad()) flat[idx] = orig - h;
-                double down = Loss();
-                using (no_grad()) flat[idx] = orig;
-                double numeric = (up - down) / (2 * h);
-                Assert.True(Math.Abs(numeric - grad[idx]) <= 1e-6 + 1e-5 * Math.Abs(numeric),
-                    $"{name}[{idx}]: analytic {grad[idx]:E6} vs numeric {numeric:E6}");
-                checkedEntries++;
-            }
-        }
+        int checkedEntries = GradientCheck.AssertMatches(Loss, checks, new Random(5), perTensor: 6, absolute: 1e-6, relative: 1e-5);
         Assert.True(checkedEntries >= 6 * 9);
         // The router learns through the gates: its weight must get a real gradient.
         Assert.True(layer.Router.Gate.weight!.grad!.abs().sum().item<double>() > 0);

@@ -27,6 +27,7 @@ public class RunFingerprintTests
                 bool b => !b,
                 string s => s == "bytes" ? "gpt2" : "bytes",
                 RouterScoring s => s == RouterScoring.Sigmoid ? RouterScoring.Softmax : RouterScoring.Sigmoid,
+                AttentionKind a => a == AttentionKind.Mha ? AttentionKind.Mla : AttentionKind.Mha,
                 _ => throw new NotSupportedException($"{typeof(T).Name}.{p.Name} is {value?.GetType().Name}: teach this test to vary it"),
             };
         }).ToArray();
@@ -69,6 +70,17 @@ public class RunFingerprintTests
             var changed = Run(Config with { Model = Config.Model with { MoE = With(Config.Model.MoE, field) } });
             Assert.Equal([$"model.MoE.{field.Name}"], TrainingState.RunFingerprintDifferences(baseline, changed).Select(d => d.Split(':')[0]));
         }
+    }
+
+    [Fact]
+    public void The_model_fingerprint_of_MHA_is_the_one_of_before_MLA_and_MLA_sizes_change_it()
+    {
+        // Checkpoints written before MLA existed carry this string: they must still load.
+        Assert.Equal("d128-L4-H4-T128-dense1x288-E8k2s1h96-Sigmoid", TrainingState.Fingerprint(Config.Model));
+        var mla = Config.Model with { Attention = AttentionKind.Mla };
+        Assert.NotEqual(TrainingState.Fingerprint(Config.Model), TrainingState.Fingerprint(mla));
+        Assert.NotEqual(TrainingState.Fingerprint(mla), TrainingState.Fingerprint(mla with { KvLoraRank = 32 }));
+        Assert.NotEqual(TrainingState.Fingerprint(mla), TrainingState.Fingerprint(mla with { QLoraRank = 32 }));
     }
 
     [Fact]
