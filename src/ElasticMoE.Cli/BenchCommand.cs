@@ -13,11 +13,11 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "planners"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
     /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts")).ToArray();
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts" or "planners")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -163,6 +163,8 @@ public static class BenchCommand
             }
             if (chosen.Contains("placement"))
                 figures.AddRange(Placement(stdout));
+            if (chosen.Contains("planners"))
+                figures.AddRange(PlannerBenchmarks.Run(stdout));
             if (chosen.Contains("rebalance"))
                 figures.AddRange(RebalanceBenchmarks.Run(config, corpus, p.GetValue(cfg.Steps) ?? 60, stdout));
             bool ok = true;

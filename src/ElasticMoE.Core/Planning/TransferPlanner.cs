@@ -127,11 +127,12 @@ public static class TransferPlanner
     private static SortedDictionary<WorkerId, SortedSet<UnitId>> Holdings(TrainingPlan plan, ModelOptions model)
     {
         var result = new SortedDictionary<WorkerId, SortedSet<UnitId>>();
+        var holdings = plan.HoldingsByRank(model);
         for (int r = 0; r < plan.WorldSize; r++)
         {
             var id = plan.Workers[r].Id;
             if (!result.TryGetValue(id, out var set)) result[id] = set = new SortedSet<UnitId>();
-            set.UnionWith(plan.HoldingsOf(r, model));
+            set.UnionWith(holdings[r]);
         }
         return result;
     }
