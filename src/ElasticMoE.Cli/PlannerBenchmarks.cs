@@ -13,10 +13,17 @@ internal static class PlannerBenchmarks
 
     public static IEnumerable<BenchFigure> Run(TextWriter log)
     {
+        if (Environment.GetEnvironmentVariable("ELASTICMOE_PLANNER_SIZES") is { Length: > 0 } sizes)   // e.g. "64,128" for a quick look
+            return Run(log, sizes.Split(',').Select(x => int.Parse(x, CultureInfo.InvariantCulture)).ToArray());
+        return Run(log, WorldSizes);
+    }
+
+    private static IEnumerable<BenchFigure> Run(TextWriter log, int[] worldSizes)
+    {
         log.WriteLine("planners: 256 experts x 60 MoE layers, one stage; one call each (initial plan, lose 1 worker: plan + transfers, " +
                       "1 joins: plan + transfers, initial placement, one rebalance after ±10 % drift of Zipf loads) ...");
-        log.WriteLine($"  {"workers",7} {"plan",8} {"shrink",8} {"xfer",8} {"grow",8} {"xfer",8} {"place",8} {"rebal",8}  (ms)  moves shrink/grow, copies moved");
-        foreach (int w in WorldSizes)
+        log.WriteLine($"  {"workers",7} {"plan",8} {"shrink",8} {"xfer",8} {"grow",8} {"xfer",8} {"place",8} {"rebal",8}  (ms of thread CPU)  moves shrink/grow, copies moved");
+        foreach (int w in worldSizes)
         {
             var f = PlannerScaleBenchmarks.Run(new PlannerScaleBenchmarks.Setup(w, 256, 60));
             log.WriteLine(string.Create(CultureInfo.InvariantCulture,

@@ -117,16 +117,30 @@ public static class RebalancePlanner
     private sealed record Step(Edit[] Edits, int Moves);
 
     /// <summary>One layer's copies, as indices into the ascending worker list, with the loads they carry.</summary>
+    /// <remarks>
+    /// Built for 1,024 workers x 256 experts (issue 25) with results identical to the first version (kept in the tests as
+    /// <c>RebalancePlannerReference</c>, which they are checked against): a change recounts only the workers whose load it
+    /// can change, each by the same ascending fold over its experts as a full recount; a candidate step touches only the
+    /// workers holding the experts it edits, and its sum of squared loads (the last tie-break, a fold over every worker) is
+    /// computed only when its max load and moves tie the best so far or beat it.
+    /// </remarks>
     private sealed class LayerState
     {
         private readonly double[] expertLoad;
         private readonly bool[][] has;        // [expert][worker]
         private readonly int[] copies;        // per expert
+        private readonly List<int>[] holders; // per expert: its workers, ascending
         private readonly List<int>[] held;    // per worker: its experts, ascending
         private readonly double[] load;       // per worker
         private readonly int slots;
         private readonly WorkerId[] workers;
-        private readonly double[] trial;      // scratch for Evaluate
+        private readonly double[] trial;      // scratch for Evaluate: equal to load outside an evaluation
+        private readonly int[] touchedAt;     // per worker: the evaluation that last changed its trial load
+        private readonly List<int> touched = new();
+        private int evaluation;
+        private readonly int[] byLoad;        // workers by load descending (ties: index ascending), when not stale
+        private bool byLoadStale;
+        private double maxLoad;
 
         public LayerState(IReadOnlyList<double> expertLoad, WorkerId[] workers, int slots, ExpertPlacement? today, int layer)
         {
@@ -137,9 +151,12 @@ public static class RebalancePlanner
             Mean = this.expertLoad.Sum() / w;
             has = this.expertLoad.Select(_ => new bool[w]).ToArray();
             copies = new int[this.expertLoad.Length];
+            holders = this.expertLoad.Select(_ => new List<int>()).ToArray();
             held = Enumerable.Range(0, w).Select(_ => new List<int>()).ToArray();
             load = new double[w];
             trial = new double[w];
+            touchedAt = new int[w];
+            byLoad = Enumerable.Range(0, w).ToArray();
             if (today is null) return;
             var index = workers.Select((id, i) => (id, i)).ToDictionary(t => t.id, t => t.i);
             for (int e = 0; e < has.Length; e++)
@@ -149,7 +166,7 @@ public static class RebalancePlanner
         }
 
         public double Mean { get; }
-        public double MaxLoad => load.Max();
+        public double MaxLoad => maxLoad;
         public double Imbalance => Mean > 0 ? MaxLoad / Mean : 1;
 
         public IEnumerable<IEnumerable<WorkerId>> Holders()
@@ -185,11 +202,7 @@ public static class RebalancePlanner
             return moved;
         }
 
-        private void Set(int expert, int worker, bool holds)
-        {
-            has[expert][worker] = holds;
-            Recount();
-        }
+        private void Set(int expert, int worker, bool holds) => Update([new Edit(expert, worker, holds)]);
 
         /// <summary>
         /// The least loaded worker (but <paramref name="exclude"/>) that can take a copy of <paramref name="expert"/>; if
@@ -250,7 +263,8 @@ public static class RebalancePlanner
             return best;
         }
 
-        // From scratch after every change, so the loads never carry the rounding of a long chain of updates.
+        // From scratch, so the loads never carry the rounding of a long chain of updates: each worker's load is the fold of
+        // its experts' shares in ascending expert order. Update keeps exactly that for the workers a change touches.
         private void Recount()
         {
             Array.Clear(load);
@@ -258,7 +272,8 @@ public static class RebalancePlanner
             for (int e = 0; e < has.Length; e++)
             {
                 copies[e] = 0;
-                for (int w = 0; w < held.Length; w++) if (has[e][w]) copies[e]++;
+                holders[e].Clear();
+                for (int w = 0; w < held.Length; w++) if (has[e][w]) { copies[e]++; holders[e].Add(w); }
                 for (int w = 0; w < held.Length; w++)
                     if (has[e][w])
                     {
@@ -266,13 +281,73 @@ public static class RebalancePlanner
                         load[w] += expertLoad[e] / copies[e];
                     }
             }
+            Array.Copy(load, trial, load.Length);
+            Reloaded();
         }
 
-        public void Apply(Step step)
+        /// <summary>
+        /// Applies <paramref name="edits"/> in order and recounts what they can change: the edited experts' copies and
+        /// holders, the edited workers' expert lists, and the load of every worker holding an edited expert before or
+        /// after (its share changed), each folded afresh over its experts ascending, as <see cref="Recount"/> does.
+        /// </summary>
+        private void Update(Edit[] edits)
         {
-            foreach (var edit in step.Edits) has[edit.Expert][edit.Worker] = edit.Add;
-            Recount();
+            var experts = new List<int>(edits.Length);
+            var affected = new HashSet<int>();
+            foreach (var edit in edits)
+            {
+                if (!experts.Contains(edit.Expert))
+                {
+                    experts.Add(edit.Expert);
+                    affected.UnionWith(holders[edit.Expert]);
+                }
+                has[edit.Expert][edit.Worker] = edit.Add;
+            }
+            foreach (int e in experts)
+            {
+                holders[e].Clear();
+                for (int w = 0; w < held.Length; w++) if (has[e][w]) holders[e].Add(w);
+                copies[e] = holders[e].Count;
+                affected.UnionWith(holders[e]);
+            }
+            foreach (var edit in edits)
+            {
+                var list = held[edit.Worker];
+                int at = list.BinarySearch(edit.Expert);
+                if (edit.Add == has[edit.Expert][edit.Worker])   // the edit's final state (a later edit of the pair wins)
+                {
+                    if (has[edit.Expert][edit.Worker] && at < 0) list.Insert(~at, edit.Expert);
+                    else if (!has[edit.Expert][edit.Worker] && at >= 0) list.RemoveAt(at);
+                }
+            }
+            foreach (int w in affected)
+            {
+                double sum = 0;
+                foreach (int e in held[w]) sum += expertLoad[e] / copies[e];
+                load[w] = sum;
+                trial[w] = sum;
+            }
+            Reloaded();
         }
+
+        // The order by load is sorted when an evaluation needs it: a repair changes a layer many times before that.
+        private void Reloaded()
+        {
+            maxLoad = load.Length == 0 ? 0 : load.Max();
+            byLoadStale = true;
+        }
+
+        private int[] ByLoad()
+        {
+            if (byLoadStale)
+            {
+                Array.Sort(byLoad, (x, y) => load[x] != load[y] ? load[y].CompareTo(load[x]) : x.CompareTo(y));
+                byLoadStale = false;
+            }
+            return byLoad;
+        }
+
+        public void Apply(Step step) => Update(step.Edits);
 
         /// <summary>The best step that takes load off the busiest worker and moves at most <paramref name="budget"/> copies; null if none qualifies.</summary>
         public Step? BestStep(int budget)
@@ -285,7 +360,7 @@ public static class RebalancePlanner
             (double Max, int Moves, double SumSq) bestScore = default;
             foreach (var step in Candidates(busiest, ceiling))
             {
-                if (step.Moves > budget || Evaluate(step, busiest, ceiling) is not (Verdict.Ok, var score)) continue;
+                if (step.Moves > budget || Evaluate(step, busiest, ceiling, best is null ? null : bestScore) is not (Verdict.Ok, var score)) continue;
                 if (best is null || score.CompareTo(bestScore) < 0) (best, bestScore) = (step, score);
             }
             return best;
@@ -313,7 +388,7 @@ public static class RebalancePlanner
                         {
                             var step = new Step(hop, 1);
                             yield return step;
-                            if (Evaluate(step, a, ceiling).Verdict == Verdict.Overloads)
+                            if (Evaluate(step, a, ceiling, null).Verdict == Verdict.Overloads)
                                 foreach (var relief in Relieve(b, e, hop))
                                     yield return relief;
                         }
@@ -355,43 +430,78 @@ public static class RebalancePlanner
         /// busiest worker and every worker it loads end at or below <paramref name="ceiling"/>; Overloads when only a worker
         /// it loads (not the busiest) ends above; Invalid otherwise (a slot broken, an expert left without a copy).
         /// </summary>
-        private (Verdict Verdict, (double Max, int Moves, double SumSq) Score) Evaluate(Step step, int busiest, double ceiling)
+        /// <param name="bound">The best score so far: when this step's (max, moves) is above it, the sum of squares (which
+        /// cannot matter) is not computed and is +∞.</param>
+        private (Verdict Verdict, (double Max, int Moves, double SumSq) Score) Evaluate(Step step, int busiest, double ceiling,
+            (double Max, int Moves, double SumSq)? bound)
         {
-            // Plain loops: this runs some ten thousand times per step.
+            // Plain loops: this runs some ten thousand times per step. Only the workers holding an edited expert (before or
+            // after) change; trial holds their loads after the step and is put back before returning.
             var edits = step.Edits;
-            Array.Copy(load, trial, load.Length);
-            for (int i = 0; i < edits.Length; i++)
+            evaluation++;
+            try
             {
-                int w = edits[i].Worker;
-                if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, default);
-                int e = edits[i].Expert, after = copies[e];
-                bool first = true;
-                for (int j = 0; j < edits.Length; j++)
-                    if (edits[j].Expert == e)
-                    {
-                        first &= j >= i;
-                        after += edits[j].Add ? 1 : -1;
-                    }
-                if (!first) continue;   // each expert once
-                if (after <= 0) return (Verdict.Invalid, default);
-                for (int v = 0; v < trial.Length; v++)
+                for (int i = 0; i < edits.Length; i++)
                 {
-                    double before = has[e][v] ? expertLoad[e] / copies[e] : 0;
-                    double now = HasAfter(edits, e, v) ? expertLoad[e] / after : 0;
-                    // Only shares that change are touched: a worker whose share stays put keeps its load to the bit.
-                    if (now != before) trial[v] += now - before;
+                    int w = edits[i].Worker;
+                    if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, default);
+                    int e = edits[i].Expert, after = copies[e];
+                    bool first = true;
+                    for (int j = 0; j < edits.Length; j++)
+                        if (edits[j].Expert == e)
+                        {
+                            first &= j >= i;
+                            after += edits[j].Add ? 1 : -1;
+                        }
+                    if (!first) continue;   // each expert once
+                    if (after <= 0) return (Verdict.Invalid, default);
+                    foreach (int v in holders[e]) Shift(edits, e, v, after);
+                    for (int j = i; j < edits.Length; j++)
+                    {
+                        int v = edits[j].Worker;
+                        if (edits[j].Expert != e || has[e][v] || SeenBefore(edits, j)) continue;
+                        Shift(edits, e, v, after);
+                    }
                 }
+                if (trial[busiest] > ceiling) return (Verdict.Invalid, default);
+                var verdict = Verdict.Ok;
+                double max = 0;
+                foreach (int w in touched)
+                {
+                    if (trial[w] > load[w] && trial[w] > ceiling) verdict = Verdict.Overloads;
+                    max = Math.Max(max, trial[w]);
+                }
+                foreach (int w in ByLoad())
+                    if (touchedAt[w] != evaluation) { max = Math.Max(max, load[w]); break; }
+                if (bound is { } b && (max, step.Moves).CompareTo((b.Max, b.Moves)) > 0)
+                    return (verdict, (max, step.Moves, double.PositiveInfinity));
+                double sumSq = 0;
+                for (int w = 0; w < trial.Length; w++) sumSq += trial[w] * trial[w];
+                return (verdict, (max, step.Moves, sumSq));
             }
-            if (trial[busiest] > ceiling) return (Verdict.Invalid, default);
-            var verdict = Verdict.Ok;
-            double max = 0, sumSq = 0;
-            for (int w = 0; w < trial.Length; w++)
+            finally
             {
-                if (trial[w] > load[w] && trial[w] > ceiling) verdict = Verdict.Overloads;
-                max = Math.Max(max, trial[w]);
-                sumSq += trial[w] * trial[w];
+                foreach (int w in touched) trial[w] = load[w];
+                touched.Clear();
             }
-            return (verdict, (max, step.Moves, sumSq));
+        }
+
+        /// <summary>Moves worker <paramref name="v"/>'s trial load by the change of its share of <paramref name="expert"/>.</summary>
+        private void Shift(Edit[] edits, int expert, int v, int after)
+        {
+            double before = has[expert][v] ? expertLoad[expert] / copies[expert] : 0;
+            double now = HasAfter(edits, expert, v) ? expertLoad[expert] / after : 0;
+            // Only shares that change are touched: a worker whose share stays put keeps its load to the bit.
+            if (now == before) return;
+            trial[v] += now - before;
+            if (touchedAt[v] != evaluation) { touchedAt[v] = evaluation; touched.Add(v); }
+        }
+
+        private static bool SeenBefore(Edit[] edits, int j)
+        {
+            for (int k = 0; k < j; k++)
+                if (edits[k].Expert == edits[j].Expert && edits[k].Worker == edits[j].Worker) return true;
+            return false;
         }
 
         private bool HasAfter(Edit[] edits, int expert, int worker)
