@@ -122,7 +122,8 @@ public static class RebalancePlanner
     /// <c>RebalancePlannerReference</c>, which they are checked against): a change recounts only the workers whose load it
     /// can change, each by the same ascending fold over its experts as a full recount; a candidate step touches only the
     /// workers holding the experts it edits, and its sum of squared loads (the last tie-break, a fold over every worker) is
-    /// computed only when its max load and moves tie the best so far or beat it.
+    /// folded only when its max load and moves tie the best so far and the two sums are too close to tell apart from the
+    /// workers each step changes (see <c>SumSqBelow</c>).
     /// </remarks>
     private sealed class LayerState
     {
@@ -137,6 +138,8 @@ public static class RebalancePlanner
         private readonly double[] trial;      // scratch for Evaluate: equal to load outside an evaluation
         private readonly int[] touchedAt;     // per worker: the evaluation that last changed its trial load
         private readonly List<int> touched = new();
+        private readonly double[] folded;     // scratch for a best step's sum of squares
+        private double? loadSumSq;
         private int evaluation;
         private readonly int[] byLoad;        // workers by load descending (ties: index ascending), when not stale
         private bool byLoadStale;
@@ -155,6 +158,7 @@ public static class RebalancePlanner
             held = Enumerable.Range(0, w).Select(_ => new List<int>()).ToArray();
             load = new double[w];
             trial = new double[w];
+            folded = new double[w];
             touchedAt = new int[w];
             byLoad = Enumerable.Range(0, w).ToArray();
             if (today is null) return;
@@ -335,6 +339,7 @@ public static class RebalancePlanner
         {
             maxLoad = load.Length == 0 ? 0 : load.Max();
             byLoadStale = true;
+            loadSumSq = null;
         }
 
         private int[] ByLoad()
@@ -356,15 +361,91 @@ public static class RebalancePlanner
             for (int w = 1; w < load.Length; w++) if (load[w] > load[busiest]) busiest = w;
             double ceiling = load[busiest] - MinGain * Mean;
             if (!(ceiling < load[busiest])) return null;   // nothing to gain (all loads zero)
-            Step? best = null;
-            (double Max, int Moves, double SumSq) bestScore = default;
+            // Best by (max load, moves, sum of squared loads), lowest first, the first of equals kept.
+            Best? best = null;
             foreach (var step in Candidates(busiest, ceiling))
             {
-                if (step.Moves > budget || Evaluate(step, busiest, ceiling, best is null ? null : bestScore) is not (Verdict.Ok, var score)) continue;
-                if (best is null || score.CompareTo(bestScore) < 0) (best, bestScore) = (step, score);
+                if (step.Moves > budget) continue;
+                try
+                {
+                    var (verdict, max) = Evaluate(step, busiest, ceiling);
+                    if (verdict != Verdict.Ok) continue;
+                    int order = best is null ? -1 : (max, step.Moves).CompareTo((best.Max, best.Moves));
+                    if (order > 0 || (order == 0 && !SumSqBelow(best!))) continue;
+                    best = Capture(step, max);
+                }
+                finally
+                {
+                    EndEvaluation();
+                }
             }
-            return best;
+            return best?.Step;
         }
+
+        /// <summary>The best step so far: its score, and its loads where they differ from today's (for its sum of squares).</summary>
+        private sealed class Best(Step step, double max, double delta, double magnitude, int[] workers, double[] loads)
+        {
+            public Step Step { get; } = step;
+            public double Max { get; } = max;
+            public int Moves => Step.Moves;
+            /// <summary>Its sum of squared loads minus today's, over the workers it changes, and the sum of those squares' magnitudes.</summary>
+            public double Delta { get; } = delta;
+            public double Magnitude { get; } = magnitude;
+            public int[] Workers { get; } = workers;
+            public double[] Loads { get; } = loads;
+            public double? SumSq { get; set; }
+        }
+
+        private Best Capture(Step step, double max)
+        {
+            var (delta, magnitude) = TouchedSquares();
+            return new Best(step, max, delta, magnitude, touched.ToArray(), touched.Select(w => trial[w]).ToArray());
+        }
+
+        private (double Delta, double Magnitude) TouchedSquares()
+        {
+            double delta = 0, magnitude = 0;
+            foreach (int w in touched)
+            {
+                double t2 = trial[w] * trial[w], l2 = load[w] * load[w];
+                delta += t2 - l2;
+                magnitude += t2 + l2;
+            }
+            return (delta, magnitude);
+        }
+
+        /// <summary>
+        /// True when the step being evaluated has a lower sum of squared loads than <paramref name="best"/>, the sums being
+        /// the fold over every worker in order (as the first version computed them, to the bit). The fold costs a pass over
+        /// every worker, and at 1,024 workers most candidates tie on max and moves; so the two sums are first compared by
+        /// their differences from today's over the workers each changes, and folded only when that difference is within a
+        /// bound on the folds' rounding: a fold of n squares is within n·2^-53 (relative) of the exact sum, and the margin
+        /// here is some 30 times that.
+        /// </summary>
+        private bool SumSqBelow(Best best)
+        {
+            var (delta, magnitude) = TouchedSquares();
+            double margin = 4e-15 * (load.Length + touched.Count + best.Workers.Length + 16) * (2 * LoadSumSq() + 2 * (magnitude + best.Magnitude));
+            double diff = delta - best.Delta;
+            if (diff < -margin) return true;
+            if (diff > margin) return false;
+            if (best.SumSq is null)
+            {
+                Array.Copy(load, folded, load.Length);
+                for (int i = 0; i < best.Workers.Length; i++) folded[best.Workers[i]] = best.Loads[i];
+                best.SumSq = Fold(folded);
+            }
+            return Fold(trial) < best.SumSq.Value;
+        }
+
+        private static double Fold(double[] loads)
+        {
+            double sumSq = 0;
+            for (int w = 0; w < loads.Length; w++) sumSq += loads[w] * loads[w];
+            return sumSq;
+        }
+
+        private double LoadSumSq() => loadSumSq ??= Fold(load);
 
         /// <summary>
         /// Every step that takes a copy's load off <paramref name="a"/>, in a fixed order (experts ascending, then workers):
@@ -388,7 +469,9 @@ public static class RebalancePlanner
                         {
                             var step = new Step(hop, 1);
                             yield return step;
-                            if (Evaluate(step, a, ceiling, null).Verdict == Verdict.Overloads)
+                            var (verdict, _) = Evaluate(step, a, ceiling);
+                            EndEvaluation();
+                            if (verdict == Verdict.Overloads)
                                 foreach (var relief in Relieve(b, e, hop))
                                     yield return relief;
                         }
@@ -426,64 +509,57 @@ public static class RebalancePlanner
         private enum Verdict { Ok, Overloads, Invalid }
 
         /// <summary>
-        /// The layer's max load, the step's moves and the sum of squared loads after <paramref name="step"/>. Ok when every slot holds and the
-        /// busiest worker and every worker it loads end at or below <paramref name="ceiling"/>; Overloads when only a worker
-        /// it loads (not the busiest) ends above; Invalid otherwise (a slot broken, an expert left without a copy).
+        /// The layer's max load after <paramref name="step"/>. Ok when every slot holds and the busiest worker and every
+        /// worker it loads end at or below <paramref name="ceiling"/>; Overloads when only a worker it loads (not the busiest)
+        /// ends above; Invalid otherwise (a slot broken, an expert left without a copy). Leaves the loads after the step in
+        /// trial (the workers it changes listed in touched) for the caller's tie-break: call <see cref="EndEvaluation"/> after.
         /// </summary>
-        /// <param name="bound">The best score so far: when this step's (max, moves) is above it, the sum of squares (which
-        /// cannot matter) is not computed and is +∞.</param>
-        private (Verdict Verdict, (double Max, int Moves, double SumSq) Score) Evaluate(Step step, int busiest, double ceiling,
-            (double Max, int Moves, double SumSq)? bound)
+        private (Verdict Verdict, double Max) Evaluate(Step step, int busiest, double ceiling)
         {
             // Plain loops: this runs some ten thousand times per step. Only the workers holding an edited expert (before or
-            // after) change; trial holds their loads after the step and is put back before returning.
+            // after) change.
             var edits = step.Edits;
             evaluation++;
-            try
+            for (int i = 0; i < edits.Length; i++)
             {
-                for (int i = 0; i < edits.Length; i++)
-                {
-                    int w = edits[i].Worker;
-                    if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, default);
-                    int e = edits[i].Expert, after = copies[e];
-                    bool first = true;
-                    for (int j = 0; j < edits.Length; j++)
-                        if (edits[j].Expert == e)
-                        {
-                            first &= j >= i;
-                            after += edits[j].Add ? 1 : -1;
-                        }
-                    if (!first) continue;   // each expert once
-                    if (after <= 0) return (Verdict.Invalid, default);
-                    foreach (int v in holders[e]) Shift(edits, e, v, after);
-                    for (int j = i; j < edits.Length; j++)
+                int w = edits[i].Worker;
+                if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, 0);
+                int e = edits[i].Expert, after = copies[e];
+                bool first = true;
+                for (int j = 0; j < edits.Length; j++)
+                    if (edits[j].Expert == e)
                     {
-                        int v = edits[j].Worker;
-                        if (edits[j].Expert != e || has[e][v] || SeenBefore(edits, j)) continue;
-                        Shift(edits, e, v, after);
+                        first &= j >= i;
+                        after += edits[j].Add ? 1 : -1;
                     }
-                }
-                if (trial[busiest] > ceiling) return (Verdict.Invalid, default);
-                var verdict = Verdict.Ok;
-                double max = 0;
-                foreach (int w in touched)
+                if (!first) continue;   // each expert once
+                if (after <= 0) return (Verdict.Invalid, 0);
+                foreach (int v in holders[e]) Shift(edits, e, v, after);
+                for (int j = i; j < edits.Length; j++)
                 {
-                    if (trial[w] > load[w] && trial[w] > ceiling) verdict = Verdict.Overloads;
-                    max = Math.Max(max, trial[w]);
+                    int v = edits[j].Worker;
+                    if (edits[j].Expert != e || has[e][v] || SeenBefore(edits, j)) continue;
+                    Shift(edits, e, v, after);
                 }
-                foreach (int w in ByLoad())
-                    if (touchedAt[w] != evaluation) { max = Math.Max(max, load[w]); break; }
-                if (bound is { } b && (max, step.Moves).CompareTo((b.Max, b.Moves)) > 0)
-                    return (verdict, (max, step.Moves, double.PositiveInfinity));
-                double sumSq = 0;
-                for (int w = 0; w < trial.Length; w++) sumSq += trial[w] * trial[w];
-                return (verdict, (max, step.Moves, sumSq));
             }
-            finally
+            if (trial[busiest] > ceiling) return (Verdict.Invalid, 0);
+            var verdict = Verdict.Ok;
+            double max = 0;
+            foreach (int w in touched)
             {
-                foreach (int w in touched) trial[w] = load[w];
-                touched.Clear();
+                if (trial[w] > load[w] && trial[w] > ceiling) verdict = Verdict.Overloads;
+                max = Math.Max(max, trial[w]);
             }
+            foreach (int w in ByLoad())
+                if (touchedAt[w] != evaluation) { max = Math.Max(max, load[w]); break; }
+            return (verdict, max);
+        }
+
+        /// <summary>Puts trial back to today's loads after an <see cref="Evaluate"/>.</summary>
+        private void EndEvaluation()
+        {
+            foreach (int w in touched) trial[w] = load[w];
+            touched.Clear();
         }
 
         /// <summary>Moves worker <paramref name="v"/>'s trial load by the change of its share of <paramref name="expert"/>.</summary>

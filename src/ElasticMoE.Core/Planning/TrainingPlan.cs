@@ -243,24 +243,23 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
             return result;
         }
 
-        var holders = new Dictionary<UnitId, List<int>>();
+        // Per unit what MirroredUnitsOf asks of its holders: all on one node, and the lowest rank (ranks come ascending).
+        var holders = new Dictionary<UnitId, (string Node, bool OneNode, int Lowest)>();
         for (int r = 0; r < w; r++)
             foreach (var u in units[r])
-            {
-                if (!holders.TryGetValue(u, out var list)) holders[u] = list = new List<int>();
-                list.Add(r);
-            }
+                holders[u] = holders.TryGetValue(u, out var h)
+                    ? h with { OneNode = h.OneNode && h.Node == Workers[r].NodeAddress }
+                    : (Workers[r].NodeAddress, true, r);
         // Mirrors each rank keeps, from the sources ascending (MirrorsHeldBy's order before its sort by unit).
         var mirrors = Enumerable.Range(0, w).Select(_ => new List<(UnitId Unit, int Source)>()).ToArray();
         for (int r = 0; r < w; r++)
         {
             int buddy = BuddyOf(r);
             if (buddy < 0 || buddy == r) continue;
-            var node = Workers[r].NodeAddress;
             foreach (var u in units[r])
             {
                 var h = holders[u];
-                if (h.All(x => Workers[x].NodeAddress == node) && h.Min() == r) mirrors[buddy].Add((u, r));
+                if (h.OneNode && h.Lowest == r) mirrors[buddy].Add((u, r));
             }
         }
         for (int r = 0; r < w; r++)
