@@ -16,7 +16,8 @@ public static class BenchCommand
     public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "planners"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
-    /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
+    /// rather than figures), moe-race (minutes of training), hosts (needs root and network namespaces) and planners (a minute of
+    /// pure planning at up to 1,024 workers).</summary>
     public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts" or "planners")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)

@@ -88,4 +88,31 @@ public sealed class RebalancePlannerEquivalenceTests
                 RebalancePlanner.Plan(loads, after, slotsAfter, today, budget), what);
         }
     }
+
+    [Theory]
+    [InlineData(21, 48, 16)]
+    [InlineData(22, 64, 24)]
+    [InlineData(23, 40, 40)]
+    public void Many_workers_with_one_or_two_slots_give_the_reference_results(int seed, int workers, int experts)
+    {
+        // The shape of 1,024 workers x 256 experts: more workers than experts, every slot full, hot experts copied on
+        // dozens of workers, so most candidate steps tie on max load and moves and the sum of squares decides.
+        var rng = new Random(seed);
+        var ids = Ids(workers);
+        int slots = (experts + workers - 1) / workers + seed % 2;
+        var loads = Enumerable.Range(0, 2).Select(_ => PlacementLoads(rng, experts)).ToArray();
+        var expected = RebalancePlannerReference.Plan(loads, ids, slots, null, 0);
+        AssertSame(expected, RebalancePlanner.Plan(loads, ids, slots, null, 0), $"{workers} x {experts}, initial");
+        var today = expected.Placement;
+        for (int t = 0; t < 3; t++)
+        {
+            loads = Drift(rng, loads, 0.1);
+            int budget = Math.Max(1, today.TotalCopies / 10);
+            var e = RebalancePlannerReference.Plan(loads, ids, slots, today, budget);
+            AssertSame(e, RebalancePlanner.Plan(loads, ids, slots, today, budget), $"{workers} x {experts}, rebalance {t}");
+            today = e.Placement;
+        }
+    }
+
+    private static double[] PlacementLoads(Random rng, int experts) => ElasticMoE.Benchmarks.PlacementBenchmarks.ZipfLoads(experts, 1.0, rng);
 }
