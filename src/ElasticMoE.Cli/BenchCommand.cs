@@ -14,12 +14,12 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace", "planners"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
-    /// rather than figures), moe-race and mla-race (minutes of training), hosts (needs root and network namespaces) and
-    /// trace (minutes of a replayed availability trace).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace")).ToArray();
+    /// rather than figures), moe-race and mla-race (minutes of training), hosts (needs root and network namespaces), trace
+    /// (minutes of a replayed availability trace) and planners (a minute of pure planning at up to 1,024 workers).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace" or "planners")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -181,6 +181,8 @@ public static class BenchCommand
             }
             if (chosen.Contains("placement"))
                 figures.AddRange(Placement(stdout));
+            if (chosen.Contains("planners"))
+                figures.AddRange(PlannerBenchmarks.Run(stdout));
             if (chosen.Contains("rebalance"))
                 figures.AddRange(RebalanceBenchmarks.Run(config, corpus, p.GetValue(cfg.Steps) ?? 60, stdout));
             bool ok = true;

@@ -365,16 +365,16 @@ public sealed record ElasticMoEConfig(
     };
 
     /// <summary>
-    /// Limits set by how data-plane tags are packed (see <c>StepTags</c> in ElasticMoE.Runtime): 8 bits for
-    /// the micro-batch (or validation batch) index, 8 for the layer ordinal or pipeline stage, 7 for each
-    /// worker index.
+    /// Limits set by how data-plane tags are packed (see <c>StepTags</c> in ElasticMoE.Runtime, frame version 2):
+    /// 12 bits for the micro-batch (or validation batch) index, 10 for the layer ordinal or pipeline stage, 12 for
+    /// each worker index. A test checks that <c>StepTags</c> has the same numbers.
     /// </summary>
     /// <remarks>
     /// Why check them here: past a limit the index wraps and two messages of the same step get the same tag,
     /// so a receiver takes the wrong micro-batch's activations. Nothing fails; the loss is just wrong. A run
     /// that cannot be tagged must be refused when its config is read, not discovered in its curve.
     /// </remarks>
-    public const int MaxMicroBatchesPerStep = 256, MaxEvalBatches = 256, MaxLayers = 256, MaxWorkers = 128;
+    public const int MaxMicroBatchesPerStep = 4096, MaxEvalBatches = 4096, MaxLayers = 1024, MaxWorkers = 4096;
 
     /// <summary>Checks ranges and relations between settings, naming the offending key.</summary>
     public void Validate()
@@ -435,11 +435,11 @@ public sealed record ElasticMoEConfig(
         Require(t.EvalBatches > 0, "train.eval-batches", "must be positive");
         Require(t.TimeLimitSeconds >= 0, "train.time-limit", "must be zero (none) or positive");
         Require(m.Layers <= MaxLayers, "model.layers",
-            $"is {m.Layers}, but data-plane tags carry the layer or stage index in 8 bits: at most {MaxLayers}");
+            $"is {m.Layers}, but data-plane tags carry the layer or stage index in 10 bits: at most {MaxLayers}");
         Require(t.MicroBatchesPerStep <= MaxMicroBatchesPerStep, "train.global-batch",
-            $"global-batch / micro-batch is {t.MicroBatchesPerStep} micro-batches per step, but data-plane tags carry the micro-batch index in 8 bits: at most {MaxMicroBatchesPerStep}");
+            $"global-batch / micro-batch is {t.MicroBatchesPerStep} micro-batches per step, but data-plane tags carry the micro-batch index in 12 bits: at most {MaxMicroBatchesPerStep}");
         Require(t.EvalBatches <= MaxEvalBatches, "train.eval-batches",
-            $"is {t.EvalBatches}, but data-plane tags carry the validation batch index in 8 bits: at most {MaxEvalBatches}");
+            $"is {t.EvalBatches}, but data-plane tags carry the validation batch index in 12 bits: at most {MaxEvalBatches}");
         var c = Cluster;
         Require(c.Port is >= 0 and <= 65535, "cluster.port", "must be a TCP port (0 = any)");
         Require(c.Devices >= 1, "cluster.devices", "must be at least 1");
@@ -452,9 +452,9 @@ public sealed record ElasticMoEConfig(
         Require(c.MaxFrameMb >= 1, "cluster.max-frame-mb", "must be at least 1");
         // Checked after the ranges above, so a negative count is reported as such and not as a product.
         Require((long)c.Nodes * c.Devices <= MaxWorkers, "cluster.nodes",
-            $"cluster.nodes x cluster.devices is {(long)c.Nodes * c.Devices} workers, but data-plane tags carry a worker index in 7 bits: at most {MaxWorkers}");
+            $"cluster.nodes x cluster.devices is {(long)c.Nodes * c.Devices} workers, but data-plane tags carry a worker index in 12 bits: at most {MaxWorkers}");
         Require((long)c.ExpectedNodes * c.Devices <= MaxWorkers, "cluster.expected-nodes",
-            $"cluster.expected-nodes x cluster.devices is {(long)c.ExpectedNodes * c.Devices} workers, but data-plane tags carry a worker index in 7 bits: at most {MaxWorkers}");
+            $"cluster.expected-nodes x cluster.devices is {(long)c.ExpectedNodes * c.Devices} workers, but data-plane tags carry a worker index in 12 bits: at most {MaxWorkers}");
         Require(c.PlanTimeoutSeconds > 0, "cluster.plan-timeout", "must be positive");
         Require(c.EvalTimeoutSeconds > 0, "cluster.eval-timeout", "must be positive");
         Require(c.FinishTimeoutSeconds > 0, "cluster.finish-timeout", "must be positive");

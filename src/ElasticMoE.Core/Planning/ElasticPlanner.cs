@@ -14,9 +14,9 @@ namespace ElasticMoE.Planning;
 public static class ElasticPlanner
 {
     /// <summary>
-    /// Most workers a plan may have: data-plane tags carry a worker's rank in 7 bits.
+    /// Most workers a plan may have: data-plane tags carry a worker's rank in 12 bits.
     /// </summary>
-    public const int MaxWorkers = 128;
+    public const int MaxWorkers = ElasticMoEConfig.MaxWorkers;
 
     /// <summary>
     /// The plan for <paramref name="workers"/> workers (DP = workers / <paramref name="pp"/>) chosen from
@@ -58,7 +58,7 @@ public static class ElasticPlanner
     {
         ArgumentNullException.ThrowIfNull(model);
         if (workers < 1) return $"a plan needs at least one worker, asked for {workers}";
-        if (workers > MaxWorkers) return $"a plan has at most {MaxWorkers} workers (data-plane tags carry a 7-bit rank), asked for {workers}";
+        if (workers > MaxWorkers) return $"a plan has at most {MaxWorkers} workers (data-plane tags carry a 12-bit rank), asked for {workers}";
         if (workers > available) return $"asked for {workers} workers but only {available} are available";
         if (pp < 1 || workers % pp != 0) return $"pipeline degree {pp} must divide the number of workers ({workers})";
         if (pp > model.Layers) return $"pipeline degree {pp} exceeds the number of layers ({model.Layers})";

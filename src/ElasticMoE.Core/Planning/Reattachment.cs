@@ -39,12 +39,13 @@ public static class Reattachment
         static ReattachDecision No(string why) => new(null, 0, new HashSet<WorkerId>(), why);
 
         var returning = new Dictionary<WorkerId, HeldWorker>();
+        var holdings = prior.HoldingsByRank(model);
         foreach (var h in held)
         {
             int rank = prior.RankOf(h.Previous);
             if (h.Epoch != prior.Epoch || rank < 0) continue;   // units of another plan: not comparable with the journal
             var holds = h.Units.Select(u => u.Unit).ToHashSet();
-            if (!prior.HoldingsOf(rank, model).All(holds.Contains)) continue;   // not all its units: count it as gone
+            if (!holdings[rank].All(holds.Contains)) continue;   // not all its units: count it as gone
             returning[h.Previous] = h;
         }
         if (returning.Count == 0)

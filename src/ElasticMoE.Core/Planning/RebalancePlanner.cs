@@ -117,16 +117,33 @@ public static class RebalancePlanner
     private sealed record Step(Edit[] Edits, int Moves);
 
     /// <summary>One layer's copies, as indices into the ascending worker list, with the loads they carry.</summary>
+    /// <remarks>
+    /// Built for 1,024 workers x 256 experts (issue 25) with results identical to the first version (kept in the tests as
+    /// <c>RebalancePlannerReference</c>, which they are checked against): a change recounts only the workers whose load it
+    /// can change, each by the same ascending fold over its experts as a full recount; a candidate step touches only the
+    /// workers holding the experts it edits, and its sum of squared loads (the last tie-break, a fold over every worker) is
+    /// folded only when its max load and moves tie the best so far and the two sums are too close to tell apart from the
+    /// workers each step changes (see <c>SumSqBelow</c>).
+    /// </remarks>
     private sealed class LayerState
     {
         private readonly double[] expertLoad;
         private readonly bool[][] has;        // [expert][worker]
         private readonly int[] copies;        // per expert
+        private readonly List<int>[] holders; // per expert: its workers, ascending
         private readonly List<int>[] held;    // per worker: its experts, ascending
         private readonly double[] load;       // per worker
         private readonly int slots;
         private readonly WorkerId[] workers;
-        private readonly double[] trial;      // scratch for Evaluate
+        private readonly double[] trial;      // scratch for Evaluate: equal to load outside an evaluation
+        private readonly int[] touchedAt;     // per worker: the evaluation that last changed its trial load
+        private readonly List<int> touched = new();
+        private readonly double[] folded;     // scratch for a best step's sum of squares
+        private double? loadSumSq;
+        private int evaluation;
+        private readonly int[] byLoad;        // workers by load descending (ties: index ascending), when not stale
+        private bool byLoadStale;
+        private double maxLoad;
 
         public LayerState(IReadOnlyList<double> expertLoad, WorkerId[] workers, int slots, ExpertPlacement? today, int layer)
         {
@@ -137,9 +154,13 @@ public static class RebalancePlanner
             Mean = this.expertLoad.Sum() / w;
             has = this.expertLoad.Select(_ => new bool[w]).ToArray();
             copies = new int[this.expertLoad.Length];
+            holders = this.expertLoad.Select(_ => new List<int>()).ToArray();
             held = Enumerable.Range(0, w).Select(_ => new List<int>()).ToArray();
             load = new double[w];
             trial = new double[w];
+            folded = new double[w];
+            touchedAt = new int[w];
+            byLoad = Enumerable.Range(0, w).ToArray();
             if (today is null) return;
             var index = workers.Select((id, i) => (id, i)).ToDictionary(t => t.id, t => t.i);
             for (int e = 0; e < has.Length; e++)
@@ -149,7 +170,7 @@ public static class RebalancePlanner
         }
 
         public double Mean { get; }
-        public double MaxLoad => load.Max();
+        public double MaxLoad => maxLoad;
         public double Imbalance => Mean > 0 ? MaxLoad / Mean : 1;
 
         public IEnumerable<IEnumerable<WorkerId>> Holders()
@@ -185,11 +206,7 @@ public static class RebalancePlanner
             return moved;
         }
 
-        private void Set(int expert, int worker, bool holds)
-        {
-            has[expert][worker] = holds;
-            Recount();
-        }
+        private void Set(int expert, int worker, bool holds) => Update([new Edit(expert, worker, holds)]);
 
         /// <summary>
         /// The least loaded worker (but <paramref name="exclude"/>) that can take a copy of <paramref name="expert"/>; if
@@ -250,7 +267,8 @@ public static class RebalancePlanner
             return best;
         }
 
-        // From scratch after every change, so the loads never carry the rounding of a long chain of updates.
+        // From scratch, so the loads never carry the rounding of a long chain of updates: each worker's load is the fold of
+        // its experts' shares in ascending expert order. Update keeps exactly that for the workers a change touches.
         private void Recount()
         {
             Array.Clear(load);
@@ -258,7 +276,8 @@ public static class RebalancePlanner
             for (int e = 0; e < has.Length; e++)
             {
                 copies[e] = 0;
-                for (int w = 0; w < held.Length; w++) if (has[e][w]) copies[e]++;
+                holders[e].Clear();
+                for (int w = 0; w < held.Length; w++) if (has[e][w]) { copies[e]++; holders[e].Add(w); }
                 for (int w = 0; w < held.Length; w++)
                     if (has[e][w])
                     {
@@ -266,13 +285,74 @@ public static class RebalancePlanner
                         load[w] += expertLoad[e] / copies[e];
                     }
             }
+            Array.Copy(load, trial, load.Length);
+            Reloaded();
         }
 
-        public void Apply(Step step)
+        /// <summary>
+        /// Applies <paramref name="edits"/> in order and recounts what they can change: the edited experts' copies and
+        /// holders, the edited workers' expert lists, and the load of every worker holding an edited expert before or
+        /// after (its share changed), each folded afresh over its experts ascending, as <see cref="Recount"/> does.
+        /// </summary>
+        private void Update(Edit[] edits)
         {
-            foreach (var edit in step.Edits) has[edit.Expert][edit.Worker] = edit.Add;
-            Recount();
+            var experts = new List<int>(edits.Length);
+            var affected = new HashSet<int>();
+            foreach (var edit in edits)
+            {
+                if (!experts.Contains(edit.Expert))
+                {
+                    experts.Add(edit.Expert);
+                    affected.UnionWith(holders[edit.Expert]);
+                }
+                has[edit.Expert][edit.Worker] = edit.Add;
+            }
+            foreach (int e in experts)
+            {
+                holders[e].Clear();
+                for (int w = 0; w < held.Length; w++) if (has[e][w]) holders[e].Add(w);
+                copies[e] = holders[e].Count;
+                affected.UnionWith(holders[e]);
+            }
+            foreach (var edit in edits)
+            {
+                var list = held[edit.Worker];
+                int at = list.BinarySearch(edit.Expert);
+                if (edit.Add == has[edit.Expert][edit.Worker])   // the edit's final state (a later edit of the pair wins)
+                {
+                    if (has[edit.Expert][edit.Worker] && at < 0) list.Insert(~at, edit.Expert);
+                    else if (!has[edit.Expert][edit.Worker] && at >= 0) list.RemoveAt(at);
+                }
+            }
+            foreach (int w in affected)
+            {
+                double sum = 0;
+                foreach (int e in held[w]) sum += expertLoad[e] / copies[e];
+                load[w] = sum;
+                trial[w] = sum;
+            }
+            Reloaded();
         }
+
+        // The order by load is sorted when an evaluation needs it: a repair changes a layer many times before that.
+        private void Reloaded()
+        {
+            maxLoad = load.Length == 0 ? 0 : load.Max();
+            byLoadStale = true;
+            loadSumSq = null;
+        }
+
+        private int[] ByLoad()
+        {
+            if (byLoadStale)
+            {
+                Array.Sort(byLoad, (x, y) => load[x] != load[y] ? load[y].CompareTo(load[x]) : x.CompareTo(y));
+                byLoadStale = false;
+            }
+            return byLoad;
+        }
+
+        public void Apply(Step step) => Update(step.Edits);
 
         /// <summary>The best step that takes load off the busiest worker and moves at most <paramref name="budget"/> copies; null if none qualifies.</summary>
         public Step? BestStep(int budget)
@@ -281,15 +361,91 @@ public static class RebalancePlanner
             for (int w = 1; w < load.Length; w++) if (load[w] > load[busiest]) busiest = w;
             double ceiling = load[busiest] - MinGain * Mean;
             if (!(ceiling < load[busiest])) return null;   // nothing to gain (all loads zero)
-            Step? best = null;
-            (double Max, int Moves, double SumSq) bestScore = default;
+            // Best by (max load, moves, sum of squared loads), lowest first, the first of equals kept.
+            Best? best = null;
             foreach (var step in Candidates(busiest, ceiling))
             {
-                if (step.Moves > budget || Evaluate(step, busiest, ceiling) is not (Verdict.Ok, var score)) continue;
-                if (best is null || score.CompareTo(bestScore) < 0) (best, bestScore) = (step, score);
+                if (step.Moves > budget) continue;
+                try
+                {
+                    var (verdict, max) = Evaluate(step, busiest, ceiling);
+                    if (verdict != Verdict.Ok) continue;
+                    int order = best is null ? -1 : (max, step.Moves).CompareTo((best.Max, best.Moves));
+                    if (order > 0 || (order == 0 && !SumSqBelow(best!))) continue;
+                    best = Capture(step, max);
+                }
+                finally
+                {
+                    EndEvaluation();
+                }
             }
-            return best;
+            return best?.Step;
         }
+
+        /// <summary>The best step so far: its score, and its loads where they differ from today's (for its sum of squares).</summary>
+        private sealed class Best(Step step, double max, double delta, double magnitude, int[] workers, double[] loads)
+        {
+            public Step Step { get; } = step;
+            public double Max { get; } = max;
+            public int Moves => Step.Moves;
+            /// <summary>Its sum of squared loads minus today's, over the workers it changes, and the sum of those squares' magnitudes.</summary>
+            public double Delta { get; } = delta;
+            public double Magnitude { get; } = magnitude;
+            public int[] Workers { get; } = workers;
+            public double[] Loads { get; } = loads;
+            public double? SumSq { get; set; }
+        }
+
+        private Best Capture(Step step, double max)
+        {
+            var (delta, magnitude) = TouchedSquares();
+            return new Best(step, max, delta, magnitude, touched.ToArray(), touched.Select(w => trial[w]).ToArray());
+        }
+
+        private (double Delta, double Magnitude) TouchedSquares()
+        {
+            double delta = 0, magnitude = 0;
+            foreach (int w in touched)
+            {
+                double t2 = trial[w] * trial[w], l2 = load[w] * load[w];
+                delta += t2 - l2;
+                magnitude += t2 + l2;
+            }
+            return (delta, magnitude);
+        }
+
+        /// <summary>
+        /// True when the step being evaluated has a lower sum of squared loads than <paramref name="best"/>, the sums being
+        /// the fold over every worker in order (as the first version computed them, to the bit). The fold costs a pass over
+        /// every worker, and at 1,024 workers most candidates tie on max and moves; so the two sums are first compared by
+        /// their differences from today's over the workers each changes, and folded only when that difference is within a
+        /// bound on the folds' rounding: a fold of n squares is within n·2^-53 (relative) of the exact sum, and the margin
+        /// here is some 30 times that.
+        /// </summary>
+        private bool SumSqBelow(Best best)
+        {
+            var (delta, magnitude) = TouchedSquares();
+            double margin = 4e-15 * (load.Length + touched.Count + best.Workers.Length + 16) * (2 * LoadSumSq() + 2 * (magnitude + best.Magnitude));
+            double diff = delta - best.Delta;
+            if (diff < -margin) return true;
+            if (diff > margin) return false;
+            if (best.SumSq is null)
+            {
+                Array.Copy(load, folded, load.Length);
+                for (int i = 0; i < best.Workers.Length; i++) folded[best.Workers[i]] = best.Loads[i];
+                best.SumSq = Fold(folded);
+            }
+            return Fold(trial) < best.SumSq.Value;
+        }
+
+        private static double Fold(double[] loads)
+        {
+            double sumSq = 0;
+            for (int w = 0; w < loads.Length; w++) sumSq += loads[w] * loads[w];
+            return sumSq;
+        }
+
+        private double LoadSumSq() => loadSumSq ??= Fold(load);
 
         /// <summary>
         /// Every step that takes a copy's load off <paramref name="a"/>, in a fixed order (experts ascending, then workers):
@@ -313,7 +469,9 @@ public static class RebalancePlanner
                         {
                             var step = new Step(hop, 1);
                             yield return step;
-                            if (Evaluate(step, a, ceiling).Verdict == Verdict.Overloads)
+                            var (verdict, _) = Evaluate(step, a, ceiling);
+                            EndEvaluation();
+                            if (verdict == Verdict.Overloads)
                                 foreach (var relief in Relieve(b, e, hop))
                                     yield return relief;
                         }
@@ -351,19 +509,21 @@ public static class RebalancePlanner
         private enum Verdict { Ok, Overloads, Invalid }
 
         /// <summary>
-        /// The layer's max load, the step's moves and the sum of squared loads after <paramref name="step"/>. Ok when every slot holds and the
-        /// busiest worker and every worker it loads end at or below <paramref name="ceiling"/>; Overloads when only a worker
-        /// it loads (not the busiest) ends above; Invalid otherwise (a slot broken, an expert left without a copy).
+        /// The layer's max load after <paramref name="step"/>. Ok when every slot holds and the busiest worker and every
+        /// worker it loads end at or below <paramref name="ceiling"/>; Overloads when only a worker it loads (not the busiest)
+        /// ends above; Invalid otherwise (a slot broken, an expert left without a copy). Leaves the loads after the step in
+        /// trial (the workers it changes listed in touched) for the caller's tie-break: call <see cref="EndEvaluation"/> after.
         /// </summary>
-        private (Verdict Verdict, (double Max, int Moves, double SumSq) Score) Evaluate(Step step, int busiest, double ceiling)
+        private (Verdict Verdict, double Max) Evaluate(Step step, int busiest, double ceiling)
         {
-            // Plain loops: this runs some ten thousand times per step.
+            // Plain loops: this runs some ten thousand times per step. Only the workers holding an edited expert (before or
+            // after) change.
             var edits = step.Edits;
-            Array.Copy(load, trial, load.Length);
+            evaluation++;
             for (int i = 0; i < edits.Length; i++)
             {
                 int w = edits[i].Worker;
-                if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, default);
+                if (edits[i].Add && held[w].Count + Added(edits, w) > slots) return (Verdict.Invalid, 0);
                 int e = edits[i].Expert, after = copies[e];
                 bool first = true;
                 for (int j = 0; j < edits.Length; j++)
@@ -373,25 +533,51 @@ public static class RebalancePlanner
                         after += edits[j].Add ? 1 : -1;
                     }
                 if (!first) continue;   // each expert once
-                if (after <= 0) return (Verdict.Invalid, default);
-                for (int v = 0; v < trial.Length; v++)
+                if (after <= 0) return (Verdict.Invalid, 0);
+                foreach (int v in holders[e]) Shift(edits, e, v, after);
+                for (int j = i; j < edits.Length; j++)
                 {
-                    double before = has[e][v] ? expertLoad[e] / copies[e] : 0;
-                    double now = HasAfter(edits, e, v) ? expertLoad[e] / after : 0;
-                    // Only shares that change are touched: a worker whose share stays put keeps its load to the bit.
-                    if (now != before) trial[v] += now - before;
+                    int v = edits[j].Worker;
+                    if (edits[j].Expert != e || has[e][v] || SeenBefore(edits, j)) continue;
+                    Shift(edits, e, v, after);
                 }
             }
-            if (trial[busiest] > ceiling) return (Verdict.Invalid, default);
+            if (trial[busiest] > ceiling) return (Verdict.Invalid, 0);
             var verdict = Verdict.Ok;
-            double max = 0, sumSq = 0;
-            for (int w = 0; w < trial.Length; w++)
+            double max = 0;
+            foreach (int w in touched)
             {
                 if (trial[w] > load[w] && trial[w] > ceiling) verdict = Verdict.Overloads;
                 max = Math.Max(max, trial[w]);
-                sumSq += trial[w] * trial[w];
             }
-            return (verdict, (max, step.Moves, sumSq));
+            foreach (int w in ByLoad())
+                if (touchedAt[w] != evaluation) { max = Math.Max(max, load[w]); break; }
+            return (verdict, max);
+        }
+
+        /// <summary>Puts trial back to today's loads after an <see cref="Evaluate"/>.</summary>
+        private void EndEvaluation()
+        {
+            foreach (int w in touched) trial[w] = load[w];
+            touched.Clear();
+        }
+
+        /// <summary>Moves worker <paramref name="v"/>'s trial load by the change of its share of <paramref name="expert"/>.</summary>
+        private void Shift(Edit[] edits, int expert, int v, int after)
+        {
+            double before = has[expert][v] ? expertLoad[expert] / copies[expert] : 0;
+            double now = HasAfter(edits, expert, v) ? expertLoad[expert] / after : 0;
+            // Only shares that change are touched: a worker whose share stays put keeps its load to the bit.
+            if (now == before) return;
+            trial[v] += now - before;
+            if (touchedAt[v] != evaluation) { touchedAt[v] = evaluation; touched.Add(v); }
+        }
+
+        private static bool SeenBefore(Edit[] edits, int j)
+        {
+            for (int k = 0; k < j; k++)
+                if (edits[k].Expert == edits[j].Expert && edits[k].Worker == edits[j].Worker) return true;
+            return false;
         }
 
         private bool HasAfter(Edit[] edits, int expert, int worker)

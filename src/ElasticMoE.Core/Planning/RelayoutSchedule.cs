@@ -68,7 +68,7 @@ public static class RelayoutSchedule
         long pp = Number(layout[1], what, "pp", syntax);
         if (workers < 1) throw new FormatException($"{what}: workers must be at least 1");
         if (workers > ElasticPlanner.MaxWorkers)
-            throw new FormatException($"{what}: at most {ElasticPlanner.MaxWorkers} workers (data-plane tags carry a 7-bit rank)");
+            throw new FormatException($"{what}: at most {ElasticPlanner.MaxWorkers} workers (data-plane tags carry a 12-bit rank)");
         if (pp < 1) throw new FormatException($"{what}: pp must be at least 1");
         if (workers % pp != 0) throw new FormatException($"{what}: pp {pp} must divide workers {workers}");
         return ((int)workers, (int)pp);

@@ -36,7 +36,7 @@ public readonly record struct UnitId(UnitKind Kind, int Block = -1, int Expert =
 
     public int CompareTo(UnitId other)
     {
-        int c = Kind.CompareTo(other.Kind);
+        int c = ((int)Kind).CompareTo((int)other.Kind);   // not Enum.CompareTo(object): that boxes, and planners compare units millions of times
         if (c != 0) return c;
         c = Block.CompareTo(other.Block);
         return c != 0 ? c : Expert.CompareTo(other.Expert);

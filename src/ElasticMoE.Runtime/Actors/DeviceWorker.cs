@@ -212,7 +212,7 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
             foreach (var move in m.Moves)
             {
                 var unit = UnitId.Parse(move.Unit);
-                long tag = StepTags.UnitTransfer(m.Epoch, _context.UnitIndex(unit), move.ToRank);
+                Int128 tag = StepTags.UnitTransfer(m.Epoch, _context.UnitIndex(unit), move.ToRank);
                 if (previous is not null && previous.Workers[move.FromWorker].Id == _id)
                 {
                     if (!_context.Holds(unit)) throw new InvalidOperationException($"asked to send unit {unit}, which this worker does not hold");

@@ -79,7 +79,7 @@ public sealed class CollectiveGroup
         var maxSegment = (buffer.Length + n - 1) / n;
         var pieces = Math.Max(1, (maxSegment + chunkElements - 1) / chunkElements);
         if ((long)2 * (n - 1) * pieces > CollectiveTags.MaxSubTag + 1L)
-            throw new ArgumentException($"Buffer of {buffer.Length} floats needs more than {CollectiveTags.MaxSubTag + 1} frames; raise ChunkBytes.");
+            throw new ArgumentException($"Buffer of {buffer.Length} floats needs more than {CollectiveTags.MaxSubTag + 1L} frames; raise ChunkBytes.");
 
         var ring = new Ring(this, buffer, collectiveId, compression, chunkElements, pieces);
         await RunPiecesAsync(pieces, ring.RunPieceAsync, cancellationToken).ConfigureAwait(false);
@@ -217,7 +217,7 @@ public sealed class CollectiveGroup
         var maxSegment = (result.Length + n - 1) / n;
         var pieces = Math.Max(1, (maxSegment + chunkElements - 1) / chunkElements);
         if ((long)2 * pieces * n > CollectiveTags.MaxSubTag + 1L)
-            throw new ArgumentException($"Buffer of {result.Length} floats needs more than {CollectiveTags.MaxSubTag + 1} frames; raise ChunkBytes.");
+            throw new ArgumentException($"Buffer of {result.Length} floats needs more than {CollectiveTags.MaxSubTag + 1L} frames; raise ChunkBytes.");
 
         await RunPiecesAsync(pieces, (piece, token) => TreePieceAsync(result, partials, covers, leaves, collectiveId, chunkElements, pieces, piece, token),
             cancellationToken).ConfigureAwait(false);
@@ -239,8 +239,8 @@ public sealed class CollectiveGroup
             var start = segmentStart + (long)piece * chunkElements;
             return start >= segmentEnd ? (segmentEnd, 0) : ((int)start, (int)Math.Min(chunkElements, segmentEnd - start));
         }
-        long ReduceTag(int src) => CollectiveTags.Compose(collectiveId, piece * n + src);
-        long GatherTag(int owner) => CollectiveTags.Compose(collectiveId, pieces * n + piece * n + owner);
+        Int128 ReduceTag(int src) => CollectiveTags.Compose(collectiveId, piece * n + src);
+        Int128 GatherTag(int owner) => CollectiveTags.Compose(collectiveId, pieces * n + piece * n + owner);
 
         var (myStart, myLength) = Piece(Rank);
         var reduces = new Task<Frame>?[n];
@@ -372,7 +372,7 @@ public sealed class CollectiveGroup
         if (payloads.Count != Size) throw new ArgumentException($"Need one payload per member ({Size}), got {payloads.Count}.", nameof(payloads));
     }
 
-    private async Task<Frame[]> AllToAllCoreAsync(long collectiveId, Func<long, Frame> self, Func<int, long, CancellationToken, Task> send,
+    private async Task<Frame[]> AllToAllCoreAsync(long collectiveId, Func<Int128, Frame> self, Func<int, Int128, CancellationToken, Task> send,
         CancellationToken cancellationToken)
     {
         var results = new Frame[Size];

@@ -145,7 +145,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// <see cref="FencedTagException"/> (an <see cref="OperationCanceledException"/>).
     /// </para>
     /// </remarks>
-    public Task<Frame> ReceiveAsync(long tag, CancellationToken cancellationToken = default) =>
+    public Task<Frame> ReceiveAsync(Int128 tag, CancellationToken cancellationToken = default) =>
         _mailboxes.ReceiveAsync(tag, cancellationToken);
 
     /// <summary>
@@ -153,7 +153,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// bytes are handed to the kernel, not when the peer has read them.
     /// </summary>
     /// <param name="shape">Null = one dimension, payload length / element size.</param>
-    public Task SendAsync(string peerEndpoint, long tag, ReadOnlyMemory<byte> payload, ElementType elementType = ElementType.UInt8,
+    public Task SendAsync(string peerEndpoint, Int128 tag, ReadOnlyMemory<byte> payload, ElementType elementType = ElementType.UInt8,
         long[]? shape = null, CancellationToken cancellationToken = default)
     {
         var header = MakeHeader(tag, elementType, Compression.None, payload.Length, shape);
@@ -161,7 +161,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     }
 
     /// <summary>Sends float32 values, optionally as bfloat16 (the receiver gets float32 back either way).</summary>
-    public async Task SendAsync(string peerEndpoint, long tag, ReadOnlyMemory<float> values, long[]? shape = null,
+    public async Task SendAsync(string peerEndpoint, Int128 tag, ReadOnlyMemory<float> values, long[]? shape = null,
         Compression compression = Compression.None, CancellationToken cancellationToken = default)
     {
         if (compression is not (Compression.None or Compression.BFloat16)) throw new ArgumentOutOfRangeException(nameof(compression));
@@ -193,7 +193,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// returned task completes, so the caller must hold its own reference to the memory until then, not
     /// merely until this returns: <see cref="TensorTransfer.SendAsync"/> holds a detached alias of the tensor.
     /// </summary>
-    internal unsafe Task SendUnmanagedAsync(string peerEndpoint, long tag, void* data, long byteLength, ElementType elementType, long[] shape,
+    internal unsafe Task SendUnmanagedAsync(string peerEndpoint, Int128 tag, void* data, long byteLength, ElementType elementType, long[] shape,
         CancellationToken cancellationToken)
     {
         if (byteLength > int.MaxValue) throw new ArgumentException($"Payload of {byteLength} bytes exceeds the frame limit.");
@@ -214,7 +214,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// Only what is buffered now: a frame of the same tags still on the wire is buffered when it lands.
     /// To drop those too, raise a <see cref="Fence"/>.
     /// </remarks>
-    public int DiscardBuffered(Func<long, bool> tagFilter) => _mailboxes.Discard(tagFilter);
+    public int DiscardBuffered(Func<Int128, bool> tagFilter) => _mailboxes.Discard(tagFilter);
 
     /// <summary>
     /// Drops every frame whose tag <paramref name="isStale"/> accepts, both those buffered now and those that
@@ -236,7 +236,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
     /// when its tags can no longer be in flight, to keep the per-frame check short.
     /// </para>
     /// </remarks>
-    public TagFence Fence(Func<long, bool> isStale)
+    public TagFence Fence(Func<Int128, bool> isStale)
     {
         ObjectDisposedException.ThrowIf(Volatile.Read(ref _disposed) != 0, this);
         var (id, dropped) = _mailboxes.AddFence(isStale);
@@ -244,7 +244,7 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         return new TagFence(_mailboxes, id, dropped);
     }
 
-    private FrameHeader MakeHeader(long tag, ElementType elementType, Compression compression, long wireLength, long[]? shape)
+    private FrameHeader MakeHeader(Int128 tag, ElementType elementType, Compression compression, long wireLength, long[]? shape)
     {
         var size = ElementTypes.SizeOf(elementType);
         if (size == 0) throw new ArgumentException($"Unknown element type {elementType}.", nameof(elementType));
@@ -395,14 +395,16 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         {
             while (true)
             {
-                var got = await ReceiveFullyAsync(socket, header, token).ConfigureAwait(false);
+                var (got, prefixError) = await ReceiveHeaderAsync(socket, header, token).ConfigureAwait(false);
                 if (got == 0) return; // closed between frames: a clean goodbye
-                if (got < header.Length)
+                if (prefixError is null && got < header.Length)
                 {
                     Log(DataPlaneLogLevel.Warning, $"Data plane {Endpoint}: connection from {remote} closed inside a frame header.", null);
                     return;
                 }
-                if (!FrameHeader.TryParse(header, _options.MaxFrameBytes, out var h, out var error) || !FitsInArray(h, out error))
+                FrameHeader h = default;
+                string? error = prefixError;
+                if (error is not null || !FrameHeader.TryParse(header, _options.MaxFrameBytes, out h, out error) || !FitsInArray(h, out error))
                 {
                     Interlocked.Increment(ref _protocolErrors);
                     Log(DataPlaneLogLevel.Warning, $"Data plane {Endpoint}: closing connection from {remote}: {error}.", null);
@@ -473,6 +475,24 @@ public sealed class DataPlaneNode : IAsyncDisposable, IDisposable
         }
         error = null;
         return true;
+    }
+
+    // Fills the header buffer unless the peer closes first, checking magic and version as soon as they are in:
+    // another version's header has another size, so waiting for a whole one could hang on a short frame of a
+    // peer that then sends nothing more, instead of refusing it. Returns how much arrived and the refusal, if any.
+    private static async ValueTask<(int Got, string? PrefixError)> ReceiveHeaderAsync(Socket socket, byte[] header, CancellationToken token)
+    {
+        var total = 0;
+        while (total < header.Length)
+        {
+            var n = await socket.ReceiveAsync(header.AsMemory(total), SocketFlags.None, token).ConfigureAwait(false);
+            if (n == 0) break;
+            var before = total;
+            total += n;
+            if (before < FrameHeader.PrefixSize && total >= FrameHeader.PrefixSize && !FrameHeader.TryParsePrefix(header, out var error))
+                return (total, error);
+        }
+        return (total, null);
     }
 
     // Fills the buffer unless the peer closes first; returns how much arrived.

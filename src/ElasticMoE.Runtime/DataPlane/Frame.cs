@@ -16,7 +16,7 @@ public sealed class Frame : IDisposable
     private readonly int _length;
     private readonly FrameTally? _tally;
 
-    internal Frame(long tag, int source, ElementType elementType, long[] shape, byte[] buffer, int length, bool wasCompressed,
+    internal Frame(Int128 tag, int source, ElementType elementType, long[] shape, byte[] buffer, int length, bool wasCompressed,
         FrameTally? tally = null)
     {
         _tally = tally;
@@ -31,14 +31,14 @@ public sealed class Frame : IDisposable
     }
 
     /// <summary>A frame over a copy of <paramref name="payload"/>, for a rank's message to itself in a collective.</summary>
-    public static Frame Copy(long tag, int source, ElementType elementType, long[] shape, ReadOnlySpan<byte> payload)
+    public static Frame Copy(Int128 tag, int source, ElementType elementType, long[] shape, ReadOnlySpan<byte> payload)
     {
         var buffer = BufferPool.Rent(payload.Length);
         payload.CopyTo(buffer);
         return new Frame(tag, source, elementType, shape, buffer, payload.Length, wasCompressed: false);
     }
 
-    public long Tag { get; }
+    public Int128 Tag { get; }
 
     /// <summary>The sending node's <see cref="DataPlaneOptions.NodeId"/>.</summary>
     public int Source { get; }

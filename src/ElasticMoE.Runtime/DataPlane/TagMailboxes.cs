@@ -35,9 +35,9 @@ internal sealed class TagMailboxes
     /// is unlinked (Node null) its registration is never written again, so whoever unlinked it may read it
     /// after leaving the lock and drop it there.
     /// </remarks>
-    private sealed class Waiter(long tag, CancellationToken token) : TaskCompletionSource<Frame>(TaskCreationOptions.RunContinuationsAsynchronously)
+    private sealed class Waiter(Int128 tag, CancellationToken token) : TaskCompletionSource<Frame>(TaskCreationOptions.RunContinuationsAsynchronously)
     {
-        public long Tag { get; } = tag;
+        public Int128 Tag { get; } = tag;
         public CancellationToken Token { get; } = token;
         public LinkedListNode<Waiter>? Node;
         public CancellationTokenRegistration Registration;
@@ -50,10 +50,10 @@ internal sealed class TagMailboxes
         public void Settled() => Registration.Unregister();
     }
 
-    private sealed record Fence(long Id, Func<long, bool> IsStale);
+    private sealed record Fence(long Id, Func<Int128, bool> IsStale);
 
     private readonly object _gate = new();
-    private readonly Dictionary<long, Mailbox> _boxes = new();
+    private readonly Dictionary<Int128, Mailbox> _boxes = new();
     private readonly List<Fence> _fences = new();
     private long _nextFenceId;
     private long _bufferedBytes;
@@ -125,7 +125,7 @@ internal sealed class TagMailboxes
         if (cancelled is not null) foreach (var w in cancelled) SettleCancelled(w);
     }
 
-    public Task<Frame> ReceiveAsync(long tag, CancellationToken cancellationToken)
+    public Task<Frame> ReceiveAsync(Int128 tag, CancellationToken cancellationToken)
     {
         if (cancellationToken.IsCancellationRequested) return Task.FromCanceled<Frame>(cancellationToken);
         Pending? claimed = null;
@@ -199,7 +199,7 @@ internal sealed class TagMailboxes
         waiter.Settled();
     }
 
-    private bool IsFenced(long tag)
+    private bool IsFenced(Int128 tag)
     {
         foreach (var fence in _fences)
             if (fence.IsStale(tag)) return true;
@@ -214,7 +214,7 @@ internal sealed class TagMailboxes
     /// such tags meet the same fate until the fence is removed.
     /// </summary>
     /// <returns>The fence's id for <see cref="RemoveFence"/>, and how many buffered frames were dropped.</returns>
-    public (long Id, int Dropped) AddFence(Func<long, bool> isStale)
+    public (long Id, int Dropped) AddFence(Func<Int128, bool> isStale)
     {
         ArgumentNullException.ThrowIfNull(isStale);
         var dropped = new List<Pending>();
@@ -260,7 +260,7 @@ internal sealed class TagMailboxes
     public int FenceCount { get { lock (_gate) return _fences.Count; } }
 
     /// <summary>Drops buffered frames whose tag matches, returning their bytes to their connections.</summary>
-    public int Discard(Func<long, bool> tagFilter)
+    public int Discard(Func<Int128, bool> tagFilter)
     {
         ArgumentNullException.ThrowIfNull(tagFilter);
         var dropped = new List<Pending>();
@@ -329,8 +329,8 @@ internal sealed class TagMailboxes
 /// An <see cref="OperationCanceledException"/>, because that is what it is to the caller: its work was
 /// called off, not broken; code that already treats cancellation as "this attempt is over" handles it as such.
 /// </remarks>
-public sealed class FencedTagException(long tag)
+public sealed class FencedTagException(Int128 tag)
     : OperationCanceledException($"Data-plane tag 0x{tag:X16} is fenced: its step attempt was abandoned.")
 {
-    public long Tag { get; } = tag;
+    public Int128 Tag { get; } = tag;
 }

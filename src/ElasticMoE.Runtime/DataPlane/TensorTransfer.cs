@@ -29,7 +29,7 @@ public static class TensorTransfer
     /// an optimizer step) before the returned task completes may change what is sent. Await it first.
     /// </para>
     /// </remarks>
-    public static async Task SendAsync(this DataPlaneNode node, string peerEndpoint, long tag, Tensor tensor,
+    public static async Task SendAsync(this DataPlaneNode node, string peerEndpoint, Int128 tag, Tensor tensor,
         Compression compression = Compression.None, CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(node);
@@ -166,7 +166,7 @@ public static class TensorTransfer
         if (!tensor.is_contiguous()) throw new ArgumentException("In-place data-plane operations need a contiguous tensor.", name);
     }
 
-    private static Task SendStorageAsync(DataPlaneNode node, string peer, long tag, Tensor dense, ElementType elementType, long[] shape,
+    private static Task SendStorageAsync(DataPlaneNode node, string peer, Int128 tag, Tensor dense, ElementType elementType, long[] shape,
         CancellationToken cancellationToken)
     {
         var bytes = dense.numel() * ElementTypes.SizeOf(elementType);

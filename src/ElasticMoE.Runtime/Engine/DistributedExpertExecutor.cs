@@ -126,8 +126,8 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             for (int i = 0; i < targets.Length; i++)
             {
                 var (target, counts) = targets[i];
-                long dataTag = StepTags.Make(kindIn, fence, ordinal, microBatch, context.Worker, target);
-                long replyTag = StepTags.Make(kindOut, fence, ordinal, microBatch, context.Worker, target);
+                Int128 dataTag = StepTags.Make(kindIn, fence, ordinal, microBatch, context.Worker, target);
+                Int128 replyTag = StepTags.Make(kindOut, fence, ordinal, microBatch, context.Worker, target);
                 replies[i] = context.DataPlane.ReceiveAsync(replyTag, token);
                 sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, inputs[i].detach()));
                 messenger.Send(ordinal, target, new ExpertForward(fence, context.Worker, microBatch, counts, dataTag, replyTag, context.DataPlane.Endpoint, train));
@@ -142,8 +142,8 @@ public sealed class DistributedExpertExecutor(WorkerContext context, IShardMesse
             for (int i = 0; i < targets.Length; i++)
             {
                 int target = targets[i].Owner;
-                long dataTag = StepTags.Make(StepTags.Kind.ExpertOutputGrad, fence, ordinal, microBatch, context.Worker, target);
-                long replyTag = StepTags.Make(StepTags.Kind.ExpertInputGrad, fence, ordinal, microBatch, context.Worker, target);
+                Int128 dataTag = StepTags.Make(StepTags.Kind.ExpertOutputGrad, fence, ordinal, microBatch, context.Worker, target);
+                Int128 replyTag = StepTags.Make(StepTags.Kind.ExpertInputGrad, fence, ordinal, microBatch, context.Worker, target);
                 replies[i] = context.DataPlane.ReceiveAsync(replyTag, token);
                 sends.Add(context.DataPlane.SendAsync(Endpoint(target), dataTag, outputGrads[i].contiguous()));
                 messenger.Send(ordinal, target, new ExpertBackward(fence, context.Worker, microBatch, dataTag, replyTag, context.DataPlane.Endpoint));

@@ -332,14 +332,14 @@ public sealed class ShardEngine : IDisposable
 
     private Tensor RunExperts(Tensor x, long[] counts) => _layer.RunExperts(_experts, x, counts);
 
-    private Frame Receive(long tag, CancellationToken token)
+    private Frame Receive(Int128 tag, CancellationToken token)
     {
         var task = _ctx.DataPlane.ReceiveAsync(tag, token);
         _ctx.Wait(task, token, $"shard L{MoEOrdinal}: tokens under tag {tag:X}");
         return task.Result;
     }
 
-    private void Send(string endpoint, long tag, Tensor value, CancellationToken token)
+    private void Send(string endpoint, Int128 tag, Tensor value, CancellationToken token)
         => _ctx.Wait(_ctx.DataPlane.SendAsync(endpoint, tag, value.contiguous()), token, $"shard L{MoEOrdinal}: reply to {endpoint}");
 
     public void Dispose()

@@ -277,11 +277,11 @@ public sealed class StageEngine
     {
         int peer = NeighbourWorker(direction);
         int receiverStage = _ctx.Stage + direction;
-        long tag = StepTags.Make(kind, fence, receiverStage, m, _ctx.Worker);
+        Int128 tag = StepTags.Make(kind, fence, receiverStage, m, _ctx.Worker);
         _ctx.Wait(_ctx.DataPlane.SendAsync(_ctx.ActivePlan.Workers[peer].DataEndpoint, tag, value.detach().contiguous()), token, $"send to worker {peer}");
     }
 
-    private Frame Receive(CancellationToken token, long tag)
+    private Frame Receive(CancellationToken token, Int128 tag)
     {
         var task = _ctx.DataPlane.ReceiveAsync(tag, token);
         _ctx.Wait(task, token, "receive from a neighbouring stage");

@@ -5,22 +5,26 @@ namespace ElasticMoE.Runtime.Engine;
 
 /// <summary>
 /// Point-to-point data-plane tags of a training step and of a re-plan's unit transfers. Collective
-/// traffic (bit 62) never meets these.
+/// traffic (bit 126) never meets these.
 /// </summary>
 /// <remarks>
+/// 128-bit tags (frame version 2, see <see cref="CollectiveTags"/> for why): the upper half says which
+/// attempt of which step a frame belongs to, the lower half who sends it where.
 /// <code>
-/// bits 61..58 kind (activation, activation gradient, expert tokens, expert outputs, unit, …)
-/// bits 57..50 plan epoch (mod 256)
-/// bits 49..46 attempt (mod 16)
-/// bits 45..30 step (mod 2^16)
-/// bits 29..22 MoE layer ordinal or stage
-/// bits 21..14 micro-batch (0..255; validation batches use the eval kinds)
-/// bits 13..0  requesting worker (and, for expert traffic, owner worker in bits 13..7 / 6..0)
-/// unit transfers: bits 45..7 unit index, bits 6..0 receiving rank
+/// bits 125..122 kind (activation, activation gradient, expert tokens, expert outputs, unit, …)
+/// bits 121..114 plan epoch (mod 256)
+/// bits 113..110 attempt (mod 16)
+/// bits 109..94  step (mod 2^16)
+/// bits 45..36   MoE layer ordinal or stage (0..1023)
+/// bits 35..24   micro-batch (0..4095; validation batches use the eval kinds)
+/// bits 23..12   requesting worker (0..4095)
+/// bits 11..0    for expert traffic, the owner worker (0..4095)
+/// unit transfers: bits 42..12 unit index, bits 11..0 receiving rank
 /// </code>
 /// Tags only need to differ between messages that can be in flight together: those of one attempt (or
-/// an aborted attempt's late frames and its redo), which these fields tell apart. The limits (128
-/// workers, 256 micro-batches and layers) are checked when the config is read and the plan is made.
+/// an aborted attempt's late frames and its redo), which these fields tell apart. The limits (4,096
+/// workers, 4,096 micro-batches, 1,024 layers) are checked when the config is read and the plan is made
+/// (<c>ElasticMoEConfig</c>, <c>ElasticPlanner</c>), which use the same numbers.
 /// </remarks>
 public static class StepTags
 {
@@ -42,27 +46,32 @@ public static class StepTags
         ReplicaGradients = 13,
     }
 
-    public const int MaxWorkers = 128, MaxMicroBatches = 256, MaxLayers = 256;
+    public const int WorkerBits = 12, MicroBatchBits = 12, LayerBits = 10;
+    public const int MaxWorkers = 1 << WorkerBits, MaxMicroBatches = 1 << MicroBatchBits, MaxLayers = 1 << LayerBits;
+    private const int WorkerAShift = WorkerBits, MicroBatchShift = 2 * WorkerBits, LayerShift = MicroBatchShift + MicroBatchBits;
 
-    public static long Make(Kind kind, Fence fence, int layerOrStage, int microBatch, int workerA, int workerB = 0)
+    public static Int128 Make(Kind kind, Fence fence, int layerOrStage, int microBatch, int workerA, int workerB = 0)
     {
         if ((uint)workerA >= MaxWorkers || (uint)workerB >= MaxWorkers) throw new ArgumentOutOfRangeException(nameof(workerA), $"at most {MaxWorkers} workers");
         if ((uint)microBatch >= MaxMicroBatches) throw new ArgumentOutOfRangeException(nameof(microBatch), $"at most {MaxMicroBatches} micro-batches");
         if ((uint)layerOrStage >= MaxLayers) throw new ArgumentOutOfRangeException(nameof(layerOrStage), $"at most {MaxLayers} layers");
-        return Header(kind, fence)
-               | ((long)layerOrStage << 22)
-               | ((long)microBatch << 14)
-               | ((long)workerA << 7)
-               | (long)workerB;
+        ulong low = ((ulong)(uint)layerOrStage << LayerShift)
+                    | ((ulong)(uint)microBatch << MicroBatchShift)
+                    | ((ulong)(uint)workerA << WorkerAShift)
+                    | (uint)workerB;
+        return new Int128((ulong)Header(kind, fence), low);
     }
 
     /// <summary>The tag of one unit sent to <paramref name="toRank"/> while plan <paramref name="epoch"/> is installed.</summary>
-    public static long UnitTransfer(int epoch, int unitIndex, int toRank)
+    public static Int128 UnitTransfer(int epoch, int unitIndex, int toRank)
     {
         if ((uint)toRank >= MaxWorkers) throw new ArgumentOutOfRangeException(nameof(toRank), $"at most {MaxWorkers} workers");
-        return ((long)Kind.Unit << 58) | ((long)(epoch & 0xFF) << 50) | ((long)unitIndex << 7) | (long)toRank;
+        ArgumentOutOfRangeException.ThrowIfNegative(unitIndex);
+        long high = ((long)Kind.Unit << 58) | ((long)(epoch & 0xFF) << 50);
+        return new Int128((ulong)high, ((ulong)(uint)unitIndex << WorkerBits) | (uint)toRank);
     }
 
+    // The upper 64 bits of a step tag.
     private static long Header(Kind kind, Fence fence)
         => ((long)kind << 58)
            | ((long)(fence.Epoch & 0xFF) << 50)
@@ -74,23 +83,26 @@ public static class StepTags
     /// <paramref name="current"/>: an aborted attempt's late traffic, dropped and its buffer returned.
     /// Wrapped fields compare by signed distance, so frames of later attempts are never taken for stale.
     /// </summary>
-    public static bool IsStale(long tag, Fence current)
+    public static bool IsStale(Int128 tag, Fence current)
     {
         int epoch, attempt; long step;
         if (CollectiveTags.IsCollective(tag))
         {
-            long id = (tag & ~CollectiveTags.CollectiveFlag) >> CollectiveTags.SubTagBits;
-            // CollectiveId layout: epoch 8 | step 20 | layer 8 | phase 4 (the stage all-reduce puts the attempt in the phase).
-            attempt = (int)(id & 0xF);
-            step = (id >> 12) & 0xFFFFF;
-            epoch = (int)((id >> 32) & 0xFF);
-            return Older(epoch, step, 20, attempt, current);
+            long id = CollectiveTags.CollectiveIdOf(tag);
+            // CollectiveId layout: epoch | step | layer | phase (the stage all-reduce puts the attempt in the phase).
+            const int stepShift = CollectiveTags.PhaseBits + CollectiveTags.LayerBits;
+            const int epochShift = stepShift + CollectiveTags.StepBits;
+            attempt = (int)(id & ((1 << CollectiveTags.PhaseBits) - 1));
+            step = (id >> stepShift) & ((1L << CollectiveTags.StepBits) - 1);
+            epoch = (int)((id >> epochShift) & ((1L << CollectiveTags.EpochBits) - 1));
+            return Older(epoch, step, CollectiveTags.StepBits, attempt, current);
         }
-        var kind = (Kind)((tag >> 58) & 0xF);
+        long high = CollectiveTags.High(tag);
+        var kind = (Kind)((high >> 58) & 0xF);
         if (kind == Kind.Unit || kind == 0) return false;
-        epoch = (int)((tag >> 50) & 0xFF);
-        attempt = (int)((tag >> 46) & 0xF);
-        step = (tag >> 30) & 0xFFFF;
+        epoch = (int)((high >> 50) & 0xFF);
+        attempt = (int)((high >> 46) & 0xF);
+        step = (high >> 30) & 0xFFFF;
         return Older(epoch, step, 16, attempt, current);
     }
 

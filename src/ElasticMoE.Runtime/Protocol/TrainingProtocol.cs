@@ -307,8 +307,8 @@ public sealed record ExpertForward(
     [property: Key(1)] int Requester,
     [property: Key(2)] int MicroBatch,
     [property: Key(3)] long[] Counts,
-    [property: Key(4)] long DataTag,
-    [property: Key(5)] long ReplyTag,
+    [property: Key(4)] Int128 DataTag,
+    [property: Key(5)] Int128 ReplyTag,
     [property: Key(6)] string ReplyEndpoint,
     [property: Key(7)] bool Train) : IElasticMoEMessage;
 
@@ -318,8 +318,8 @@ public sealed record ExpertBackward(
     [property: Key(0)] Fence Fence,
     [property: Key(1)] int Requester,
     [property: Key(2)] int MicroBatch,
-    [property: Key(3)] long DataTag,
-    [property: Key(4)] long ReplyTag,
+    [property: Key(3)] Int128 DataTag,
+    [property: Key(4)] Int128 ReplyTag,
     [property: Key(5)] string ReplyEndpoint) : IElasticMoEMessage;
 
 /// <summary>Coordinator → stages and shards: report a summary of the parameters you own (end of run).</summary>

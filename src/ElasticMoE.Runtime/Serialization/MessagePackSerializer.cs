@@ -37,7 +37,7 @@ public sealed class MessagePackSerializer : SerializerWithStringManifest
         // Fail at actor-system start-up, not on the first message of the ambiguous type mid-run.
         _registry.ThrowIfConflicts();
         var resolver = CompositeResolver.Create(
-            new IMessagePackFormatter[] { new ActorRefFormatter(system) },
+            new IMessagePackFormatter[] { new ActorRefFormatter(system), Int128Formatter.Instance },
             new IFormatterResolver[] { StandardResolver.Instance });
         // UntrustedData: bounded nesting depth and collision-resistant hashing for maps read off the network.
         _options = MessagePackSerializerOptions.Standard.WithResolver(resolver).WithSecurity(MessagePackSecurity.UntrustedData);

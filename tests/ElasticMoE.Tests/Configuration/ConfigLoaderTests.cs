@@ -87,43 +87,76 @@ public class ConfigLoaderTests
         ConfigLoader.Load(null, overrides.Select(o => KeyValuePair.Create(o.Key, o.Value)));
 
     [Theory]
-    // global-batch / micro-batch: the micro-batch index in a tag has 8 bits (micro-batch is 8 by default).
-    [InlineData("train.global-batch", "2056", "", "", "elasticmoe.train.global-batch", "257 micro-batches")]
-    [InlineData("train.global-batch", "257", "train.micro-batch", "1", "elasticmoe.train.global-batch", "257 micro-batches")]
-    [InlineData("train.eval-batches", "257", "", "", "elasticmoe.train.eval-batches", "is 257")]
-    [InlineData("model.layers", "257", "", "", "elasticmoe.model.layers", "is 257")]
-    [InlineData("cluster.nodes", "65", "cluster.devices", "2", "elasticmoe.cluster.nodes", "130 workers")]
-    [InlineData("cluster.expected-nodes", "129", "", "", "elasticmoe.cluster.expected-nodes", "129 workers")]
-    [InlineData("cluster.expected-nodes", "33", "cluster.devices", "4", "elasticmoe.cluster.expected-nodes", "132 workers")]
+    // Frame version 2's tags: 12 bits for the micro-batch (or validation batch) and each worker index, 10 for the
+    // layer or stage. global-batch / micro-batch is the micro-batch count (micro-batch is 8 by default).
+    [InlineData("train.global-batch", "32776", "", "", "elasticmoe.train.global-batch", "4097 micro-batches", "4096")]
+    [InlineData("train.global-batch", "4097", "train.micro-batch", "1", "elasticmoe.train.global-batch", "4097 micro-batches", "4096")]
+    [InlineData("train.eval-batches", "4097", "", "", "elasticmoe.train.eval-batches", "is 4097", "4096")]
+    [InlineData("model.layers", "1025", "", "", "elasticmoe.model.layers", "is 1025", "1024")]
+    [InlineData("cluster.nodes", "4097", "", "", "elasticmoe.cluster.nodes", "4097 workers", "4096")]
+    [InlineData("cluster.nodes", "2049", "cluster.devices", "2", "elasticmoe.cluster.nodes", "4098 workers", "4096")]
+    [InlineData("cluster.expected-nodes", "4097", "", "", "elasticmoe.cluster.expected-nodes", "4097 workers", "4096")]
+    [InlineData("cluster.expected-nodes", "1025", "cluster.devices", "4", "elasticmoe.cluster.expected-nodes", "4100 workers", "4096")]
     public void Values_that_data_plane_tags_cannot_carry_are_refused_naming_the_key_and_the_limit(
-        string key, string value, string otherKey, string otherValue, string expectedKey, string expectedCount)
+        string key, string value, string otherKey, string otherValue, string expectedKey, string expectedCount, string limit)
     {
         var overrides = new List<(string, string)> { (key, value) };
         if (otherKey != "") overrides.Add((otherKey, otherValue));
         var ex = Assert.Throws<ConfigException>(() => With(overrides.ToArray()));
         Assert.StartsWith(expectedKey + ":", ex.Message);
         Assert.Contains(expectedCount, ex.Message);
-        Assert.Contains("at most", ex.Message);
-        Assert.Contains(key.StartsWith("cluster", StringComparison.Ordinal) ? "128" : "256", ex.Message);
+        Assert.Contains("at most " + limit, ex.Message);
+    }
+
+    [Theory]
+    // Each limit on its own, exactly at it: 4,096 micro-batches, validation batches and workers, 1,024 layers.
+    [InlineData("train.global-batch", "32768", "", "")]
+    [InlineData("train.global-batch", "4096", "train.micro-batch", "1")]
+    [InlineData("train.eval-batches", "4096", "", "")]
+    [InlineData("model.layers", "1024", "", "")]
+    [InlineData("cluster.nodes", "4096", "", "")]
+    [InlineData("cluster.nodes", "2048", "cluster.devices", "2")]
+    [InlineData("cluster.expected-nodes", "4096", "", "")]
+    [InlineData("cluster.expected-nodes", "1024", "cluster.devices", "4")]
+    public void Values_at_each_tag_limit_are_accepted(string key, string value, string otherKey, string otherValue)
+    {
+        var overrides = new List<(string, string)> { (key, value) };
+        if (otherKey != "") overrides.Add((otherKey, otherValue));
+        With(overrides.ToArray());
     }
 
     [Fact]
-    public void Values_at_the_tag_limits_are_accepted()
+    public void Values_at_the_tag_limits_are_accepted_together()
     {
-        var c = With(("train.global-batch", "2048"), ("train.eval-batches", "256"), ("model.layers", "256"),
-            ("cluster.nodes", "64"), ("cluster.devices", "2"), ("cluster.expected-nodes", "32"));
-        Assert.Equal(256, c.Train.MicroBatchesPerStep);
-        Assert.Equal(128, c.Cluster.Nodes * c.Cluster.Devices);
+        var c = With(("train.global-batch", "32768"), ("train.eval-batches", "4096"), ("model.layers", "1024"),
+            ("cluster.nodes", "2048"), ("cluster.devices", "2"), ("cluster.expected-nodes", "1024"));
+        Assert.Equal(4096, c.Train.MicroBatchesPerStep);
+        Assert.Equal(4096, c.Cluster.Nodes * c.Cluster.Devices);
+        Assert.Equal(1024, c.Model.Layers);
+    }
+
+    [Fact]
+    public void The_config_limits_are_the_ones_the_tags_carry()
+    {
+        // Two assemblies state them (Core cannot see the Runtime's tag layout): they must agree, or a run the config
+        // accepts would wrap an index in its tags and silently take the wrong micro-batch's frames.
+        Assert.Equal(ElasticMoE.Runtime.Engine.StepTags.MaxWorkers, ElasticMoEConfig.MaxWorkers);
+        Assert.Equal(ElasticMoE.Runtime.Engine.StepTags.MaxWorkers, ElasticMoE.Planning.ElasticPlanner.MaxWorkers);
+        Assert.Equal(ElasticMoE.Runtime.Engine.StepTags.MaxMicroBatches, ElasticMoEConfig.MaxMicroBatchesPerStep);
+        Assert.Equal(ElasticMoE.Runtime.Engine.StepTags.MaxMicroBatches, ElasticMoEConfig.MaxEvalBatches);
+        Assert.Equal(ElasticMoE.Runtime.Engine.StepTags.MaxLayers, ElasticMoEConfig.MaxLayers);
+        Assert.Equal(ElasticMoE.Runtime.DataPlane.CollectiveTags.MaxLayers, ElasticMoEConfig.MaxLayers);
+        Assert.Equal((4096, 4096, 1024), (ElasticMoEConfig.MaxWorkers, ElasticMoEConfig.MaxMicroBatchesPerStep, ElasticMoEConfig.MaxLayers));
     }
 
     [Fact]
     public void Tag_limits_in_a_user_file_name_the_file_too()
     {
-        var path = Write("elasticmoe.cluster { nodes = 3, devices = 64 }");
+        var path = Write("elasticmoe.cluster { nodes = 3, devices = 1366 }");
         var ex = Assert.Throws<ConfigException>(() => ConfigLoader.Load(path));
         Assert.Contains(path, ex.Message);
         Assert.Contains("elasticmoe.cluster.nodes", ex.Message);
-        Assert.Contains("192 workers", ex.Message);
+        Assert.Contains("4098 workers", ex.Message);
     }
 
     [Fact]

@@ -204,13 +204,13 @@ public sealed class CollectiveTagTests
     [Fact]
     public void Tags_of_different_collectives_and_sub_tags_never_collide()
     {
-        var seen = new HashSet<long>();
+        var seen = new HashSet<Int128>();
         for (var step = 0; step < 4; step++)
-            for (var layer = 0; layer < 4; layer++)
+            foreach (var layer in new[] { 0, 1, 255, 256, 1023 })
                 for (var phase = 0; phase < 3; phase++)
                 {
                     var id = CollectiveTags.CollectiveId(epoch: 1, step, layer, phase);
-                    foreach (var sub in new[] { 0, 1, CollectiveTags.MaxSubTag })
+                    foreach (var sub in new[] { 0, 1, 4095, 4096, CollectiveTags.MaxSubTag })
                     {
                         var tag = CollectiveTags.Compose(id, sub);
                         Assert.True(seen.Add(tag));
@@ -227,6 +227,8 @@ public sealed class CollectiveTagTests
     {
         Assert.False(CollectiveTags.IsCollective(12345));
         Assert.False(CollectiveTags.IsCollective((1L << 62) - 1));
+        Assert.False(CollectiveTags.IsCollective(long.MaxValue));
+        Assert.False(CollectiveTags.IsCollective((Int128.One << 126) - 1));
         Assert.True(CollectiveTags.Compose(CollectiveTags.MaxCollectiveId, CollectiveTags.MaxSubTag) > 0);
     }
 
@@ -234,8 +236,9 @@ public sealed class CollectiveTagTests
     public void Out_of_range_parts_are_refused()
     {
         Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.Compose(CollectiveTags.MaxCollectiveId + 1, 0));
-        Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.Compose(0, CollectiveTags.MaxSubTag + 1));
-        Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.CollectiveId(0, 0, 256, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.Compose(0, -1));
+        Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.CollectiveId(0, 0, 1024, 0));
+        Assert.NotEqual(CollectiveTags.CollectiveId(0, 0, 1023, 0), CollectiveTags.CollectiveId(0, 0, 255, 0));
         Assert.Throws<ArgumentOutOfRangeException>(() => CollectiveTags.CollectiveId(0, 0, 0, 16));
         // Epoch and step wrap instead of failing a long run.
         Assert.Equal(CollectiveTags.CollectiveId(0, 3, 0, 0), CollectiveTags.CollectiveId(256, 3 + (1L << 20), 0, 0));

@@ -16,7 +16,8 @@ public sealed class FrameHeaderTests
 
     private static FrameHeader Sample() => new()
     {
-        Tag = 0x1234_5678_9ABC_DEF0,
+        // Both halves of the 128-bit tag non-zero, so a half lost or swapped shows.
+        Tag = new Int128(0x0123_4567_89AB_CDEF, 0xFEDC_BA98_7654_3210),
         Source = 7,
         ElementType = ElementType.Float32,
         Shape = [3, 4, 5],
@@ -49,18 +50,18 @@ public sealed class FrameHeaderTests
     public static TheoryData<string, Action<byte[]>, string> Corruptions => new()
     {
         { "magic", b => b[0] ^= 0xFF, "bad magic" },
-        { "version", b => BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(4), 2), "version" },
+        { "version", b => BinaryPrimitives.WriteUInt16LittleEndian(b.AsSpan(4), 1), "version 1, this node speaks version 2" },
         { "element type", b => b[6] = 99, "element type" },
         { "compression code", b => b[7] = 7, "compression" },
         { "compressed int", b => { b[6] = (byte)ElementType.Int32; b[7] = 1; }, "compression" },
         { "too many dims", b => b[12] = 9, "dimensions" },
         { "reserved byte", b => b[14] = 1, "reserved" },
-        { "negative length", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(24), -4), "negative" },
-        { "oversize", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(24), Max + 4), "exceeds the maximum frame size" },
-        { "length vs shape", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(24), 236), "does not match" },
-        { "negative dim", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32), -3), "negative dimension" },
-        { "stray dim", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32 + 8 * 5), 1), "beyond the declared" },
-        { "overflowing shape", b => { BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32), long.MaxValue / 2); BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(40), 4); }, "does not match" },
+        { "negative length", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32), -4), "negative" },
+        { "oversize", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32), Max + 4), "exceeds the maximum frame size" },
+        { "length vs shape", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(32), 236), "does not match" },
+        { "negative dim", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(40), -3), "negative dimension" },
+        { "stray dim", b => BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(40 + 8 * 5), 1), "beyond the declared" },
+        { "overflowing shape", b => { BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(40), long.MaxValue / 2); BinaryPrimitives.WriteInt64LittleEndian(b.AsSpan(48), 4); }, "does not match" },
     };
 
     [Theory]
@@ -71,5 +72,29 @@ public sealed class FrameHeaderTests
         corrupt(bytes);
         Assert.False(FrameHeader.TryParse(bytes, Max, out _, out var error), what);
         Assert.Contains(expected, error, StringComparison.OrdinalIgnoreCase);
+    }
+
+    [Fact]
+    public void Version_2_is_104_bytes_with_the_tag_at_16_as_a_little_endian_int128()
+    {
+        var bytes = Write(Sample());
+        Assert.Equal(104, FrameHeader.Size);
+        Assert.Equal(2, BinaryPrimitives.ReadUInt16LittleEndian(bytes.AsSpan(4)));
+        Assert.Equal(0xFEDC_BA98_7654_3210UL, BinaryPrimitives.ReadUInt64LittleEndian(bytes.AsSpan(16)));
+        Assert.Equal(0x0123_4567_89AB_CDEFUL, BinaryPrimitives.ReadUInt64LittleEndian(bytes.AsSpan(24)));
+        Assert.Equal(3 * 4 * 5 * 4, BinaryPrimitives.ReadInt64LittleEndian(bytes.AsSpan(32)));
+        Assert.Equal(new long[] { 3, 4, 5, 0, 0, 0, 0, 0 },
+            Enumerable.Range(0, 8).Select(i => BinaryPrimitives.ReadInt64LittleEndian(bytes.AsSpan(40 + 8 * i))));
+    }
+
+    [Fact]
+    public void The_prefix_alone_refuses_another_version_naming_both()
+    {
+        var bytes = Write(Sample());
+        Assert.True(FrameHeader.TryParsePrefix(bytes.AsSpan(0, FrameHeader.PrefixSize), out var none), none);
+        BinaryPrimitives.WriteUInt16LittleEndian(bytes.AsSpan(4), 1);
+        Assert.False(FrameHeader.TryParsePrefix(bytes.AsSpan(0, FrameHeader.PrefixSize), out var error));
+        Assert.Contains("version 1", error);
+        Assert.Contains("version 2", error);
     }
 }

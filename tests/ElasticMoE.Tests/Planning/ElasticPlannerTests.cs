@@ -164,12 +164,13 @@ public class ElasticPlannerTests
         Assert.Contains("must divide", Refusal(() => ElasticPlanner.Next(null, four, 4, 3, model, 0)));
         Assert.Contains("must divide", Refusal(() => ElasticPlanner.Next(null, four, 4, 0, model, 0)));
         Assert.Contains("exceeds the number of layers", Refusal(() => ElasticPlanner.Next(null, four, 4, 4, model, 0)));
-        Assert.Contains("7-bit rank", Refusal(() => ElasticPlanner.Next(null, Workers(130), 129, 1, model, 0)));
+        Assert.Contains("at most 4096 workers (data-plane tags carry a 12-bit rank)",
+            Refusal(() => ElasticPlanner.Next(null, Workers(4098), 4097, 1, model, 0)));
         var twice = new[] { Slot("a"), Slot("b"), Slot("a") };
         Assert.Contains("more than once", Refusal(() => ElasticPlanner.Next(null, twice, 2, 1, model, 0)));
         var otherModel = ElasticPlanner.Next(null, four, 4, 1, SmallModel(layers: 3, experts: 4), 0);
         Assert.Contains("different model", Refusal(() => ElasticPlanner.Next(otherModel, four, 4, 1, model, 1)));
-        Assert.Equal(128, ElasticPlanner.Next(null, Workers(128), 128, 1, model, 0).WorldSize);
+        Assert.Equal(4096, ElasticPlanner.Next(null, Workers(4096), 4096, 1, model, 0).WorldSize);
     }
 
     [Fact]

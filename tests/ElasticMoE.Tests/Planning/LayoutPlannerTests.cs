@@ -84,32 +84,35 @@ public class LayoutPlannerTests
     [Fact]
     public void Step_tags_differ_in_every_field_and_stay_below_the_collective_range()
     {
-        var tags = new HashSet<long>();
+        var tags = new HashSet<Int128>();
         foreach (var kind in Enum.GetValues<StepTags.Kind>().Where(k => k != StepTags.Kind.Unit))
             for (int epoch = 0; epoch < 2; epoch++)
                 for (long step = 0; step < 3; step++)
                     for (int attempt = 0; attempt < 2; attempt++)
-                        for (int layer = 0; layer < 3; layer++)
-                            for (int m = 0; m < 3; m++)
-                                for (int a = 0; a < 3; a++)
-                                    for (int b = 0; b < 2; b++)
+                        foreach (int layer in new[] { 0, 1, 255, 256, 1023 })
+                            foreach (int m in new[] { 0, 1, 255, 256, 4095 })
+                                foreach (int a in new[] { 0, 1, 127, 128, 4095 })
+                                    foreach (int b in new[] { 0, 128, 4095 })
                                     {
-                                        long t = StepTags.Make(kind, new Fence(epoch, step, attempt), layer, m, a, b);
+                                        Int128 t = StepTags.Make(kind, new Fence(epoch, step, attempt), layer, m, a, b);
                                         Assert.True(t >= 0 && !ElasticMoE.Runtime.DataPlane.CollectiveTags.IsCollective(t));
                                         Assert.True(tags.Add(t), $"tag collision at {kind} e{epoch} s{step} a{attempt} l{layer} m{m} {a}->{b}");
                                     }
-        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 0, 200));
-        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 256, 0));
-        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 256, 0, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 0, 4096));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 0, 0, 4096));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 0, 4096, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.Make(StepTags.Kind.Activation, default, 1024, 0, 0));
+        Assert.Throws<ArgumentOutOfRangeException>(() => StepTags.UnitTransfer(0, 0, 4096));
+        Assert.NotEqual(StepTags.UnitTransfer(0, 1, 4095), StepTags.UnitTransfer(0, 2, 0));
     }
 
     [Fact]
     public void Frames_of_older_attempts_are_stale_and_later_ones_never_are()
     {
         var now = new Fence(3, 70000, 2);   // the step wraps in the tag (16 bits): compared by signed distance
-        long Tag(Fence f) => StepTags.Make(StepTags.Kind.ExpertTokens, f, 1, 2, 3, 4);
-        long Coll(Fence f) => ElasticMoE.Runtime.DataPlane.CollectiveTags.Compose(
-            ElasticMoE.Runtime.DataPlane.CollectiveTags.CollectiveId(f.Epoch, f.Step, 0, f.Attempt & 0xF), 5);
+        Int128 Tag(Fence f) => StepTags.Make(StepTags.Kind.ExpertTokens, f, 1000, 4000, 3000, 4095);
+        Int128 Coll(Fence f) => ElasticMoE.Runtime.DataPlane.CollectiveTags.Compose(
+            ElasticMoE.Runtime.DataPlane.CollectiveTags.CollectiveId(f.Epoch, f.Step, 1023, f.Attempt & 0xF), 5);
         foreach (var older in new[] { now with { Attempt = 1 }, now with { Attempt = 0 }, now with { Step = now.Step - 1, Attempt = 7 }, now with { Epoch = 2, Step = now.Step + 5 } })
         {
             Assert.True(StepTags.IsStale(Tag(older), now), $"{older} should be stale under {now}");

@@ -23,6 +23,7 @@ public class RelayoutScheduleTests
     [InlineData("1=1x1", 1, 1, 1)]
     [InlineData(" 5 = 6X3 ", 5, 6, 3)]
     [InlineData("10000000000=128x64", 10_000_000_000L, 128, 64)]
+    [InlineData("10=4096x8", 10, 4096, 8)]
     public void Single_points_parse_with_spaces_and_either_x(string text, long step, int workers, int pp)
         => Assert.Equal(new RelayoutPoint(step, workers, pp), Assert.Single(RelayoutSchedule.Parse(text)));
 
@@ -44,7 +45,7 @@ public class RelayoutScheduleTests
     [InlineData("0=4x2", "step must be at least 1")]
     [InlineData("-3=4x2", "step must be at least 1")]
     [InlineData("10=0x1", "workers must be at least 1")]
-    [InlineData("10=129x1", "at most 128 workers")]
+    [InlineData("10=4097x1", "at most 4096 workers")]
     [InlineData("10=4x0", "pp must be at least 1")]
     [InlineData("10=4x-2", "pp must be at least 1")]
     [InlineData("10=4x3", "pp 3 must divide workers 4")]

@@ -54,6 +54,21 @@ public sealed class MessagePackSerializerTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void Expert_requests_carry_their_128_bit_data_plane_tags_whole()
+    {
+        // Tags of a worker, micro-batch and layer beyond the old 7- and 8-bit fields: both halves must survive.
+        var fence = new Fence(3, 70_000, 2);
+        var data = ElasticMoE.Runtime.Engine.StepTags.Make(ElasticMoE.Runtime.Engine.StepTags.Kind.ExpertTokens, fence, 1023, 4095, 200, 4095);
+        var reply = ElasticMoE.Runtime.Engine.StepTags.Make(ElasticMoE.Runtime.Engine.StepTags.Kind.ExpertOutputs, fence, 257, 300, 4095, 0);
+        Assert.NotEqual(0UL, (ulong)(data >> 64));
+        var forward = RoundTrip(new ExpertForward(fence, 200, 300, [1, 2], data, reply, "127.0.0.1:1", true));
+        Assert.Equal(data, forward.DataTag);
+        Assert.Equal(reply, forward.ReplyTag);
+        var backward = RoundTrip(new ExpertBackward(fence, 200, 300, reply, data, "127.0.0.1:1"));
+        Assert.Equal((reply, data), (backward.DataTag, backward.ReplyTag));
+    }
+
+    [Fact]
     public void The_shell_control_messages_round_trip_under_their_manifests()
     {
         var command = new ShellControlCommand("relayout", ["2", "1"], "t0k");
