@@ -60,6 +60,7 @@ public static class Program
         root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
         root.Subcommands.Add(InferenceCommands.Generate(stdout, stderr));
         root.Subcommands.Add(InferenceCommands.Eval(stdout, stderr));
+        root.Subcommands.Add(DataCommands.Create(stdout, stderr));
         var shell = ShellCommand.Create(stdout, stderr);
         root.Subcommands.Add(shell);
         var parse = root.Parse(args);
@@ -121,7 +122,7 @@ public sealed class RunConfigOptions
     public Option<FileInfo?> Config { get; } = new("--config", "-c") { Description = "HOCON file laid over hocon/elasticmoe.conf" };
     public Option<int?> Steps { get; } = Positive("--steps", "optimizer steps to run");
     public Option<long?> Seed { get; } = new("--seed") { Description = "seed of the run (parameters and batches)" };
-    public Option<string?> Data { get; } = new("--data") { Description = "text file to train on (default: the embedded corpus)" };
+    public Option<string?> Data { get; } = new("--data") { Description = "text file, or directory of token shards from `data prepare`, to train on (default: the embedded corpus)" };
     public Option<int?> Threads { get; } = NonNegative("--threads", "libtorch threads (0 = all cores)");
     public Option<string?> Device { get; } = new("--device") { Description = "cpu or cuda:N" };
     public Option<double?> TimeLimit { get; } = new("--time-limit") { Description = "stop after this many seconds (0 = no limit)" };
