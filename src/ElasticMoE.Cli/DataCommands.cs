@@ -50,7 +50,12 @@ public static class DataCommands
             if (!File.Exists(f)) throw new FileNotFoundException($"data file not found: {f}", f);
         long total = files.Sum(f => new FileInfo(f).Length);
         stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"data prepare: {files.Length} file(s), {total / 1e6:F1} MB, {tokenizer.Name} tokens into {outDir}, {shardTokens} tokens per shard"));
-        var r = TokenShards.Prepare(tokenizer, outDir, files, shardTokens);
+        PrepareResult r;
+        using (var progress = Progress.Start(stdout, "data prepare", total, "B"))
+        {
+            r = TokenShards.Prepare(tokenizer, outDir, files, shardTokens, progress: progress.Report);
+            progress.Done();
+        }
         var ix = r.Index;
         stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"{ix.TotalTokens:N0} tokens ({ix.TokenBytes * 8}-bit) in {ix.Shards.Count} shard(s) from {ix.SourceBytes:N0} bytes in {r.Seconds:F1} s: " +
@@ -61,7 +66,13 @@ public static class DataCommands
     private static int Verify(string dir, TextWriter stdout)
     {
         var clock = System.Diagnostics.Stopwatch.StartNew();
-        var ix = TokenShards.Verify(dir);
+        var listed = ShardIndex.Read(dir);
+        ShardIndex ix;
+        using (var progress = Progress.Start(stdout, "data verify", listed.TotalTokens * listed.TokenBytes, "B"))
+        {
+            ix = TokenShards.Verify(dir, progress.Report);
+            progress.Done();
+        }
         stdout.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"ok: {ix.Shards.Count} shard(s), {ix.TotalTokens:N0} {ix.Tokenizer} tokens, every SHA-256 matches ({clock.Elapsed.TotalSeconds:F1} s)"));
         return Program.ExitCodes.Ok;

@@ -203,9 +203,10 @@ public static class DefaultCorpus
     private static readonly string[] Times = ["at dawn", "at noon", "in the evening", "at night", "in the morning", "after the rain"];
     private static readonly string[] Items = ["apples", "candles", "ropes", "lanterns", "books", "coins", "loaves", "shells"];
 
-    public static byte[] Generate(int targetBytes = 600_000)
+    /// <summary>The text; another <paramref name="seed"/> gives other text of the same grammar (the embedded corpus is the default seed's).</summary>
+    public static byte[] Generate(int targetBytes = 600_000, ulong seed = 0xE1A571C0UL)
     {
-        var rng = new SplitMix64(0xE1A571C0UL);
+        var rng = new SplitMix64(seed);
         var sb = new StringBuilder(targetBytes + 256);
         string Pick(string[] a) => a[rng.NextInt(a.Length)];
         while (sb.Length < targetBytes)
