@@ -135,6 +135,22 @@ public class TokenShardTests
     }
 
     [Fact]
+    public void Train_takes_a_shard_directory_as_its_data_and_names_a_tokenizer_mismatch()
+    {
+        var dir = Prepared(size: 20_000, shardTokens: 3000);
+        string[] small = [.. TestSupport.SetArguments(TestSupport.SmallSettings(("train.eval-every", "2")))];
+        var (stdout, stderr) = (new StringWriter(), new StringWriter());
+        Assert.Equal(0, ElasticMoE.Cli.Program.Run(["train", "--single-process", "--data", dir, "--steps", "2", .. small], stdout, stderr));
+        Assert.Contains("on s (", stdout.ToString());   // the shard directory's name, its train / validation tokens after it
+        Assert.Contains("step     2/2", stdout.ToString());
+
+        (stdout, stderr) = (new StringWriter(), new StringWriter());
+        Assert.Equal(2, ElasticMoE.Cli.Program.Run(["train", "--single-process", "--data", dir, "--steps", "2", .. small, "--set", "data.tokenizer=gpt2"], stdout, stderr));
+        Assert.Contains("the shards are bytes tokens", stderr.ToString());
+        Assert.Contains("data.tokenizer is gpt2", stderr.ToString());
+    }
+
+    [Fact]
     public void The_fingerprint_covers_the_index_and_the_split()
     {
         var (a, b) = (Prepared(), Prepared());
