@@ -151,6 +151,30 @@ public class TokenShardTests
     }
 
     [Fact]
+    public void The_data_bench_suite_reports_its_figures_and_removes_its_corpus()
+    {
+        var json = Path.Combine(TestSupport.TempDir(), "bench.json");
+        var (stdout, stderr) = (new StringWriter(), new StringWriter());
+        int code = ElasticMoE.Cli.Program.Run(["bench", "--suite", "data", "--corpus-gib", "0.002", "--steps", "12", "--json", json,
+            .. TestSupport.SetArguments(TestSupport.SmallSettings())], stdout, stderr);
+        Assert.True(code == 0, stderr.ToString());
+        var output = stdout.ToString();
+        Assert.DoesNotContain('\u001b', output);
+        var root = System.Text.RegularExpressions.Regex.Match(output, @"corpus in (\S+),").Groups[1].Value;
+        Assert.StartsWith(Path.GetTempPath(), root);
+        Assert.False(Directory.Exists(root), $"{root} is removed at the end");
+        using var doc = System.Text.Json.JsonDocument.Parse(File.ReadAllText(json));
+        var figures = doc.RootElement.EnumerateArray().ToDictionary(f => f.GetProperty("Name").GetString()!, f => f);
+        Assert.True(figures["data prepare rate"].GetProperty("Value").GetDouble() > 0);
+        Assert.True(figures["data path per step"].GetProperty("BaselineValue").GetDouble() > 0, "the training step, same run");
+        if (OperatingSystem.IsLinux())
+        {
+            Assert.True(figures["RssAnon at step 12"].GetProperty("Value").GetDouble() > 0);
+            Assert.True(figures["RssAnon at step 12"].GetProperty("BaselineValue").GetDouble() > 0, "RssAnon at step 10");
+        }
+    }
+
+    [Fact]
     public void The_fingerprint_covers_the_index_and_the_split()
     {
         var (a, b) = (Prepared(), Prepared());
