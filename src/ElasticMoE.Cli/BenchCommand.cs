@@ -14,14 +14,15 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace", "planners"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace", "planners", "data"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
     /// rather than figures), moe-race and mla-race (minutes of training), hosts (needs root and network namespaces), trace
-    /// (minutes of a replayed availability trace) and planners (a minute of pure planning at up to 1,024 workers).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace" or "planners")).ToArray();
+    /// (minutes of a replayed availability trace), planners (a minute of pure planning at up to 1,024 workers) and data
+    /// (GiB of disk and minutes of preparing and training).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace" or "planners" or "data")).ToArray();
 
-    public static Command Create(TextWriter stdout, TextWriter stderr)
+    public static Command Create(TextWriter console, TextWriter stderr)
     {
         var cfg = new RunConfigOptions();
         var suite = new Option<string[]>("--suite") { Description = $"which figures: {string.Join(", ", Suites)} (default: all)", AllowMultipleArgumentsPerToken = true };
@@ -41,6 +42,15 @@ public static class BenchCommand
         var maxNodes = RunConfigOptions.Positive("--max-nodes", "trace suite: node processes at the trace's peak (default 4)");
         var notice = new Option<double?>("--notice") { Description = "trace suite: probability that a removal is a 5 s preemption notice rather than a SIGKILL (default 0.5)" };
         notice.Validators.Add(r => { if (r.GetValueOrDefault<double?>() is { } v && !(v is >= 0 and <= 1)) r.AddError($"--notice is a probability in [0, 1], got {v}"); });
+        var corpusGib = new Option<double>("--corpus-gib") { Description = "data suite: size of the generated corpus in GiB (default 2; --steps sets the training steps, default 1000)", DefaultValueFactory = _ => 2.0 };
+        corpusGib.Validators.Add(r =>
+        {
+            try
+            {
+                if (r.GetValueOrDefault<double>() is not > 0) r.AddError("--corpus-gib must be positive");
+            }
+            catch (InvalidOperationException) { }
+        });
         var measure = new Option<string?>("--measure") { Description = "internal: measure one cluster mode in this process", Hidden = true };
         measure.AcceptOnlyFromAmong(Enum.GetNames<ClusterBenchmarks.Mode>());
         var cmd = new Command("bench", "measure tokens/s, MFU, tensor leaks (and, with a cluster, its overheads)");
@@ -50,7 +60,7 @@ public static class BenchCommand
         cmd.Options.Add(benchSteps);
         cmd.Options.Add(rounds);
         cmd.Options.Add(measure);
-        foreach (var o in new Option[] { raceSeconds, kills, events, torchrunReps, peer, logs, trace, speed, maxNodes, notice }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { raceSeconds, kills, events, torchrunReps, peer, logs, trace, speed, maxNodes, notice, corpusGib }) cmd.Options.Add(o);
         cmd.SetAction(p => Program.Guard(stderr, () =>
         {
             var chosen = p.GetValue(suite) is { Length: > 0 } s ? s : DefaultSuites;
@@ -65,10 +75,21 @@ public static class BenchCommand
             {
                 // A child of `bench --suite cluster`: measure one mode, print one machine-readable line.
                 var m = ClusterBenchmarks.MeasureAsync(Enum.Parse<ClusterBenchmarks.Mode>(mode), config, corpus, steps).GetAwaiter().GetResult();
-                stdout.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {m.TokensPerSecond:R} {m.PageFaultsPerStep:R}"));
+                console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"MEASURED {mode} {m.TokensPerSecond:R} {m.PageFaultsPerStep:R}"));
                 return Program.ExitCodes.Ok;
             }
-            if (chosen.Contains("train"))
+            // A bar over the suites on a terminal (each suite's lines above it), a line per suite elsewhere.
+            using var suites = Progress.Start(console, "bench", chosen.Length, "suites");
+            var stdout = suites.Writer;
+            int started = 0;
+            bool Suite(string name)
+            {
+                if (!chosen.Contains(name)) return false;
+                suites.Label = $"bench ({name})";
+                suites.Report(started++);
+                return true;
+            }
+            if (Suite("train"))
             {
                 stdout.WriteLine($"train: {steps} timed steps of the configured model on {corpus.Name}, {TorchSharp.torch.get_num_threads()} threads ...");
                 var r = TrainingBenchmarks.Throughput(config, corpus, steps);
@@ -76,7 +97,7 @@ public static class BenchCommand
                 figures.Add(new("model FLOP/s", r.ModelFlops, "FLOP/s", "fp32 GEMM peak 1024^3", r.GemmPeakFlops));
                 figures.Add(new("MFU", r.Mfu, "fraction"));
             }
-            if (chosen.Contains("moe"))
+            if (Suite("moe"))
             {
                 int n = p.GetValue(rounds) ?? 5;
                 var dense = MoEBenchmarks.DenseEquivalent(config).Model;
@@ -97,7 +118,7 @@ public static class BenchCommand
                 figures.Add(new("MoE tokens/s (default kernel)", g.TokensPerSecond[moe], "tok/s", "dense, equal active FFN", g.TokensPerSecond[dn]));
                 figures.Add(new("MoE tokens/s (per-expert loop)", l.TokensPerSecond[loop], "tok/s", "dense, equal active FFN", l.TokensPerSecond[dn]));
             }
-            if (chosen.Contains("moe-race"))
+            if (Suite("moe-race"))
             {
                 int seconds = p.GetValue(raceSeconds) ?? 240;
                 var dense = MoEBenchmarks.DenseEquivalent(config).Model;
@@ -109,7 +130,7 @@ public static class BenchCommand
                 figures.Add(new($"MoE validation loss after {seconds} s", lastMoE.ValidationLoss, "nats/byte", "dense, same training time", lastDense.ValidationLoss));
                 figures.Add(new($"MoE steps in {seconds} s", lastMoE.Step, "steps", "dense, same training time", lastDense.Step));
             }
-            if (chosen.Contains("mla-race"))
+            if (Suite("mla-race"))
             {
                 int seconds = p.GetValue(raceSeconds) ?? 240;
                 var m = AttentionBenchmarks.With(config, AttentionKind.Mla).Model;
@@ -127,7 +148,7 @@ public static class BenchCommand
                 figures.Add(new($"MLA steps in {seconds} s", mla.Curve[^1].Step, "steps", "MHA, same training time", mha.Curve[^1].Step));
                 figures.Add(new("MLA K/V cache elements per token and layer", mla.KvElementsPerToken, "elements", "MHA (2 x heads x head-dim)", mha.KvElementsPerToken));
             }
-            if (chosen.Contains("leak"))
+            if (Suite("leak"))
             {
                 stdout.WriteLine("leak: live tensors across 200 training steps (with evaluations) ...");
                 var small = config with { Model = config.Model with { DModel = 64, Layers = 2, Context = 32, DenseHidden = 96, MoE = config.Model.MoE with { ExpertHidden = 32 } } };
@@ -135,7 +156,7 @@ public static class BenchCommand
                 figures.Add(new("live tensors after 200 steps", r.LiveAfter, "tensors", "live tensors before", r.LiveBefore));
                 figures.Add(new("working set after 200 steps", r.ProcessBytesAfter / 1048576.0, "MiB", "working set before", r.ProcessBytesBefore / 1048576.0));
             }
-            if (chosen.Contains("cluster"))
+            if (Suite("cluster"))
             {
                 int n = p.GetValue(rounds) ?? 5;
                 stdout.WriteLine($"cluster: {steps} timed steps each, single-process loop vs 1 node vs 2 nodes (loopback TCP), each in its own process, {n} interleaved rounds ...");
@@ -160,13 +181,13 @@ public static class BenchCommand
                 figures.Add(new("P3 tokens/s, 2 nodes", p3[two].TokensPerSecond, "tok/s", "1 node", p3[one].TokensPerSecond));
                 figures.Add(new("page faults per step, 1 node", faults[one].PageFaultsPerStep, "faults", "single-process loop", faults[single].PageFaultsPerStep));
             }
-            if (chosen.Contains("dataplane"))
+            if (Suite("dataplane"))
             {
                 stdout.WriteLine("dataplane: 1, 16 and 64 MiB tensors, data plane vs a raw loopback socket ...");
                 foreach (var r in Runtime.DataPlane.DataPlaneBenchmark.RunAsync([1, 16, 64], 10).GetAwaiter().GetResult())
                     figures.Add(new($"P2 data plane {r.SizeMb} MiB", r.DataPlaneMBps, "MiB/s", "raw loopback TCP socket", r.RawSocketMBps));
             }
-            if (chosen.Contains("replan"))
+            if (Suite("replan"))
             {
                 stdout.WriteLine($"replan: 3 in-process nodes, 70 steps, re-layouts {ReplanBenchmark.Schedule} ...");
                 var r = ReplanBenchmark.Run(config, corpus, stdout);
@@ -179,14 +200,16 @@ public static class BenchCommand
                 foreach (var (kind, bytes) in r.UnitBytesByKind.OrderBy(kv => kv.Key))
                     figures.Add(new($"unit size: {kind}", bytes / 1024.0, "KiB"));
             }
-            if (chosen.Contains("placement"))
+            if (Suite("placement"))
                 figures.AddRange(Placement(stdout));
-            if (chosen.Contains("planners"))
+            if (Suite("planners"))
                 figures.AddRange(PlannerBenchmarks.Run(stdout));
-            if (chosen.Contains("rebalance"))
+            if (Suite("rebalance"))
                 figures.AddRange(RebalanceBenchmarks.Run(config, corpus, p.GetValue(cfg.Steps) ?? 60, stdout));
+            if (Suite("data"))
+                figures.AddRange(DataBenchmark.Run(config, p.GetValue(corpusGib), p.GetValue(cfg.Steps) ?? 1000, stdout));
             bool ok = true;
-            if (chosen.Contains("canonical"))
+            if (Suite("canonical"))
             {
                 int n = p.GetValue(cfg.Steps) ?? 1000;
                 stdout.WriteLine($"canonical: {n} steps of the configured model, the single-process loop vs in-process clusters at " +
@@ -203,25 +226,25 @@ public static class BenchCommand
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
                 var dir = p.GetValue(logs) ?? Path.Combine(Path.GetTempPath(), $"elasticmoe-bench-{DateTime.Now:yyyyMMdd-HHmmss}");
-                if (chosen.Contains("redundancy"))
+                if (Suite("redundancy"))
                 {
                     var (f, good) = RecoveryBenchmarks.Redundancy(childArgs, p.GetValue(rounds) ?? 4, p.GetValue(benchSteps) ?? 50, Path.Combine(dir, "redundancy"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("recovery"))
+                if (Suite("recovery"))
                 {
                     var (f, good) = RecoveryBenchmarks.Recovery(childArgs, p.GetValue(kills) ?? 10, p.GetValue(torchrunReps) ?? 3, p.GetValue(peer), Path.Combine(dir, "recovery"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("chaos"))
+                if (Suite("chaos"))
                 {
                     var (f, good) = ChaosBenchmark.Run(childArgs, p.GetValue(events) ?? 20, p.GetValue(cfg.Steps) ?? 300, Path.Combine(dir, "chaos"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("trace"))
+                if (Suite("trace"))
                 {
                     var file = p.GetValue(trace) ?? FindDefaultTrace()
                                ?? throw new ElasticMoE.Configuration.ConfigException($"--trace: no trace given and {DefaultTrace} was not found above {Environment.CurrentDirectory}");
@@ -230,7 +253,7 @@ public static class BenchCommand
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("hosts"))
+                if (Suite("hosts"))
                 {
                     var (f, good) = HostBenchmarks.SilentLoss(childArgs, p.GetValue(kills) ?? 10, Path.Combine(dir, "hosts"), stdout);
                     figures.AddRange(f);
@@ -239,19 +262,20 @@ public static class BenchCommand
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("shell"))
+                if (Suite("shell"))
                 {
                     var (f, good) = ShellBenchmarks.Latency(childArgs, p.GetValue(cfg.Steps) ?? 100000, Path.Combine(dir, "shell"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
-                if (chosen.Contains("checkpoint"))
+                if (Suite("checkpoint"))
                 {
                     var (f, good) = CheckpointBenchmarks.Checkpoint(config, childArgs, p.GetValue(rounds) ?? 3, p.GetValue(cfg.Steps) ?? 150, Path.Combine(dir, "checkpoint"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }
             }
+            suites.Done();
             Print(stdout, figures);
             if (p.GetValue(json) is { } path)
                 File.WriteAllText(path, JsonSerializer.Serialize(figures.Select(f => new { f.Name, f.Value, f.Unit, f.Baseline, f.BaselineValue, f.Ratio }), new JsonSerializerOptions { WriteIndented = true }));

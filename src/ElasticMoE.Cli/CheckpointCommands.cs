@@ -75,13 +75,18 @@ public static class CheckpointCommands
         var contents = store.Log.Read();
         int bad = contents.Problems.Count;
         foreach (var problem in contents.Problems) stderr.WriteLine($"bad: {FileCommitLog.FileName}: {problem}");
-        foreach (var c in store.List())
+        var committed = store.List();
+        using var progress = Progress.Start(stdout, "checkpoints verify", committed.Count, "checkpoints");
+        int done = 0;
+        foreach (var c in committed)
         {
             var problems = store.Verify(c);
-            if (problems.Count == 0) stdout.WriteLine($"ok   step {c.Step} ({c.Directory})");
+            if (problems.Count == 0) progress.Writer.WriteLine($"ok   step {c.Step} ({c.Directory})");
             foreach (var problem in problems) stderr.WriteLine($"bad: step {c.Step}: {problem}");
             bad += problems.Count;
+            progress.Report(++done);
         }
+        progress.Done();
         if (bad == 0) return Program.ExitCodes.Ok;
         stderr.WriteLine($"error: {bad} problem(s) in {store.Root}");
         return Program.ExitCodes.BadInput;

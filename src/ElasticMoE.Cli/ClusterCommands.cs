@@ -119,7 +119,7 @@ public static class NodeCommand
             var config = cfg.Build(p, extra);
             if (config.Cluster.SeedNodes.Count == 0)
                 throw new ConfigException("elasticmoe node needs the coordinator's address: --seed-node akka.tcp://elasticmoe@HOST:PORT");
-            var corpus = TextCorpus.Load(config);
+            using var corpus = TextCorpus.Load(config);   // a shard directory stays mapped until the node ends
             using var endpoint = Program.StartMetrics(config, stdout);   // data-plane bytes and the process's own figures
             var (handOverBudget, hardDeadline) = Budgets(p.GetValue(notice));
             using var signals = new StopSignals(stderr, p.GetValue(notice) is { } n

@@ -60,6 +60,7 @@ public static class Program
         root.Subcommands.Add(PlotCommand.Create(stdout, stderr));
         root.Subcommands.Add(InferenceCommands.Generate(stdout, stderr));
         root.Subcommands.Add(InferenceCommands.Eval(stdout, stderr));
+        root.Subcommands.Add(DataCommands.Create(stdout, stderr));
         var shell = ShellCommand.Create(stdout, stderr);
         root.Subcommands.Add(shell);
         var parse = root.Parse(args);
@@ -121,7 +122,7 @@ public sealed class RunConfigOptions
     public Option<FileInfo?> Config { get; } = new("--config", "-c") { Description = "HOCON file laid over hocon/elasticmoe.conf" };
     public Option<int?> Steps { get; } = Positive("--steps", "optimizer steps to run");
     public Option<long?> Seed { get; } = new("--seed") { Description = "seed of the run (parameters and batches)" };
-    public Option<string?> Data { get; } = new("--data") { Description = "text file to train on (default: the embedded corpus)" };
+    public Option<string?> Data { get; } = new("--data") { Description = "text file, or directory of token shards from `data prepare`, to train on (default: the embedded corpus)" };
     public Option<int?> Threads { get; } = NonNegative("--threads", "libtorch threads (0 = all cores)");
     public Option<string?> Device { get; } = new("--device") { Description = "cpu or cuda:N" };
     public Option<double?> TimeLimit { get; } = new("--time-limit") { Description = "stop after this many seconds (0 = no limit)" };
@@ -264,23 +265,27 @@ public static class TrainCommand
                 if (p.GetValue(save) is not null || p.GetValue(resume) is not null)
                     throw new ConfigException("--save and --resume belong to --single-process; a cluster run keeps its checkpoints in --run-dir DIR");
                 config = config with { RunDirectory = p.GetValue(runDir) };
-                var data = TextCorpus.Load(config);
-                return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr,
-                    metricsPath => ClusterTrain.Run(config, data, metricsPath, stdout, stderr, observer));
+                using var data = TextCorpus.Load(config);
+                var (clusterConsole, clusterObserver, clusterBar) = TrainingProgress.For(stdout, config.Train.Steps, observer);
+                using (clusterBar)
+                    return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), clusterConsole, stderr,
+                        metricsPath => ClusterTrain.Run(config, data, metricsPath, clusterConsole, stderr, clusterObserver));
             }
             if (p.GetValue(runDir) is not null)
                 throw new ConfigException("--run-dir is for cluster runs; --single-process saves with --save DIR and resumes with --resume DIR (the same checkpoint format)");
-            var corpus = TextCorpus.Load(config);
-            return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), stdout, stderr, metricsPath =>
-            {
-                using var trainer = new Trainer(config, corpus);
-                using var signals = new StopSignals(stderr, "stopping after the current step");
-                var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2, observer), stdout, signals.Token);
-                // The metrics file is closed by now. A signal that came during the last step changes nothing.
-                return summary.Stopped && signals.Received is { } signal
-                    ? Program.Report(stdout, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
-                    : Program.ExitCodes.Ok;
-            });
+            using var corpus = TextCorpus.Load(config);
+            var (console, stepObserver, bar) = TrainingProgress.For(stdout, config.Train.Steps, observer);
+            using (bar)
+                return PlotCommand.TrainThenPlot(p.GetValue(plots), p.GetValue(metrics), plotSize.Get(p), console, stderr, metricsPath =>
+                {
+                    using var trainer = new Trainer(config, corpus);
+                    using var signals = new StopSignals(stderr, "stopping after the current step");
+                    var summary = TrainingRun.Run(trainer, new RunOptions(metricsPath, p.GetValue(save), p.GetValue(resume), p.GetValue(saveEvery) ?? 0, p.GetValue(keep) ?? 2, stepObserver), console, signals.Token);
+                    // The metrics file is closed by now. A signal that came during the last step changes nothing.
+                    return summary.Stopped && signals.Received is { } signal
+                        ? Program.Report(console, new RunOutcome.Stopped(signal, $"after step {trainer.Step}"))
+                        : Program.ExitCodes.Ok;
+                });
         }));
         return cmd;
     }

@@ -9,12 +9,15 @@ namespace ElasticMoE.Data;
 /// <remarks>
 /// Byte-level (the default tokenizer) keeps the bytes themselves: they are the tokens, one byte each, and
 /// nothing is converted. Another tokenizer encodes the whole text once when the corpus is loaded and keeps the
-/// token ids; the split is then by tokens.
+/// token ids; the split is then by tokens. A directory of token shards (<c>elasticmoe data prepare</c>) is memory-mapped
+/// instead: nothing is read into memory, and the split is by tokens of the whole prepared corpus, as for a file.
 /// </remarks>
-public sealed class TextCorpus
+public sealed class TextCorpus : IDisposable
 {
     private readonly Lazy<string> _fingerprint;
     private readonly int[]? _trainTokens, _validationTokens;
+    private readonly MappedTokens? _mapped;
+    private readonly long _mappedTrain;
 
     public string Name { get; }
 
@@ -28,16 +31,19 @@ public sealed class TextCorpus
     public byte[] Validation { get; }
 
     /// <summary>Tokens in the training head.</summary>
-    public long TrainLength => _trainTokens?.Length ?? Train.Length;
+    public long TrainLength => _mapped is not null ? _mappedTrain : _trainTokens?.Length ?? Train.Length;
 
     /// <summary>Tokens in the validation tail.</summary>
-    public long ValidationLength => _validationTokens?.Length ?? Validation.Length;
+    public long ValidationLength => _mapped is { } m ? m.Count - _mappedTrain : _validationTokens?.Length ?? Validation.Length;
 
     /// <summary>Training token <paramref name="i"/>.</summary>
-    public int TrainToken(long i) => _trainTokens is { } t ? t[i] : Train[i];
+    public int TrainToken(long i) => _mapped is { } m ? m[i] : _trainTokens is { } t ? t[i] : Train[i];
 
     /// <summary>Validation token <paramref name="i"/>.</summary>
-    public int ValidationToken(long i) => _validationTokens is { } t ? t[i] : Validation[i];
+    public int ValidationToken(long i) => _mapped is { } m ? m[_mappedTrain + i] : _validationTokens is { } t ? t[i] : Validation[i];
+
+    /// <summary>The shards' directory when this corpus is memory-mapped token shards (null otherwise).</summary>
+    public string? ShardDirectory => _mapped?.Directory;
 
     /// <summary>
     /// SHA-256, lower-case hex, of the training tokens and the validation tokens, each preceded by its length:
@@ -74,9 +80,23 @@ public sealed class TextCorpus
         _fingerprint = new Lazy<string>(ComputeFingerprint);
     }
 
-    private static int CheckedSplit(string name, int length, double validationFraction, int context, string unit)
+    private TextCorpus(string name, MappedTokens mapped, double validationFraction, int context, ITokenizer tokenizer)
     {
-        int valLen = (int)(length * validationFraction);
+        Name = name;
+        Tokenizer = tokenizer;
+        _mapped = mapped;
+        // The same split as a file's: the tail (long)(total x fraction) tokens validate.
+        _mappedTrain = mapped.Count - CheckedSplit(name, mapped.Count, validationFraction, context, $"{tokenizer.Name} tokens");
+        Train = Validation = [];
+        _fingerprint = new Lazy<string>(ComputeFingerprint);
+    }
+
+    private static int CheckedSplit(string name, int length, double validationFraction, int context, string unit)
+        => checked((int)CheckedSplit(name, (long)length, validationFraction, context, unit));
+
+    private static long CheckedSplit(string name, long length, double validationFraction, int context, string unit)
+    {
+        long valLen = (long)(length * validationFraction);
         if (length - valLen <= context + 1 || valLen <= context + 1)
             throw new InvalidDataException(
                 $"{name}: {length} {unit} is too small for a context of {context} with a validation fraction of {validationFraction}");
@@ -86,6 +106,15 @@ public sealed class TextCorpus
     private string ComputeFingerprint()
     {
         using var sha = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        if (_mapped is not null)
+        {
+            // Shards: of the index's content hash (tokenizer, each shard's token count and SHA-256, checked at open)
+            // and the split, not of the tokens again: a multi-GiB corpus would cost a second full pass at every start.
+            // So it differs from the fingerprint of the same text loaded from a file, on purpose: the two are read
+            // differently, and a run keeps to one of them.
+            sha.AppendData(Encoding.UTF8.GetBytes($"shards={_mapped.Index.ContentHash()};train={_mappedTrain};validation={ValidationLength}"));
+            return Convert.ToHexStringLower(sha.GetHashAndReset());
+        }
         Span<byte> length = stackalloc byte[sizeof(long)];
         if (_trainTokens is not null) sha.AppendData(Encoding.UTF8.GetBytes("tokenizer=" + Tokenizer.Name + ";"));
         foreach (var part in _trainTokens is null ? [Train, Validation] : new[] { MemoryMarshal.AsBytes(_trainTokens.AsSpan()).ToArray(), MemoryMarshal.AsBytes(_validationTokens.AsSpan()).ToArray() })
@@ -111,8 +140,39 @@ public sealed class TextCorpus
     public static TextCorpus Default(double validationFraction, int context, ITokenizer? tokenizer = null)
         => new("embedded-default", DefaultCorpus.Generate(), validationFraction, context, tokenizer);
 
+    /// <summary>The embedded corpus (no path), a directory of token shards, or a text file.</summary>
     public static TextCorpus Load(string? path, double validationFraction, int context, ITokenizer? tokenizer = null)
-        => string.IsNullOrEmpty(path) ? Default(validationFraction, context, tokenizer) : FromFile(path, validationFraction, context, tokenizer);
+        => string.IsNullOrEmpty(path) ? Default(validationFraction, context, tokenizer)
+            : Directory.Exists(path) ? FromShards(path, validationFraction, context, tokenizer)
+            : FromFile(path, validationFraction, context, tokenizer);
+
+    /// <summary>
+    /// A directory written by <c>elasticmoe data prepare</c>, memory-mapped after every shard's SHA-256 is checked. The
+    /// tokenizer the shards were prepared with must be <paramref name="tokenizer"/> (the run's <c>data.tokenizer</c>).
+    /// </summary>
+    /// <exception cref="InvalidDataException">Another tokenizer, or a damaged index or shard (named).</exception>
+    public static TextCorpus FromShards(string dir, double validationFraction, int context, ITokenizer? tokenizer = null)
+    {
+        tokenizer ??= ByteTokenizer.Instance;
+        var index = ShardIndex.Read(dir);
+        if (index.Tokenizer != tokenizer.Name || index.VocabSize != tokenizer.VocabSize)
+            throw new InvalidDataException(
+                $"{Path.Combine(dir, ShardIndex.FileName)}: the shards are {index.Tokenizer} tokens (vocabulary {index.VocabSize}), but the run's data.tokenizer is " +
+                $"{tokenizer.Name} (vocabulary {tokenizer.VocabSize}): set data.tokenizer = \"{index.Tokenizer}\" or prepare the text again with --tokenizer {tokenizer.Name}");
+        var mapped = MappedTokens.Open(dir);
+        try
+        {
+            return new TextCorpus(Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir))), mapped, validationFraction, context, tokenizer);
+        }
+        catch
+        {
+            mapped.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>Unmaps the shards of a shard corpus (nothing to do for one in memory).</summary>
+    public void Dispose() => _mapped?.Dispose();
 
     /// <summary>The corpus a run of <paramref name="config"/> trains on: its data file (or the embedded one) in its tokenizer.</summary>
     public static TextCorpus Load(Configuration.ElasticMoEConfig config)
@@ -143,9 +203,10 @@ public static class DefaultCorpus
     private static readonly string[] Times = ["at dawn", "at noon", "in the evening", "at night", "in the morning", "after the rain"];
     private static readonly string[] Items = ["apples", "candles", "ropes", "lanterns", "books", "coins", "loaves", "shells"];
 
-    public static byte[] Generate(int targetBytes = 600_000)
+    /// <summary>The text; another <paramref name="seed"/> gives other text of the same grammar (the embedded corpus is the default seed's).</summary>
+    public static byte[] Generate(int targetBytes = 600_000, ulong seed = 0xE1A571C0UL)
     {
-        var rng = new SplitMix64(0xE1A571C0UL);
+        var rng = new SplitMix64(seed);
         var sb = new StringBuilder(targetBytes + 256);
         string Pick(string[] a) => a[rng.NextInt(a.Length)];
         while (sb.Length < targetBytes)
