@@ -422,7 +422,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             return;
         }
         // A plan being installed that loads a checkpoint has no plan before it in the state.
-        Replan(workers, PipelineDegreeFor(workers, (_state.Plan ?? _installing)?.Pp ?? _config.Cluster.PipelineStages));
+        Replan(workers, PipelineDegreeFor(workers, (_state.Plan ?? _installing)?.Pp ?? _rollback?.Pp ?? _config.Cluster.PipelineStages));
     }
 
     private void OnRegisterNode(RegisterNode m)

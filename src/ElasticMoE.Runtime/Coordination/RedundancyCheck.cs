@@ -25,8 +25,10 @@ public static class RedundancyCheck
     public static Result Of(TrainingPlan plan, ModelOptions model, int redundancy)
     {
         var nodesOf = new Dictionary<UnitId, HashSet<string>>();
+        // Every rank's holdings in one pass (HoldingsOf per rank would be quadratic in the workers).
+        var holdings = plan.HoldingsByRank(model);
         for (int r = 0; r < plan.WorldSize; r++)
-            foreach (var u in plan.HoldingsOf(r, model))
+            foreach (var u in holdings[r])
             {
                 if (!nodesOf.TryGetValue(u, out var set)) nodesOf[u] = set = new HashSet<string>(StringComparer.Ordinal);
                 set.Add(plan.Workers[r].NodeAddress);
