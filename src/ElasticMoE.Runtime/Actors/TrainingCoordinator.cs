@@ -443,6 +443,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
         _processOf[m.NodeAddress] = m.ProcessId;
+        NoteDomain(m);
         NoteHeld(m);
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
@@ -623,7 +624,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             var available = StayingWorkers.ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
-            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
+            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy, _domainOf);
             if (placement is not null) next = next.WithPlacement(placement);
             else if (previous?.Copies is not null && previous.Pp == 1 && next.Pp == 1)
                 // A join or a loss after a rebalance: keep the surviving extra copies of hot experts (PP 1, as rebalancing).
@@ -660,13 +661,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Redundancy = next.Redundancy,
             Resume = previous is null ? _resume : null,
             ExpertCopies = next.Copies,
+            MirrorKeepers = next.Keepers,
+            Domains = next.Domains?.ToArray(),
         };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
                      $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s)" +
                      (next.Copies is { } copies ? $" with {copies.Sum(l => l.Sum(c => c.Length - 1))} extra cop(ies) of hot experts" : "") +
                      $", {transfers.Moves.Count} unit(s) to move" +
-                     (next.Redundancy > 0 && next.BuddyOf(0) >= 0 ? ", mirrored on buddies" : ""));
+                     MirrorSummary(next));
         _installClock = System.Diagnostics.Stopwatch.StartNew();
         foreach (var a in _agents) a.Agent.Tell(msg);
         Enter(Phase.Installing, Installing);
