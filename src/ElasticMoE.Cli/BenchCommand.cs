@@ -13,11 +13,12 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "mirrors"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
-    /// rather than figures), moe-race (minutes of training) and hosts (needs root and network namespaces).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts")).ToArray();
+    /// rather than figures), moe-race (minutes of training), hosts (needs root and network namespaces) and mirrors
+    /// (nine runs of five processes).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "canonical" or "hosts" or "mirrors")).ToArray();
 
     public static Command Create(TextWriter stdout, TextWriter stderr)
     {
@@ -178,7 +179,7 @@ public static class BenchCommand
                 stdout.WriteLine(same ? "  canonical: PASS" : "  canonical: FAIL: some layout left the single-process loop's bits");
                 ok &= same;
             }
-            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts", "mirrors"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -186,6 +187,12 @@ public static class BenchCommand
                 if (chosen.Contains("redundancy"))
                 {
                     var (f, good) = RecoveryBenchmarks.Redundancy(childArgs, p.GetValue(rounds) ?? 4, p.GetValue(benchSteps) ?? 50, Path.Combine(dir, "redundancy"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (chosen.Contains("mirrors"))
+                {
+                    var (f, good) = MirrorBenchmarks.Run(childArgs, p.GetValue(rounds) ?? 3, p.GetValue(benchSteps) ?? 40, Path.Combine(dir, "mirrors"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }

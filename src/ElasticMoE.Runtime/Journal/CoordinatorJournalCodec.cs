@@ -133,6 +133,8 @@ public static class CoordinatorJournalCodec
             starts.Zip(ends, (s, e) => new StageRange(s, e)).ToArray(),
             Array(w.Workers).Select(ToDomain).ToArray(),
             Array(w.ExpertOwner).Select(o => Array(o)).ToArray());
+        if (w.Keepers is { } k && k.Length != plan.WorldSize || w.Domains is { } d && d.Length != plan.WorldSize)
+            throw new InvalidDataException($"plan of epoch {w.Epoch} has {plan.WorldSize} workers but mirror keepers or domains for another number");
         return plan with
         {
             Redundancy = w.Redundancy, Copies = w.Copies is null ? null : Array(w.Copies).Select(l => Array(l).Select(c => Array(c)).ToArray()).ToArray(),
