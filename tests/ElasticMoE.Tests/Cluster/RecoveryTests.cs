@@ -131,6 +131,32 @@ public class RecoveryTests(ITestOutputHelper output)
     }
 
     [Fact]
+    public async Task Redundancy_2_two_of_five_node_processes_SIGKILLed_at_once_lose_nothing_and_keep_the_curve()
+    {
+        const int steps = 40;
+        var reference = Reference(steps);
+        Process[]? victims = null;
+        var r = await Run(5, Settings(steps), ["--set", "cluster.join-settle=0", "--set", "cluster.redundancy=2"], (line, nodes, _) =>
+        {
+            if (victims is null && line.StartsWith("step    20/", StringComparison.Ordinal))
+            {
+                // Two nodes next to each other in start order: with one mirror they would often hold a unit and its mirror.
+                victims = [nodes[1], nodes[2]];
+                foreach (var v in victims) v.Kill();   // SIGKILL, both at the same instant
+            }
+        });
+        Assert.True(r.Code == 0, r.Text);
+        Assert.NotNull(victims);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, reference);
+        Assert.Equal(["node-lost", "node-lost"], r.Events.Select(e => e.GetProperty("event").GetString()));
+        Assert.InRange(r.Redone, 0, 2);
+        Assert.Contains("2 mirror(s) per unit", r.Text);
+        Assert.Contains("3 worker(s), DP 3 x PP 1", r.Text);
+        Assert.DoesNotContain("no holder left", r.Text);
+        await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => !victims.Contains(n)));
+    }
+
+    [Fact]
     public async Task Nodes_that_join_at_steps_15_and_30_are_planned_in_and_the_curve_is_unchanged()
     {
         // A node process takes a few seconds to start, so the run is long enough for both to be planned
