@@ -7,9 +7,9 @@ namespace ElasticMoE.Cli;
 /// <summary>
 /// <c>bench --suite mirrors</c>: what each extra mirror costs. Fault-free runs of a coordinator and 4 node processes with
 /// <c>cluster.redundancy</c> 0, 1 and 2, in rotating order within each round (fresh processes each), so every level
-/// sees the same box: tokens/s over the timed steps, the node processes' peak resident memory, and the bytes they
-/// write per step (the kernel's <c>wchar</c> of each node process: every socket send, gradients to keepers
-/// included; the logs are a few hundred bytes a step).
+/// sees the same box: tokens/s over the timed steps, the node processes' peak resident memory (<c>VmRSS</c>), and the
+/// data-plane bytes each sends per step (its Prometheus counter <c>elasticmoe_dataplane_sent_bytes_total</c>, scraped
+/// at the end of the warm-up and of the timed steps: activations, all-reduces, and the gradients to keepers).
 /// </summary>
 internal static class MirrorBenchmarks
 {
@@ -36,7 +36,7 @@ internal static class MirrorBenchmarks
                 }
                 samples[r].Add(s);
                 o.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                    $"  round {round + 1}, redundancy {r}: {s.TokensPerSecond:F0} tok/s, peak RSS {s.PeakRssMb:F0} MB per node process, {s.BytesPerStep / 1024:F0} KiB written per node process and step"));
+                    $"  round {round + 1}, redundancy {r}: {s.TokensPerSecond:F0} tok/s, peak RSS {s.PeakRssMb:F0} MB per node process, {s.BytesPerStep / 1024:F0} KiB sent per node process and step"));
             }
         static double Median(IEnumerable<double> v) { var l = v.Order().ToList(); return l[l.Count / 2]; }
         var figures = new List<BenchFigure>();
@@ -46,7 +46,7 @@ internal static class MirrorBenchmarks
             var s = samples[r];
             figures.Add(new($"tokens/s, redundancy = {r}", Median(s.Select(x => x.TokensPerSecond)), "tok/s", "redundancy = 0", Median(zero.Select(x => x.TokensPerSecond))));
             figures.Add(new($"peak RSS per node, redundancy = {r}", Median(s.Select(x => x.PeakRssMb)), "MB", "redundancy = 0", Median(zero.Select(x => x.PeakRssMb))));
-            figures.Add(new($"bytes written per node and step, redundancy = {r}", Median(s.Select(x => x.BytesPerStep)) / 1024, "KiB", "redundancy = 0", Median(zero.Select(x => x.BytesPerStep)) / 1024));
+            figures.Add(new($"data-plane KiB sent per node and step, redundancy = {r}", Median(s.Select(x => x.BytesPerStep)) / 1024, "KiB", "redundancy = 0", Median(zero.Select(x => x.BytesPerStep)) / 1024));
         }
         foreach (var f in figures)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {f.Name}: {f.Value:F1} {f.Unit} vs {f.BaselineValue:F1} ({f.Ratio:F3}x)"));
@@ -68,11 +68,12 @@ internal static class MirrorBenchmarks
             foreach (var n in cluster.Nodes.Where(n => n.Alive))
                 if (Rss(n.Process.Id) is { } kb) peak[n.Process.Id] = Math.Max(peak.GetValueOrDefault(n.Process.Id), kb);
         }
-        long[] Written() => cluster.Nodes.Select(n => WriteChars(n.Process.Id) ?? 0).ToArray();
+        var ports = Enumerable.Range(0, Nodes).Select(_ => Runtime.Hosting.LoopbackPorts.Next()).ToArray();
+        long[] Written() => ports.Select(SentBytes).ToArray();
         try
         {
             var coordinator = cluster.StartCoordinator(Nodes, steps);
-            for (int i = 0; i < Nodes; i++) cluster.StartNode();
+            for (int i = 0; i < Nodes; i++) cluster.StartNode(extra: ["--set", $"metrics.prometheus.port={ports[i]}"]);
             void Wait(Func<bool> done, string what) => cluster.Wait(() => { SampleMemory(); return done(); }, what, TimeSpan.FromSeconds(120), overall, TimeSpan.FromMinutes(10));
             Wait(() => m.LastStep >= warmup, $"step {warmup}");
             written = Written();
@@ -99,8 +100,22 @@ internal static class MirrorBenchmarks
     // VmRSS of a process in KiB (Linux), null when it is gone.
     private static long? Rss(int pid) => ProcField($"/proc/{pid}/status", "VmRSS:");
 
-    // Bytes the process has written through write/send calls (sockets included), null when it is gone.
-    private static long? WriteChars(int pid) => ProcField($"/proc/{pid}/io", "wchar:");
+    private static readonly HttpClient Http = new() { Timeout = TimeSpan.FromSeconds(5) };
+
+    // The node's data-plane bytes sent so far, from its metrics endpoint on `port`.
+    private static long SentBytes(int port)
+    {
+        string text;
+        try { text = Http.GetStringAsync($"http://127.0.0.1:{port}/metrics").GetAwaiter().GetResult(); }
+        catch (Exception ex) when (ex is HttpRequestException or TaskCanceledException)
+        {
+            throw new ProcessCluster.Stopped($"the metrics endpoint 127.0.0.1:{port} did not answer: {ex.Message}");
+        }
+        foreach (var line in text.Split('\n'))
+            if (line.StartsWith("elasticmoe_dataplane_sent_bytes_total ", StringComparison.Ordinal))
+                return (long)double.Parse(line["elasticmoe_dataplane_sent_bytes_total ".Length..], CultureInfo.InvariantCulture);
+        throw new ProcessCluster.Stopped($"no data-plane counter at 127.0.0.1:{port}/metrics");
+    }
 
     private static long? ProcField(string path, string field)
     {

@@ -95,12 +95,14 @@ internal sealed class ProcessCluster : IDisposable
 
     /// <summary>Starts a fresh <c>elasticmoe node</c> that joins the coordinator.</summary>
     /// <param name="host">The rack host to start it on (default: hosts 1, 2, ... in turn); ignored without a rack.</param>
-    public Child StartNode(int? host = null)
+    /// <param name="extra">Arguments for this node only, after the cluster's (e.g. its own metrics port).</param>
+    public Child StartNode(int? host = null, IEnumerable<string>? extra = null)
     {
         var name = $"node{++_nodeCount}";
         int h = _rack is null ? 0 : host ?? 1 + (_nodeCount - 1) % Math.Max(1, _rack.Count - 1);
         var args = new List<string> { "node", "--seed-node", $"akka.tcp://elasticmoe@{CoordinatorHost}:{Inv(Port)}" };
         args.AddRange(_configArgs);
+        if (extra is not null) args.AddRange(extra);
         var child = Launch(name, Path.Combine(Dir, name + ".log"), OnHost(h, args), h);
         Nodes.Add(child);
         return child;
