@@ -192,7 +192,7 @@ public static class BenchCommand
                 }
                 if (chosen.Contains("mirrors"))
                 {
-                    var (f, good) = MirrorBenchmarks.Run(childArgs, p.GetValue(rounds) ?? 3, p.GetValue(benchSteps) ?? 40, Path.Combine(dir, "mirrors"), stdout);
+                    var (f, good) = MirrorBenchmarks.Run(config, childArgs, p.GetValue(rounds) ?? 3, p.GetValue(benchSteps) ?? 40, Path.Combine(dir, "mirrors"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }

@@ -18,7 +18,7 @@ internal static class MirrorBenchmarks
 
     private sealed record Sample(double TokensPerSecond, double PeakRssMb, double BytesPerStep);
 
-    public static (List<BenchFigure> Figures, bool Ok) Run(IReadOnlyList<string> configArgs, int rounds, int timedSteps, string dir, TextWriter o)
+    public static (List<BenchFigure> Figures, bool Ok) Run(Configuration.ElasticMoEConfig config, IReadOnlyList<string> configArgs, int rounds, int timedSteps, string dir, TextWriter o)
     {
         const int warmup = 5;
         o.WriteLine($"mirrors: coordinator + {Nodes} node processes, fault-free, {warmup}+{timedSteps} steps, cluster.redundancy {string.Join(" / ", Levels)}, " +
@@ -47,6 +47,19 @@ internal static class MirrorBenchmarks
             figures.Add(new($"tokens/s, redundancy = {r}", Median(s.Select(x => x.TokensPerSecond)), "tok/s", "redundancy = 0", Median(zero.Select(x => x.TokensPerSecond))));
             figures.Add(new($"peak RSS per node, redundancy = {r}", Median(s.Select(x => x.PeakRssMb)), "MB", "redundancy = 0", Median(zero.Select(x => x.PeakRssMb))));
             figures.Add(new($"data-plane KiB sent per node and step, redundancy = {r}", Median(s.Select(x => x.BytesPerStep)) / 1024, "KiB", "redundancy = 0", Median(zero.Select(x => x.BytesPerStep)) / 1024));
+        }
+        // What the plans imply, to read the measured figures against (the counters also hold activations and all-reduces).
+        var sizes = Runtime.Benchmarks.ReplanBenchmark.UnitSizes(config);
+        var slots = Enumerable.Range(0, Nodes).Select(i => new Planning.WorkerSlot(new Planning.WorkerId($"node{i}", 1, 0), $"node{i}:1")).ToList();
+        int pp = Enumerable.Range(1, Math.Min(config.Cluster.PipelineStages, Nodes)).Reverse().First(p => Nodes % p == 0);
+        foreach (int r in Levels.Where(l => l > 0))
+        {
+            var plan = Planning.ElasticPlanner.Next(null, slots, Nodes, pp, config.Model, 1, r);
+            double state = Enumerable.Range(0, Nodes).Sum(k => plan.MirrorsHeldBy(k, config.Model).Sum(m => sizes[m.Unit])) / (double)Nodes;
+            // A mirrored unit's gradient is a third of its state (values and two moments), sent once per keeper.
+            o.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"  redundancy {r} by the plan (DP {Nodes / pp} x PP {pp}): {state / 1024:F0} KiB of mirrored state kept per node, ~{state / 3 / 1024:F0} KiB of mirror gradients sent per node and step"));
+            figures.Add(new($"mirrored state kept per node, redundancy = {r} (plan)", state / 1024, "KiB"));
         }
         foreach (var f in figures)
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {f.Name}: {f.Value:F1} {f.Unit} vs {f.BaselineValue:F1} ({f.Ratio:F3}x)"));
