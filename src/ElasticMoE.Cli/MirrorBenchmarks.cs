@@ -61,7 +61,7 @@ internal static class MirrorBenchmarks
                 $"  redundancy {r} by the plan (DP {Nodes / pp} x PP {pp}): {state / 1024:F0} KiB of mirrored state kept per node, ~{state / 3 / 1024:F0} KiB of mirror gradients sent per node and step"));
             figures.Add(new($"mirrored state kept per node, redundancy = {r} (plan)", state / 1024, "KiB"));
         }
-        foreach (var f in figures)
+        foreach (var f in figures.Where(f => f.BaselineValue is not null))
             o.WriteLine(string.Create(CultureInfo.InvariantCulture, $"  {f.Name}: {f.Value:F1} {f.Unit} vs {f.BaselineValue:F1} ({f.Ratio:F3}x)"));
         return (figures, true);
     }
