@@ -14,13 +14,13 @@ namespace ElasticMoE.Cli;
 /// </summary>
 public static class BenchCommand
 {
-    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace", "planners", "data"];
+    public static readonly string[] Suites = ["train", "moe", "moe-race", "mla-race", "leak", "cluster", "dataplane", "replan", "redundancy", "recovery", "chaos", "checkpoint", "placement", "shell", "rebalance", "canonical", "hosts", "trace", "planners", "data", "mirrors"];
 
     /// <summary>What runs without --suite: all but chaos (minutes of kills), canonical (tens of minutes of training: checks
     /// rather than figures), moe-race and mla-race (minutes of training), hosts (needs root and network namespaces), trace
-    /// (minutes of a replayed availability trace), planners (a minute of pure planning at up to 1,024 workers) and data
-    /// (GiB of disk and minutes of preparing and training).</summary>
-    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace" or "planners" or "data")).ToArray();
+    /// (minutes of a replayed availability trace), planners (a minute of pure planning at up to 1,024 workers), data
+    /// (GiB of disk and minutes of preparing and training) and mirrors (nine runs of five processes).</summary>
+    public static readonly string[] DefaultSuites = Suites.Where(s => s is not ("chaos" or "moe-race" or "mla-race" or "canonical" or "hosts" or "trace" or "planners" or "data" or "mirrors")).ToArray();
 
     public static Command Create(TextWriter console, TextWriter stderr)
     {
@@ -221,7 +221,7 @@ public static class BenchCommand
                 stdout.WriteLine(same ? "  canonical: PASS" : "  canonical: FAIL: some layout left the single-process loop's bits");
                 ok &= same;
             }
-            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts", "trace"]).Any())
+            if (chosen.Intersect(["redundancy", "recovery", "chaos", "checkpoint", "shell", "hosts", "trace", "mirrors"]).Any())
             {
                 // These run elasticmoe processes of their own: the config options go to every one of them.
                 var childArgs = ConfigArgs(p.Tokens);
@@ -229,6 +229,12 @@ public static class BenchCommand
                 if (Suite("redundancy"))
                 {
                     var (f, good) = RecoveryBenchmarks.Redundancy(childArgs, p.GetValue(rounds) ?? 4, p.GetValue(benchSteps) ?? 50, Path.Combine(dir, "redundancy"), stdout);
+                    figures.AddRange(f);
+                    ok &= good;
+                }
+                if (Suite("mirrors"))
+                {
+                    var (f, good) = MirrorBenchmarks.Run(config, childArgs, p.GetValue(rounds) ?? 3, p.GetValue(benchSteps) ?? 40, Path.Combine(dir, "mirrors"), stdout);
                     figures.AddRange(f);
                     ok &= good;
                 }

@@ -95,7 +95,7 @@ internal sealed class ProcessCluster : IDisposable
 
     /// <summary>Starts a fresh <c>elasticmoe node</c> that joins the coordinator.</summary>
     /// <param name="host">The rack host to start it on (default: hosts 1, 2, ... in turn); ignored without a rack.</param>
-    /// <param name="extra">Node options of this node alone (e.g. <c>--notice-seconds</c>).</param>
+    /// <param name="extra">Arguments for this node only, after the cluster's (e.g. --notice-seconds, its own metrics port).</param>
     public Child StartNode(int? host = null, IEnumerable<string>? extra = null)
     {
         var name = $"node{++_nodeCount}";

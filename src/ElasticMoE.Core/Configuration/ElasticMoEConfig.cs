@@ -113,8 +113,9 @@ public sealed record TrainOptions(
 /// <param name="CoordinatorWaitSeconds">How long a node whose coordinator was lost keeps its units in memory and waits
 /// for a coordinator at its seed nodes to adopt them (a restarted <c>elasticmoe train --run-dir</c>) before it
 /// stops; 0 = stop at once.</param>
-/// <param name="Redundancy">Mirrors of every unit that has no copy on another node, kept on a buddy worker of
-/// another node at the unit's own step (1, the default), so a lost node loses nothing; 0 = none.</param>
+/// <param name="Redundancy">Mirrors r of every unit not yet on r + 1 nodes, kept on r workers of other nodes (and other
+/// failure domains when there are enough) at the unit's own step, so any r nodes lost at once lose nothing; 1 is the
+/// default, 0 = none.</param>
 public sealed record ClusterOptions(
     string Host,
     int Port,
@@ -150,6 +151,12 @@ public sealed record ClusterOptions(
     /// node must ask before the leavers are planned out together (at most 4x that after the first, and never past a
     /// third of the shortest notice), so nodes reclaimed together cost one re-plan.</summary>
     public double LeaveSettleSeconds { get; init; } = 0.25;
+
+    /// <summary>
+    /// <c>cluster.failure-domain</c>: what this node fails together with (a rack, a zone); null (configured as "") =
+    /// the node alone. Mirrors of a unit go to distinct domains when the cluster has enough of them.
+    /// </summary>
+    public string? FailureDomain { get; init; }
 
     /// <summary>The host peers are told to dial: <see cref="PublicHost"/>, else <see cref="Host"/>.</summary>
     public string AdvertisedHost => PublicHost.Length > 0 ? PublicHost : Host;
@@ -287,7 +294,12 @@ public sealed record ElasticMoEConfig(
             r.String("cluster.relayout"), r.String("cluster.fault-injection"),
             r.Double("cluster.join-settle"), r.Double("cluster.max-wait"),
             r.Int("cluster.redundancy"), r.Int("cluster.worker-restarts"), r.Int("cluster.min-nodes"),
-            r.Double("cluster.coordinator-wait")) { PublicHost = r.String("cluster.public-host"), LeaveSettleSeconds = r.Double("cluster.leave-settle") };
+            r.Double("cluster.coordinator-wait"))
+        {
+            PublicHost = r.String("cluster.public-host"),
+            LeaveSettleSeconds = r.Double("cluster.leave-settle"),
+            FailureDomain = r.String("cluster.failure-domain") is { Length: > 0 } domain ? domain : null,
+        };
         var cfg = new ElasticMoEConfig(r.Long("seed"), r.String("device"), r.Int("threads"), model, data, train, cluster, root)
         {
             Checkpoint = new CheckpointOptions(r.Int("checkpoint.every"), r.Double("checkpoint.every-seconds"), r.Int("checkpoint.keep")),
@@ -492,7 +504,11 @@ public sealed record ElasticMoEConfig(
         rb.Validate(m.MoE.RoutedExperts, c.NodesToWaitFor * c.Devices);
         Require(c.MinNodes >= 1, "cluster.min-nodes", "must be at least 1");
         Require(c.WorkerRestarts >= 0, "cluster.worker-restarts", "must be zero or positive");
-        Require(c.Redundancy is 0 or 1, "cluster.redundancy", "must be 0 (no mirrors) or 1 (one mirror on another node)");
+        Require(c.Redundancy >= 0, "cluster.redundancy",
+            $"must be 0 (no mirrors) or a positive number r of mirrors (every unit on r + 1 nodes, so any r may fail at once), got {c.Redundancy}");
+        Require(c.FailureDomain is null || (c.FailureDomain.Trim().Length > 0 && c.FailureDomain.Trim() == c.FailureDomain && !c.FailureDomain.Any(char.IsControl)),
+            "cluster.failure-domain", $"must be a non-empty name without leading, trailing or control characters (e.g. \"rack-1\" or a zone), " +
+            $"or \"\" for the node to be a domain of its own; got \"{c.FailureDomain}\"");
         Require(Prometheus.Port is >= 0 and <= 65535, "metrics.prometheus.port", "must be a TCP port (0 = no endpoint)");
         Require(Uri.CheckHostName(Prometheus.Host) != UriHostNameType.Unknown, "metrics.prometheus.host",
             $"must be a host name or IP address (\"127.0.0.1\" = this machine only, \"0.0.0.0\" = every interface), got \"{Prometheus.Host}\"");

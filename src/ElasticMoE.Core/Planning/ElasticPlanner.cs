@@ -30,23 +30,25 @@ public static class ElasticPlanner
     /// </list>
     /// </summary>
     /// <exception cref="ArgumentException">The request cannot be laid out; the message says why.</exception>
-    /// <param name="redundancy">Mirrors per unreplicated unit in the new plan (<see cref="TrainingPlan.Redundancy"/>).</param>
+    /// <param name="redundancy">Mirrors of every unit not yet on r + 1 nodes in the new plan (<see cref="TrainingPlan.Redundancy"/>),
+    /// placed by <see cref="MirrorPlanner"/> (keeping <paramref name="previous"/>'s keepers where still valid).</param>
+    /// <param name="domains">Failure domain of each node address (<c>cluster.failure-domain</c>); a node not in it, or null, is its own.</param>
     public static TrainingPlan Next(TrainingPlan? previous, IReadOnlyList<WorkerSlot> available, int workers, int pp, ModelOptions model, int epoch,
-        int redundancy = 0)
+        int redundancy = 0, IReadOnlyDictionary<string, string>? domains = null)
     {
         Validate(previous, available, workers, pp, model);
         ArgumentOutOfRangeException.ThrowIfNegative(redundancy);
         if (previous is null)
         {
             var first = available.OrderBy(s => s.Id).Take(workers).ToList();
-            return LayoutPlanner.Plan(epoch, first, pp, model) with { Redundancy = redundancy };
+            return MirrorPlanner.WithMirrors(LayoutPlanner.Plan(epoch, first, pp, model) with { Redundancy = redundancy }, null, domains);
         }
 
         var participants = Participants(previous, available, workers);
         var stages = LayoutPlanner.SplitLayers(model.Layers, pp);
         var slots = AssignRoles(previous, participants, stages, pp, model);
         var owner = AssignExperts(previous, slots, model);
-        return new TrainingPlan(epoch, workers / pp, pp, stages, slots, owner) { Redundancy = redundancy };
+        return MirrorPlanner.WithMirrors(new TrainingPlan(epoch, workers / pp, pp, stages, slots, owner) { Redundancy = redundancy }, previous, domains);
     }
 
     /// <summary>
@@ -154,13 +156,6 @@ public static class ElasticPlanner
         return slots.Select(s => s!).ToList();
     }
 
-    // -2 - b means "whatever previous rank b became"; a buddy that is gone too leaves the expert unkept.
-    private static int ResolveBuddy(int code, int[] carried)
-    {
-        int b = -2 - code;
-        return carried[b] >= 0 ? carried[b] : -1;
-    }
-
     /// <summary>
     /// Per MoE layer: every worker gets ⌊E/W⌋ experts, and E mod W of them one more. The extra ones go to
     /// the workers that already hold the most experts of the layer (so as few as possible must shed one),
@@ -176,12 +171,11 @@ public static class ElasticPlanner
         var newRank = new Dictionary<WorkerId, int>();
         for (int r = 0; r < w; r++) newRank[slots[r].Id] = r;
         // previous rank → new rank, -1 for workers that do not take part any more.
-        var carried = previous.Workers.Select(s => newRank.TryGetValue(s.Id, out var r) ? r : -1).ToArray();
-        // A previous owner that is gone left its experts' current state on its buddy: that worker keeps
-        // them (no transfer), as if it had owned them.
-        for (int o = 0; o < carried.Length; o++)
-            if (carried[o] < 0 && previous.BuddyOf(o) is var buddy and >= 0) carried[o] = -2 - buddy;
-        carried = carried.Select(c => c <= -2 ? ResolveBuddy(c, carried) : c).ToArray();
+        var present = previous.Workers.Select(s => newRank.TryGetValue(s.Id, out var r) ? r : -1).ToArray();
+        // A previous owner that is gone left its experts' current state on its mirror keepers: the first of
+        // them still present keeps them (no transfer), as if it had owned them. All keepers gone too: unkept.
+        var carried = present.Select((c, o) => c >= 0 ? c
+            : previous.MirrorKeepersOf(o).Select(k => present[k]).FirstOrDefault(k => k >= 0, -1)).ToArray();
 
         var result = new int[previous.ExpertOwner.Length][];
         for (int layer = 0; layer < result.Length; layer++)

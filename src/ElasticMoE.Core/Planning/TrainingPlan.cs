@@ -151,49 +151,85 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
         => Dp == other.Dp && Pp == other.Pp
            && Stages.SequenceEqual(other.Stages)
            && Workers.SequenceEqual(other.Workers) && Redundancy == other.Redundancy
+           && Enumerable.Range(0, WorldSize).All(r => DomainOf(r) == other.DomainOf(r) && MirrorKeepersOf(r).SequenceEqual(other.MirrorKeepersOf(r)))
            && ExpertOwner.Length == other.ExpertOwner.Length
            && ExpertOwner.Zip(other.ExpertOwner).All(t => t.First.SequenceEqual(t.Second))
            && Enumerable.Range(0, ExpertOwner.Length).All(o => Enumerable.Range(0, ExpertOwner[o].Length)
                .All(e => CopiesOf(o, e).SequenceEqual(other.CopiesOf(o, e))));
 
-    // ---- redundancy: buddy mirrors -------------------------------------------------------------
+    // ---- redundancy: mirrors across nodes and failure domains ------------------------------------
 
     /// <summary>
-    /// Copies kept of every unit that has no copy on another node (<c>cluster.redundancy</c>): 0 = none,
-    /// 1 = one mirror on a buddy worker of another node, kept at the same step as the unit itself, so the
-    /// loss of any one node loses no state. Part of the plan because who mirrors what follows from it.
+    /// Mirrors kept of every unit whose copies are not yet on r + 1 nodes (<c>cluster.redundancy</c> = r): 0 = none;
+    /// r = each such unit also lives on the r mirror keepers of its holder (<see cref="MirrorKeepersOf"/>), on r
+    /// other nodes, kept at the same step as the unit itself, so losing any r nodes at once loses no state.
+    /// Part of the plan because who mirrors what follows from it.
     /// </summary>
     public int Redundancy { get; init; }
 
     /// <summary>
-    /// The worker that mirrors <paramref name="rank"/>'s unreplicated units: the next rank, cyclically, on
-    /// another node; -1 without redundancy or when every worker is on one node (nothing to protect against).
+    /// Failure domain of each rank (<c>cluster.failure-domain</c>: a rack, a zone), in rank order; null = every
+    /// node is a domain of its own. Copies of a unit go to distinct domains when there are enough of them.
     /// </summary>
-    public int BuddyOf(int rank)
-    {
-        if (Redundancy <= 0) return -1;
-        var node = Workers[rank].NodeAddress;
-        for (int i = 1; i < WorldSize; i++)
-        {
-            int r = (rank + i) % WorldSize;
-            if (Workers[r].NodeAddress != node) return r;
-        }
-        return -1;
-    }
+    public IReadOnlyList<string>? Domains { get; init; }
+
+    /// <summary>The failure domain of <paramref name="rank"/>'s node (its address when the plan names none).</summary>
+    public string DomainOf(int rank) => Domains?[rank] ?? Workers[rank].NodeAddress;
 
     /// <summary>
-    /// Units of <paramref name="rank"/> that its buddy mirrors: those no worker of another node holds. A unit
-    /// held by several workers of one node is mirrored once, by the lowest of their ranks.
+    /// [rank] → the ranks that mirror it, in keeper order, as <see cref="MirrorPlanner"/> chose them (keeping
+    /// the previous plan's keepers where still valid); null = <see cref="MirrorPlanner.Keepers"/> of this plan
+    /// alone (no previous plan: for one mirror, the next rank cyclically on another node).
+    /// </summary>
+    public int[][]? Keepers { get; init; }
+
+    /// <summary>
+    /// The workers that mirror <paramref name="rank"/>'s units: up to <see cref="Redundancy"/> ranks, each on
+    /// a node of its own other than <paramref name="rank"/>'s; fewer when the plan has fewer other nodes
+    /// (<see cref="BelowRedundancy"/>), none without redundancy.
+    /// </summary>
+    public int[] MirrorKeepersOf(int rank)
+        => Redundancy <= 0 ? [] : Keepers is { } k ? k[rank] : MirrorPlanner.Keepers(this, null)[rank];
+
+    /// <summary>
+    /// The first of <paramref name="rank"/>'s mirror keepers; -1 without redundancy or when every worker is on
+    /// one node (nothing to protect against).
+    /// </summary>
+    public int BuddyOf(int rank) => MirrorKeepersOf(rank) is [var first, ..] ? first : -1;
+
+    /// <summary>Nodes in the plan.</summary>
+    public int NodeCount => Workers.Select(w => w.NodeAddress).Distinct().Count();
+
+    /// <summary>Failure domains in the plan.</summary>
+    public int DomainCount => Enumerable.Range(0, WorldSize).Select(DomainOf).Distinct().Count();
+
+    /// <summary>
+    /// How many nodes may vanish at once without losing state under this plan: <see cref="Redundancy"/>, or
+    /// less when the plan has fewer than r + 1 nodes (then the run is below its redundancy).
+    /// </summary>
+    public int EffectiveRedundancy => Math.Min(Redundancy, NodeCount - 1);
+
+    /// <summary>True when the plan cannot give every unit r + 1 copies on distinct nodes (too few nodes).</summary>
+    public bool BelowRedundancy => EffectiveRedundancy < Redundancy;
+
+    /// <summary>
+    /// Units of <paramref name="rank"/> that its keepers mirror: those whose holders are on fewer than r + 1
+    /// nodes, or on fewer domains than the plan can give them (min(r + 1, domains)). A unit held by several
+    /// workers is mirrored once, by the lowest of their ranks. For r = 1 without domains: the units no worker
+    /// of another node holds.
     /// </summary>
     public IEnumerable<UnitId> MirroredUnitsOf(int rank, ModelOptions model)
     {
         if (BuddyOf(rank) < 0) yield break;
         var holders = Holders(model);
-        var node = Workers[rank].NodeAddress;
+        int wantDomains = Math.Min(Redundancy + 1, DomainCount);
         foreach (var u in UnitsOf(rank, model))
         {
             var h = holders[u];
-            if (h.All(r => Workers[r].NodeAddress == node) && h.Min() == rank) yield return u;
+            if (h.Min() != rank) continue;
+            bool covered = h.Select(r => Workers[r].NodeAddress).Distinct().Count() >= Redundancy + 1
+                           && h.Select(DomainOf).Distinct().Count() >= wantDomains;
+            if (!covered) yield return u;
         }
     }
 
@@ -203,7 +239,7 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
         if (Redundancy <= 0) return [];
         var result = new List<(UnitId, int)>();
         for (int r = 0; r < WorldSize; r++)
-            if (r != rank && BuddyOf(r) == rank)
+            if (r != rank && Array.IndexOf(MirrorKeepersOf(r), rank) >= 0)
                 result.AddRange(MirroredUnitsOf(r, model).Select(u => (u, r)));
         return result.OrderBy(t => t.Item1);
     }
@@ -243,23 +279,28 @@ public sealed record TrainingPlan(int Epoch, int Dp, int Pp, IReadOnlyList<Stage
             return result;
         }
 
-        // Per unit what MirroredUnitsOf asks of its holders: all on one node, and the lowest rank (ranks come ascending).
-        var holders = new Dictionary<UnitId, (string Node, bool OneNode, int Lowest)>();
+        // Per unit what MirroredUnitsOf asks of its holders: the nodes and domains they cover, and the lowest rank (ranks come ascending).
+        int wantDomains = Math.Min(Redundancy + 1, DomainCount);
+        var holders = new Dictionary<UnitId, (HashSet<string> Nodes, HashSet<string> Domains, int Lowest)>();
         for (int r = 0; r < w; r++)
             foreach (var u in units[r])
-                holders[u] = holders.TryGetValue(u, out var h)
-                    ? h with { OneNode = h.OneNode && h.Node == Workers[r].NodeAddress }
-                    : (Workers[r].NodeAddress, true, r);
-        // Mirrors each rank keeps, from the sources ascending (MirrorsHeldBy's order before its sort by unit).
+            {
+                if (!holders.TryGetValue(u, out var h)) holders[u] = h = (new HashSet<string>(StringComparer.Ordinal), new HashSet<string>(StringComparer.Ordinal), r);
+                h.Nodes.Add(Workers[r].NodeAddress);
+                h.Domains.Add(DomainOf(r));
+            }
+        // Mirrors each rank keeps, from the sources ascending (MirrorsHeldBy's order before its sort by unit): every keeper of a source.
+        var keepers = Keepers ?? MirrorPlanner.Keepers(this, null);
         var mirrors = Enumerable.Range(0, w).Select(_ => new List<(UnitId Unit, int Source)>()).ToArray();
         for (int r = 0; r < w; r++)
         {
-            int buddy = BuddyOf(r);
-            if (buddy < 0 || buddy == r) continue;
+            if (keepers[r].Length == 0) continue;
             foreach (var u in units[r])
             {
                 var h = holders[u];
-                if (h.OneNode && h.Lowest == r) mirrors[buddy].Add((u, r));
+                if (h.Lowest != r || (h.Nodes.Count >= Redundancy + 1 && h.Domains.Count >= wantDomains)) continue;
+                foreach (int k in keepers[r])
+                    if (k != r) mirrors[k].Add((u, r));
             }
         }
         for (int r = 0; r < w; r++)

@@ -187,7 +187,10 @@ public sealed class DeviceWorker : ReceiveActor, IWithUnboundedStash
         TrainingPlan? previous;
         try
         {
-            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner) with { Redundancy = m.Redundancy, Copies = m.ExpertCopies };
+            next = ToPlan(m.Epoch, m.Dp, m.Pp, m.StageStarts, m.StageEnds, m.Workers, m.ExpertOwner) with
+            {
+                Redundancy = m.Redundancy, Copies = m.ExpertCopies, Keepers = m.MirrorKeepers, Domains = m.Domains,
+            };
             previous = m.Previous.Length == 0 ? null : ToPlan(m.Epoch - 1, 1, 1, [], [], m.Previous, []);
         }
         catch (Exception ex)

@@ -161,7 +161,7 @@ public sealed class NodeAgent : ReceiveActor, IWithTimers
     {
         if (_accepted) return;
         _coordinator.Tell(new RegisterNode(_address, _resources.DataPlanes.Select(d => d.Endpoint).ToArray(), TrainingState.Fingerprint(_config.Model), _config.Seed,
-            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held, ProcessId = Environment.ProcessId });
+            Akka.Cluster.Cluster.Get(Context.System).SelfUniqueAddress.Uid, _runFingerprint) { Held = _held, ProcessId = Environment.ProcessId, FailureDomain = _config.Cluster.FailureDomain });
     }
 
     private void OnHandOver(HandOver m)

@@ -43,7 +43,9 @@ public sealed partial class TrainingCoordinator
         return m.Action switch
         {
             "relayout" => Relayout(args),
-            "node-leave" or "node-down" or "fault-kill-worker" when args.Length != 1 => new ShellAck(false, $"{m.Action} takes one node address"),
+            "node-leave" or "node-down" or "fault-kill-worker" when args.Length != 1 && !(m.Action == "node-down" && args.Length > 1)
+                => new ShellAck(false, $"{m.Action} takes one node address"),
+            "node-down" when args.Length > 1 => NodeDownTogether(args),
             "node-leave" => NodeLeave(args[0]),
             "node-down" => NodeDown(args[0]),
             "fault-kill-worker" => KillWorker(args[0]),

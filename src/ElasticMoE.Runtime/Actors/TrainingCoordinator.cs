@@ -447,6 +447,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         }
         _agents.Add((m.NodeAddress, m.SystemUid, Sender));
         _processOf[m.NodeAddress] = m.ProcessId;
+        NoteDomain(m);
         NoteHeld(m);
         Apply(new NodeJoined(m.NodeAddress, m.SystemUid,
             m.DataEndpoints.Select((e, d) => new WorkerSlot(new WorkerId(m.NodeAddress, m.SystemUid, d), e)).ToList()));
@@ -641,7 +642,7 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             var available = StayingWorkers.ToList();
             if (workers > available.Count) throw new ArgumentException($"{workers} workers asked for, {available.Count} available");
             int epoch = Math.Max(_state.Epoch, _lastEpoch) + 1;
-            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy);
+            next = ElasticPlanner.Next(previous, available, workers, pp, _config.Model, epoch, _config.Cluster.Redundancy, _domainOf);
             if (placement is not null) next = next.WithPlacement(placement);
             else if (previous?.Copies is not null && previous.Pp == 1 && next.Pp == 1)
                 // A join or a loss after a rebalance: keep the surviving extra copies of hot experts (PP 1, as rebalancing).
@@ -679,13 +680,15 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
             Redundancy = next.Redundancy,
             Resume = previous is null ? _resume : null,
             ExpertCopies = next.Copies,
+            MirrorKeepers = next.Keepers,
+            Domains = next.Domains?.ToArray(),
         };
         _report.Info($"plan {next.Epoch} from step {_state.NextStep}: {next.WorldSize} worker(s), DP {next.Dp} x PP {next.Pp}, stages " +
                      string.Join(" ", next.Stages.Select(s => $"[{s.First},{s.End})")) +
                      $", experts on {next.ExpertOwner.SelectMany(o => o).Distinct().Count()} worker(s)" +
                      (next.Copies is { } copies ? $" with {copies.Sum(l => l.Sum(c => c.Length - 1))} extra cop(ies) of hot experts" : "") +
                      $", {transfers.Moves.Count} unit(s) to move" +
-                     (next.Redundancy > 0 && next.BuddyOf(0) >= 0 ? ", mirrored on buddies" : ""));
+                     MirrorSummary(next));
         _installClock = System.Diagnostics.Stopwatch.StartNew();
         foreach (var a in _agents) a.Agent.Tell(msg);
         Enter(Phase.Installing, Installing);
@@ -767,9 +770,6 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _plans.Add(new PlanRecord(plan.Epoch, _state.NextStep, plan.Dp, plan.Pp, _unitsMoving, bytes, seconds,
             Enumerable.Range(0, plan.WorldSize).Select(r => (plan.Workers[r].Id, _workerRefs[r], _stages[r])).ToList()) { Plan = plan });
         Apply(new PlanChanged(plan, _state.NextStep));
-        // Not for a run that starts on one node (nothing to mirror on, by choice); for one that shrank to it, or short of nodes.
-        if (Redundancy() is { Met: false, Nodes: var n } below && (n > 1 || _plans.Count > 1))
-            _report.Info($"plan {plan.Epoch}: {below.Describe()}; a node that joins now is planned in at once");
         _resume = null;   // the units are in the workers now
         _gone.Clear();
         _installFailures = 0;

@@ -8,23 +8,24 @@ using static TorchSharp.torch;
 namespace ElasticMoE.Runtime.Engine;
 
 /// <summary>
-/// Buddy mirrors (<c>cluster.redundancy = 1</c>): how a worker keeps, on a worker of another node, a copy of
-/// every unit nobody else on another node holds — at the same step, so a lost node loses nothing.
+/// Mirrors (<c>cluster.redundancy = r</c>): how a worker keeps, on the r keepers the plan gives it (workers of r
+/// other nodes, see <c>MirrorPlanner</c>), a copy of every unit not yet on r + 1 nodes — at the same step, so any r
+/// nodes lost at once lose nothing.
 /// </summary>
 /// <remarks>
 /// <para>
 /// What travels is the step's gradient, not the updated state. A mirror of the state sent after the update
 /// leaves a window (update applied, copy not yet arrived) in which a lost node's new state exists nowhere,
 /// while every other unit has moved on: its step could then be neither redone nor rolled forward. The
-/// gradient closes it: the owner sends it to its buddy before it reports its step computed (and the buddy
-/// acknowledges it before that), so by the time the coordinator sends any update, every mirror can apply
+/// gradient closes it: the owner sends it to each of its keepers before it reports its step computed (and every
+/// keeper acknowledges it before that), so by the time the coordinator sends any update, every mirror can apply
 /// it too — the same AdamW code on the same inputs, so mirror and original stay equal bit for bit. An
 /// interrupted update is rolled forward on mirrors exactly as on originals (units record the step they
 /// applied).
 /// </para>
 /// <para>
-/// Gradients are one third of a unit's state (weights and two moments), and the buddy's extra work is
-/// one optimizer update of what it mirrors.
+/// Gradients are one third of a unit's state (weights and two moments), and each keeper's extra work is
+/// one optimizer update of what it mirrors: r mirrors cost r times the bytes and the updates.
 /// </para>
 /// </remarks>
 public static class MirrorParts
@@ -113,26 +114,32 @@ public static class MirrorParts
 
 /// <summary>
 /// The sending half: after a stage's backward (or when a shard's gradients are final) the gradients of
-/// the units its buddy mirrors go to the buddy, and the attempt waits for the buddy's acknowledgement.
+/// the units its keepers mirror go to every keeper, and the attempt waits for all their acknowledgements.
+/// Tags name source and keeper, so the acknowledgements of several keepers never meet.
 /// </summary>
 public static class MirrorSender
 {
     public static void Send(WorkerContext ctx, Fence fence, CancellationToken token, int part, IReadOnlyList<StateUnit> units)
     {
         var plan = ctx.ActivePlan;
-        int buddy = plan.BuddyOf(ctx.Worker);
-        if (buddy < 0 || units.Count == 0) return;
+        var keepers = plan.MirrorKeepersOf(ctx.Worker);
+        if (keepers.Length == 0 || units.Count == 0) return;
         using var packed = MirrorParts.Pack(units);
-        var ack = ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.MirrorAck, fence, part, 0, ctx.Worker), token);
-        ctx.Wait(ctx.DataPlane.SendAsync(plan.Workers[buddy].DataEndpoint, StepTags.Make(StepTags.Kind.MirrorGradients, fence, part, 0, ctx.Worker), packed),
-            token, $"mirror gradients (part {part}) to buddy rank {buddy}");
-        ctx.Wait(ack, token, $"mirror acknowledgement (part {part}) from buddy rank {buddy}");
-        ack.Result.Dispose();
+        var acks = keepers.Select(k => ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.MirrorAck, fence, part, 0, ctx.Worker, k), token)).ToArray();
+        var sends = keepers.Select(k => ctx.DataPlane.SendAsync(plan.Workers[k].DataEndpoint,
+            StepTags.Make(StepTags.Kind.MirrorGradients, fence, part, 0, ctx.Worker, k), packed)).ToArray();
+        for (int i = 0; i < keepers.Length; i++)
+            ctx.Wait(sends[i], token, $"mirror gradients (part {part}) to keeper rank {keepers[i]}");
+        for (int i = 0; i < keepers.Length; i++)
+        {
+            ctx.Wait(acks[i], token, $"mirror acknowledgement (part {part}) from keeper rank {keepers[i]}");
+            acks[i].Result.Dispose();
+        }
     }
 }
 
 /// <summary>
-/// The keeping half, on the buddy: the mirrored units of each (source rank, part), the gradients received
+/// The keeping half, on a keeper: the mirrored units of each (source rank, part), the gradients received
 /// for the current compute attempt, and the update of the mirrors with the step's update message.
 /// </summary>
 public sealed class MirrorEngine : IDisposable
@@ -151,7 +158,7 @@ public sealed class MirrorEngine : IDisposable
         var plan = ctx.ActivePlan;
         for (int source = 0; source < plan.WorldSize; source++)
         {
-            if (source == ctx.Worker || plan.BuddyOf(source) != ctx.Worker) continue;
+            if (source == ctx.Worker || Array.IndexOf(plan.MirrorKeepersOf(source), ctx.Worker) < 0) continue;
             foreach (var (part, units) in MirrorParts.Of(plan, source, ctx.Config.Model))
                 _groups.Add((source, part, units.Select(u => ctx.Units[u]).ToList()));
         }
@@ -170,7 +177,7 @@ public sealed class MirrorEngine : IDisposable
     {
         ClearReceived();
         _computeFence = fence;
-        return _groups.Select(g => (g.Source, g.Part, _ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.MirrorGradients, fence, g.Part, 0, g.Source), token))).ToList();
+        return _groups.Select(g => (g.Source, g.Part, _ctx.DataPlane.ReceiveAsync(StepTags.Make(StepTags.Kind.MirrorGradients, fence, g.Part, 0, g.Source, _ctx.Worker), token))).ToList();
     }
 
     /// <summary>Keeps a received gradient frame of the current attempt and acknowledges it to its source.</summary>
@@ -183,7 +190,7 @@ public sealed class MirrorEngine : IDisposable
         }
         if (_received.Remove((source, part), out var old)) old.Dispose();
         _received[(source, part)] = frame;
-        return _ctx.DataPlane.SendAsync(_ctx.ActivePlan.Workers[source].DataEndpoint, StepTags.Make(StepTags.Kind.MirrorAck, fence, part, 0, source),
+        return _ctx.DataPlane.SendAsync(_ctx.ActivePlan.Workers[source].DataEndpoint, StepTags.Make(StepTags.Kind.MirrorAck, fence, part, 0, source, _ctx.Worker),
             ReadOnlyMemory<byte>.Empty);
     }
 

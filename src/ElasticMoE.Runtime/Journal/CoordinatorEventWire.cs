@@ -38,6 +38,12 @@ public sealed record TrainingPlanWire(
 {
     /// <summary>Replicated experts (<c>TrainingPlan.Copies</c>); absent in journals written before replicas, and null = one copy each.</summary>
     [Key(8)] public int[][][]? Copies { get; init; }
+
+    /// <summary>Mirror keepers by rank (<c>TrainingPlan.Keepers</c>); absent in journals written before r mirrors.</summary>
+    [Key(9)] public int[][]? Keepers { get; init; }
+
+    /// <summary>Failure domains by rank (<c>TrainingPlan.Domains</c>); absent = every node its own.</summary>
+    [Key(10)] public string[]? Domains { get; init; }
 }
 
 /// <summary>Stored form of <c>StepResult</c>.</summary>

@@ -124,7 +124,7 @@ public static class CoordinatorJournalCodec
         p.Stages.Select(s => s.First).ToArray(), p.Stages.Select(s => s.End).ToArray(),
         p.Workers.Select(ToWire).ToArray(),
         p.ExpertOwner.Select(o => o.ToArray()).ToArray(),
-        p.Redundancy) { Copies = p.Copies };
+        p.Redundancy) { Copies = p.Copies, Keepers = p.Keepers?.Select(k => k.ToArray()).ToArray(), Domains = p.Domains?.ToArray() };
 
     private static TrainingPlan ToDomain(TrainingPlanWire w)
     {
@@ -136,7 +136,14 @@ public static class CoordinatorJournalCodec
             starts.Zip(ends, (s, e) => new StageRange(s, e)).ToArray(),
             Array(w.Workers).Select(ToDomain).ToArray(),
             Array(w.ExpertOwner).Select(o => Array(o)).ToArray());
-        return plan with { Redundancy = w.Redundancy, Copies = w.Copies is null ? null : Array(w.Copies).Select(l => Array(l).Select(c => Array(c)).ToArray()).ToArray() };
+        if (w.Keepers is { } k && k.Length != plan.WorldSize || w.Domains is { } d && d.Length != plan.WorldSize)
+            throw new InvalidDataException($"plan of epoch {w.Epoch} has {plan.WorldSize} workers but mirror keepers or domains for another number");
+        return plan with
+        {
+            Redundancy = w.Redundancy, Copies = w.Copies is null ? null : Array(w.Copies).Select(l => Array(l).Select(c => Array(c)).ToArray()).ToArray(),
+            Keepers = w.Keepers is null ? null : Array(w.Keepers).Select(k => Array(k)).ToArray(),
+            Domains = w.Domains,
+        };
     }
 
     private static StepResultWire ToWire(StepResult r) =>

@@ -72,6 +72,9 @@ public sealed record RegisterNode(
 
     /// <summary>The node's process id (0 from an older node): the shell's kill-worker drill refuses a node in the coordinator's own process.</summary>
     [Key(7)] public int ProcessId { get; init; }
+
+    /// <summary>The node's <c>cluster.failure-domain</c> (a rack, a zone); null or empty = the node is a domain of its own.</summary>
+    [Key(8)] public string? FailureDomain { get; init; }
 }
 
 /// <summary>
@@ -132,6 +135,12 @@ public sealed record InstallPlan(
 
     /// <summary>The plan's <see cref="Planning.TrainingPlan.Copies"/> (replicated experts); null = one copy each, on its owner.</summary>
     [Key(12)] public int[][][]? ExpertCopies { get; init; }
+
+    /// <summary>The plan's <see cref="Planning.TrainingPlan.Keepers"/> ([rank] → mirror keeper ranks); null = derived from the plan alone.</summary>
+    [Key(13)] public int[][]? MirrorKeepers { get; init; }
+
+    /// <summary>The plan's <see cref="Planning.TrainingPlan.Domains"/> (failure domain by rank); null = every node its own.</summary>
+    [Key(14)] public string[]? Domains { get; init; }
 }
 
 /// <summary>

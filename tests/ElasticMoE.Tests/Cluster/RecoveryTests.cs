@@ -51,7 +51,7 @@ public class RecoveryTests(ITestOutputHelper output)
     /// <param name="coordinatorExtra">Arguments for the coordinator alone (e.g. <c>--run-dir</c>).</param>
     private async Task<Outcome> Run(int nodes, Dictionary<string, string> settings, string[] extra, Action<string, IReadOnlyList<Process>, Func<string[], Process>>? onLine = null,
         int? coordinatorPort = null, Func<Task>? beforeNodes = null, int? expectNodes = null, Action<Func<string[], Process>>? startNodes = null,
-        string[]? coordinatorExtra = null)
+        string[]? coordinatorExtra = null, Func<int, string[]>? nodeArgs = null)
     {
         TestSupport.EnsureTorch();
         var args = TestSupport.SetArguments(settings).Concat(["--threads", "1"]).ToArray();
@@ -71,7 +71,7 @@ public class RecoveryTests(ITestOutputHelper output)
         {
             // Inside the try: a failure here must not leave the coordinator's process running.
             if (beforeNodes is not null) await beforeNodes();
-            for (int i = 0; i < nodes; i++) AddNode();
+            for (int i = 0; i < nodes; i++) AddNode(nodeArgs?.Invoke(i) ?? []);
             startNodes?.Invoke(AddNode);
             var stderr = coordinator.StandardError.ReadToEndAsync();
             string? line;
@@ -133,6 +133,57 @@ public class RecoveryTests(ITestOutputHelper output)
         Assert.InRange(r.Redone, 0, 1);
         Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
         await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => n != victim));
+    }
+
+    [Fact]
+    public async Task Redundancy_2_two_of_five_node_processes_SIGKILLed_at_once_lose_nothing_and_keep_the_curve()
+    {
+        const int steps = 40;
+        var reference = Reference(steps);
+        Process[]? victims = null;
+        var r = await Run(5, Settings(steps), ["--set", "cluster.join-settle=0", "--set", "cluster.redundancy=2"], (line, nodes, _) =>
+        {
+            if (victims is null && line.StartsWith("step    20/", StringComparison.Ordinal))
+            {
+                // Two nodes next to each other in start order: with one mirror they would often hold a unit and its mirror.
+                victims = [nodes[1], nodes[2]];
+                foreach (var v in victims) v.Kill();   // SIGKILL, both at the same instant
+            }
+        });
+        Assert.True(r.Code == 0, r.Text);
+        Assert.NotNull(victims);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, reference);
+        Assert.Equal(["node-lost", "node-lost"], r.Events.Select(e => e.GetProperty("event").GetString()));
+        Assert.InRange(r.Redone, 0, 2);
+        Assert.Contains("2 mirror(s) per unit", r.Text);
+        Assert.Contains("3 worker(s), DP 3 x PP 1", r.Text);
+        Assert.DoesNotContain("no holder left", r.Text);
+        await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => !victims.Contains(n)));
+    }
+
+    [Fact]
+    public async Task Two_failure_domains_of_two_node_processes_one_mirror_a_whole_domain_SIGKILLed_loses_nothing()
+    {
+        const int steps = 40;
+        var reference = Reference(steps);
+        Process[]? victims = null;
+        // Nodes 0 and 1 in rack-a, 2 and 3 in rack-b: their ranks follow their (random) ports, so without domains
+        // a buddy would often be in its own rack.
+        var r = await Run(4, Settings(steps), ["--set", "cluster.join-settle=0", "--set", "cluster.redundancy=1"], (line, nodes, _) =>
+        {
+            if (victims is null && line.StartsWith("step    20/", StringComparison.Ordinal))
+            {
+                victims = [nodes[0], nodes[1]];
+                foreach (var v in victims) v.Kill();   // the whole of rack-a, at the same instant
+            }
+        }, nodeArgs: i => ["--set", $"cluster.failure-domain=rack-{(i < 2 ? 'a' : 'b')}"]);
+        Assert.True(r.Code == 0, r.Text);
+        Assert.NotNull(victims);
+        SingleProcessReference.AssertMetricsMatch(r.Metrics, reference);
+        Assert.Contains("across 2 failure domain(s)", r.Text);
+        Assert.Contains("2 worker(s), DP 2 x PP 1", r.Text);
+        Assert.Equal(["node-lost", "node-lost"], r.Events.Select(e => e.GetProperty("event").GetString()));
+        await AssertSurvivorsFinishCleanly(r.Nodes.Where(n => !victims.Contains(n)));
     }
 
     [Fact]

@@ -265,4 +265,27 @@ public class ConfigLoaderTests
         Assert.Contains("must divide d-model", Assert.Throws<ConfigException>(() => With(("model.heads", "3"))).Message);
         Assert.Equal(3, With(("model.attention", "mla"), ("model.heads", "3")).Model.Heads);
     }
+
+    [Fact]
+    public void Redundancy_and_failure_domain_are_read_with_their_defaults()
+    {
+        var d = With().Cluster;
+        Assert.Equal(1, d.Redundancy);
+        Assert.Null(d.FailureDomain);   // the node is a domain of its own
+        var c = With(("cluster.redundancy", "3"), ("cluster.failure-domain", "rack-2")).Cluster;
+        Assert.Equal(3, c.Redundancy);
+        Assert.Equal("rack-2", c.FailureDomain);
+        Assert.Equal(0, With(("cluster.redundancy", "0")).Cluster.Redundancy);
+        Assert.Null(With(("cluster.failure-domain", "")).Cluster.FailureDomain);
+    }
+
+    [Theory]
+    [InlineData("cluster.redundancy", "-1", "must be 0 (no mirrors) or a positive number")]
+    [InlineData("cluster.failure-domain", "rack\u00071", "without leading, trailing or control characters")]
+    public void Redundancy_and_failure_domain_out_of_range_are_refused_with_the_reason(string key, string value, string reason)
+    {
+        var ex = Assert.Throws<ConfigException>(() => With((key, value)));
+        Assert.StartsWith($"elasticmoe.{key}:", ex.Message);
+        Assert.Contains(reason, ex.Message);
+    }
 }

@@ -106,6 +106,30 @@ public sealed class JournalCodecTests : Akka.TestKit.Xunit2.TestKit
     }
 
     [Fact]
+    public void A_plan_keeps_its_mirror_keepers_and_failure_domains()
+    {
+        var slots = new[] { Slot(1, 0), Slot(2, 0), Slot(3, 0), Slot(4, 0) };
+        var domains = slots.Select((s, i) => (s.NodeAddress, Domain: i < 2 ? "rack-a" : "rack-b")).ToDictionary(t => t.NodeAddress, t => t.Domain);
+        var plan = ElasticPlanner.Next(null, slots, 4, 1, ElasticMoE.Tests.Planning.PlanningKit.SmallModel(), 5, redundancy: 2, domains: domains);
+        Assert.NotNull(plan.Keepers);
+        Assert.NotNull(plan.Domains);
+        var back = ((PlanChanged)CoordinatorJournalSerializer.Decode(CoordinatorJournalSerializer.Encode(new PlanChanged(plan, 17)).Bytes, "j.PlanChanged")).Plan;
+        Assert.True(plan.SameLayout(back));
+        Assert.Equal(plan.Keepers, back.Keepers);
+        Assert.Equal(plan.Domains, back.Domains);
+        // A plan stored before r mirrors (no keys 9, 10) reads as keepers derived from the plan, every node its own domain.
+        var wire = (PlanChangedWire)CoordinatorJournalCodec.ToWire(new PlanChanged(plan, 17)).Wire;
+        var old = ((PlanChanged)CoordinatorJournalSerializer.Decode(
+            MessagePackSerializer.Serialize(wire with { Plan = wire.Plan with { Keepers = null, Domains = null } }), "j.PlanChanged")).Plan;
+        Assert.Null(old.Keepers);
+        Assert.Null(old.Domains);
+        Assert.All(Enumerable.Range(0, 4), r => Assert.Equal(2, old.MirrorKeepersOf(r).Length));
+        // Keepers for another number of workers are refused, not misread.
+        var bad = MessagePackSerializer.Serialize(wire with { Plan = wire.Plan with { Keepers = [[1]] } });
+        Assert.Contains("mirror keepers", Assert.ThrowsAny<Exception>(() => CoordinatorJournalSerializer.Decode(bad, "j.PlanChanged")).ToString());
+    }
+
+    [Fact]
     public void Damaged_bytes_fail_with_the_record_and_its_size_named()
     {
         var (manifest, bytes) = CoordinatorJournalSerializer.Encode(new StepCommitted(Step(3), 1));

@@ -19,6 +19,11 @@ public sealed class HoldingsByRankTests
         { 5, 1, 1, 1, true },
         { 6, 1, 3, 1, true },
         { 3, 1, 3, 1, false },   // one node: nobody to mirror on
+        // r mirrors: several keepers per rank, each on a node of its own.
+        { 5, 1, 1, 2, false },
+        { 6, 2, 1, 2, false },
+        { 6, 1, 2, 3, true },
+        { 8, 1, 1, 3, true },
     };
 
     [Theory]
@@ -43,6 +48,21 @@ public sealed class HoldingsByRankTests
             Assert.Equal(plan.HoldingsOf(r, model).ToArray(), all[r]);
         if (redundancy > 0 && devices < workers)
             Assert.Contains(Enumerable.Range(0, workers), r => all[r].Length > plan.UnitsOf(r, model).Count());   // some mirrors were checked
+    }
+
+    [Fact]
+    public void Failure_domains_give_the_same_holdings_either_way()
+    {
+        // Two racks of three nodes, DP 6: every dense unit is on six nodes but in two domains only, so with r = 2 the
+        // planner mirrors by domain as well as by node.
+        var model = SmallModel(layers: 5, experts: 12);
+        var domains = Enumerable.Range(0, 6).ToDictionary(i => $"node{i}", i => i < 3 ? "rack-a" : "rack-b");
+        foreach (int r in new[] { 1, 2 })
+        {
+            var plan = ElasticPlanner.Next(null, Workers(6), 6, 1, model, 0, r, domains);
+            var all = plan.HoldingsByRank(model);
+            for (int k = 0; k < plan.WorldSize; k++) Assert.Equal(plan.HoldingsOf(k, model).ToArray(), all[k]);
+        }
     }
 
     [Fact]
