@@ -189,13 +189,22 @@ public class RecoveryTests(ITestOutputHelper output)
     [Fact]
     public async Task Nodes_that_join_at_steps_15_and_30_are_planned_in_and_the_curve_is_unchanged()
     {
-        // A node process takes a few seconds to start, so the run is long enough for both to be planned
-        // in mid-run (they are started when steps 15 and 30 are printed and join when they are up).
+        // A node process takes a few seconds to start (tens of steps on a loaded box), so the run is long enough for both
+        // to be planned in mid-run: the first is started when step 15 is printed, the second at step 30 or, if the first
+        // is not planned in by then, once it is (else both could arrive together and share one plan).
         const int steps = 150;
+        bool firstPlanned = false, secondStarted = false;
         var r = await Run(1, Settings(steps), ["--set", "cluster.join-settle=0"], (line, _, addNode) =>
         {
-            if (line.StartsWith("step    15/", StringComparison.Ordinal) || line.StartsWith("step    30/", StringComparison.Ordinal)) addNode([]);
+            if (line.StartsWith("step    15/", StringComparison.Ordinal)) addNode([]);
+            if (line.StartsWith("node-joined ", StringComparison.Ordinal)) firstPlanned = true;
+            if (!secondStarted && firstPlanned && Regex.Match(line, @"^step +(\d+)/") is { Success: true } m && int.Parse(m.Groups[1].Value) >= 30)
+            {
+                secondStarted = true;
+                addNode([]);
+            }
         });
+        Assert.True(secondStarted, "the first node was never planned in");
         Assert.True(r.Code == 0, r.Text);
         SingleProcessReference.AssertMetricsMatch(r.Metrics, Reference(steps));
         Assert.Equal(["node-joined", "node-joined"], r.Events.Select(e => e.GetProperty("event").GetString()));
