@@ -49,7 +49,8 @@ public sealed partial class TrainingCoordinator
     {
         if (plan.Redundancy <= 0) return "";
         if (plan.NodeCount <= 1)
-            return $"; BELOW REDUNDANCY: cluster.redundancy = {plan.Redundancy} but every worker is on one node, so nothing is mirrored";
+            // A run on one node (the default `train`) chose that; said plainly, not as an alarm.
+            return "; not mirrored (one node: a node that joins gets the mirrors)";
         var text = plan.Redundancy == 1 && plan.Domains is null ? ", mirrored on buddies" : $", {plan.Redundancy} mirror(s) per unit";
         if (plan.Domains is not null) text += $" across {plan.DomainCount} failure domain(s)";
         if (plan.BelowRedundancy)
