@@ -492,9 +492,16 @@ public sealed partial class TrainingCoordinator : ReceiveActor, IWithTimers, IWi
         _joinSettle.Joined(now, atRisk ? now : double.PositiveInfinity);
     }
 
-    /// <summary>Whether the installed plan keeps every unit on cluster.redundancy + 1 nodes (null before the first plan).</summary>
+    /// <summary>Whether the installed plan keeps every unit on cluster.redundancy + 1 nodes (null before the first plan).
+    /// Once per plan: status and diagnose ask on every poll, and the answer changes only with the plan.</summary>
     private Coordination.RedundancyCheck.Result? Redundancy()
-        => _state.Plan is { } plan ? Coordination.RedundancyCheck.Of(plan, _config.Model, _config.Cluster.Redundancy) : null;
+    {
+        if (_state.Plan is not { } plan) return null;
+        if (!ReferenceEquals(_redundancy?.Plan, plan)) _redundancy = (plan, Coordination.RedundancyCheck.Of(plan, _config.Model, _config.Cluster.Redundancy));
+        return _redundancy.Value.Result;
+    }
+
+    private (TrainingPlan Plan, Coordination.RedundancyCheck.Result Result)? _redundancy;
 
     // ---- graceful leave -------------------------------------------------------------------------
 
